@@ -1,0 +1,461 @@
+//! Process execution and PID-1 reaping.
+//!
+//! As PID 1 the agent inherits every orphan and must reap it, but `waitpid(-1)`
+//! would also steal the exit status of processes an Exec is waiting for. So
+//! every child the agent starts is registered with the [`Reaper`] *while the
+//! registry lock is held across spawn*, and the reaper routes each status to the
+//! waiter of that pid; unregistered pids are orphans and only logged.
+//!
+//! tokio's own process module also calls `waitpid`, so children are spawned with
+//! `std::process` and their pipes are wrapped in tokio pipe types instead.
+//! The agent runs a current-thread runtime, which keeps std's internal waitpid on
+//! a failed exec from racing with the reaper.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// Cap on captured output per stream for the non-streaming Exec.
+pub const MAX_CAPTURE: usize = 16 << 20;
+/// After the child exits, how long to keep draining pipes still held open by
+/// its descendants before returning.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How a child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code, or -1 when killed by a signal.
+    pub code: i32,
+    /// Signal number when killed by a signal, else 0.
+    pub signal: i32,
+}
+
+/// Routes child exit statuses to their waiters.
+#[derive(Default)]
+pub struct Reaper {
+    waiters: Mutex<HashMap<i32, oneshot::Sender<ExitInfo>>>,
+}
+
+impl Reaper {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Spawns `cmd` and registers its pid before the reaper can observe its exit.
+    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<ExitInfo>)> {
+        let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        let child = cmd.spawn()?;
+        let (tx, rx) = oneshot::channel();
+        waiters.insert(child.id() as i32, tx);
+        Ok((child, rx))
+    }
+
+    /// Reaps every exited child; call on SIGCHLD (signals coalesce, so loop).
+    pub fn reap_all(&self) {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "waitpid failed");
+                    return;
+                }
+                Ok(s) => s,
+            };
+            let (pid, info) = match status {
+                WaitStatus::Exited(pid, code) => (pid, ExitInfo { code, signal: 0 }),
+                WaitStatus::Signaled(pid, sig, _) => (
+                    pid,
+                    ExitInfo {
+                        code: -1,
+                        signal: sig as i32,
+                    },
+                ),
+                // Stopped/continued children are not reaped; keep looping.
+                _ => continue,
+            };
+            let waiter = self
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&pid.as_raw());
+            match waiter {
+                Some(tx) => {
+                    // The waiter may have given up (client gone); nothing to do then.
+                    let _ = tx.send(info);
+                }
+                None => debug!(
+                    pid = pid.as_raw(),
+                    code = info.code,
+                    signal = info.signal,
+                    "reaped orphan"
+                ),
+            }
+        }
+    }
+
+    /// Runs forever, reaping on every SIGCHLD.
+    pub async fn run(self: Arc<Self>, mut sigchld: tokio::signal::unix::Signal) {
+        // Children that exited before the handler existed.
+        self.reap_all();
+        while sigchld.recv().await.is_some() {
+            self.reap_all();
+        }
+        warn!("SIGCHLD stream ended; reaping stopped");
+    }
+}
+
+/// A validated command to run.
+#[derive(Clone, Debug, Default)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    /// Full environment (boot env already merged with the request's).
+    pub env: BTreeMap<String, String>,
+    pub stdin: Vec<u8>,
+    pub timeout: Option<Duration>,
+    pub cwd: Option<String>,
+}
+
+/// Output chunk of a running command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// Result of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecOutcome {
+    pub exit: ExitInfo,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("argv is empty")]
+    EmptyArgv,
+    #[error("spawning {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting up pipes: {0}")]
+    Pipe(#[source] io::Error),
+    #[error("child exit status was lost")]
+    StatusLost,
+}
+
+/// Merges the request env over the boot env and supplies a default PATH.
+pub fn merge_env(
+    boot: &BTreeMap<String, String>,
+    request: impl IntoIterator<Item = (String, String)>,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([("PATH".to_owned(), DEFAULT_PATH.to_owned())]);
+    env.extend(boot.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(request);
+    env
+}
+
+fn pipe_rx(fd: impl Into<OwnedFd>) -> Result<pipe::Receiver, ExecError> {
+    pipe::Receiver::from_owned_fd(fd.into()).map_err(ExecError::Pipe)
+}
+
+/// Reads one chunk; `None` once the pipe is at EOF (or broken).
+async fn read_chunk(rx: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> Option<Vec<u8>> {
+    let r = rx.as_mut()?;
+    match r.read(buf).await {
+        Ok(0) | Err(_) => {
+            *rx = None;
+            None
+        }
+        Ok(n) => Some(buf[..n].to_vec()),
+    }
+}
+
+/// Runs `spec` to completion, sending output to `out` as it arrives. If `out` is
+/// closed (the caller went away) the process group is killed. On timeout the
+/// process group is killed with SIGKILL.
+pub async fn run(
+    reaper: &Reaper,
+    spec: ExecSpec,
+    out: mpsc::Sender<ExecEvent>,
+) -> Result<ExecOutcome, ExecError> {
+    let program = spec.argv.first().ok_or(ExecError::EmptyArgv)?.clone();
+    let mut cmd = Command::new(&program);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(&spec.env)
+        .stdin(if spec.stdin.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group, so a timeout kills `sh -c` *and* what it started.
+        .process_group(0);
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    let (mut child, exit_rx) = reaper.spawn(&mut cmd).map_err(|source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = Pid::from_raw(child.id() as i32);
+    let kill_group = || {
+        if let Err(e) = killpg(pid, Signal::SIGKILL)
+            && e != Errno::ESRCH
+        {
+            warn!(pid = pid.as_raw(), error = %e, "killpg failed");
+        }
+    };
+    debug!(pid = pid.as_raw(), %program, "exec started");
+
+    let mut stdout = match child.stdout.take() {
+        Some(s) => Some(pipe_rx(s)?),
+        None => None,
+    };
+    let mut stderr = match child.stderr.take() {
+        Some(s) => Some(pipe_rx(s)?),
+        None => None,
+    };
+    if let Some(stdin) = child.stdin.take() {
+        let mut tx = pipe::Sender::from_owned_fd(stdin.into()).map_err(ExecError::Pipe)?;
+        let data = spec.stdin;
+        tokio::spawn(async move {
+            // EPIPE is normal when the child does not read all of its input.
+            let _ = tx.write_all(&data).await;
+        });
+    }
+
+    let deadline = spec.timeout.map(|t| Instant::now() + t);
+    let mut timed_out = false;
+    let mut exit: Option<ExitInfo> = None;
+    let mut exit_rx = Some(exit_rx);
+    let mut drain_until: Option<Instant> = None;
+    let mut obuf = vec![0u8; 64 << 10];
+    let mut ebuf = vec![0u8; 64 << 10];
+    let mut out_open = true;
+
+    loop {
+        if exit.is_some() && stdout.is_none() && stderr.is_none() {
+            break;
+        }
+        let timeout_at = deadline.filter(|_| !timed_out && exit.is_none());
+        tokio::select! {
+            Some(chunk) = read_chunk(&mut stdout, &mut obuf), if stdout.is_some() => {
+                if out_open && out.send(ExecEvent::Stdout(chunk)).await.is_err() {
+                    out_open = false;
+                    kill_group();
+                }
+            }
+            Some(chunk) = read_chunk(&mut stderr, &mut ebuf), if stderr.is_some() => {
+                if out_open && out.send(ExecEvent::Stderr(chunk)).await.is_err() {
+                    out_open = false;
+                    kill_group();
+                }
+            }
+            st = async {
+                match exit_rx.as_mut() {
+                    Some(rx) => rx.await,
+                    None => std::future::pending().await,
+                }
+            }, if exit_rx.is_some() => {
+                exit_rx = None;
+                exit = Some(st.map_err(|_| ExecError::StatusLost)?);
+                drain_until = Some(Instant::now() + DRAIN_GRACE);
+            }
+            _ = tokio::time::sleep_until(timeout_at.unwrap_or_else(Instant::now)), if timeout_at.is_some() => {
+                info!(pid = pid.as_raw(), %program, "exec timed out; killing process group");
+                timed_out = true;
+                kill_group();
+            }
+            _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => {
+                debug!(pid = pid.as_raw(), "output still open after exit; not waiting for it");
+                break;
+            }
+            _ = out.closed(), if out_open => {
+                out_open = false;
+                kill_group();
+            }
+        }
+    }
+    let exit = exit.ok_or(ExecError::StatusLost)?;
+    debug!(
+        pid = pid.as_raw(),
+        code = exit.code,
+        signal = exit.signal,
+        timed_out,
+        "exec finished"
+    );
+    Ok(ExecOutcome { exit, timed_out })
+}
+
+/// Collected output of [`run_collect`].
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Runs `spec` and collects output, each stream capped at [`MAX_CAPTURE`] bytes
+/// (the rest is read and discarded so the child never blocks on a full pipe).
+pub async fn run_collect(
+    reaper: &Reaper,
+    spec: ExecSpec,
+) -> Result<(ExecOutcome, Collected), ExecError> {
+    let (tx, mut rx) = mpsc::channel(16);
+    let collect = async move {
+        let mut c = Collected::default();
+        while let Some(ev) = rx.recv().await {
+            let (buf, chunk) = match ev {
+                ExecEvent::Stdout(b) => (&mut c.stdout, b),
+                ExecEvent::Stderr(b) => (&mut c.stderr, b),
+            };
+            let room = MAX_CAPTURE.saturating_sub(buf.len());
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        c
+    };
+    let (outcome, collected) = tokio::join!(run(reaper, spec, tx), collect);
+    Ok((outcome?, collected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // All exec tests share one process-wide reaper (waitpid(-1) would steal
+    // other tests' children), so they run sequentially inside one test.
+    #[tokio::test(flavor = "current_thread")]
+    async fn exec_end_to_end() {
+        let reaper = Reaper::new();
+        let sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).unwrap();
+        tokio::spawn(reaper.clone().run(sig));
+        let env = merge_env(
+            &BTreeMap::from([("A".into(), "boot".into()), ("B".into(), "boot".into())]),
+            [("B".to_string(), "req".to_string())],
+        );
+        let spec = |argv: &[&str]| ExecSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: env.clone(),
+            ..Default::default()
+        };
+
+        // exit code, stdout, stderr, env merge
+        let (o, c) = run_collect(
+            &reaper,
+            spec(&["/bin/sh", "-c", "echo $A-$B; echo err >&2; exit 3"]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.exit, ExitInfo { code: 3, signal: 0 });
+        assert!(!o.timed_out);
+        assert_eq!(c.stdout, b"boot-req\n");
+        assert_eq!(c.stderr, b"err\n");
+
+        // stdin
+        let mut s = spec(&["/bin/cat"]);
+        s.stdin = b"hello stdin".to_vec();
+        let (o, c) = run_collect(&reaper, s).await.unwrap();
+        assert_eq!(o.exit.code, 0);
+        assert_eq!(c.stdout, b"hello stdin");
+
+        // timeout kills the whole group (the grandchild sleep holds stdout open)
+        let mut s = spec(&["/bin/sh", "-c", "sleep 30; echo never"]);
+        s.timeout = Some(Duration::from_millis(200));
+        let t0 = std::time::Instant::now();
+        let (o, c) = run_collect(&reaper, s).await.unwrap();
+        assert!(o.timed_out);
+        assert_eq!(
+            o.exit,
+            ExitInfo {
+                code: -1,
+                signal: 9
+            }
+        );
+        assert!(c.stdout.is_empty());
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+        // killed by a signal
+        let (o, _) = run_collect(&reaper, spec(&["/bin/sh", "-c", "kill -TERM $$"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            o.exit,
+            ExitInfo {
+                code: -1,
+                signal: 15
+            }
+        );
+
+        // output cap
+        let (o, c) = run_collect(
+            &reaper,
+            spec(&["/bin/sh", "-c", "head -c 17000000 /dev/zero"]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(o.exit.code, 0);
+        assert_eq!(c.stdout.len(), MAX_CAPTURE);
+
+        // missing program is a typed error, not a hang
+        let err = run_collect(&reaper, spec(&["/nonexistent/prog"]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ExecError::Spawn { .. }), "{err:?}");
+        let err = run_collect(&reaper, spec(&[])).await.unwrap_err();
+        assert!(matches!(err, ExecError::EmptyArgv), "{err:?}");
+
+        // many concurrent short children: every status reaches its waiter
+        let futs = (0..20).map(|i| {
+            let s = spec(&["/bin/sh", "-c", &format!("exit {i}")]);
+            let r = reaper.clone();
+            async move { run_collect(&r, s).await.map(|(o, _)| o.exit.code) }
+        });
+        let codes: Vec<i32> = futures::future::join_all(futs)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(codes, (0..20).collect::<Vec<_>>());
+
+        // streaming consumer dropping its receiver kills the command
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let t0 = std::time::Instant::now();
+        let o = run(&reaper, spec(&["/bin/sh", "-c", "yes"]), tx)
+            .await
+            .unwrap();
+        assert_eq!(o.exit.signal, 9);
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn env_merge_precedence() {
+        let boot = BTreeMap::from([
+            ("PATH".to_string(), "/x".to_string()),
+            ("K".into(), "1".into()),
+        ]);
+        let env = merge_env(&boot, [("K".to_string(), "2".to_string())]);
+        assert_eq!(env["PATH"], "/x");
+        assert_eq!(env["K"], "2");
+        assert_eq!(merge_env(&BTreeMap::new(), [])["PATH"], DEFAULT_PATH);
+    }
+}

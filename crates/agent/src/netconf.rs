@@ -1,0 +1,788 @@
+//! Network re-addressing: one validated input type, a pure planner and a
+//! netlink executor. Boot configuration, the ReconfigureNetwork RPC and (later)
+//! the mailbox handoff all go through [`NetRequest::validate`] → [`plan`] →
+//! [`apply`], so there is exactly one code path that touches the interface.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use futures::TryStreamExt;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourState};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use tracing::{debug, info, warn};
+
+/// Unvalidated network identity, as it arrives from the boot config or an RPC.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetRequest {
+    pub interface: String,
+    /// Empty = keep the device's current MAC.
+    pub mac: String,
+    pub ipv4: String,
+    pub prefix_len: u32,
+    /// Empty = no default route.
+    pub gateway: String,
+    pub dns: Vec<String>,
+    /// Empty = keep the hostname.
+    pub hostname: String,
+}
+
+/// A validated network identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetDesired {
+    pub interface: String,
+    pub mac: Option<[u8; 6]>,
+    pub ipv4: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns: Vec<IpAddr>,
+    pub hostname: Option<String>,
+}
+
+/// Observed state of the target interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub up: bool,
+    pub ipv4: Vec<(Ipv4Addr, u8)>,
+}
+
+/// One netlink (or file) change. Order in a plan is the order of application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetStep {
+    LinkDown,
+    SetMac([u8; 6]),
+    FlushIpv4,
+    AddAddress { addr: Ipv4Addr, prefix_len: u8 },
+    LinkUp,
+    ReplaceDefaultRoute(Ipv4Addr),
+    FlushNeighbours,
+    GratuitousArp { mac: [u8; 6], ip: Ipv4Addr },
+    WriteResolvConf(Vec<IpAddr>),
+    SetHostname(String),
+}
+
+/// Invalid input; maps to gRPC `InvalidArgument`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NetConfigError {
+    #[error("interface name {0:?} is invalid")]
+    Interface(String),
+    #[error("MAC address {0:?} is invalid (want aa:bb:cc:dd:ee:ff, unicast)")]
+    Mac(String),
+    #[error("IPv4 address {0:?} is invalid")]
+    Ipv4(String),
+    #[error("prefix length {0} is out of range 0..=32")]
+    PrefixLen(u32),
+    #[error("gateway {0:?} is invalid")]
+    Gateway(String),
+    #[error("DNS server {0:?} is invalid")]
+    Dns(String),
+    #[error("hostname {0:?} is invalid")]
+    Hostname(String),
+}
+
+/// Failure while applying a plan.
+#[derive(Debug, thiserror::Error)]
+pub enum NetApplyError {
+    #[error("interface {0} not found")]
+    NoSuchInterface(String),
+    #[error("netlink {step}: {source}")]
+    Netlink {
+        step: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{step}: {source}")]
+    Io {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl NetRequest {
+    /// Checks and parses every field; nothing is applied.
+    pub fn validate(&self) -> Result<NetDesired, NetConfigError> {
+        // IFNAMSIZ is 16 including the NUL.
+        if self.interface.is_empty()
+            || self.interface.len() > 15
+            || self.interface.contains(['/', ' ', '\0'])
+        {
+            return Err(NetConfigError::Interface(self.interface.clone()));
+        }
+        let mac = if self.mac.is_empty() {
+            None
+        } else {
+            Some(parse_mac(&self.mac).ok_or_else(|| NetConfigError::Mac(self.mac.clone()))?)
+        };
+        let ipv4: Ipv4Addr = self
+            .ipv4
+            .parse()
+            .map_err(|_| NetConfigError::Ipv4(self.ipv4.clone()))?;
+        if ipv4.is_unspecified() || ipv4.is_multicast() || ipv4.is_broadcast() {
+            return Err(NetConfigError::Ipv4(self.ipv4.clone()));
+        }
+        if self.prefix_len > 32 {
+            return Err(NetConfigError::PrefixLen(self.prefix_len));
+        }
+        let gateway = if self.gateway.is_empty() {
+            None
+        } else {
+            Some(
+                self.gateway
+                    .parse::<Ipv4Addr>()
+                    .map_err(|_| NetConfigError::Gateway(self.gateway.clone()))?,
+            )
+        };
+        let dns = self
+            .dns
+            .iter()
+            .map(|d| {
+                d.parse::<IpAddr>()
+                    .map_err(|_| NetConfigError::Dns(d.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let hostname = if self.hostname.is_empty() {
+            None
+        } else if valid_hostname(&self.hostname) {
+            Some(self.hostname.clone())
+        } else {
+            return Err(NetConfigError::Hostname(self.hostname.clone()));
+        };
+        Ok(NetDesired {
+            interface: self.interface.clone(),
+            mac,
+            ipv4,
+            prefix_len: self.prefix_len as u8,
+            gateway,
+            dns,
+            hostname,
+        })
+    }
+}
+
+impl From<&forkvm_proto::BootNetwork> for NetRequest {
+    fn from(n: &forkvm_proto::BootNetwork) -> Self {
+        NetRequest {
+            interface: n.interface.clone(),
+            mac: n.mac.clone(),
+            ipv4: n.ipv4.clone(),
+            prefix_len: u32::from(n.prefix_len),
+            gateway: n.gateway.clone(),
+            dns: n.dns.clone(),
+            hostname: String::new(),
+        }
+    }
+}
+
+impl From<forkvm_proto::agent::NetworkConfig> for NetRequest {
+    fn from(n: forkvm_proto::agent::NetworkConfig) -> Self {
+        NetRequest {
+            interface: n.interface,
+            mac: n.mac,
+            ipv4: n.ipv4,
+            prefix_len: n.prefix_len,
+            gateway: n.gateway,
+            dns: n.dns,
+            hostname: n.hostname,
+        }
+    }
+}
+
+/// RFC 1123 hostname, at most 64 bytes (the kernel's limit).
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 64
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; rejects multicast (and so broadcast) and all-zero.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || out[0] & 1 == 1 || out == [0; 6] {
+        return None;
+    }
+    Some(out)
+}
+
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+/// Computes the steps that take `current` to `desired`. Pure: no I/O.
+pub fn plan(desired: &NetDesired, current: &LinkState) -> Vec<NetStep> {
+    let mut steps = Vec::new();
+    let mac_change = desired.mac.filter(|m| *m != current.mac);
+    let final_mac = mac_change.unwrap_or(current.mac);
+    let addr_ok = current.ipv4 == [(desired.ipv4, desired.prefix_len)];
+
+    if let Some(mac) = mac_change {
+        steps.push(NetStep::LinkDown);
+        steps.push(NetStep::SetMac(mac));
+    }
+    if !addr_ok {
+        if !current.ipv4.is_empty() {
+            steps.push(NetStep::FlushIpv4);
+        }
+        steps.push(NetStep::AddAddress {
+            addr: desired.ipv4,
+            prefix_len: desired.prefix_len,
+        });
+    }
+    if mac_change.is_some() || !current.up {
+        steps.push(NetStep::LinkUp);
+    }
+    if let Some(gw) = desired.gateway {
+        // Always (re)installed: link down or an address flush drops it.
+        steps.push(NetStep::ReplaceDefaultRoute(gw));
+    }
+    if mac_change.is_some() || !addr_ok {
+        // Peers and our own cache may hold the previous identity.
+        steps.push(NetStep::FlushNeighbours);
+        steps.push(NetStep::GratuitousArp {
+            mac: final_mac,
+            ip: desired.ipv4,
+        });
+    }
+    if !desired.dns.is_empty() {
+        steps.push(NetStep::WriteResolvConf(desired.dns.clone()));
+    }
+    if let Some(h) = &desired.hostname {
+        steps.push(NetStep::SetHostname(h.clone()));
+    }
+    steps
+}
+
+fn nl(step: &'static str) -> impl FnOnce(rtnetlink::Error) -> NetApplyError {
+    move |source| NetApplyError::Netlink { step, source }
+}
+
+/// Reads the interface's index, MAC, up flag and IPv4 addresses.
+pub async fn link_state(handle: &Handle, name: &str) -> Result<LinkState, NetApplyError> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    let link = match links.try_next().await {
+        Ok(Some(l)) => l,
+        Ok(None) => return Err(NetApplyError::NoSuchInterface(name.to_owned())),
+        // The kernel answers ENODEV for an unknown name.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+            return Err(NetApplyError::NoSuchInterface(name.to_owned()));
+        }
+        Err(e) => return Err(nl("get link")(e)),
+    };
+    let mut mac = [0u8; 6];
+    for attr in &link.attributes {
+        if let LinkAttribute::Address(a) = attr
+            && a.len() == 6
+        {
+            mac.copy_from_slice(a);
+        }
+    }
+    let index = link.header.index;
+    let up = link.header.flags.contains(LinkFlags::Up);
+    let mut ipv4 = Vec::new();
+    let mut addrs = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    while let Some(msg) = addrs.try_next().await.map_err(nl("get addresses"))? {
+        if msg.header.family != AddressFamily::Inet {
+            continue;
+        }
+        for attr in &msg.attributes {
+            if let AddressAttribute::Local(IpAddr::V4(a)) = attr {
+                ipv4.push((*a, msg.header.prefix_len));
+            }
+        }
+    }
+    Ok(LinkState {
+        index,
+        mac,
+        up,
+        ipv4,
+    })
+}
+
+/// What [`configure`] did.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    pub steps: Vec<NetStep>,
+    pub elapsed_us: u64,
+}
+
+/// Reads the current state, plans, and applies: the single entry point.
+pub async fn configure(
+    handle: &Handle,
+    desired: &NetDesired,
+) -> Result<ApplyReport, NetApplyError> {
+    let start = Instant::now();
+    let current = link_state(handle, &desired.interface).await?;
+    let steps = plan(desired, &current);
+    apply(handle, current.index, &steps).await?;
+    let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    info!(
+        interface = %desired.interface,
+        mac = desired.mac.as_ref().map(format_mac),
+        ipv4 = %desired.ipv4,
+        prefix_len = desired.prefix_len,
+        steps = steps.len(),
+        elapsed_us,
+        "network configured"
+    );
+    Ok(ApplyReport { steps, elapsed_us })
+}
+
+/// Applies steps in order to interface `index`; stops at the first failure.
+pub async fn apply(handle: &Handle, index: u32, steps: &[NetStep]) -> Result<(), NetApplyError> {
+    for step in steps {
+        debug!(?step, index, "net step");
+        match step {
+            NetStep::LinkDown => handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await
+                .map_err(nl("link down"))?,
+            NetStep::SetMac(mac) => handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .address(mac.to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl("set mac"))?,
+            NetStep::FlushIpv4 => {
+                let mut addrs = handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .execute();
+                let mut v4 = Vec::new();
+                while let Some(msg) = addrs.try_next().await.map_err(nl("get addresses"))? {
+                    if msg.header.family == AddressFamily::Inet {
+                        v4.push(msg);
+                    }
+                }
+                for msg in v4 {
+                    handle
+                        .address()
+                        .del(msg)
+                        .execute()
+                        .await
+                        .map_err(nl("delete address"))?;
+                }
+            }
+            NetStep::AddAddress { addr, prefix_len } => handle
+                .address()
+                .add(index, IpAddr::V4(*addr), *prefix_len)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl("add address"))?,
+            NetStep::LinkUp => handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(nl("link up"))?,
+            NetStep::ReplaceDefaultRoute(gw) => {
+                let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(*gw)
+                    .output_interface(index)
+                    .build();
+                handle
+                    .route()
+                    .add(route)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(nl("default route"))?
+            }
+            NetStep::FlushNeighbours => flush_neighbours(handle, index).await?,
+            NetStep::GratuitousArp { mac, ip } => {
+                // Best effort: a lost announcement only delays peers' caches.
+                if let Err(e) = send_gratuitous_arp(index, mac, *ip) {
+                    warn!(error = %e, "gratuitous ARP failed");
+                }
+            }
+            NetStep::WriteResolvConf(dns) => {
+                write_resolv_conf(dns).map_err(|source| NetApplyError::Io {
+                    step: "write /etc/resolv.conf",
+                    source,
+                })?
+            }
+            NetStep::SetHostname(h) => {
+                nix::unistd::sethostname(h).map_err(|e| NetApplyError::Io {
+                    step: "sethostname",
+                    source: e.into(),
+                })?
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn flush_neighbours(handle: &Handle, index: u32) -> Result<(), NetApplyError> {
+    let mut neigh = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    let mut victims = Vec::new();
+    while let Some(msg) = neigh.try_next().await.map_err(nl("get neighbours"))? {
+        let permanent = msg.header.state == NeighbourState::Permanent;
+        let has_dst = msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, NeighbourAttribute::Destination(_)));
+        if msg.header.ifindex == index && !permanent && has_dst {
+            victims.push(msg);
+        }
+    }
+    for msg in victims {
+        // An entry may vanish between dump and delete; that is the goal anyway.
+        if let Err(e) = handle.neighbours().del(msg).execute().await {
+            debug!(error = %e, "neighbour delete failed");
+        }
+    }
+    Ok(())
+}
+
+fn write_resolv_conf(dns: &[IpAddr]) -> std::io::Result<()> {
+    let mut text = String::from("# written by forkvm-agent\n");
+    for d in dns {
+        text.push_str(&format!("nameserver {d}\n"));
+    }
+    std::fs::create_dir_all("/etc")?;
+    // Write-then-rename so readers never see a half-written file.
+    std::fs::write("/etc/.resolv.conf.forkvm", text)?;
+    std::fs::rename("/etc/.resolv.conf.forkvm", "/etc/resolv.conf")
+}
+
+/// Builds a gratuitous ARP request (sender = target = `ip`) as a 60-byte
+/// Ethernet frame (minimum frame size without FCS).
+pub fn gratuitous_arp_frame(mac: &[u8; 6], ip: Ipv4Addr) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]); // broadcast destination
+    f[6..12].copy_from_slice(mac);
+    f[12..14].copy_from_slice(&0x0806u16.to_be_bytes()); // ARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // htype Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // ptype IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&1u16.to_be_bytes()); // request
+    f[22..28].copy_from_slice(mac);
+    f[28..32].copy_from_slice(&ip.octets());
+    // target hardware address stays zero
+    f[38..42].copy_from_slice(&ip.octets());
+    f
+}
+
+/// Sends one gratuitous ARP on interface `index` through an AF_PACKET socket.
+/// Hand-built because no dependency in the tree offers raw ARP.
+pub fn send_gratuitous_arp(index: u32, mac: &[u8; 6], ip: Ipv4Addr) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let frame = gratuitous_arp_frame(mac, ip);
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created, owned descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid start value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = 0x0806u16.to_be();
+    addr.sll_ifindex = i32::try_from(index).map_err(std::io::Error::other)?;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: buffer and address are valid for the given lengths.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> NetRequest {
+        NetRequest {
+            interface: "eth0".into(),
+            mac: "02:fc:00:00:00:02".into(),
+            ipv4: "10.0.0.2".into(),
+            prefix_len: 24,
+            gateway: "10.0.0.1".into(),
+            dns: vec!["10.0.0.1".into()],
+            hostname: String::new(),
+        }
+    }
+
+    fn state(mac: [u8; 6], up: bool, ipv4: Vec<(Ipv4Addr, u8)>) -> LinkState {
+        LinkState {
+            index: 2,
+            mac,
+            up,
+            ipv4,
+        }
+    }
+
+    const NEW_MAC: [u8; 6] = [0x02, 0xfc, 0, 0, 0, 2];
+    const OLD_MAC: [u8; 6] = [0x02, 0xfc, 0, 0, 0, 1];
+    const NEW_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+    #[test]
+    fn fork_readdress_full_plan_in_order() {
+        let d = req().validate().unwrap();
+        let steps = plan(
+            &d,
+            &state(OLD_MAC, true, vec![(Ipv4Addr::new(10, 0, 0, 9), 24)]),
+        );
+        assert_eq!(
+            steps,
+            vec![
+                NetStep::LinkDown,
+                NetStep::SetMac(NEW_MAC),
+                NetStep::FlushIpv4,
+                NetStep::AddAddress {
+                    addr: NEW_IP,
+                    prefix_len: 24
+                },
+                NetStep::LinkUp,
+                NetStep::ReplaceDefaultRoute(Ipv4Addr::new(10, 0, 0, 1)),
+                NetStep::FlushNeighbours,
+                NetStep::GratuitousArp {
+                    mac: NEW_MAC,
+                    ip: NEW_IP
+                },
+                NetStep::WriteResolvConf(vec!["10.0.0.1".parse().unwrap()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn mac_unchanged_means_no_link_down_or_set_mac() {
+        let d = req().validate().unwrap();
+        let steps = plan(&d, &state(NEW_MAC, true, vec![]));
+        assert!(!steps.contains(&NetStep::LinkDown));
+        assert!(!steps.iter().any(|s| matches!(s, NetStep::SetMac(_))));
+        // Nothing to flush, link already up.
+        assert!(!steps.contains(&NetStep::FlushIpv4));
+        assert!(!steps.contains(&NetStep::LinkUp));
+        assert!(steps.contains(&NetStep::GratuitousArp {
+            mac: NEW_MAC,
+            ip: NEW_IP
+        }));
+    }
+
+    #[test]
+    fn empty_mac_keeps_device_mac() {
+        let d = NetRequest {
+            mac: String::new(),
+            ..req()
+        }
+        .validate()
+        .unwrap();
+        let steps = plan(&d, &state(OLD_MAC, false, vec![]));
+        assert!(!steps.iter().any(|s| matches!(s, NetStep::SetMac(_))));
+        assert!(steps.contains(&NetStep::LinkUp));
+        assert!(steps.contains(&NetStep::GratuitousArp {
+            mac: OLD_MAC,
+            ip: NEW_IP
+        }));
+    }
+
+    #[test]
+    fn no_gateway_means_no_route() {
+        let d = NetRequest {
+            gateway: String::new(),
+            dns: vec![],
+            ..req()
+        }
+        .validate()
+        .unwrap();
+        let steps = plan(&d, &state(OLD_MAC, true, vec![]));
+        assert!(
+            !steps
+                .iter()
+                .any(|s| matches!(s, NetStep::ReplaceDefaultRoute(_)))
+        );
+        assert!(
+            !steps
+                .iter()
+                .any(|s| matches!(s, NetStep::WriteResolvConf(_)))
+        );
+    }
+
+    #[test]
+    fn already_configured_is_nearly_empty() {
+        let d = NetRequest {
+            hostname: "vm-2".into(),
+            ..req()
+        }
+        .validate()
+        .unwrap();
+        let steps = plan(&d, &state(NEW_MAC, true, vec![(NEW_IP, 24)]));
+        assert_eq!(
+            steps,
+            vec![
+                NetStep::ReplaceDefaultRoute(Ipv4Addr::new(10, 0, 0, 1)),
+                NetStep::WriteResolvConf(vec!["10.0.0.1".parse().unwrap()]),
+                NetStep::SetHostname("vm-2".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn same_ip_other_prefix_is_readdressed() {
+        let d = req().validate().unwrap();
+        let steps = plan(&d, &state(NEW_MAC, true, vec![(NEW_IP, 16)]));
+        assert!(steps.contains(&NetStep::FlushIpv4));
+    }
+
+    #[test]
+    fn invalid_inputs_are_typed_errors() {
+        let cases: Vec<(NetRequest, NetConfigError)> = vec![
+            (
+                NetRequest {
+                    mac: "02:fc:00:00:00".into(),
+                    ..req()
+                },
+                NetConfigError::Mac("02:fc:00:00:00".into()),
+            ),
+            (
+                NetRequest {
+                    mac: "zz:fc:00:00:00:01".into(),
+                    ..req()
+                },
+                NetConfigError::Mac("zz:fc:00:00:00:01".into()),
+            ),
+            (
+                NetRequest {
+                    mac: "01:00:5e:00:00:01".into(),
+                    ..req()
+                },
+                NetConfigError::Mac("01:00:5e:00:00:01".into()),
+            ),
+            (
+                NetRequest {
+                    ipv4: "10.0.0.256".into(),
+                    ..req()
+                },
+                NetConfigError::Ipv4("10.0.0.256".into()),
+            ),
+            (
+                NetRequest {
+                    ipv4: "0.0.0.0".into(),
+                    ..req()
+                },
+                NetConfigError::Ipv4("0.0.0.0".into()),
+            ),
+            (
+                NetRequest {
+                    prefix_len: 33,
+                    ..req()
+                },
+                NetConfigError::PrefixLen(33),
+            ),
+            (
+                NetRequest {
+                    gateway: "gw".into(),
+                    ..req()
+                },
+                NetConfigError::Gateway("gw".into()),
+            ),
+            (
+                NetRequest {
+                    dns: vec!["x".into()],
+                    ..req()
+                },
+                NetConfigError::Dns("x".into()),
+            ),
+            (
+                NetRequest {
+                    interface: String::new(),
+                    ..req()
+                },
+                NetConfigError::Interface(String::new()),
+            ),
+            (
+                NetRequest {
+                    interface: "a-very-long-ifname".into(),
+                    ..req()
+                },
+                NetConfigError::Interface("a-very-long-ifname".into()),
+            ),
+            (
+                NetRequest {
+                    hostname: "bad_host".into(),
+                    ..req()
+                },
+                NetConfigError::Hostname("bad_host".into()),
+            ),
+        ];
+        for (r, want) in cases {
+            assert_eq!(r.validate(), Err(want));
+        }
+    }
+
+    #[test]
+    fn mac_format_round_trip() {
+        assert_eq!(
+            format_mac(&parse_mac("02:AB:cd:00:10:ff").unwrap()),
+            "02:ab:cd:00:10:ff"
+        );
+        assert_eq!(parse_mac("00:00:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:01:02"), None);
+    }
+
+    #[test]
+    fn garp_frame_layout() {
+        let f = gratuitous_arp_frame(&NEW_MAC, NEW_IP);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &NEW_MAC);
+        assert_eq!(&f[12..14], &[0x08, 0x06]);
+        assert_eq!(&f[14..22], &[0, 1, 8, 0, 6, 4, 0, 1]);
+        assert_eq!(&f[22..28], &NEW_MAC);
+        assert_eq!(&f[28..32], &[10, 0, 0, 2]);
+        assert_eq!(&f[32..38], &[0; 6]);
+        assert_eq!(&f[38..42], &[10, 0, 0, 2]);
+        assert!(f[42..].iter().all(|b| *b == 0));
+    }
+}

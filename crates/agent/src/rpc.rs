@@ -1,0 +1,280 @@
+//! The `forkvm.agent.v1.Agent` gRPC service and the per-connection server loop.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use forkvm_proto::agent::agent_server::{Agent, AgentServer};
+use forkvm_proto::agent::{
+    ExecExit, ExecOutput, ExecRequest, ExecResponse, HealthRequest, HealthResponse, NetworkConfig,
+    ReconfigureResponse, SetClockRequest, SetClockResponse, exec_output,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use nix::time::{ClockId, clock_gettime, clock_settime};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::exec::{self, ExecError, ExecEvent, ExecSpec, Reaper};
+use crate::netconf::{self, NetApplyError, NetRequest};
+use crate::port::{MAX_FRAME_SIZE, Port};
+
+/// Boot env flag that makes ReconfigureNetwork answer `Unimplemented`, so hosts
+/// can test their fallback path.
+pub const DECLINE_RECONFIGURE_ENV: &str = "FORKVM_AGENT_DECLINE_RECONFIGURE";
+
+/// Shared state of the agent service.
+pub struct AgentState {
+    pub boot_id: String,
+    pub started: Instant,
+    pub boot_env: BTreeMap<String, String>,
+    pub reaper: Arc<Reaper>,
+    pub netlink: rtnetlink::Handle,
+    counts: Mutex<BTreeMap<String, u64>>,
+    // Serialises re-addressing: two concurrent plans would interleave steps.
+    net_lock: tokio::sync::Mutex<()>,
+}
+
+impl AgentState {
+    pub fn new(
+        boot_env: BTreeMap<String, String>,
+        reaper: Arc<Reaper>,
+        netlink: rtnetlink::Handle,
+    ) -> Self {
+        AgentState {
+            boot_id: new_boot_id(),
+            started: Instant::now(),
+            boot_env,
+            reaper,
+            netlink,
+            counts: Mutex::new(BTreeMap::new()),
+            net_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn count(&self, method: &str) {
+        let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        *c.entry(method.to_owned()).or_default() += 1;
+    }
+
+    fn decline_reconfigure(&self) -> bool {
+        self.boot_env
+            .get(DECLINE_RECONFIGURE_ENV)
+            .map(String::as_str)
+            == Some("1")
+    }
+
+    fn exec_spec(&self, req: ExecRequest) -> ExecSpec {
+        ExecSpec {
+            argv: req.argv,
+            env: exec::merge_env(&self.boot_env, req.env),
+            stdin: req.stdin,
+            timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(u64::from(req.timeout_ms))),
+            cwd: (!req.cwd.is_empty()).then_some(req.cwd),
+        }
+    }
+}
+
+/// 128 random bits from the kernel, hex; falls back to time+pid if unreadable.
+fn new_boot_id() -> String {
+    match std::fs::read_to_string("/proc/sys/kernel/random/uuid") {
+        Ok(u) => u.trim().replace('-', ""),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            format!("{t:032x}")
+        }
+    }
+}
+
+fn exec_status(e: ExecError) -> Status {
+    match &e {
+        ExecError::EmptyArgv => Status::invalid_argument(e.to_string()),
+        ExecError::Spawn { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => Status::not_found(e.to_string()),
+            std::io::ErrorKind::PermissionDenied => Status::permission_denied(e.to_string()),
+            _ => Status::internal(e.to_string()),
+        },
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// The tonic service implementation.
+#[derive(Clone)]
+pub struct AgentService {
+    state: Arc<AgentState>,
+}
+
+impl AgentService {
+    pub fn new(state: Arc<AgentState>) -> Self {
+        AgentService { state }
+    }
+}
+
+type ExecStreamOut = Pin<Box<dyn futures::Stream<Item = Result<ExecOutput, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn health(
+        &self,
+        _req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        self.state.count("Health");
+        let hostname = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        let rpc_counts = self
+            .state
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        Ok(Response::new(HealthResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            boot_id: self.state.boot_id.clone(),
+            uptime_ms: u64::try_from(self.state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            hostname,
+            rpc_counts,
+        }))
+    }
+
+    async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+        self.state.count("Exec");
+        let spec = self.state.exec_spec(req.into_inner());
+        let (outcome, out) = exec::run_collect(&self.state.reaper, spec)
+            .await
+            .map_err(exec_status)?;
+        Ok(Response::new(ExecResponse {
+            exit_code: outcome.exit.code,
+            stdout: out.stdout,
+            stderr: out.stderr,
+            timed_out: outcome.timed_out,
+            signal: outcome.exit.signal,
+        }))
+    }
+
+    type ExecStreamStream = ExecStreamOut;
+
+    async fn exec_stream(
+        &self,
+        req: Request<ExecRequest>,
+    ) -> Result<Response<Self::ExecStreamStream>, Status> {
+        self.state.count("ExecStream");
+        let spec = self.state.exec_spec(req.into_inner());
+        if spec.argv.is_empty() {
+            return Err(exec_status(ExecError::EmptyArgv));
+        }
+        let (tx, rx) = mpsc::channel::<Result<ExecOutput, Status>>(16);
+        let (ev_tx, mut ev_rx) = mpsc::channel::<ExecEvent>(16);
+        let state = self.state.clone();
+        let fwd_tx = tx.clone();
+        // Forward output chunks; if the client goes away, dropping ev_rx makes
+        // exec::run kill the command.
+        let forward = async move {
+            while let Some(ev) = ev_rx.recv().await {
+                let kind = match ev {
+                    ExecEvent::Stdout(b) => exec_output::Kind::Stdout(b),
+                    ExecEvent::Stderr(b) => exec_output::Kind::Stderr(b),
+                };
+                if fwd_tx
+                    .send(Ok(ExecOutput { kind: Some(kind) }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        };
+        tokio::spawn(async move {
+            let (res, ()) = tokio::join!(exec::run(&state.reaper, spec, ev_tx), forward);
+            let last = match res {
+                Ok(o) => Ok(ExecOutput {
+                    kind: Some(exec_output::Kind::Exit(ExecExit {
+                        exit_code: o.exit.code,
+                        timed_out: o.timed_out,
+                        signal: o.exit.signal,
+                    })),
+                }),
+                Err(e) => Err(exec_status(e)),
+            };
+            // Receiver gone means the client left; nothing to report to.
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn reconfigure_network(
+        &self,
+        req: Request<NetworkConfig>,
+    ) -> Result<Response<ReconfigureResponse>, Status> {
+        self.state.count("ReconfigureNetwork");
+        if self.state.decline_reconfigure() {
+            return Err(Status::unimplemented(
+                "ReconfigureNetwork declined by boot env",
+            ));
+        }
+        let desired = NetRequest::from(req.into_inner())
+            .validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let _guard = self.state.net_lock.lock().await;
+        let report = netconf::configure(&self.state.netlink, &desired)
+            .await
+            .map_err(|e| match e {
+                NetApplyError::NoSuchInterface(_) => Status::not_found(e.to_string()),
+                _ => Status::internal(e.to_string()),
+            })?;
+        info!(steps = ?report.steps, applied_us = report.elapsed_us, "ReconfigureNetwork applied");
+        Ok(Response::new(ReconfigureResponse {
+            applied_us: report.elapsed_us,
+        }))
+    }
+
+    async fn set_clock(
+        &self,
+        req: Request<SetClockRequest>,
+    ) -> Result<Response<SetClockResponse>, Status> {
+        self.state.count("SetClock");
+        let want = req.into_inner().unix_time_ns;
+        if want <= 0 {
+            return Err(Status::invalid_argument("unix_time_ns must be positive"));
+        }
+        let before = clock_gettime(ClockId::CLOCK_REALTIME)
+            .map_err(|e| Status::internal(format!("clock_gettime: {e}")))?;
+        let ts = nix::sys::time::TimeSpec::new(want / 1_000_000_000, want % 1_000_000_000);
+        clock_settime(ClockId::CLOCK_REALTIME, ts)
+            .map_err(|e| Status::internal(format!("clock_settime: {e}")))?;
+        let before_ns = before.tv_sec() as i64 * 1_000_000_000 + before.tv_nsec() as i64;
+        let stepped_ns = want - before_ns;
+        info!(stepped_ns, "clock stepped");
+        Ok(Response::new(SetClockResponse { stepped_ns }))
+    }
+}
+
+/// Serves the agent on `port` forever: one HTTP/2 connection per host
+/// connection, then waits for the next host.
+pub async fn serve_port(mut port: Port, service: AgentService) -> std::io::Result<()> {
+    let svc = TowerToHyperService::new(AgentServer::new(service));
+    loop {
+        let conn = port.accept().await?;
+        let t0 = Instant::now();
+        info!("host connected; serving");
+        let mut io = TokioIo::new(conn);
+        let res = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_frame_size(MAX_FRAME_SIZE)
+            .serve_connection(&mut io, svc.clone())
+            .await;
+        match res {
+            Ok(()) => info!(secs = t0.elapsed().as_secs_f64(), "host connection closed"),
+            Err(e) => info!(error = ?e, secs = t0.elapsed().as_secs_f64(), "host connection ended"),
+        }
+        port.give_back(io.into_inner());
+    }
+}

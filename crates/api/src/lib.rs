@@ -1,0 +1,21 @@
+//! forkvm's REST API: an axum router over [`forkvm_core::Manager`], its
+//! OpenAPI document (generated with utoipa) and the unix-socket and TCP
+//! listeners.
+//!
+//! The API is wire-compatible with the hypeman VM manager where concepts
+//! overlap (paths, field names, states, status codes), so hypeman's generated
+//! clients work unchanged; forkvm's additions are extra fields and endpoints.
+//! Every error is JSON `{code, message}`, including routing and extractor
+//! rejections.
+
+pub mod error;
+pub mod routes;
+pub mod server;
+pub mod wire;
+
+pub use error::ApiError;
+pub use routes::{ApiDoc, openapi, router};
+pub use server::{
+    ServeError, bind_unix, serve_tcp, serve_tcp_listener, serve_unix, serve_unix_listener,
+    tcp_router,
+};

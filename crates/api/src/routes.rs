@@ -1,0 +1,474 @@
+//! HTTP handlers, the router and the OpenAPI document generated from them.
+
+use crate::error::ApiError;
+use crate::wire::*;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use forkvm_core::Manager;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+/// Shared handler state.
+pub type AppState = Arc<Manager>;
+
+/// JSON body extractor whose rejections are `{code, message}` (400/415/413).
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// Path extractor with JSON rejections.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// Query extractor with JSON rejections (400).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// A JSON body that may be absent: hypeman's client POSTs `stop`/`restore`
+/// with no body (and no content type) but `start`/`standby` with one.
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<S, T> FromRequest<S> for OptionalJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError::new(r.status(), "invalid_request", r.body_text()))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
+        }
+        serde_json::from_slice(&bytes)
+            .map(|v| Self(Some(v)))
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "forkvm",
+        description = "forkvm microVM manager. Compatible with the hypeman API where concepts overlap; forkvm additions are extra fields and endpoints."
+    ),
+    paths(
+        health,
+        openapi_json,
+        list_instances,
+        create_instance,
+        get_instance,
+        delete_instance,
+        start_instance,
+        stop_instance,
+        standby_instance,
+        restore_instance,
+        fork_instance,
+        instance_logs,
+        exec_instance,
+        create_snapshot,
+        restore_snapshot,
+        list_snapshots,
+        get_snapshot,
+        delete_snapshot,
+        fork_snapshot,
+    ),
+    components(schemas(ErrorBody, Instance, InstanceNetwork, InstanceState)),
+    modifiers(&BearerAuth),
+    security(("bearerAuth" = [])),
+    tags(
+        (name = "instances", description = "VM instances"),
+        (name = "snapshots", description = "Snapshots (not implemented yet)"),
+        (name = "health", description = "Liveness"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearerAuth",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The generated OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The API router (no authentication; see [`crate::server::tcp_router`]).
+pub fn router(manager: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi_json))
+        .route("/instances", get(list_instances).post(create_instance))
+        .route("/instances/{id}", get(get_instance).delete(delete_instance))
+        .route("/instances/{id}/start", post(start_instance))
+        .route("/instances/{id}/stop", post(stop_instance))
+        .route("/instances/{id}/standby", post(standby_instance))
+        .route("/instances/{id}/restore", post(restore_instance))
+        .route("/instances/{id}/fork", post(fork_instance))
+        .route("/instances/{id}/logs", get(instance_logs))
+        .route("/instances/{id}/exec", post(exec_instance))
+        .route("/instances/{id}/snapshots", post(create_snapshot))
+        .route(
+            "/instances/{id}/snapshots/{snapshot_id}/restore",
+            post(restore_snapshot),
+        )
+        .route("/snapshots", get(list_snapshots))
+        .route(
+            "/snapshots/{snapshot_id}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
+        .route("/snapshots/{snapshot_id}/fork", post(fork_snapshot))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO))
+                // ApiError already logs 5xx with its code and message.
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+        )
+        .with_state(manager)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// Liveness and version.
+#[utoipa::path(get, path = "/health", tag = "health", security(()),
+    responses((status = 200, body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "health",
+    responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi())
+}
+
+/// List instances.
+#[utoipa::path(get, path = "/instances", tag = "instances", params(ListQuery),
+    responses((status = 200, body = Vec<Instance>), (status = 400, body = ErrorBody)))]
+async fn list_instances(
+    State(m): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Vec<Instance>>, ApiError> {
+    let list = m.list().await?;
+    Ok(Json(
+        list.iter()
+            .map(Instance::from)
+            .filter(|i| q.state.is_none_or(|s| s == i.state))
+            .collect(),
+    ))
+}
+
+/// Create and start an instance.
+#[utoipa::path(post, path = "/instances", tag = "instances", request_body = InstanceCreateParams,
+    responses((status = 201, body = Instance), (status = 400, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 415, body = ErrorBody)))]
+async fn create_instance(
+    State(m): State<AppState>,
+    ApiJson(p): ApiJson<InstanceCreateParams>,
+) -> Result<(StatusCode, Json<Instance>), ApiError> {
+    let req = p.into_core()?;
+    tracing::info!(name = %req.name, vcpus = ?req.vcpus, memory_mb = ?req.memory_mb, "creating instance");
+    let inst = m.create(req).await?;
+    Ok((StatusCode::CREATED, Json(inst.into())))
+}
+
+/// Get an instance by id or name.
+#[utoipa::path(get, path = "/instances/{id}", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name")),
+    responses((status = 200, body = Instance), (status = 404, body = ErrorBody)))]
+async fn get_instance(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Instance>, ApiError> {
+    Ok(Json(m.get(&id).await?.into()))
+}
+
+/// Stop (if needed) and delete an instance.
+#[utoipa::path(delete, path = "/instances/{id}", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name"), DeleteQuery),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody)))]
+async fn delete_instance(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(_q): ApiQuery<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    m.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Start a stopped instance.
+#[utoipa::path(post, path = "/instances/{id}/start", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name")),
+    request_body(content = Option<InstanceStartParams>),
+    responses((status = 200, body = Instance), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 501, body = ErrorBody)))]
+async fn start_instance(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    OptionalJson(p): OptionalJson<InstanceStartParams>,
+) -> Result<Json<Instance>, ApiError> {
+    if let Some(p) = p
+        && (p.cmd.is_some() || p.entrypoint.is_some())
+    {
+        return Err(ApiError::not_implemented(
+            "overriding cmd/entrypoint on start is not supported",
+        ));
+    }
+    Ok(Json(m.start(&id).await?.into()))
+}
+
+/// Stop an instance.
+#[utoipa::path(post, path = "/instances/{id}/stop", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name")),
+    responses((status = 200, body = Instance), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+async fn stop_instance(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Instance>, ApiError> {
+    Ok(Json(m.stop(&id).await?.into()))
+}
+
+/// Put an instance into standby (snapshot and stop). Not implemented yet.
+#[utoipa::path(post, path = "/instances/{id}/standby", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name")),
+    responses((status = 200, body = Instance), (status = 404, body = ErrorBody),
+              (status = 501, body = ErrorBody)))]
+async fn standby_instance(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    OptionalJson(_p): OptionalJson<serde_json::Value>,
+) -> Result<Json<Instance>, ApiError> {
+    m.get(&id).await?;
+    Err(ApiError::not_implemented("standby is not implemented yet"))
+}
+
+/// Restore an instance from standby. Not implemented yet.
+#[utoipa::path(post, path = "/instances/{id}/restore", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name")),
+    responses((status = 200, body = Instance), (status = 404, body = ErrorBody),
+              (status = 501, body = ErrorBody)))]
+async fn restore_instance(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Instance>, ApiError> {
+    m.get(&id).await?;
+    Err(ApiError::not_implemented("restore is not implemented yet"))
+}
+
+/// Fork an instance. Not implemented yet.
+#[utoipa::path(post, path = "/instances/{id}/fork", tag = "instances",
+    params(("id" = String, Path, description = "Source instance id or name")),
+    request_body = InstanceForkParams,
+    responses((status = 201, body = Instance), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 501, body = ErrorBody)))]
+async fn fork_instance(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(p): ApiJson<InstanceForkParams>,
+) -> Result<(StatusCode, Json<Instance>), ApiError> {
+    forkvm_core::validate_name(&p.name)?;
+    m.get(&id).await?;
+    Err(ApiError::not_implemented("fork is not implemented yet"))
+}
+
+/// Serial console output of an instance.
+///
+/// Plain text by default; with `Accept: text/event-stream` (as the hypeman
+/// client sends) one server-sent event per line whose data is the line as a
+/// JSON string.
+#[utoipa::path(get, path = "/instances/{id}/logs", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name"), LogsQuery),
+    responses((status = 200, description = "Log lines",
+               content((String = "text/plain"), (String = "text/event-stream"))),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 501, body = ErrorBody)))]
+async fn instance_logs(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<LogsQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    match q.source.as_deref() {
+        None | Some("app") => {}
+        Some("vmm") | Some("hypeman") => {
+            return Err(ApiError::not_implemented(
+                "only the \"app\" log source is available",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(format!("unknown log source {other:?}")));
+        }
+    }
+    if q.follow == Some(true) {
+        return Err(ApiError::not_implemented("follow is not supported yet"));
+    }
+    let text = m.logs(&id, q.tail).await?;
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if sse {
+        Ok((
+            [(header::CONTENT_TYPE, "text/event-stream")],
+            sse_body(&text),
+        )
+            .into_response())
+    } else {
+        Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    }
+}
+
+/// One server-sent event per line, its data the line as a JSON string (the
+/// hypeman client JSON-decodes each event's data into a `str`).
+pub(crate) fn sse_body(text: &str) -> String {
+    let mut body = String::with_capacity(text.len() + text.len() / 4);
+    for line in text.lines() {
+        // Serializing a &str cannot fail.
+        let data = serde_json::to_string(line).unwrap_or_default();
+        body.push_str("data: ");
+        body.push_str(&data);
+        body.push_str("\n\n");
+    }
+    body
+}
+
+/// forkvm: run a command in the guest through its agent.
+#[utoipa::path(post, path = "/instances/{id}/exec", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name")),
+    request_body = ExecParams,
+    responses((status = 200, body = ExecResponse), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 504, body = ErrorBody)))]
+async fn exec_instance(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(p): ApiJson<ExecParams>,
+) -> Result<Json<ExecResponse>, ApiError> {
+    let req = p.into_core()?;
+    Ok(Json(m.exec(&id, req).await?.into()))
+}
+
+/// Snapshot an instance. Not implemented yet.
+#[utoipa::path(post, path = "/instances/{id}/snapshots", tag = "snapshots",
+    params(("id" = String, Path, description = "Instance id or name")),
+    request_body = SnapshotCreateParams,
+    responses((status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
+async fn create_snapshot(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(_p): ApiJson<SnapshotCreateParams>,
+) -> Result<Response, ApiError> {
+    m.get(&id).await?;
+    Err(ApiError::not_implemented(
+        "snapshots are not implemented yet",
+    ))
+}
+
+/// Restore an instance from one of its snapshots. Not implemented yet.
+#[utoipa::path(post, path = "/instances/{id}/snapshots/{snapshot_id}/restore", tag = "snapshots",
+    params(("id" = String, Path, description = "Instance id or name"),
+           ("snapshot_id" = String, Path, description = "Snapshot id")),
+    responses((status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
+async fn restore_snapshot(
+    State(m): State<AppState>,
+    ApiPath((id, _snapshot_id)): ApiPath<(String, String)>,
+    OptionalJson(_p): OptionalJson<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    m.get(&id).await?;
+    Err(ApiError::not_implemented(
+        "snapshots are not implemented yet",
+    ))
+}
+
+/// List snapshots. Not implemented yet.
+#[utoipa::path(get, path = "/snapshots", tag = "snapshots",
+    responses((status = 501, body = ErrorBody)))]
+async fn list_snapshots() -> ApiError {
+    ApiError::not_implemented("snapshots are not implemented yet")
+}
+
+/// Get a snapshot. Not implemented yet.
+#[utoipa::path(get, path = "/snapshots/{snapshot_id}", tag = "snapshots",
+    params(("snapshot_id" = String, Path, description = "Snapshot id")),
+    responses((status = 501, body = ErrorBody)))]
+async fn get_snapshot(ApiPath(_id): ApiPath<String>) -> ApiError {
+    ApiError::not_implemented("snapshots are not implemented yet")
+}
+
+/// Delete a snapshot. Not implemented yet.
+#[utoipa::path(delete, path = "/snapshots/{snapshot_id}", tag = "snapshots",
+    params(("snapshot_id" = String, Path, description = "Snapshot id")),
+    responses((status = 501, body = ErrorBody)))]
+async fn delete_snapshot(ApiPath(_id): ApiPath<String>) -> ApiError {
+    ApiError::not_implemented("snapshots are not implemented yet")
+}
+
+/// Fork a new instance from a snapshot. Not implemented yet.
+#[utoipa::path(post, path = "/snapshots/{snapshot_id}/fork", tag = "snapshots",
+    params(("snapshot_id" = String, Path, description = "Snapshot id")),
+    request_body = SnapshotForkParams,
+    responses((status = 201, body = Instance), (status = 400, body = ErrorBody),
+              (status = 501, body = ErrorBody)))]
+async fn fork_snapshot(
+    ApiPath(_id): ApiPath<String>,
+    ApiJson(p): ApiJson<SnapshotForkParams>,
+) -> Result<Response, ApiError> {
+    forkvm_core::validate_name(&p.name)?;
+    Err(ApiError::not_implemented(
+        "snapshots are not implemented yet",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_lines_are_json_strings() {
+        let body = sse_body("boot ok\r\nsaid \"hi\"\n\nend");
+        assert_eq!(
+            body,
+            "data: \"boot ok\"\n\ndata: \"said \\\"hi\\\"\"\n\ndata: \"\"\n\ndata: \"end\"\n\n"
+        );
+        assert_eq!(sse_body(""), "");
+    }
+}

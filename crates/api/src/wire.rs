@@ -1,0 +1,578 @@
+//! Wire types: the JSON bodies of the REST API.
+//!
+//! Field names, states and shapes follow the hypeman API (its Python client
+//! parses these unchanged); forkvm's additions are extra fields only. These
+//! types derive both `Serialize` and `Deserialize` so the CLI client can reuse
+//! them.
+
+use crate::error::ApiError;
+use chrono::{DateTime, Utc};
+use forkvm_core as core;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::{IntoParams, ToSchema};
+
+/// Error body of every non-2xx response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `invalid_request`, `not_found`.
+    #[schema(example = "not_found")]
+    pub code: String,
+    /// Human-readable description.
+    pub message: String,
+}
+
+/// `GET /health` response.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: String,
+    /// forkvm version.
+    pub version: String,
+}
+
+/// Instance lifecycle state, spelled as hypeman spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum InstanceState {
+    Created,
+    Initializing,
+    Running,
+    Paused,
+    Shutdown,
+    Stopped,
+    Standby,
+    Unknown,
+}
+
+impl From<core::InstanceState> for InstanceState {
+    fn from(s: core::InstanceState) -> Self {
+        use core::InstanceState as C;
+        match s {
+            C::Created => Self::Created,
+            C::Initializing => Self::Initializing,
+            C::Running => Self::Running,
+            C::Paused => Self::Paused,
+            C::Shutdown => Self::Shutdown,
+            C::Stopped => Self::Stopped,
+            C::Standby => Self::Standby,
+            C::Unknown => Self::Unknown,
+        }
+    }
+}
+
+impl InstanceState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Created => "Created",
+            Self::Initializing => "Initializing",
+            Self::Running => "Running",
+            Self::Paused => "Paused",
+            Self::Shutdown => "Shutdown",
+            Self::Stopped => "Stopped",
+            Self::Standby => "Standby",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+/// Network identity of an instance (hypeman's `Instance.network` plus forkvm extras).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceNetwork {
+    /// Whether the instance is attached to the default network.
+    pub enabled: bool,
+    /// Assigned IPv4 address (null without network).
+    pub ip: Option<String>,
+    /// Assigned MAC address (null without network).
+    pub mac: Option<String>,
+    /// Network name: always "default" when enabled (hypeman's meaning).
+    pub name: Option<String>,
+    /// forkvm: host TAP device of the instance.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// forkvm: default gateway given to the guest.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// forkvm: prefix length of the instance network.
+    #[serde(default)]
+    pub prefix_len: Option<u8>,
+    /// forkvm: host bridge the TAP is attached to.
+    #[serde(default)]
+    pub bridge: Option<String>,
+}
+
+/// An instance as returned by the API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Instance {
+    /// Unique identifier.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Guest image name.
+    pub image: String,
+    pub state: InstanceState,
+    /// Why the instance is in its state when that is not the happy path.
+    #[serde(default)]
+    pub state_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub stopped_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub vcpus: u32,
+    /// Base memory size, human-readable (e.g. "256MB", "1GB").
+    #[serde(default)]
+    #[schema(example = "256MB")]
+    pub size: String,
+    /// Always "qemu".
+    #[serde(default)]
+    #[schema(example = "qemu")]
+    pub hypervisor: String,
+    /// Whether a snapshot exists for this instance.
+    #[serde(default)]
+    pub has_snapshot: bool,
+    #[serde(default)]
+    pub network: InstanceNetwork,
+    /// forkvm: memory in MiB.
+    #[serde(default)]
+    pub memory_mb: u32,
+    /// forkvm: the argv the guest runs (entrypoint followed by cmd).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// forkvm: QEMU process id while a VMM exists.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// forkvm: accelerator of the current/last VMM ("tcg" or "kvm").
+    #[serde(default)]
+    pub accel: Option<String>,
+}
+
+impl From<&core::Instance> for Instance {
+    fn from(i: &core::Instance) -> Self {
+        let n = &i.network;
+        Self {
+            id: i.id.clone(),
+            name: i.name.clone(),
+            image: i.image.clone(),
+            state: i.state.into(),
+            state_error: i.state_error.clone(),
+            created_at: i.created_at,
+            started_at: i.started_at,
+            stopped_at: i.stopped_at,
+            env: i.env.clone(),
+            vcpus: i.vcpus,
+            size: format_size_mb(i.memory_mb),
+            hypervisor: "qemu".into(),
+            // Snapshots are not wired into the core yet.
+            has_snapshot: false,
+            network: InstanceNetwork {
+                enabled: n.enabled,
+                ip: n.ip.clone(),
+                mac: n.mac.clone(),
+                name: n.enabled.then(|| "default".to_string()),
+                tap: n.tap.clone(),
+                gateway: n.gateway.clone(),
+                prefix_len: n.prefix_len,
+                bridge: n.bridge.clone(),
+            },
+            memory_mb: i.memory_mb,
+            command: i.entrypoint.clone(),
+            pid: i.pid,
+            accel: i.accel.clone(),
+        }
+    }
+}
+
+impl From<core::Instance> for Instance {
+    fn from(i: core::Instance) -> Self {
+        Self::from(&i)
+    }
+}
+
+/// `network` object of a create request. Other hypeman fields (bandwidth,
+/// egress) are accepted and ignored.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct NetworkParams {
+    /// Attach the instance to the default network (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// `POST /instances` body: hypeman's InstanceCreateParams subset plus forkvm
+/// extras. Unknown fields are ignored so hypeman clients can send theirs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct InstanceCreateParams {
+    /// Lowercase letters, digits and dashes; not starting or ending with a dash; ≤ 63.
+    pub name: String,
+    /// Guest image; default "default".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Base memory, human-readable: "256MB", "1GB", "512MiB", "2G".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// forkvm: memory in MiB (alternative to `size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// argv prefix; the guest runs `entrypoint ++ cmd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// Only "qemu" is available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkParams>,
+}
+
+impl InstanceCreateParams {
+    /// Validate and convert into the core's request.
+    pub fn into_core(self) -> Result<core::CreateRequest, ApiError> {
+        core::validate_name(&self.name)?;
+        if self.vcpus == Some(0) {
+            return Err(ApiError::invalid("vcpus must be at least 1"));
+        }
+        if let Some(h) = &self.hypervisor
+            && h != "qemu"
+        {
+            return Err(ApiError::invalid(format!(
+                "hypervisor {h:?} is not available: forkvm runs \"qemu\" only"
+            )));
+        }
+        let from_size = self
+            .size
+            .as_deref()
+            .map(parse_size_mb)
+            .transpose()
+            .map_err(ApiError::invalid)?;
+        let memory_mb = match (from_size, self.memory_mb) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ApiError::invalid(format!(
+                    "size ({a} MiB) and memory_mb ({b}) disagree"
+                )));
+            }
+            (_, Some(0)) => return Err(ApiError::invalid("memory_mb must be at least 1")),
+            (a, b) => a.or(b),
+        };
+        let mut argv = self.entrypoint.unwrap_or_default();
+        argv.extend(self.cmd.unwrap_or_default());
+        Ok(core::CreateRequest {
+            name: self.name,
+            image: self.image,
+            vcpus: self.vcpus,
+            memory_mb,
+            env: self.env.unwrap_or_default(),
+            entrypoint: argv,
+            network_enabled: self.network.and_then(|n| n.enabled),
+        })
+    }
+}
+
+/// Optional body of `POST /instances/{id}/start` (hypeman's InstanceStartParams).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct InstanceStartParams {
+    /// Not supported yet: overriding the command on start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    /// Not supported yet: overriding the entrypoint on start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+}
+
+/// Final state of a fork.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ForkTargetState {
+    Stopped,
+    Standby,
+    Running,
+}
+
+/// `POST /instances/{id}/fork` body (hypeman's InstanceForkParams plus `wait_for_network`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct InstanceForkParams {
+    /// Name of the new instance.
+    pub name: String,
+    /// Allow forking a running source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_running: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_state: Option<ForkTargetState>,
+    /// forkvm: return only once the fork answers on its new address (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for_network: Option<bool>,
+}
+
+/// Snapshot kind (hypeman's SnapshotKind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum SnapshotKind {
+    Standby,
+    Stopped,
+}
+
+/// `POST /instances/{id}/snapshots` body.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotCreateParams {
+    pub kind: SnapshotKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+/// `POST /snapshots/{snapshot_id}/fork` body.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotForkParams {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_hypervisor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_state: Option<ForkTargetState>,
+}
+
+/// forkvm: `POST /instances/{id}/exec` body.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct ExecParams {
+    /// argv; must not be empty.
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Data written to the command's stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Kill the command after this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u32>,
+}
+
+impl ExecParams {
+    pub fn into_core(self) -> Result<core::ExecRequest, ApiError> {
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err(ApiError::invalid("command must be a non-empty argv"));
+        }
+        if self.timeout_s == Some(0) {
+            return Err(ApiError::invalid("timeout_s must be at least 1"));
+        }
+        Ok(core::ExecRequest {
+            command: self.command,
+            env: self.env.unwrap_or_default(),
+            stdin: self.stdin,
+            timeout_s: self.timeout_s,
+        })
+    }
+}
+
+/// forkvm: result of an exec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}
+
+impl From<core::ExecResult> for ExecResponse {
+    fn from(r: core::ExecResult) -> Self {
+        Self {
+            exit_code: r.exit_code,
+            stdout: r.stdout,
+            stderr: r.stderr,
+            timed_out: r.timed_out,
+            duration_ms: r.duration_ms,
+        }
+    }
+}
+
+/// Query of `GET /instances`.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only instances in this state.
+    pub state: Option<InstanceState>,
+}
+
+/// Query of `GET /instances/{id}/logs`.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// Number of lines to return from the end.
+    pub tail: Option<usize>,
+    /// Streaming new lines is not supported yet: `true` is answered with 501.
+    pub follow: Option<bool>,
+    /// Log source: only "app" (serial console) is available.
+    pub source: Option<String>,
+}
+
+/// Query of `DELETE /instances/{id}` (accepted, ignored: deletion always stops the VM).
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    pub graceful_shutdown: Option<bool>,
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+const TIB: u64 = 1024 * GIB;
+
+/// Parse a human-readable memory size into MiB.
+///
+/// Accepts an integer followed by an optional unit: none/`B` (bytes),
+/// `K`/`KB`/`KiB`, `M`/`MB`/`MiB`, `G`/`GB`/`GiB`, `T`/`TB`/`TiB`, case-insensitive;
+/// units are binary like hypeman's. The result must be a whole, non-zero
+/// number of MiB that fits in u32. Hand-rolled: the grammar is tiny and a crate
+/// would accept more (decimals, SI units) than we want.
+pub fn parse_size_mb(s: &str) -> Result<u32, String> {
+    let bad = || format!("invalid size {s:?}: use e.g. \"256MB\", \"1GB\", \"512MiB\"");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let mult = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => KIB,
+        "m" | "mb" | "mib" => MIB,
+        "g" | "gb" | "gib" => GIB,
+        "t" | "tb" | "tib" => TIB,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(mult).ok_or_else(bad)?;
+    if bytes == 0 {
+        return Err(format!("invalid size {s:?}: must be more than zero"));
+    }
+    if !bytes.is_multiple_of(MIB) {
+        return Err(format!("invalid size {s:?}: must be a whole number of MiB"));
+    }
+    u32::try_from(bytes / MIB).map_err(|_| format!("invalid size {s:?}: too large"))
+}
+
+/// Format MiB the way hypeman prints sizes: "1GB" when whole GiB, else "256MB".
+pub fn format_size_mb(mb: u32) -> String {
+    if mb != 0 && mb.is_multiple_of(1024) {
+        format!("{}GB", mb / 1024)
+    } else {
+        format!("{mb}MB")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        for (s, mb) in [
+            ("256MB", 256),
+            ("256mb", 256),
+            ("1GB", 1024),
+            ("2G", 2048),
+            ("512MiB", 512),
+            ("512 MiB", 512),
+            ("1048576", 1),
+            ("1024K", 1),
+            ("1TiB", 1024 * 1024),
+        ] {
+            assert_eq!(parse_size_mb(s), Ok(mb), "{s}");
+        }
+        for s in [
+            "",
+            "MB",
+            "0MB",
+            "1.5GB",
+            "-1GB",
+            "12XB",
+            "100",
+            "1KB",
+            "abc",
+            "1 G B",
+            "99999999T",
+        ] {
+            assert!(parse_size_mb(s).is_err(), "{s}");
+        }
+        assert_eq!(format_size_mb(256), "256MB");
+        assert_eq!(format_size_mb(1024), "1GB");
+        assert_eq!(format_size_mb(1536), "1536MB");
+    }
+
+    #[test]
+    fn create_params_conversion() {
+        let p: InstanceCreateParams = serde_json::from_str(
+            r#"{"name":"web-1","image":"x","size":"1GB","entrypoint":["/bin/sh"],"cmd":["-c","true"],
+                "network":{"enabled":false,"bandwidth_upload":"1Gbps"},"tags":{"a":"b"},"ttl":"1h"}"#,
+        )
+        .unwrap();
+        let r = p.into_core().unwrap();
+        assert_eq!(r.memory_mb, Some(1024));
+        assert_eq!(r.entrypoint, vec!["/bin/sh", "-c", "true"]);
+        assert_eq!(r.network_enabled, Some(false));
+
+        let p = InstanceCreateParams {
+            name: "a".into(),
+            size: Some("256MB".into()),
+            memory_mb: Some(512),
+            ..Default::default()
+        };
+        assert!(p.into_core().is_err());
+    }
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::*;
+
+    /// The exact JSON of an instance; the same text is fed to the hypeman
+    /// Python client's `Instance` model in the compatibility check.
+    #[test]
+    fn instance_json_shape() {
+        let core_inst = core::Instance {
+            id: "i-1".into(),
+            name: "web-1".into(),
+            image: "default".into(),
+            state: core::InstanceState::Running,
+            state_error: None,
+            vcpus: 2,
+            memory_mb: 1024,
+            env: [("A".to_string(), "1".to_string())].into(),
+            entrypoint: vec!["sleep".into(), "9".into()],
+            network: core::NetworkInfo {
+                enabled: true,
+                ip: Some("10.88.0.2".into()),
+                mac: Some("02:fc:00:00:00:02".into()),
+                tap: Some("fvtap0".into()),
+                gateway: Some("10.88.0.1".into()),
+                prefix_len: Some(16),
+                bridge: Some("forkvm0".into()),
+            },
+            created_at: DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
+            started_at: None,
+            stopped_at: None,
+            pid: Some(42),
+            accel: Some("tcg".into()),
+        };
+        let v = serde_json::to_value(Instance::from(&core_inst)).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(
+            r#"{"id":"i-1","name":"web-1","image":"default","state":"Running","state_error":null,
+                "created_at":"2026-01-01T00:00:00Z","started_at":null,"stopped_at":null,
+                "env":{"A":"1"},"vcpus":2,"size":"1GB","hypervisor":"qemu","has_snapshot":false,
+                "network":{"enabled":true,"ip":"10.88.0.2","mac":"02:fc:00:00:00:02","name":"default",
+                           "tap":"fvtap0","gateway":"10.88.0.1","prefix_len":16,"bridge":"forkvm0"},
+                "memory_mb":1024,"command":["sleep","9"],"pid":42,"accel":"tcg"}"#,
+        )
+        .unwrap();
+        assert_eq!(v, expected);
+        // and it reads back (the CLI deserializes it)
+        let back: Instance = serde_json::from_value(v).unwrap();
+        assert_eq!(back.network.name.as_deref(), Some("default"));
+    }
+}

@@ -1,0 +1,223 @@
+//! A small HTTP/1 client for the daemon's unix socket.
+
+use forkvm_api::wire::{ErrorBody, ExecParams, ExecResponse, Instance, InstanceCreateParams};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use std::path::PathBuf;
+use tokio::net::UnixStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to forkvm daemon at {}: is `forkvm serve` running?", socket.display())]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    /// The daemon answered with an error body.
+    #[error("{message}")]
+    Api {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
+    #[error("talking to the daemon: {0}")]
+    Http(String),
+    #[error("unexpected response from the daemon: {0}")]
+    Decode(String),
+}
+
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+        }
+    }
+
+    /// One request on a fresh connection; returns status, content type and body.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        accept: &str,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let conn_task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection closed with error");
+            }
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "localhost")
+            .header(header::ACCEPT, accept);
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        conn_task.abort();
+        if status.is_success() {
+            Ok((status, bytes))
+        } else {
+            Err(api_error(status, &bytes))
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let (_, bytes) = self.send(method, path, body, "application/json").await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    pub async fn create(&self, p: &InstanceCreateParams) -> Result<Instance, ClientError> {
+        let body = serde_json::to_vec(p).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(Method::POST, "/instances", Some(body)).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<Instance>, ClientError> {
+        self.json(Method::GET, "/instances", None).await
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Instance, ClientError> {
+        self.json(Method::GET, &format!("/instances/{}", seg(id)), None)
+            .await
+    }
+
+    pub async fn start(&self, id: &str) -> Result<Instance, ClientError> {
+        self.json(Method::POST, &format!("/instances/{}/start", seg(id)), None)
+            .await
+    }
+
+    pub async fn stop(&self, id: &str) -> Result<Instance, ClientError> {
+        self.json(Method::POST, &format!("/instances/{}/stop", seg(id)), None)
+            .await
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
+        self.send(
+            Method::DELETE,
+            &format!("/instances/{}", seg(id)),
+            None,
+            "*/*",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn exec(&self, id: &str, p: &ExecParams) -> Result<ExecResponse, ClientError> {
+        let body = serde_json::to_vec(p).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(
+            Method::POST,
+            &format!("/instances/{}/exec", seg(id)),
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn logs(&self, id: &str, tail: Option<usize>) -> Result<String, ClientError> {
+        let mut path = format!("/instances/{}/logs", seg(id));
+        if let Some(n) = tail {
+            path.push_str(&format!("?tail={n}"));
+        }
+        let (_, bytes) = self.send(Method::GET, &path, None, "text/plain").await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ClientError::Api {
+            status,
+            code: e.code,
+            message: e.message,
+        },
+        Err(_) => {
+            let text = String::from_utf8_lossy(body).trim().to_string();
+            ClientError::Api {
+                status,
+                code: String::new(),
+                message: if text.is_empty() {
+                    format!("daemon answered {status}")
+                } else {
+                    format!("daemon answered {status}: {text}")
+                },
+            }
+        }
+    }
+}
+
+/// Percent-encode one path segment (ids and names are user input). Hand-rolled:
+/// the RFC 3986 unreserved set is all we need and it saves a dependency.
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(seg("web-1"), "web-1");
+        assert_eq!(seg("a b/../c"), "a%20b%2F..%2Fc");
+        assert_eq!(seg("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn error_bodies() {
+        match api_error(
+            StatusCode::NOT_FOUND,
+            br#"{"code":"not_found","message":"instance \"x\" not found"}"#,
+        ) {
+            ClientError::Api { code, message, .. } => {
+                assert_eq!(code, "not_found");
+                assert_eq!(message, "instance \"x\" not found");
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = api_error(StatusCode::BAD_GATEWAY, b"oops");
+        assert_eq!(e.to_string(), "daemon answered 502 Bad Gateway: oops");
+    }
+}

@@ -1,0 +1,222 @@
+//! Client commands: each talks to the daemon through [`Client`] and prints
+//! either a human view or JSON (`--json`).
+
+use crate::client::{Client, ClientError};
+use crate::output;
+use anyhow::Context;
+use forkvm_api::wire::{ExecParams, InstanceCreateParams, NetworkParams};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+
+/// Parse `K=V` (clap value parser for `--env`).
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Instance name: lowercase letters, digits, dashes.
+    pub name: String,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// Environment variable for the guest command (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Guest image (default: "default").
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Do not attach a network interface.
+    #[arg(long)]
+    pub no_network: bool,
+    /// Command the guest runs (after `--`).
+    #[arg(last = true)]
+    pub cmd: Vec<String>,
+}
+
+impl RunArgs {
+    pub fn to_params(&self) -> InstanceCreateParams {
+        InstanceCreateParams {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            vcpus: self.vcpus,
+            memory_mb: self.memory,
+            env: (!self.env.is_empty()).then(|| self.env.iter().cloned().collect()),
+            cmd: (!self.cmd.is_empty()).then(|| self.cmd.clone()),
+            network: self.no_network.then_some(NetworkParams {
+                enabled: Some(false),
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExecArgs {
+    /// Instance id or name.
+    pub id: String,
+    /// Kill the command after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u32>,
+    /// Environment variable (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Send this process's stdin to the command.
+    #[arg(short = 'i', long = "interactive")]
+    pub stdin: bool,
+    /// The command and its arguments (`--` before it is optional).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
+pub async fn run(c: &Client, json: bool, a: &RunArgs) -> anyhow::Result<ExitCode> {
+    let inst = c.create(&a.to_params()).await?;
+    if json {
+        output::print_json(&inst)?;
+    } else {
+        print!("{}", output::instance_summary(&inst));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn ps(c: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let list = c.list().await?;
+    if json {
+        output::print_json(&list)?;
+    } else {
+        print!("{}", output::instances_table(&list, chrono::Utc::now()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `inspect` is JSON by nature (like `docker inspect`).
+pub async fn inspect(c: &Client, id: &str) -> anyhow::Result<ExitCode> {
+    output::print_json(&c.get(id).await?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn start(c: &Client, json: bool, id: &str) -> anyhow::Result<ExitCode> {
+    let inst = c.start(id).await?;
+    if json {
+        output::print_json(&inst)?;
+    } else {
+        println!("{} {}", inst.name, inst.state.as_str());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn stop(c: &Client, json: bool, id: &str) -> anyhow::Result<ExitCode> {
+    let inst = c.stop(id).await?;
+    if json {
+        output::print_json(&inst)?;
+    } else {
+        println!("{} {}", inst.name, inst.state.as_str());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Delete each instance; keep going on failure and exit 1 if any failed.
+/// `--force` treats "not found" as success (like `rm -f`).
+pub async fn rm(c: &Client, json: bool, ids: &[String], force: bool) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    let mut deleted = Vec::new();
+    for id in ids {
+        match c.delete(id).await {
+            Ok(()) => deleted.push(id.clone()),
+            Err(ClientError::Api { code, .. }) if force && code == "not_found" => {}
+            Err(e @ ClientError::Connect { .. }) => return Err(e.into()),
+            Err(e) => {
+                eprintln!("error: {id}: {e}");
+                failed = true;
+            }
+        }
+    }
+    if json {
+        output::print_json(&deleted)?;
+    } else {
+        for id in &deleted {
+            println!("{id}");
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub async fn logs(c: &Client, id: &str, tail: Option<usize>) -> anyhow::Result<ExitCode> {
+    let text = c.logs(id, tail).await?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit status of `forkvm exec` when the guest command timed out (as timeout(1)).
+pub const EXIT_TIMED_OUT: u8 = 124;
+
+pub async fn exec(c: &Client, json: bool, a: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let stdin = if a.stdin {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading stdin (must be UTF-8)")?;
+        Some(s)
+    } else {
+        None
+    };
+    let params = ExecParams {
+        command: a.command.clone(),
+        env: (!a.env.is_empty()).then(|| a.env.iter().cloned().collect::<BTreeMap<_, _>>()),
+        stdin,
+        timeout_s: a.timeout,
+    };
+    let r = c.exec(&a.id, &params).await?;
+    if json {
+        output::print_json(&r)?;
+    } else {
+        std::io::stdout().write_all(r.stdout.as_bytes())?;
+        std::io::stdout().flush()?;
+        std::io::stderr().write_all(r.stderr.as_bytes())?;
+    }
+    if r.timed_out {
+        eprintln!("error: command timed out after {} ms", r.duration_ms);
+        return Ok(ExitCode::from(EXIT_TIMED_OUT));
+    }
+    Ok(ExitCode::from(exit_byte(r.exit_code)))
+}
+
+/// Map a guest exit code to ours: 0..=255 as is, anything else (e.g. -1 for
+/// "killed") becomes 1 so failure is never reported as success.
+pub fn exit_byte(code: i32) -> u8 {
+    u8::try_from(code).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(parse_env("A=").unwrap(), ("A".into(), "".into()));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("nope").is_err());
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_byte(0), 0);
+        assert_eq!(exit_byte(3), 3);
+        assert_eq!(exit_byte(255), 255);
+        assert_eq!(exit_byte(256), 1);
+        assert_eq!(exit_byte(-1), 1);
+    }
+}

@@ -1,0 +1,203 @@
+//! `forkvm`: the daemon (`forkvm serve`) and the client commands that talk to
+//! it over its unix socket (`run`, `ps`, `inspect`, `exec`, `logs`, `start`,
+//! `stop`, `rm`), plus `image build`.
+
+mod client;
+mod commands;
+mod image_cmd;
+mod output;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use client::Client;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "forkvm", version, about = "forkvm: microVMs that fork")]
+struct Cli {
+    /// Daemon unix socket (served by `serve`, used by the client commands).
+    #[arg(
+        long,
+        global = true,
+        env = "FORKVM_SOCKET",
+        default_value = "/run/forkvm/forkvm.sock"
+    )]
+    socket: PathBuf,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the daemon.
+    Serve(serve::ServeArgs),
+    /// Create and start an instance.
+    Run(commands::RunArgs),
+    /// List instances.
+    Ps,
+    /// Show one instance as JSON.
+    Inspect {
+        /// Instance id or name.
+        id: String,
+    },
+    /// Run a command in an instance; exits with the command's exit code.
+    Exec(commands::ExecArgs),
+    /// Print an instance's serial console output.
+    Logs {
+        /// Instance id or name.
+        id: String,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+    },
+    /// Start a stopped instance.
+    Start {
+        /// Instance id or name.
+        id: String,
+    },
+    /// Stop an instance.
+    Stop {
+        /// Instance id or name.
+        id: String,
+    },
+    /// Delete instances.
+    Rm {
+        /// Instance ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Ignore instances that do not exist.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Guest images.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Build the default guest image (kernel + initramfs with the agent).
+    Build(image_cmd::ImageBuildArgs),
+}
+
+fn init_logging(default: &str, json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    // Ignore the error: it only means a subscriber is already set.
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Serve(args) => {
+            init_logging("info", args.log_json);
+            serve::serve(&cli.socket, args)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Cmd::Image {
+            cmd: ImageCmd::Build(args),
+        } => {
+            init_logging("info", false);
+            image_cmd::image_build(args).map(|()| ExitCode::SUCCESS)
+        }
+        cmd => {
+            init_logging("warn", false);
+            let c = Client::new(&cli.socket);
+            let json = cli.json;
+            match cmd {
+                Cmd::Run(a) => commands::run(&c, json, &a).await,
+                Cmd::Ps => commands::ps(&c, json).await,
+                Cmd::Inspect { id } => commands::inspect(&c, &id).await,
+                Cmd::Exec(a) => commands::exec(&c, json, &a).await,
+                Cmd::Logs { id, tail } => commands::logs(&c, &id, tail).await,
+                Cmd::Start { id } => commands::start(&c, json, &id).await,
+                Cmd::Stop { id } => commands::stop(&c, json, &id).await,
+                Cmd::Rm { ids, force } => commands::rm(&c, json, &ids, force).await,
+                Cmd::Serve(_) | Cmd::Image { .. } => unreachable!("handled above"),
+            }
+        }
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_exec_and_run() {
+        let cli = Cli::try_parse_from([
+            "forkvm", "exec", "web", "-e", "A=1", "--", "sh", "-c", "exit 3",
+        ])
+        .unwrap();
+        match cli.cmd {
+            Cmd::Exec(a) => {
+                assert_eq!(a.id, "web");
+                assert_eq!(a.command, vec!["sh", "-c", "exit 3"]);
+                assert_eq!(a.env, vec![("A".into(), "1".into())]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["forkvm", "exec", "web", "ls", "-l"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::Exec(a) if a.command == ["ls", "-l"]));
+
+        let cli = Cli::try_parse_from([
+            "forkvm",
+            "--json",
+            "run",
+            "web",
+            "--memory",
+            "512",
+            "--no-network",
+            "--",
+            "sleep",
+            "9",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        match cli.cmd {
+            Cmd::Run(a) => {
+                let p = a.to_params();
+                assert_eq!(p.memory_mb, Some(512));
+                assert_eq!(
+                    p.cmd.as_deref(),
+                    Some(&["sleep".to_string(), "9".into()][..])
+                );
+                assert_eq!(p.network.and_then(|n| n.enabled), Some(false));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["forkvm", "exec", "web"]).is_err());
+        assert!(Cli::try_parse_from(["forkvm", "rm"]).is_err());
+    }
+}

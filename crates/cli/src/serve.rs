@@ -1,0 +1,131 @@
+//! `forkvm serve`: open the manager and serve the API on the unix socket and,
+//! optionally, on TCP with a bearer token, until SIGTERM/SIGINT.
+
+use anyhow::{Context, bail};
+use forkvm_core::{Config, Manager};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+/// Environment variable holding the TCP listener's bearer token. Only read
+/// from the environment so the token never shows up in `ps`.
+pub const TOKEN_ENV: &str = "FORKVM_API_TOKEN";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Also serve on TCP (requires FORKVM_API_TOKEN), e.g. 127.0.0.1:4973.
+    #[arg(long, env = "FORKVM_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Root of all state.
+    #[arg(long, env = "FORKVM_DATA_DIR", default_value = "/var/lib/forkvm")]
+    pub data_dir: PathBuf,
+    /// Directory for guest memory files (a tmpfs).
+    #[arg(long, env = "FORKVM_MEM_DIR", default_value = "/dev/shm/forkvm")]
+    pub mem_dir: PathBuf,
+    /// Host bridge for instance TAPs.
+    #[arg(long, env = "FORKVM_BRIDGE", default_value = "forkvm0")]
+    pub bridge: String,
+    /// Instance network (CIDR).
+    #[arg(long, env = "FORKVM_SUBNET", default_value = "10.88.0.0/16")]
+    pub subnet: String,
+    /// QEMU binary.
+    #[arg(long, env = "FORKVM_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// Read the API token if TCP is requested; refuse to start without one.
+pub fn token_for(
+    listen: Option<SocketAddr>,
+    env: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    let Some(addr) = listen else {
+        return Ok(None);
+    };
+    match env {
+        Some(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
+        _ => bail!(
+            "--listen {addr} requires an API token: set {TOKEN_ENV} (clients send it as `Authorization: Bearer <token>`)"
+        ),
+    }
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    // Err means the sender is gone, which also means: shut down.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
+    let token = token_for(args.listen, std::env::var(TOKEN_ENV).ok())?;
+    let cfg = Config {
+        data_dir: args.data_dir.clone(),
+        mem_dir: args.mem_dir.clone(),
+        bridge: args.bridge.clone(),
+        subnet: args.subnet.clone(),
+        qemu_bin: args.qemu.clone(),
+    };
+    tracing::info!(data_dir = %cfg.data_dir.display(), mem_dir = %cfg.mem_dir.display(),
+        bridge = %cfg.bridge, subnet = %cfg.subnet, qemu = %cfg.qemu_bin.display(), "opening manager");
+    let manager = Manager::open(cfg).await.context("opening the manager")?;
+
+    // Bind everything before serving, so a bad address fails the start-up.
+    let unix = forkvm_api::bind_unix(socket).await?;
+    let tcp = match args.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = which, "shutting down");
+        let _ = tx.send(true);
+    });
+
+    let unix_srv =
+        forkvm_api::serve_unix_listener(unix, socket, manager.clone(), wait_for(rx.clone()));
+    let tcp_srv = async {
+        match (tcp, token) {
+            (Some(l), Some(t)) => {
+                forkvm_api::serve_tcp_listener(l, &t, manager.clone(), wait_for(rx.clone())).await
+            }
+            _ => Ok(()),
+        }
+    };
+    tokio::try_join!(unix_srv, tcp_srv)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_required_with_listen() {
+        let addr: SocketAddr = "127.0.0.1:4973".parse().unwrap();
+        assert!(token_for(None, None).unwrap().is_none());
+        let e = token_for(Some(addr), None).unwrap_err().to_string();
+        assert!(e.contains(TOKEN_ENV), "{e}");
+        assert!(token_for(Some(addr), Some("  ".into())).is_err());
+        assert_eq!(
+            token_for(Some(addr), Some("s3cret".into()))
+                .unwrap()
+                .as_deref(),
+            Some("s3cret")
+        );
+    }
+}

@@ -1,0 +1,591 @@
+//! The instance manager: every lifecycle operation goes through here.
+//!
+//! Each operation on one instance holds that instance's lock, so concurrent
+//! requests for the same instance serialise while different instances
+//! proceed in parallel. State changes are written to the store before and
+//! after each side effect, so a daemon killed at any point can reconcile on
+//! restart ([`Manager::open`] → `adopt`).
+
+use crate::agent::{AgentLinks, CallPolicy};
+use crate::error::{CoreError, Result};
+use crate::model::*;
+use crate::netalloc::NetAllocator;
+use crate::paths::InstancePaths;
+use crate::store::{AllocKind, Store};
+use chrono::Utc;
+use forkvm_proto::agent as pb;
+use forkvm_proto::boot::{BootConfig, BootNetwork};
+use forkvm_vmm::{Hypervisor, NetSpec, QemuHypervisor, VmSpec};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Daemon configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Root of all state: `forkvm.db`, `instances/<id>/`, `images/`.
+    pub data_dir: PathBuf,
+    /// Directory for guest memory files; must be a tmpfs (default /dev/shm/forkvm).
+    pub mem_dir: PathBuf,
+    pub bridge: String,
+    /// CIDR of the instance network, e.g. "10.88.0.0/16"; the gateway is its first host.
+    pub subnet: String,
+    pub qemu_bin: PathBuf,
+}
+
+/// How long a fresh boot may take until the agent answers (TCG is slow).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+const DEFAULT_MEMORY_MB: u32 = 256;
+const DEFAULT_VCPUS: u32 = 1;
+const MAX_VCPUS: u32 = 64;
+const MIN_MEMORY_MB: u32 = 64;
+const MAX_MEMORY_MB: u32 = 256 * 1024;
+
+pub struct Manager {
+    cfg: Config,
+    store: Store,
+    hv: QemuHypervisor,
+    net: NetAllocator,
+    agents: AgentLinks,
+    accel: forkvm_vmm::Accel,
+    /// Per-instance operation locks.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Manager {
+    /// Open the state store, set up the bridge and adopt VMs that survived a
+    /// daemon restart.
+    pub async fn open(cfg: Config) -> Result<Arc<Self>> {
+        for d in [&cfg.data_dir, &cfg.mem_dir, &cfg.data_dir.join("instances")] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| CoreError::internal(&format!("create {}", d.display()), e))?;
+        }
+        let store = Store::open(&cfg.data_dir.join("forkvm.db"))?;
+        let net = NetAllocator::new(&cfg.bridge, &cfg.subnet).await?;
+        let accel = detect_accel(&cfg).await;
+        info!(accel = ?accel, bridge = %cfg.bridge, subnet = %cfg.subnet, "manager ready");
+        let mgr = Arc::new(Self {
+            hv: QemuHypervisor::new(cfg.qemu_bin.clone()),
+            cfg,
+            store,
+            net,
+            agents: AgentLinks::default(),
+            accel,
+            locks: Mutex::new(HashMap::new()),
+        });
+        mgr.adopt().await?;
+        Ok(mgr)
+    }
+
+    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        l.entry(id.to_string()).or_default().clone()
+    }
+
+    fn paths(&self, id: &str) -> InstancePaths {
+        InstancePaths::new(&self.cfg.data_dir, &self.cfg.mem_dir, id)
+    }
+
+    fn find(&self, id_or_name: &str) -> Result<Instance> {
+        self.store
+            .find_instance(id_or_name)?
+            .ok_or_else(|| CoreError::NotFound(format!("instance {id_or_name:?} not found")))
+    }
+
+    pub async fn list(&self) -> Result<Vec<Instance>> {
+        self.store.list_instances()
+    }
+
+    /// By id or by name.
+    pub async fn get(&self, id_or_name: &str) -> Result<Instance> {
+        self.find(id_or_name)
+    }
+
+    pub async fn create(&self, req: CreateRequest) -> Result<Instance> {
+        crate::validate_name(&req.name)?;
+        let vcpus = req.vcpus.unwrap_or(DEFAULT_VCPUS);
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(CoreError::Invalid(format!(
+                "vcpus must be between 1 and {MAX_VCPUS}, got {vcpus}"
+            )));
+        }
+        let memory_mb = req.memory_mb.unwrap_or(DEFAULT_MEMORY_MB);
+        if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&memory_mb) {
+            return Err(CoreError::Invalid(format!(
+                "memory must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB} MiB, got {memory_mb}"
+            )));
+        }
+        for k in req.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(CoreError::Invalid(format!(
+                    "invalid environment variable name {k:?}"
+                )));
+            }
+        }
+        let image = req.image.clone().unwrap_or_else(|| "default".into());
+        // Fail before creating anything when the image is missing.
+        self.load_image(&image)?;
+
+        let id = new_id();
+        let lock = self.lock_for(&id);
+        let _guard = lock.lock().await;
+        let mut inst = Instance {
+            id: id.clone(),
+            name: req.name.clone(),
+            image,
+            state: InstanceState::Created,
+            state_error: None,
+            vcpus,
+            memory_mb,
+            env: req.env.clone(),
+            entrypoint: req.entrypoint.clone(),
+            network: NetworkInfo {
+                enabled: req.network_enabled.unwrap_or(true),
+                ip: None,
+                mac: None,
+                tap: None,
+                gateway: None,
+                prefix_len: None,
+                bridge: None,
+            },
+            created_at: Utc::now(),
+            started_at: None,
+            stopped_at: None,
+            pid: None,
+            accel: None,
+        };
+        self.store.insert_instance(&inst)?;
+        info!(instance = %id, name = %inst.name, "creating instance");
+        match self.boot(&mut inst, None).await {
+            Ok(()) => Ok(inst),
+            Err(e) => {
+                warn!(instance = %id, error = %e, "create failed, cleaning up");
+                self.teardown(&inst).await;
+                self.store.delete_instance(&id)?;
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn start(&self, id_or_name: &str) -> Result<Instance> {
+        let mut inst = self.find(id_or_name)?;
+        let lock = self.lock_for(&inst.id);
+        let _guard = lock.lock().await;
+        inst = self.find(&inst.id)?;
+        match inst.state {
+            InstanceState::Stopped | InstanceState::Shutdown => {}
+            InstanceState::Running => return Ok(inst),
+            s => {
+                return Err(CoreError::Conflict(format!(
+                    "instance {} is {}; only a Stopped instance can be started",
+                    inst.name,
+                    s.as_str()
+                )));
+            }
+        }
+        let previous = inst.network.clone();
+        inst.state_error = None;
+        match self.boot(&mut inst, Some(previous)).await {
+            Ok(()) => Ok(inst),
+            Err(e) => {
+                warn!(instance = %inst.id, error = %e, "start failed");
+                self.teardown_vm(&inst).await;
+                inst.state = InstanceState::Stopped;
+                inst.pid = None;
+                inst.state_error = Some(e.to_string());
+                self.store.update_instance(&inst)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Allocate the network (if needed), start QEMU and wait for the agent.
+    async fn boot(&self, inst: &mut Instance, previous: Option<NetworkInfo>) -> Result<()> {
+        let image = self.load_image(&inst.image)?;
+        let paths = self.paths(&inst.id);
+        paths.prepare()?;
+        let boot_net = if inst.network.enabled {
+            let lease = self
+                .net
+                .ensure_lease(&self.store, &inst.id, previous.as_ref())
+                .await?;
+            inst.network = lease.info(&self.cfg.bridge);
+            self.store.update_instance(inst)?;
+            self.net.create_tap(&lease.tap).await?;
+            Some(BootNetwork {
+                interface: "eth0".into(),
+                mac: lease.mac.clone(),
+                ipv4: lease.ip.to_string(),
+                prefix_len: lease.prefix_len,
+                gateway: lease.gateway.to_string(),
+                dns: vec![],
+            })
+        } else {
+            None
+        };
+        let boot = BootConfig {
+            hostname: inst.name.clone(),
+            network: boot_net,
+            env: inst.env.clone(),
+            entrypoint: inst.entrypoint.clone(),
+            agent_port: forkvm_proto::boot::AGENT_PORT_NAME.to_string(),
+        };
+        let cmdline = format!(
+            "console=ttyS0 panic=-1 quiet loglevel=4 {}",
+            boot.to_cmdline_arg()
+                .map_err(|e| CoreError::Invalid(format!("boot configuration: {e}")))?
+        );
+        let spec = VmSpec {
+            id: inst.id.clone(),
+            vcpus: inst.vcpus,
+            memory_mb: inst.memory_mb,
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            cmdline,
+            mem_path: paths.mem.clone(),
+            mem_share: true,
+            net: match (&inst.network.tap, &inst.network.mac) {
+                (Some(tap), Some(mac)) if inst.network.enabled => Some(NetSpec {
+                    tap: tap.clone(),
+                    mac: mac.clone(),
+                }),
+                _ => None,
+            },
+            agent_socket: paths.agent_socket.clone(),
+            qmp_socket: paths.qmp_socket.clone(),
+            console_log: paths.console_log.clone(),
+            pidfile: paths.pidfile.clone(),
+            accel: self.accel,
+            incoming: false,
+        };
+        let t0 = std::time::Instant::now();
+        let handle = self
+            .hv
+            .start(&spec)
+            .await
+            .map_err(|e| CoreError::Internal(format!("starting QEMU: {e}")))?;
+        inst.pid = Some(handle.pid);
+        inst.accel = Some(format!("{:?}", self.accel).to_lowercase());
+        inst.state = InstanceState::Initializing;
+        inst.started_at = Some(Utc::now());
+        inst.stopped_at = None;
+        self.store.update_instance(inst)?;
+        let health = self.wait_agent(inst, BOOT_TIMEOUT).await.map_err(|e| {
+            let tail = paths.console_tail(20);
+            CoreError::Timeout(format!("{e}; console tail:\n{tail}"))
+        })?;
+        info!(instance = %inst.id, boot_ms = t0.elapsed().as_millis() as u64,
+              agent_version = %health.version, "instance running");
+        inst.state = InstanceState::Running;
+        self.store.update_instance(inst)?;
+        Ok(())
+    }
+
+    async fn wait_agent(&self, inst: &Instance, total: Duration) -> Result<pb::HealthResponse> {
+        let paths = self.paths(&inst.id);
+        let pid = inst.pid;
+        let id = inst.id.clone();
+        let hv = &self.hv;
+        // Fail fast if QEMU dies instead of waiting for the whole deadline.
+        let watch = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if let Some(pid) = pid
+                    && !hv.is_alive(&id, pid)
+                {
+                    return CoreError::Internal("QEMU exited during boot".into());
+                }
+            }
+        };
+        let call = self.agents.call(
+            &inst.id,
+            &paths.agent_socket,
+            "Health",
+            CallPolicy::within(total, Duration::from_secs(3)),
+            |mut c| async move { c.health(pb::HealthRequest {}).await },
+        );
+        tokio::select! {
+            r = call => r,
+            e = watch => Err(e),
+        }
+    }
+
+    pub async fn stop(&self, id_or_name: &str) -> Result<Instance> {
+        let mut inst = self.find(id_or_name)?;
+        let lock = self.lock_for(&inst.id);
+        let _guard = lock.lock().await;
+        inst = self.find(&inst.id)?;
+        match inst.state {
+            InstanceState::Stopped => return Ok(inst),
+            InstanceState::Standby => {
+                return Err(CoreError::Conflict(format!(
+                    "instance {} is in Standby; restore or delete it",
+                    inst.name
+                )));
+            }
+            _ => {}
+        }
+        self.teardown_vm(&inst).await;
+        inst.state = InstanceState::Stopped;
+        inst.pid = None;
+        inst.stopped_at = Some(Utc::now());
+        self.store.update_instance(&inst)?;
+        info!(instance = %inst.id, "instance stopped");
+        Ok(inst)
+    }
+
+    pub async fn delete(&self, id_or_name: &str) -> Result<()> {
+        let inst = self.find(id_or_name)?;
+        let lock = self.lock_for(&inst.id);
+        let _guard = lock.lock().await;
+        let inst = self.find(&inst.id)?;
+        self.teardown(&inst).await;
+        self.store.delete_instance(&inst.id)?;
+        if let Ok(mut l) = self.locks.lock() {
+            l.remove(&inst.id);
+        }
+        info!(instance = %inst.id, name = %inst.name, "instance deleted");
+        Ok(())
+    }
+
+    pub async fn exec(&self, id_or_name: &str, req: ExecRequest) -> Result<ExecResult> {
+        let inst = self.find(id_or_name)?;
+        if inst.state != InstanceState::Running {
+            return Err(CoreError::Conflict(format!(
+                "instance {} is {}; exec needs a Running instance",
+                inst.name,
+                inst.state.as_str()
+            )));
+        }
+        if req.command.is_empty() || req.command[0].is_empty() {
+            return Err(CoreError::Invalid("command must name a program".into()));
+        }
+        let timeout_s = req.timeout_s.unwrap_or(0);
+        let per_try = if timeout_s == 0 {
+            Duration::from_secs(24 * 3600)
+        } else {
+            Duration::from_secs(timeout_s as u64 + 10)
+        };
+        let paths = self.paths(&inst.id);
+        let msg = pb::ExecRequest {
+            argv: req.command.clone(),
+            env: req.env.clone().into_iter().collect(),
+            stdin: req.stdin.clone().unwrap_or_default().into_bytes(),
+            timeout_ms: timeout_s.saturating_mul(1000),
+            cwd: String::new(),
+        };
+        let t0 = std::time::Instant::now();
+        let resp = self
+            .agents
+            .call(
+                &inst.id,
+                &paths.agent_socket,
+                "Exec",
+                CallPolicy {
+                    deadline: tokio::time::Instant::now() + per_try,
+                    per_try,
+                },
+                |mut c| {
+                    let msg = msg.clone();
+                    async move { c.exec(msg).await }
+                },
+            )
+            .await?;
+        Ok(ExecResult {
+            exit_code: resp.exit_code,
+            stdout: String::from_utf8_lossy(&resp.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&resp.stderr).into_owned(),
+            timed_out: resp.timed_out,
+            duration_ms: t0.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Serial console output; `tail` = last N lines.
+    pub async fn logs(&self, id_or_name: &str, tail: Option<usize>) -> Result<String> {
+        let inst = self.find(id_or_name)?;
+        let paths = self.paths(&inst.id);
+        let text = match std::fs::read(&paths.console_log) {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(CoreError::internal("reading console log", e)),
+        };
+        Ok(match tail {
+            Some(n) => last_lines(&text, n),
+            None => text,
+        })
+    }
+
+    /// Stop QEMU and remove the TAP and runtime files; keeps allocations
+    /// (a stopped instance keeps its identity).
+    async fn teardown_vm(&self, inst: &Instance) {
+        self.agents.forget(&inst.id);
+        let paths = self.paths(&inst.id);
+        let pid = inst.pid.or_else(|| paths.read_pid());
+        if let Some(pid) = pid
+            && self.hv.is_alive(&inst.id, pid)
+        {
+            let h = paths.handle(&inst.id, pid);
+            if let Err(e) = self.hv.stop(&h, Duration::from_secs(5)).await {
+                warn!(instance = %inst.id, error = %e, "stopping QEMU failed");
+            }
+        }
+        if let Some(tap) = &inst.network.tap
+            && let Err(e) = self.net.delete_tap(tap).await
+        {
+            warn!(instance = %inst.id, tap = %tap, error = %e, "deleting TAP failed");
+        }
+        paths.remove_runtime();
+    }
+
+    /// Everything `teardown_vm` does, plus releasing the allocations and
+    /// removing the instance directory.
+    async fn teardown(&self, inst: &Instance) {
+        self.teardown_vm(inst).await;
+        if let Err(e) = self.net.release(&self.store, &inst.id) {
+            warn!(instance = %inst.id, error = %e, "releasing network failed");
+        }
+        self.paths(&inst.id).remove_all();
+    }
+
+    /// Reconcile the store with reality after a (re)start of the daemon:
+    /// live VMs are adopted, dead ones become Stopped and release their
+    /// network; leftovers that belong to no instance are removed.
+    async fn adopt(&self) -> Result<()> {
+        for mut inst in self.store.list_instances()? {
+            if !inst.state.has_vmm() {
+                continue;
+            }
+            let paths = self.paths(&inst.id);
+            let pid = inst.pid.or_else(|| paths.read_pid());
+            let alive = pid.is_some_and(|p| self.hv.is_alive(&inst.id, p));
+            if alive && inst.state == InstanceState::Running {
+                info!(instance = %inst.id, pid = ?pid, "adopted running instance");
+                continue;
+            }
+            if alive {
+                // Interrupted mid-boot: the caller never got an answer; finish
+                // the boot check now rather than guess.
+                inst.pid = pid;
+                match self.wait_agent(&inst, Duration::from_secs(30)).await {
+                    Ok(_) => {
+                        inst.state = InstanceState::Running;
+                        self.store.update_instance(&inst)?;
+                        info!(instance = %inst.id, "adopted instance that finished booting");
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(instance = %inst.id, error = %e, "adopted VM never became ready")
+                    }
+                }
+            }
+            warn!(instance = %inst.id, "VMM gone while the daemon was down; marking Stopped");
+            self.teardown_vm(&inst).await;
+            // The address goes back to the pool (the MAC stays: it is this
+            // instance's and costs nothing); start claims an address again.
+            self.store.release(AllocKind::Ip, &inst.id)?;
+            self.store.release(AllocKind::Tap, &inst.id)?;
+            inst.network.ip = None;
+            inst.network.tap = None;
+            inst.state = InstanceState::Stopped;
+            inst.state_error = Some("the VM exited while the daemon was not running".into());
+            inst.pid = None;
+            inst.stopped_at = Some(Utc::now());
+            self.store.update_instance(&inst)?;
+        }
+        self.remove_orphans().await;
+        Ok(())
+    }
+
+    /// TAPs on our bridge and instance directories that no instance owns.
+    async fn remove_orphans(&self) {
+        let known: std::collections::HashSet<String> = match self.store.list_instances() {
+            Ok(v) => v.into_iter().map(|i| i.id).collect(),
+            Err(_) => return,
+        };
+        let owned_taps: std::collections::HashSet<String> = self
+            .store
+            .list_instances()
+            .map(|v| v.into_iter().filter_map(|i| i.network.tap).collect())
+            .unwrap_or_default();
+        match self.net.bridge_ports().await {
+            Ok(ports) => {
+                for p in ports {
+                    if p.starts_with(forkvm_net::TAP_PREFIX) && !owned_taps.contains(&p) {
+                        warn!(tap = %p, "removing orphan TAP");
+                        let _ = self.net.delete_tap(&p).await;
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "listing bridge ports failed"),
+        }
+        if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("instances")) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&id) {
+                    let paths = self.paths(&id);
+                    if let Some(pid) = paths.read_pid()
+                        && self.hv.is_alive(&id, pid)
+                    {
+                        warn!(instance = %id, pid, "killing orphan QEMU");
+                        let h = paths.handle(&id, pid);
+                        let _ = self.hv.stop(&h, Duration::from_secs(2)).await;
+                    }
+                    warn!(instance = %id, "removing orphan instance directory");
+                    paths.remove_all();
+                }
+            }
+        }
+    }
+
+    fn load_image(&self, name: &str) -> Result<forkvm_image::GuestImage> {
+        forkvm_image::load_image(&self.cfg.data_dir, name).map_err(|e| match e {
+            forkvm_image::ImageError::NotFound { .. } => CoreError::NotFound(format!(
+                "image {name:?} not found: build it with `forkvm image build`"
+            )),
+            e => CoreError::internal("loading image", e),
+        })
+    }
+}
+
+/// KVM when it really boots the default image here, else TCG; the probe's
+/// answer is cached in the data directory.
+async fn detect_accel(cfg: &Config) -> forkvm_vmm::Accel {
+    let Ok(image) = forkvm_image::load_image(&cfg.data_dir, "default") else {
+        return forkvm_vmm::detect_accel_with(
+            std::env::var(forkvm_vmm::ACCEL_ENV)
+                .ok()
+                .as_deref()
+                .or(Some("tcg")),
+            std::path::Path::new("/dev/kvm"),
+            &cfg.qemu_bin,
+            std::path::Path::new("/nonexistent"),
+            std::path::Path::new("/nonexistent"),
+            None,
+            forkvm_vmm::PROBE_TIMEOUT,
+        );
+    };
+    let (qemu, cache) = (cfg.qemu_bin.clone(), cfg.data_dir.join("accel.json"));
+    tokio::task::spawn_blocking(move || {
+        forkvm_vmm::detect_accel(&qemu, &image.kernel, &image.initrd, Some(&cache))
+    })
+    .await
+    .unwrap_or(forkvm_vmm::Accel::Tcg)
+}
+
+/// 16 hex digits: short enough for socket paths and TAP names, random enough
+/// (64 bits) never to collide in practice; the store's primary key decides.
+fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let mut out = lines[start..].join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,285 @@
+//! The state store: one SQLite database (`<data_dir>/forkvm.db`).
+//!
+//! Instances are stored as JSON documents beside the columns the store must
+//! enforce (`name` is UNIQUE). Network allocations live in their own table
+//! whose primary key `(kind, value)` makes a duplicate IP, MAC or TAP
+//! impossible even under concurrent allocation; releasing is a DELETE, so it
+//! happens exactly once.
+
+use crate::error::{CoreError, Result};
+use crate::model::Instance;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Kinds of allocated network resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocKind {
+    Ip,
+    Mac,
+    Tap,
+}
+
+impl AllocKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Ip => "ip",
+            Self::Mac => "mac",
+            Self::Tap => "tap",
+        }
+    }
+}
+
+pub struct Store {
+    // rusqlite's Connection is not Sync; every operation is short, so a mutex
+    // around one connection is simpler than a pool and serialises writers.
+    conn: Mutex<Connection>,
+}
+
+fn db_err(e: rusqlite::Error) -> CoreError {
+    CoreError::internal("state store", e)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path).map_err(db_err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             PRAGMA foreign_keys=ON;
+             PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS instances (
+                 id   TEXT PRIMARY KEY,
+                 name TEXT NOT NULL UNIQUE,
+                 doc  TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS allocations (
+                 kind        TEXT NOT NULL,
+                 value       TEXT NOT NULL,
+                 instance_id TEXT NOT NULL,
+                 PRIMARY KEY (kind, value)
+             );
+             CREATE INDEX IF NOT EXISTS allocations_by_instance ON allocations(instance_id);",
+        )
+        .map_err(db_err)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| CoreError::Internal("state store lock poisoned".into()))?;
+        f(&conn).map_err(db_err)
+    }
+
+    /// Insert a new instance; a taken name is a Conflict.
+    pub fn insert_instance(&self, inst: &Instance) -> Result<()> {
+        let doc = serde_json::to_string(inst).map_err(|e| CoreError::internal("encode", e))?;
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| CoreError::Internal("state store lock poisoned".into()))?;
+        match conn.execute(
+            "INSERT INTO instances (id, name, doc) VALUES (?1, ?2, ?3)",
+            params![inst.id, inst.name, doc],
+        ) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(CoreError::Conflict(format!(
+                    "an instance named {:?} already exists",
+                    inst.name
+                )))
+            }
+            Err(e) => Err(db_err(e)),
+        }
+    }
+
+    pub fn update_instance(&self, inst: &Instance) -> Result<()> {
+        let doc = serde_json::to_string(inst).map_err(|e| CoreError::internal("encode", e))?;
+        let n = self.with(|c| {
+            c.execute(
+                "UPDATE instances SET doc = ?2 WHERE id = ?1",
+                params![inst.id, doc],
+            )
+        })?;
+        if n == 0 {
+            return Err(CoreError::NotFound(format!(
+                "instance {} not found",
+                inst.id
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn delete_instance(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM allocations WHERE instance_id = ?1",
+                params![id],
+            )?;
+            c.execute("DELETE FROM instances WHERE id = ?1", params![id])
+        })?;
+        Ok(())
+    }
+
+    /// Look up by id first, then by name.
+    pub fn find_instance(&self, id_or_name: &str) -> Result<Option<Instance>> {
+        let doc: Option<String> = self.with(|c| {
+            c.query_row(
+                "SELECT doc FROM instances WHERE id = ?1
+                 UNION ALL SELECT doc FROM instances WHERE name = ?1 LIMIT 1",
+                params![id_or_name],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        doc.map(|d| decode(&d)).transpose()
+    }
+
+    pub fn list_instances(&self) -> Result<Vec<Instance>> {
+        let docs: Vec<String> = self.with(|c| {
+            let mut st = c.prepare("SELECT doc FROM instances ORDER BY rowid")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        docs.iter().map(|d| decode(d)).collect()
+    }
+
+    /// Claim `value` of `kind` for `instance_id`. Returns false if another
+    /// instance holds it (the primary key decides, not a prior read).
+    pub fn try_allocate(&self, kind: AllocKind, value: &str, instance_id: &str) -> Result<bool> {
+        let n = self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO allocations (kind, value, instance_id) VALUES (?1, ?2, ?3)",
+                params![kind.as_str(), value, instance_id],
+            )
+        })?;
+        Ok(n == 1)
+    }
+
+    /// Release everything of `kind` held by the instance; returns how many
+    /// rows went away (0 when already released).
+    pub fn release(&self, kind: AllocKind, instance_id: &str) -> Result<usize> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM allocations WHERE kind = ?1 AND instance_id = ?2",
+                params![kind.as_str(), instance_id],
+            )
+        })
+    }
+
+    pub fn allocated(&self, kind: AllocKind) -> Result<Vec<(String, String)>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT value, instance_id FROM allocations WHERE kind = ?1")?;
+            let rows = st.query_map(params![kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    pub fn allocations_of(&self, instance_id: &str) -> Result<Vec<(String, String)>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT kind, value FROM allocations WHERE instance_id = ?1")?;
+            let rows = st.query_map(params![instance_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+}
+
+fn decode(doc: &str) -> Result<Instance> {
+    serde_json::from_str(doc).map_err(|e| CoreError::internal("corrupt instance record", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    fn inst(id: &str, name: &str) -> Instance {
+        Instance {
+            id: id.into(),
+            name: name.into(),
+            image: "default".into(),
+            state: InstanceState::Created,
+            state_error: None,
+            vcpus: 1,
+            memory_mb: 256,
+            env: BTreeMap::new(),
+            entrypoint: vec![],
+            network: NetworkInfo {
+                enabled: true,
+                ip: None,
+                mac: None,
+                tap: None,
+                gateway: None,
+                prefix_len: None,
+                bridge: None,
+            },
+            created_at: chrono::Utc::now(),
+            started_at: None,
+            stopped_at: None,
+            pid: None,
+            accel: None,
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_lookup_by_id_or_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.insert_instance(&inst("i1", "web")).unwrap();
+        let err = s.insert_instance(&inst("i2", "web")).unwrap_err();
+        assert!(matches!(err, CoreError::Conflict(_)), "{err}");
+        assert_eq!(s.find_instance("i1").unwrap().unwrap().name, "web");
+        assert_eq!(s.find_instance("web").unwrap().unwrap().id, "i1");
+        assert!(s.find_instance("nope").unwrap().is_none());
+        assert_eq!(s.list_instances().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn allocation_is_exclusive_and_released_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        assert!(s.try_allocate(AllocKind::Ip, "10.0.0.2", "a").unwrap());
+        assert!(!s.try_allocate(AllocKind::Ip, "10.0.0.2", "b").unwrap());
+        // Same value of another kind is independent.
+        assert!(s.try_allocate(AllocKind::Tap, "10.0.0.2", "b").unwrap());
+        assert_eq!(s.release(AllocKind::Ip, "a").unwrap(), 1);
+        assert_eq!(s.release(AllocKind::Ip, "a").unwrap(), 0);
+        assert!(s.try_allocate(AllocKind::Ip, "10.0.0.2", "b").unwrap());
+    }
+
+    #[test]
+    fn concurrent_allocation_never_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(Store::open(&dir.path().join("db")).unwrap());
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut won = vec![];
+                    for v in 0..50 {
+                        if s.try_allocate(AllocKind::Ip, &format!("ip{v}"), &format!("t{t}"))
+                            .unwrap()
+                        {
+                            won.push(v);
+                        }
+                    }
+                    won
+                })
+            })
+            .collect();
+        let mut all: Vec<i32> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        all.sort();
+        assert_eq!(all, (0..50).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,21 @@
+//! The host↔guest contract of forkvm's guest agent.
+//!
+//! * [`agent`]: the gRPC schema (`forkvm.agent.v1.Agent`) generated from
+//!   `proto/agent.proto`, with both client and server stubs. The agent serves it
+//!   over a virtio-serial port; the host reaches it through QEMU's unix socket.
+//! * [`boot`]: the [`BootConfig`] the host puts on the guest kernel command line
+//!   (`forkvm.cfg=<base64url(json)>`) and the agent reads back at start.
+//! * [`client`]: a host-side helper to open an [`agent::agent_client::AgentClient`]
+//!   over a unix socket.
+
+pub mod boot;
+pub mod client;
+
+pub use boot::{AGENT_PORT_NAME, BootConfig, BootConfigError, BootNetwork, CMDLINE_KEY};
+pub use client::{ConnectError, connect_unix};
+
+/// Generated gRPC types for `forkvm.agent.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod agent {
+    tonic::include_proto!("forkvm.agent.v1");
+}

@@ -1,0 +1,197 @@
+//! forkvm-vmm: the [`Hypervisor`] trait and its QEMU backend.
+//!
+//! A VM is one daemonized QEMU process (`-daemonize`), so VMs outlive the
+//! forkvm daemon; after a restart the daemon re-finds them from their pidfile
+//! with [`Hypervisor::adopt`], and [`Hypervisor::is_alive`] checks the pid
+//! still belongs to *that* VM's QEMU (pid-reuse guard).
+//!
+//! Control goes through QMP ([`QmpClient`]), one short connection per
+//! operation: QEMU serves one QMP client at a time, and short connections keep
+//! no state that a daemon restart could lose.
+//!
+//! Guest RAM lives in a file (`memory-backend-file`, normally on tmpfs), which
+//! is what makes fast snapshots possible: [`Hypervisor::save_state`] writes
+//! only device state (`x-ignore-shared`), and [`Hypervisor::load_state`] loads
+//! it into a QEMU started with [`VmSpec::incoming`] on the same RAM file.
+//!
+//! [`detect_accel`] picks KVM only where a real probe boot works, else TCG.
+
+mod accel;
+mod error;
+mod process;
+mod qemu;
+mod qmp;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use accel::{
+    ACCEL_ENV, PROBE_MARKER, PROBE_TIMEOUT, detect_accel, detect_accel_with, probe_boot,
+};
+pub use error::VmmError;
+pub use process::{is_qemu_for, qemu_name};
+pub use qemu::{AGENT_PORT_NAME, QemuHypervisor, build_qemu_args, qemu_log_path, stderr_log_path};
+pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};
+
+/// CPU virtualisation backend for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation; QEMU runs with `-accel kvm -cpu host`.
+    Kvm,
+    /// Software emulation; QEMU runs with `-accel tcg,thread=multi -cpu max`.
+    Tcg,
+}
+
+/// A TAP-backed virtio-net NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSpec {
+    /// Name of an existing TAP device (created by the caller).
+    pub tap: String,
+    /// `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
+}
+
+/// Everything needed to launch one QEMU process.
+///
+/// All paths must be absolute: a daemonized QEMU changes its working
+/// directory to `/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Instance id (`[A-Za-z0-9._-]`, at most 64 chars); QEMU runs as
+    /// `-name forkvm-<id>`, which is how pids are verified.
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Kernel command line; `console=ttyS0` is the caller's job.
+    pub cmdline: String,
+    /// Guest RAM file. With `mem_share` QEMU creates it if missing (sparse)
+    /// and the caller owns it afterwards (it survives `stop`). Without
+    /// `mem_share` it must already exist.
+    pub mem_path: PathBuf,
+    /// `true`: `share=on` (guest writes reach the file). `false`: `share=off`,
+    /// a private copy-on-write mapping of an immutable base file.
+    pub mem_share: bool,
+    pub net: Option<NetSpec>,
+    /// Unix socket QEMU listens on for the virtio-serial port `forkvm.agent`.
+    pub agent_socket: PathBuf,
+    pub qmp_socket: PathBuf,
+    /// Serial console output (appended to). QEMU's start-up stderr goes to
+    /// [`stderr_log_path`] and its runtime log to [`qemu_log_path`], beside it.
+    pub console_log: PathBuf,
+    pub pidfile: PathBuf,
+    pub accel: Accel,
+    /// Start with `-S -incoming defer`, waiting for [`Hypervisor::load_state`].
+    pub incoming: bool,
+}
+
+/// A running VM as the hypervisor knows it. Plain data: it can be stored and
+/// rebuilt after a daemon restart with [`VmHandle::for_spec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmHandle {
+    pub id: String,
+    pub pid: u32,
+    pub qmp_socket: PathBuf,
+    pub agent_socket: PathBuf,
+    pub pidfile: PathBuf,
+    /// QEMU's runtime log ([`qemu_log_path`]), quoted in errors.
+    pub qemu_log: PathBuf,
+}
+
+impl VmHandle {
+    /// The handle of the QEMU process `pid` launched from `spec`.
+    pub fn for_spec(spec: &VmSpec, pid: u32) -> Self {
+        VmHandle {
+            id: spec.id.clone(),
+            pid,
+            qmp_socket: spec.qmp_socket.clone(),
+            agent_socket: spec.agent_socket.clone(),
+            pidfile: spec.pidfile.clone(),
+            qemu_log: qemu_log_path(spec),
+        }
+    }
+}
+
+/// QEMU's run state (`query-status`), with the ones forkvm acts on named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    Running,
+    Paused,
+    /// Started with `incoming`, waiting for device state.
+    InMigrate,
+    /// Device state was saved; vCPUs are stopped.
+    PostMigrate,
+    /// Started with `-S` and not yet continued.
+    Prelaunch,
+    FinishMigrate,
+    Shutdown,
+    GuestPanicked,
+    InternalError,
+    /// Any other QEMU run state, verbatim.
+    Other(String),
+}
+
+impl RunState {
+    /// Maps QEMU's `status` string.
+    pub fn from_qemu(s: &str) -> Self {
+        match s {
+            "running" => RunState::Running,
+            "paused" => RunState::Paused,
+            "inmigrate" => RunState::InMigrate,
+            "postmigrate" => RunState::PostMigrate,
+            "prelaunch" => RunState::Prelaunch,
+            "finish-migrate" => RunState::FinishMigrate,
+            "shutdown" => RunState::Shutdown,
+            "guest-panicked" => RunState::GuestPanicked,
+            "internal-error" => RunState::InternalError,
+            other => RunState::Other(other.to_string()),
+        }
+    }
+}
+
+/// Boxed future returned by [`Hypervisor`] methods; boxing keeps the trait
+/// object-safe (`Arc<dyn Hypervisor>`), which matters more than one allocation.
+pub type VmmFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, VmmError>> + Send + 'a>>;
+
+/// A backend that runs VMs.
+pub trait Hypervisor: Send + Sync {
+    /// Launches the VM; returns once QEMU runs and QMP answers.
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> VmmFuture<'a, VmHandle>;
+
+    /// QMP `quit`, then SIGTERM, then SIGKILL, each after `grace`; returns once
+    /// the process is gone and its sockets and pidfile are removed. Stopping a
+    /// VM that is already gone succeeds.
+    fn stop<'a>(&'a self, h: &'a VmHandle, grace: Duration) -> VmmFuture<'a, ()>;
+
+    /// `pid` is alive and is the QEMU of VM `id`.
+    fn is_alive(&self, id: &str, pid: u32) -> bool;
+
+    /// Finds a still-running VM launched from `spec` (pidfile + [`is_alive`](Self::is_alive)).
+    fn adopt(&self, spec: &VmSpec) -> Option<VmHandle>;
+
+    /// Stops the vCPUs.
+    fn pause<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, ()>;
+
+    /// Continues the vCPUs (also after `load_state` or `save_state`).
+    fn resume<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, ()>;
+
+    fn status<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, RunState>;
+
+    /// Pauses the VM and writes its device state to `state_file` (guest RAM
+    /// stays in the memory file). The VM is left paused (`PostMigrate`); while
+    /// it is, the RAM file and the state file form a consistent snapshot.
+    fn save_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()>;
+
+    /// Loads device state into a VM started with `incoming`; leaves it paused.
+    fn load_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()>;
+}
+
+/// Default grace period callers may use for [`Hypervisor::stop`].
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);

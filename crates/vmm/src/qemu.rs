@@ -1,0 +1,749 @@
+//! The QEMU backend: command line, launch, QMP control, snapshot/restore.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::error::VmmError;
+use crate::process::{PidFd, is_qemu_for, qemu_name};
+use crate::qmp::QmpClient;
+use crate::{Accel, Hypervisor, RunState, VmHandle, VmSpec, VmmFuture};
+
+/// Bound on QEMU's foreground process (init + daemonize) at start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on reaching QMP once QEMU has daemonized.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on saving or loading device state (~0.6 MB normally).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait after SIGKILL before giving up.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Bytes of QEMU's stderr quoted in start errors.
+const STDERR_TAIL: u64 = 2048;
+/// Unix socket paths longer than this don't fit `sockaddr_un.sun_path`.
+const MAX_SOCKET_PATH: usize = 107;
+
+// Fixed PCI slots on pcie.0 so a restore with the same device set matches the
+// saved one regardless of which optional devices are present.
+const NET_PCI_ADDR: &str = "0x2";
+const SERIAL_PCI_ADDR: &str = "0x3";
+
+/// The virtio-serial port name the guest agent looks for.
+pub const AGENT_PORT_NAME: &str = "forkvm.agent";
+
+/// Runs VMs as daemonized `qemu-system-x86_64` processes.
+#[derive(Debug, Clone)]
+pub struct QemuHypervisor {
+    pub qemu_bin: PathBuf,
+}
+
+impl QemuHypervisor {
+    pub fn new(qemu_bin: impl Into<PathBuf>) -> Self {
+        QemuHypervisor {
+            qemu_bin: qemu_bin.into(),
+        }
+    }
+}
+
+impl Default for QemuHypervisor {
+    fn default() -> Self {
+        QemuHypervisor::new("qemu-system-x86_64")
+    }
+}
+
+/// Where QEMU's stderr for `spec` goes: `<console_log>.qemu-stderr`.
+pub fn stderr_log_path(spec: &VmSpec) -> PathBuf {
+    let mut s = spec.console_log.clone().into_os_string();
+    s.push(".qemu-stderr");
+    PathBuf::from(s)
+}
+
+/// QEMU's runtime log (`-D`): after `-daemonize` QEMU points stderr at
+/// /dev/null unless `-D` is given, so errors such as a failed state load
+/// land here. `<console_log>.qemu-log`.
+pub fn qemu_log_path(spec: &VmSpec) -> PathBuf {
+    let mut s = spec.console_log.clone().into_os_string();
+    s.push(".qemu-log");
+    PathBuf::from(s)
+}
+
+fn invalid(msg: impl Into<String>) -> VmmError {
+    VmmError::InvalidSpec(msg.into())
+}
+
+/// A path as a QEMU option value: absolute, UTF-8, commas doubled (QEMU's
+/// option syntax escapes `,` as `,,`).
+fn opt_path(what: &str, p: &Path) -> Result<String, VmmError> {
+    if !p.is_absolute() {
+        return Err(invalid(format!(
+            "{what} must be an absolute path: {}",
+            p.display()
+        )));
+    }
+    let s = p
+        .to_str()
+        .ok_or_else(|| invalid(format!("{what} is not UTF-8: {}", p.display())))?;
+    Ok(s.replace(',', ",,"))
+}
+
+fn socket_path(what: &str, p: &Path) -> Result<String, VmmError> {
+    if p.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(invalid(format!(
+            "{what} is longer than {MAX_SOCKET_PATH} bytes: {}",
+            p.display()
+        )));
+    }
+    opt_path(what, p)
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// The full QEMU argument list for `spec` (without the binary).
+pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
+    if !valid_id(&spec.id) {
+        return Err(invalid(format!(
+            "id {:?} must be 1-64 chars of [A-Za-z0-9._-]",
+            spec.id
+        )));
+    }
+    if spec.vcpus == 0 || spec.vcpus > 255 {
+        return Err(invalid(format!(
+            "vcpus {} out of range 1..=255",
+            spec.vcpus
+        )));
+    }
+    if spec.memory_mb < 32 {
+        return Err(invalid(format!("memory_mb {} below 32", spec.memory_mb)));
+    }
+    let name = qemu_name(&spec.id);
+    let mem = opt_path("mem_path", &spec.mem_path)?;
+    let console = opt_path("console_log", &spec.console_log)?;
+    let agent = socket_path("agent_socket", &spec.agent_socket)?;
+    let qmp = socket_path("qmp_socket", &spec.qmp_socket)?;
+    let pidfile = opt_path("pidfile", &spec.pidfile)?;
+    let qemu_log = opt_path("console_log", &qemu_log_path(spec))?;
+    let kernel = opt_path("kernel", &spec.kernel)?;
+    let initrd = opt_path("initrd", &spec.initrd)?;
+
+    let mut a: Vec<String> = Vec::with_capacity(64);
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&["-name", &format!("{name},process={name}")]);
+    push(&["-M", "q35,memory-backend=mem"]);
+    match spec.accel {
+        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+    }
+    push(&["-m", &format!("{}M", spec.memory_mb)]);
+    push(&["-smp", &spec.vcpus.to_string()]);
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={mem},share={}",
+            spec.memory_mb,
+            if spec.mem_share { "on" } else { "off" }
+        ),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    // -kernel/-initrd/-append values are taken verbatim (no option parsing).
+    push(&[
+        "-kernel",
+        &kernel,
+        "-initrd",
+        &initrd,
+        "-append",
+        &spec.cmdline,
+    ]);
+    push(&["-device", "vmgenid,id=vmgenid0,guid=auto"]);
+    push(&["-chardev", &format!("file,id=con,path={console},append=on")]);
+    push(&["-serial", "chardev:con"]);
+    push(&[
+        "-device",
+        &format!("virtio-serial-pci,id=vser0,bus=pcie.0,addr={SERIAL_PCI_ADDR}"),
+    ]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=agent,path={agent},server=on,wait=off"),
+    ]);
+    push(&[
+        "-device",
+        &format!("virtserialport,id=agent0,bus=vser0.0,nr=1,chardev=agent,name={AGENT_PORT_NAME}"),
+    ]);
+    if let Some(net) = &spec.net {
+        if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains([',', '/', ' ']) {
+            return Err(invalid(format!("bad tap name {:?}", net.tap)));
+        }
+        if !valid_mac(&net.mac) {
+            return Err(invalid(format!("bad mac {:?}", net.mac)));
+        }
+        push(&[
+            "-netdev",
+            &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+        ]);
+        // romfile= (empty): no PXE ROM; we boot with -kernel and it would
+        // only add state to every snapshot.
+        push(&[
+            "-device",
+            &format!(
+                "virtio-net-pci,id=nic0,netdev=net0,mac={},bus=pcie.0,addr={NET_PCI_ADDR},romfile=",
+                net.mac
+            ),
+        ]);
+    }
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,path={qmp},server=on,wait=off"),
+    ]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
+    if spec.incoming {
+        push(&["-S", "-incoming", "defer"]);
+    }
+    push(&["-daemonize", "-pidfile", &pidfile, "-D", &qemu_log]);
+    Ok(a.into_iter().map(OsString::from).collect())
+}
+
+fn remove_if_exists(p: &Path) -> Result<(), VmmError> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(VmmError::io("remove", p, e)),
+    }
+}
+
+fn read_pidfile(p: &Path) -> Result<u32, VmmError> {
+    let s = std::fs::read_to_string(p).map_err(|e| VmmError::Pidfile {
+        path: p.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    s.trim().parse().map_err(|_| VmmError::Pidfile {
+        path: p.to_path_buf(),
+        reason: format!("not a pid: {:?}", s.trim()),
+    })
+}
+
+/// Last `STDERR_TAIL` bytes of a file, trimmed, for error messages.
+fn file_tail(p: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(p) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(STDERR_TAIL)))
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_string()
+}
+
+/// What QEMU said at start: its stderr plus its `-D` log (with `-D`, QEMU
+/// reports errors there rather than on stderr).
+fn start_output_tail(spec: &VmSpec) -> String {
+    let parts: Vec<String> = [
+        file_tail(&stderr_log_path(spec)),
+        file_tail(&qemu_log_path(spec)),
+    ]
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect();
+    if parts.is_empty() {
+        "(no output)".to_string()
+    } else {
+        parts.join("\n")
+    }
+}
+
+fn check_exists(what: &str, p: &Path) -> Result<(), VmmError> {
+    std::fs::metadata(p)
+        .map(|_| ())
+        .map_err(|e| VmmError::io("stat", p, e))
+        .map_err(|e| match e {
+            VmmError::Io { source, .. } => invalid(format!("{what} {}: {source}", p.display())),
+            other => other,
+        })
+}
+
+fn parent_exists(what: &str, p: &Path) -> Result<(), VmmError> {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => check_exists(&format!("directory of {what}"), d),
+        _ => Ok(()),
+    }
+}
+
+fn caps_ignore_shared() -> Value {
+    json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": true } ] })
+}
+
+impl QemuHypervisor {
+    async fn qmp(&self, h: &VmHandle) -> Result<QmpClient, VmmError> {
+        if !is_qemu_for(&h.id, h.pid) {
+            return Err(VmmError::NotRunning {
+                id: h.id.clone(),
+                pid: h.pid,
+            });
+        }
+        QmpClient::connect(&h.qmp_socket, QMP_CONNECT_TIMEOUT).await
+    }
+
+    async fn start_impl(&self, spec: &VmSpec) -> Result<VmHandle, VmmError> {
+        let t0 = Instant::now();
+        let args = build_qemu_args(spec)?;
+        check_exists("kernel", &spec.kernel)?;
+        check_exists("initrd", &spec.initrd)?;
+        if !spec.mem_share {
+            // share=off maps an existing base; QEMU would silently create an
+            // empty one, which is never what a fork wants.
+            check_exists(
+                "mem_path (share=off needs an existing base)",
+                &spec.mem_path,
+            )?;
+        }
+        for (what, p) in [
+            ("mem_path", &spec.mem_path),
+            ("console_log", &spec.console_log),
+            ("agent_socket", &spec.agent_socket),
+            ("qmp_socket", &spec.qmp_socket),
+            ("pidfile", &spec.pidfile),
+        ] {
+            parent_exists(what, p)?;
+        }
+        if let Some(h) = self.adopt(spec) {
+            return Err(VmmError::AlreadyRunning {
+                id: spec.id.clone(),
+                pid: h.pid,
+            });
+        }
+        // Leftovers of a VM that died without cleanup; QEMU would refuse to
+        // bind over a stale socket and we must not read a stale pid.
+        remove_if_exists(&spec.qmp_socket)?;
+        remove_if_exists(&spec.agent_socket)?;
+        remove_if_exists(&spec.pidfile)?;
+        // Also the old run's log, so start errors never quote a previous run.
+        remove_if_exists(&qemu_log_path(spec))?;
+
+        let err_path = stderr_log_path(spec);
+        let err_file = File::create(&err_path).map_err(|e| VmmError::io("create", &err_path, e))?;
+        let out_file = err_file
+            .try_clone()
+            .map_err(|e| VmmError::io("dup", &err_path, e))?;
+        tracing::info!(id = %spec.id, accel = ?spec.accel, incoming = spec.incoming,
+            mem_share = spec.mem_share, "starting qemu");
+        tracing::debug!(id = %spec.id, args = ?args, "qemu command line");
+        let mut child = tokio::process::Command::new(&self.qemu_bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(out_file)
+            .stderr(err_file)
+            .spawn()
+            .map_err(|e| VmmError::Spawn {
+                bin: self.qemu_bin.clone(),
+                source: e,
+            })?;
+        // With -daemonize the foreground process exits once the VM is set up
+        // (0) or failed (non-zero, reason on stderr).
+        let status = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(VmmError::io("wait", &self.qemu_bin, e)),
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                self.kill_leftover(spec).await;
+                return Err(VmmError::Timeout {
+                    what: format!("qemu start of {} ({})", spec.id, start_output_tail(spec)),
+                    timeout: START_TIMEOUT,
+                });
+            }
+        };
+        if !status.success() {
+            return Err(VmmError::QemuExited {
+                status: status.to_string(),
+                stderr_tail: start_output_tail(spec),
+            });
+        }
+        let pid = read_pidfile(&spec.pidfile)?;
+        if !is_qemu_for(&spec.id, pid) {
+            return Err(VmmError::QemuExited {
+                status: format!("pid {pid} from pidfile is not running"),
+                stderr_tail: start_output_tail(spec),
+            });
+        }
+        let h = VmHandle::for_spec(spec, pid);
+        let st = match self.status_on(&h).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Don't leak a QEMU we can't control.
+                let _ = self.stop_impl(&h, Duration::from_millis(500)).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(id = %spec.id, pid, status = ?st, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "qemu started");
+        Ok(h)
+    }
+
+    /// After a start timeout: kill the daemon if it got as far as a pidfile.
+    async fn kill_leftover(&self, spec: &VmSpec) {
+        if let Ok(pid) = read_pidfile(&spec.pidfile)
+            && is_qemu_for(&spec.id, pid)
+        {
+            let h = VmHandle::for_spec(spec, pid);
+            let _ = self.stop_impl(&h, Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn status_on(&self, h: &VmHandle) -> Result<RunState, VmmError> {
+        let mut q = self.qmp(h).await?;
+        query_status(&mut q).await
+    }
+
+    async fn stop_impl(&self, h: &VmHandle, grace: Duration) -> Result<(), VmmError> {
+        let t0 = Instant::now();
+        let pidfd = match PidFd::open(h.pid) {
+            Ok(p) => Some(p),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => None,
+            Err(e) => return Err(VmmError::io("pidfd_open", format!("/proc/{}", h.pid), e)),
+        };
+        // Checked after opening the pidfd: if the pid is ours now, the pidfd
+        // refers to our QEMU and can't be redirected by pid reuse.
+        let pidfd = match pidfd {
+            Some(p) if is_qemu_for(&h.id, h.pid) => p,
+            _ => {
+                tracing::info!(id = %h.id, pid = h.pid, "stop: vm already gone");
+                return self.cleanup(h);
+            }
+        };
+        let quit = async {
+            let mut q = QmpClient::connect(&h.qmp_socket, grace).await?;
+            q.execute("quit", None).await
+        };
+        match tokio::time::timeout(grace, quit).await {
+            Ok(Ok(_)) => {}
+            // QEMU may close the socket before its reply is read: still fine.
+            Ok(Err(e)) => tracing::debug!(id = %h.id, error = %e, "qmp quit"),
+            Err(_) => tracing::warn!(id = %h.id, "qmp quit timed out"),
+        }
+        let mut how = "quit";
+        if !pidfd.wait_exit(grace).await {
+            how = "sigterm";
+            tracing::warn!(id = %h.id, pid = h.pid, "qemu ignored quit; sending SIGTERM");
+            pidfd
+                .signal(libc::SIGTERM)
+                .map_err(|e| VmmError::io("pidfd_send_signal", format!("/proc/{}", h.pid), e))?;
+            if !pidfd.wait_exit(grace).await {
+                how = "sigkill";
+                tracing::warn!(id = %h.id, pid = h.pid, "qemu ignored SIGTERM; sending SIGKILL");
+                pidfd.signal(libc::SIGKILL).map_err(|e| {
+                    VmmError::io("pidfd_send_signal", format!("/proc/{}", h.pid), e)
+                })?;
+                if !pidfd.wait_exit(KILL_WAIT).await {
+                    return Err(VmmError::StopFailed {
+                        id: h.id.clone(),
+                        pid: h.pid,
+                    });
+                }
+            }
+        }
+        tracing::info!(id = %h.id, pid = h.pid, how, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "qemu stopped");
+        self.cleanup(h)
+    }
+
+    fn cleanup(&self, h: &VmHandle) -> Result<(), VmmError> {
+        remove_if_exists(&h.qmp_socket)?;
+        remove_if_exists(&h.agent_socket)?;
+        remove_if_exists(&h.pidfile)
+    }
+
+    async fn save_impl(&self, h: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
+        let t0 = Instant::now();
+        parent_exists("state_file", state_file)?;
+        let mut q = self.qmp(h).await?;
+        q.execute("stop", None).await?;
+        let t_stopped = t0.elapsed();
+        // fd: rather than exec:cat — no shell quoting, and "completed" means
+        // every byte is in the file (an exec'd cat may still be writing).
+        let f = File::create(state_file).map_err(|e| VmmError::io("create", state_file, e))?;
+        q.execute("migrate-set-capabilities", Some(caps_ignore_shared()))
+            .await?;
+        q.execute_with_fd("getfd", Some(json!({ "fdname": "forkvm-save" })), f.as_fd())
+            .await?;
+        drop(f);
+        q.execute("migrate", Some(json!({ "uri": "fd:forkvm-save" })))
+            .await?;
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            let m = q.execute("query-migrate", None).await?;
+            match m.get("status").and_then(Value::as_str).unwrap_or("") {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    return Err(VmmError::Migration(format!(
+                        "save of {} failed: {}",
+                        h.id,
+                        m.get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("no reason given")
+                    )));
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                let _ = q.execute("migrate_cancel", None).await;
+                return Err(VmmError::Timeout {
+                    what: format!("saving state of {}", h.id),
+                    timeout: MIGRATION_TIMEOUT,
+                });
+            }
+            // QEMU 7.2 has no blocking "wait for migration" command; poll.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let size = std::fs::metadata(state_file).map(|m| m.len()).unwrap_or(0);
+        tracing::info!(id = %h.id, state_bytes = size, stop_ms = t_stopped.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3, "device state saved");
+        Ok(())
+    }
+
+    async fn load_impl(&self, h: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
+        let t0 = Instant::now();
+        let f = File::open(state_file).map_err(|e| VmmError::io("open", state_file, e))?;
+        let mut q = self.qmp(h).await?;
+        let st = query_status(&mut q).await?;
+        if st != RunState::InMigrate {
+            return Err(VmmError::Migration(format!(
+                "vm {} is {st:?}, not waiting for incoming state (start it with incoming=true)",
+                h.id
+            )));
+        }
+        q.execute("migrate-set-capabilities", Some(caps_ignore_shared()))
+            .await?;
+        q.execute_with_fd("getfd", Some(json!({ "fdname": "forkvm-load" })), f.as_fd())
+            .await?;
+        drop(f);
+        q.execute("migrate-incoming", Some(json!({ "uri": "fd:forkvm-load" })))
+            .await?;
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            // QEMU 7.2 exits if loading fails, which shows up here as a
+            // closed QMP connection.
+            let st = match query_status(&mut q).await {
+                Ok(s) => s,
+                Err(e) => {
+                    return Err(VmmError::Migration(format!(
+                        "load of {} failed: {e}; qemu log: {}",
+                        h.id,
+                        file_tail(&h.qemu_log)
+                    )));
+                }
+            };
+            match st {
+                RunState::Paused => break,
+                RunState::InMigrate => {}
+                other => {
+                    return Err(VmmError::Migration(format!(
+                        "load of {} ended in state {other:?}; qemu log: {}",
+                        h.id,
+                        file_tail(&h.qemu_log)
+                    )));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::Timeout {
+                    what: format!("loading state of {}", h.id),
+                    timeout: MIGRATION_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tracing::info!(id = %h.id, total_ms = t0.elapsed().as_secs_f64() * 1e3, "device state loaded");
+        Ok(())
+    }
+}
+
+async fn query_status(q: &mut QmpClient) -> Result<RunState, VmmError> {
+    let r = q.execute("query-status", None).await?;
+    let s = r
+        .get("status")
+        .and_then(Value::as_str)
+        .ok_or_else(|| VmmError::Migration(format!("query-status without status: {r}")))?;
+    Ok(RunState::from_qemu(s))
+}
+
+impl Hypervisor for QemuHypervisor {
+    fn start<'a>(&'a self, spec: &'a VmSpec) -> VmmFuture<'a, VmHandle> {
+        Box::pin(self.start_impl(spec))
+    }
+
+    fn stop<'a>(&'a self, h: &'a VmHandle, grace: Duration) -> VmmFuture<'a, ()> {
+        Box::pin(self.stop_impl(h, grace))
+    }
+
+    fn is_alive(&self, id: &str, pid: u32) -> bool {
+        is_qemu_for(id, pid)
+    }
+
+    fn adopt(&self, spec: &VmSpec) -> Option<VmHandle> {
+        let pid = read_pidfile(&spec.pidfile).ok()?;
+        is_qemu_for(&spec.id, pid).then(|| VmHandle::for_spec(spec, pid))
+    }
+
+    fn pause<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, ()> {
+        Box::pin(async move {
+            self.qmp(h).await?.execute("stop", None).await?;
+            Ok(())
+        })
+    }
+
+    fn resume<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, ()> {
+        Box::pin(async move {
+            self.qmp(h).await?.execute("cont", None).await?;
+            Ok(())
+        })
+    }
+
+    fn status<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, RunState> {
+        Box::pin(self.status_on(h))
+    }
+
+    fn save_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()> {
+        Box::pin(self.save_impl(h, state_file))
+    }
+
+    fn load_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()> {
+        Box::pin(self.load_impl(h, state_file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "vm-1".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            kernel: "/k/vmlinux".into(),
+            initrd: "/k/initrd".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            mem_path: "/dev/shm/a,b/mem".into(),
+            mem_share: true,
+            net: None,
+            agent_socket: "/run/x/agent.sock".into(),
+            qmp_socket: "/run/x/qmp.sock".into(),
+            console_log: "/run/x/console.log".into(),
+            pidfile: "/run/x/pid".into(),
+            accel: Accel::Tcg,
+            incoming: false,
+        }
+    }
+
+    fn joined(s: &VmSpec) -> String {
+        build_qemu_args(s)
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_else(|e| format!("ERR {e}"))
+    }
+
+    #[test]
+    fn args_basic() {
+        let j = joined(&spec());
+        assert!(j.contains("-name forkvm-vm-1,process=forkvm-vm-1"), "{j}");
+        assert!(
+            j.contains("mem-path=/dev/shm/a,,b/mem,share=on"),
+            "comma escaped: {j}"
+        );
+        assert!(j.contains("-accel tcg,thread=multi -cpu max"), "{j}");
+        assert!(j.contains("-append console=ttyS0 quiet"), "{j}");
+        assert!(j.contains("name=forkvm.agent"), "{j}");
+        assert!(j.contains("-daemonize -pidfile /run/x/pid"), "{j}");
+        assert!(!j.contains("-incoming"), "{j}");
+        assert!(!j.contains("virtio-net"), "{j}");
+    }
+
+    #[test]
+    fn args_variants() {
+        let mut s = spec();
+        s.accel = Accel::Kvm;
+        s.incoming = true;
+        s.mem_share = false;
+        s.net = Some(crate::NetSpec {
+            tap: "fvtap0".into(),
+            mac: "02:00:00:aa:bb:cc".into(),
+        });
+        let j = joined(&s);
+        assert!(j.contains("-accel kvm -cpu host"), "{j}");
+        assert!(j.contains("-S -incoming defer"), "{j}");
+        assert!(j.contains("share=off"), "{j}");
+        assert!(
+            j.contains("tap,id=net0,ifname=fvtap0,script=no,downscript=no"),
+            "{j}"
+        );
+        assert!(
+            j.contains("mac=02:00:00:aa:bb:cc,bus=pcie.0,addr=0x2"),
+            "{j}"
+        );
+    }
+
+    type Mutation = Box<dyn Fn(&mut VmSpec)>;
+
+    #[test]
+    fn args_rejects_bad_specs() {
+        let bad: Vec<Mutation> = vec![
+            Box::new(|s| s.id = "a,b".into()),
+            Box::new(|s| s.id = String::new()),
+            Box::new(|s| s.vcpus = 0),
+            Box::new(|s| s.memory_mb = 1),
+            Box::new(|s| s.qmp_socket = "relative.sock".into()),
+            Box::new(|s| s.qmp_socket = format!("/{}", "x".repeat(120)).into()),
+            Box::new(|s| {
+                s.net = Some(crate::NetSpec {
+                    tap: "t0".into(),
+                    mac: "zz:00:00:00:00:00".into(),
+                })
+            }),
+            Box::new(|s| {
+                s.net = Some(crate::NetSpec {
+                    tap: "t0,x".into(),
+                    mac: "02:00:00:00:00:01".into(),
+                })
+            }),
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut s = spec();
+            f(&mut s);
+            assert!(
+                matches!(build_qemu_args(&s), Err(VmmError::InvalidSpec(_))),
+                "case {i} accepted: {}",
+                joined(&s)
+            );
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! Boots real QEMU (TCG) guests: start/pause/resume/stop, adoption, start
+//! errors, save/restore (including copy-on-write forks), and the accel probe.
+//!
+//! Needs qemu-system-x86_64, busybox-static and a PVH vmlinux (default
+//! /var/tmp/kdev/vmlinux, override with FORKVM_TEST_KERNEL). No network device
+//! is attached, so nothing here touches networking.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use forkvm_vmm::{
+    Accel, Hypervisor, QemuHypervisor, RunState, VmHandle, VmSpec, VmmError, detect_accel_with,
+    probe_boot,
+};
+
+const MARKER: &str = "FORKVM-TEST-READY";
+const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+
+fn kernel() -> PathBuf {
+    let k = std::env::var_os("FORKVM_TEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/kdev/vmlinux"));
+    assert!(
+        k.exists(),
+        "test kernel {} missing (set FORKVM_TEST_KERNEL)",
+        k.display()
+    );
+    k
+}
+
+/// Minimal cpio "newc" writer; the format is a fixed ASCII header per entry,
+/// simpler than depending on the cpio CLI being installed.
+struct Cpio {
+    buf: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn new() -> Self {
+        Cpio {
+            buf: Vec::new(),
+            ino: 1,
+        }
+    }
+    fn pad4(&mut self) {
+        while !self.buf.len().is_multiple_of(4) {
+            self.buf.push(0);
+        }
+    }
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.ino += 1;
+        self.buf.extend_from_slice(b"070701");
+        for f in fields {
+            self.buf.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(0);
+        self.pad4();
+        self.buf.extend_from_slice(data);
+        self.pad4();
+    }
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.buf
+    }
+}
+
+/// An initramfs whose /init prints MARKER, then "tick N" every 200 ms forever.
+fn build_initrd(dir: &Path) -> PathBuf {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static at /bin/busybox");
+    let init = format!(
+        "#!/bin/busybox sh\necho {MARKER}\ni=0\nwhile true; do i=$((i+1)); echo \"tick $i\"; /bin/busybox sleep 0.2; done\n"
+    );
+    let mut c = Cpio::new();
+    c.entry("dev", 0o040755, (0, 0), &[]);
+    c.entry("dev/console", 0o020600, (5, 1), &[]);
+    c.entry("bin", 0o040755, (0, 0), &[]);
+    c.entry("bin/busybox", 0o100755, (0, 0), &busybox);
+    c.entry("init", 0o100755, (0, 0), init.as_bytes());
+    let p = dir.join("initrd.cpio");
+    std::fs::write(&p, c.finish()).expect("write initrd");
+    p
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    initrd: PathBuf,
+}
+
+impl Env {
+    fn new() -> Self {
+        // /dev/shm: the RAM file belongs on tmpfs, and short socket paths.
+        let dir = tempfile::Builder::new()
+            .prefix("fvmt")
+            .tempdir_in("/dev/shm")
+            .expect("tempdir");
+        let initrd = build_initrd(dir.path());
+        Env { dir, initrd }
+    }
+
+    fn spec(&self, id: &str, mem_file: &str, tag: &str) -> VmSpec {
+        let d = self.dir.path();
+        VmSpec {
+            id: id.to_string(),
+            vcpus: 1,
+            memory_mb: 256,
+            kernel: kernel(),
+            initrd: self.initrd.clone(),
+            cmdline: "console=ttyS0 quiet panic=-1".into(),
+            mem_path: d.join(mem_file),
+            mem_share: true,
+            net: None,
+            agent_socket: d.join(format!("{tag}.agent.sock")),
+            qmp_socket: d.join(format!("{tag}.qmp.sock")),
+            console_log: d.join(format!("{tag}.console.log")),
+            pidfile: d.join(format!("{tag}.pid")),
+            accel: Accel::Tcg,
+            incoming: false,
+        }
+    }
+}
+
+fn console(spec: &VmSpec) -> String {
+    std::fs::read(&spec.console_log)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn last_tick(text: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("tick ")
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .next_back()
+}
+
+/// Polls the console log until `pred` holds; returns the elapsed time.
+async fn wait_console(spec: &VmSpec, what: &str, pred: impl Fn(&str) -> bool) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if pred(&console(spec)) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < BOOT_DEADLINE,
+            "timed out waiting for {what}; console:\n{}",
+            console(spec)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn assert_gone(hv: &QemuHypervisor, h: &VmHandle) {
+    assert!(!hv.is_alive(&h.id, h.pid));
+    // Gone, or a zombie waiting for init to reap it (QEMU daemonized, so init
+    // is its parent); either way nothing runs any more.
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", h.pid))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next())
+        });
+    assert!(
+        matches!(state, None | Some('Z')),
+        "process {} left over (state {state:?})",
+        h.pid
+    );
+    assert!(!h.qmp_socket.exists(), "qmp socket left over");
+    assert!(!h.agent_socket.exists(), "agent socket left over");
+    assert!(!h.pidfile.exists(), "pidfile left over");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_pause_resume_stop() {
+    let env = Env::new();
+    let hv = QemuHypervisor::new("qemu-system-x86_64");
+    let spec = env.spec("lifecycle", "mem", "a");
+
+    let t0 = Instant::now();
+    let h = hv.start(&spec).await.expect("start");
+    let t_start = t0.elapsed();
+    assert!(hv.is_alive("lifecycle", h.pid));
+    assert!(!hv.is_alive("lifecycl", h.pid), "id prefix must not match");
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::Running);
+    let t_marker = wait_console(&spec, "marker", |c| c.contains(MARKER)).await;
+    wait_console(&spec, "first tick", |c| last_tick(c).is_some()).await;
+    eprintln!(
+        "TIMING start(spawn->QMP up)={:.1} ms, marker after start={:.1} ms",
+        ms(t_start),
+        ms(t_marker)
+    );
+    // The RAM file is created by QEMU at the requested size.
+    let mem_len = std::fs::metadata(&spec.mem_path).expect("mem file").len();
+    assert_eq!(mem_len, 256 << 20);
+
+    // Re-finding after a "daemon restart", and refusing a double start.
+    assert_eq!(hv.adopt(&spec), Some(h.clone()));
+    match hv.start(&spec).await {
+        Err(VmmError::AlreadyRunning { pid, .. }) => assert_eq!(pid, h.pid),
+        other => panic!("second start must fail with AlreadyRunning, got {other:?}"),
+    }
+
+    hv.pause(&h).await.expect("pause");
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::Paused);
+    let before = last_tick(&console(&spec));
+    // Paused vCPUs must not make progress; there's no event for "nothing
+    // happened", so watch for a fixed window (5+ tick periods).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        last_tick(&console(&spec)),
+        before,
+        "guest ticked while paused"
+    );
+
+    hv.resume(&h).await.expect("resume");
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::Running);
+    wait_console(&spec, "tick after resume", |c| last_tick(c) > before).await;
+
+    // A saved source can carry on running (fork from a running VM).
+    let state = env.dir.path().join("live.state");
+    hv.save_state(&h, &state).await.expect("save");
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::PostMigrate);
+    let before = last_tick(&console(&spec));
+    hv.resume(&h).await.expect("resume after save");
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::Running);
+    wait_console(&spec, "tick after save+resume", |c| last_tick(c) > before).await;
+
+    // The trait is object-safe: the daemon can hold `Arc<dyn Hypervisor>`.
+    let dyn_hv: std::sync::Arc<dyn Hypervisor> = std::sync::Arc::new(hv.clone());
+    assert_eq!(dyn_hv.status(&h).await.expect("status"), RunState::Running);
+
+    let t0 = Instant::now();
+    hv.stop(&h, Duration::from_secs(5)).await.expect("stop");
+    eprintln!("TIMING stop={:.1} ms", ms(t0.elapsed()));
+    assert_gone(&hv, &h);
+    assert_eq!(hv.adopt(&spec), None);
+    // Stopping a gone VM is fine; controlling it is not.
+    hv.stop(&h, Duration::from_secs(1))
+        .await
+        .expect("second stop");
+    assert!(matches!(
+        hv.status(&h).await,
+        Err(VmmError::NotRunning { .. })
+    ));
+
+    // Same paths again: sockets and pidfile are reusable.
+    let h2 = hv.start(&spec).await.expect("restart with same paths");
+    assert_ne!(h2.pid, h.pid);
+    assert_eq!(hv.status(&h2).await.expect("status"), RunState::Running);
+    hv.stop(&h2, Duration::from_secs(5)).await.expect("stop 2");
+    assert_gone(&hv, &h2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_errors_are_reported() {
+    let env = Env::new();
+    let hv = QemuHypervisor::new("qemu-system-x86_64");
+
+    let mut spec = env.spec("bad1", "mem-bad1", "bad1");
+    spec.kernel = env.dir.path().join("no-such-kernel");
+    assert!(matches!(
+        hv.start(&spec).await,
+        Err(VmmError::InvalidSpec(_))
+    ));
+
+    // A kernel file QEMU can't load: QEMU itself fails and its stderr is quoted.
+    let mut spec = env.spec("bad2", "mem-bad2", "bad2");
+    spec.kernel = env.dir.path().join("garbage-kernel");
+    std::fs::write(&spec.kernel, b"not a kernel").expect("write");
+    match hv.start(&spec).await {
+        Err(VmmError::QemuExited { stderr_tail, .. }) => {
+            assert!(
+                stderr_tail.contains("kernel"),
+                "qemu's reason missing: {stderr_tail}"
+            );
+            eprintln!("qemu error as reported: {stderr_tail}");
+        }
+        other => panic!("expected QemuExited, got {other:?}"),
+    }
+    assert!(!spec.pidfile.exists());
+
+    let hv = QemuHypervisor::new("/nonexistent/qemu");
+    let spec = env.spec("bad3", "mem-bad3", "bad3");
+    assert!(matches!(hv.start(&spec).await, Err(VmmError::Spawn { .. })));
+}
+
+fn file_digest(p: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let data = std::fs::read(p).expect("read");
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    h.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_restore_and_cow_forks() {
+    let env = Env::new();
+    let hv = QemuHypervisor::new("qemu-system-x86_64");
+    let src = env.spec("src", "base.mem", "src");
+    let state = env.dir.path().join("state.bin");
+
+    let h = hv.start(&src).await.expect("start");
+    wait_console(&src, "ticks", |c| last_tick(c).is_some_and(|n| n >= 2)).await;
+
+    let t0 = Instant::now();
+    hv.save_state(&h, &state).await.expect("save");
+    let t_save = t0.elapsed();
+    let state_len = std::fs::metadata(&state).expect("state").len();
+    assert!(state_len > 1024, "state file only {state_len} bytes");
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::PostMigrate);
+    let saved_tick = last_tick(&console(&src)).expect("tick");
+    hv.stop(&h, Duration::from_secs(5)).await.expect("stop src");
+    assert_gone(&hv, &h);
+    eprintln!(
+        "TIMING save={:.1} ms state={} KiB (last tick before save: {saved_tick})",
+        ms(t_save),
+        state_len / 1024
+    );
+
+    // Two copy-on-write forks of the immutable base, running side by side.
+    let base_digest = file_digest(&src.mem_path);
+    let mut forks = Vec::new();
+    for i in 0..2 {
+        let mut spec = env.spec(&format!("fork{i}"), "base.mem", &format!("f{i}"));
+        spec.mem_share = false;
+        spec.incoming = true;
+        let (h, t) = restore(&hv, &spec, &state).await;
+        forks.push((spec, h, t));
+    }
+    for (spec, h, _) in &forks {
+        assert_eq!(hv.status(h).await.expect("status"), RunState::Running);
+        wait_console(spec, "fork ticks", |c| {
+            last_tick(c).is_some_and(|n| n > saved_tick)
+        })
+        .await;
+        let text = console(spec);
+        assert!(
+            !text.contains(MARKER),
+            "fork rebooted instead of resuming:\n{text}"
+        );
+    }
+    for (_, h, _) in &forks {
+        hv.stop(h, Duration::from_secs(5)).await.expect("stop fork");
+        assert_gone(&hv, h);
+    }
+    assert_eq!(
+        file_digest(&src.mem_path),
+        base_digest,
+        "a share=off fork wrote into the base"
+    );
+
+    // Restore in place (share=on on the same RAM file), as after standby.
+    let mut spec = env.spec("src", "base.mem", "r");
+    spec.incoming = true;
+    let (h, t) = restore(&hv, &spec, &state).await;
+    wait_console(&spec, "restored ticks", |c| {
+        last_tick(c).is_some_and(|n| n > saved_tick)
+    })
+    .await;
+    assert!(!console(&spec).contains(MARKER));
+    hv.stop(&h, Duration::from_secs(5))
+        .await
+        .expect("stop restored");
+    assert_gone(&hv, &h);
+
+    for (i, (_, _, t)) in forks.iter().enumerate() {
+        eprintln!("TIMING fork{i} (share=off): {t}");
+    }
+    eprintln!("TIMING in-place restore (share=on): {t}");
+}
+
+struct RestoreTimes {
+    start: Duration,
+    load: Duration,
+    resume: Duration,
+    first_tick: Duration,
+}
+
+impl std::fmt::Display for RestoreTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "start(-incoming, QMP up)={:.1} ms load={:.1} ms resume={:.1} ms total={:.1} ms; first new console tick {:.0} ms after resume",
+            ms(self.start),
+            ms(self.load),
+            ms(self.resume),
+            ms(self.start + self.load + self.resume),
+            ms(self.first_tick)
+        )
+    }
+}
+
+async fn restore(hv: &QemuHypervisor, spec: &VmSpec, state: &Path) -> (VmHandle, RestoreTimes) {
+    let t0 = Instant::now();
+    let h = hv.start(spec).await.expect("start incoming");
+    let start = t0.elapsed();
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::InMigrate);
+    let t1 = Instant::now();
+    hv.load_state(&h, state).await.expect("load");
+    let load = t1.elapsed();
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::Paused);
+    let t2 = Instant::now();
+    hv.resume(&h).await.expect("resume");
+    let resume = t2.elapsed();
+    let first_tick = wait_console(spec, "tick after restore", |c| last_tick(c).is_some()).await;
+    (
+        h,
+        RestoreTimes {
+            start,
+            load,
+            resume,
+            first_tick,
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_into_a_running_vm_is_refused() {
+    let env = Env::new();
+    let hv = QemuHypervisor::new("qemu-system-x86_64");
+    let spec = env.spec("noinc", "mem", "n");
+    let h = hv.start(&spec).await.expect("start");
+    let state = env.dir.path().join("none.bin");
+    std::fs::write(&state, b"x").expect("write");
+    assert!(matches!(
+        hv.load_state(&h, &state).await,
+        Err(VmmError::Migration(_))
+    ));
+    assert!(
+        hv.is_alive(&h.id, h.pid),
+        "refused load must not kill the vm"
+    );
+    hv.stop(&h, Duration::from_secs(5)).await.expect("stop");
+    assert_gone(&hv, &h);
+}
+
+#[test]
+fn accel_probe_and_cache() {
+    let env = Env::new();
+    let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+    let k = kernel();
+    // The probe logic itself, under TCG where it must succeed.
+    let t0 = Instant::now();
+    assert!(
+        probe_boot(qemu, &k, &env.initrd, Accel::Tcg, Duration::from_secs(60)),
+        "tcg probe boot did not reach userspace"
+    );
+    eprintln!("TIMING tcg probe boot={:.0} ms", ms(t0.elapsed()));
+
+    // Real detection on this host, then served from the cache.
+    let cache = env.dir.path().join("accel.json");
+    let t0 = Instant::now();
+    let first = detect_accel_with(
+        None,
+        Path::new("/dev/kvm"),
+        qemu,
+        &k,
+        &env.initrd,
+        Some(&cache),
+        Duration::from_secs(10),
+    );
+    let t_first = t0.elapsed();
+    assert!(
+        cache.exists() || !Path::new("/dev/kvm").exists(),
+        "probe result not cached"
+    );
+    let t0 = Instant::now();
+    let second = detect_accel_with(
+        None,
+        Path::new("/dev/kvm"),
+        qemu,
+        &k,
+        &env.initrd,
+        Some(&cache),
+        Duration::from_secs(10),
+    );
+    assert_eq!(first, second);
+    assert!(
+        t0.elapsed() < Duration::from_millis(500),
+        "cached answer took {:?}",
+        t0.elapsed()
+    );
+    eprintln!(
+        "accel on this host: {first:?} (probe {:.0} ms, cached {:.1} ms)",
+        ms(t_first),
+        ms(t0.elapsed())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_state_fails_with_qemu_reason() {
+    let env = Env::new();
+    let hv = QemuHypervisor::new("qemu-system-x86_64");
+    let mut spec = env.spec("corrupt", "mem", "c");
+    spec.incoming = true;
+    let state = env.dir.path().join("garbage.bin");
+    std::fs::write(&state, vec![0x5a; 4096]).expect("write");
+    let h = hv.start(&spec).await.expect("start incoming");
+    match hv.load_state(&h, &state).await {
+        Err(VmmError::Migration(msg)) => {
+            assert!(
+                msg.contains("Not a migration stream"),
+                "reason missing: {msg}"
+            );
+        }
+        other => panic!("expected Migration error, got {other:?}"),
+    }
+    // QEMU 7.2 exits when a load fails; stop still cleans up.
+    hv.stop(&h, Duration::from_secs(2)).await.expect("stop");
+    assert_gone(&hv, &h);
+}

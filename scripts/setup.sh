@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install what forkvm needs on a Debian 12 host (as root), build it, and build
+# the default guest image. Idempotent and quick when everything is in place.
+#   PROFILE=release|debug (default debug)   FORKVM_DATA_DIR (default /var/lib/forkvm)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=${PROFILE:-debug}
+DATA_DIR=${FORKVM_DATA_DIR:-/var/lib/forkvm}
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { echo "setup.sh must run as root (it installs packages and creates network devices)" >&2; exit 1; }
+
+# 1. Debian packages
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ldd /bin/busybox 2>&1 | grep -q "not a dynamic" || need+=(busybox-static)
+command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing Debian packages: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# apt-cache needs package lists to resolve the guest kernel package.
+if ! apt-cache depends linux-image-amd64 2>/dev/null | grep -q 'Depends: linux-image-'; then
+  log "refreshing apt package lists"
+  apt-get update -qq
+fi
+
+# 2. Build: the host binaries, and the guest agent as a static binary.
+flag=""; [ "$PROFILE" = release ] && flag="--release"
+log "building forkvm ($PROFILE)"
+cargo build $flag --workspace --bins --quiet
+log "building the guest agent (static, release)"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+  -p forkvm-agent --target x86_64-unknown-linux-gnu
+AGENT=target/x86_64-unknown-linux-gnu/release/forkvm-agent
+
+# 3. The default guest image (kernel from Debian's package, initramfs with the agent).
+log "building the guest image in $DATA_DIR/images/default"
+FORKVM_DATA_DIR="$DATA_DIR" "target/$PROFILE/forkvm" image build --agent "$AGENT"

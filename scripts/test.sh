@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite: set-up (packages, build, guest image), then every test,
+# including end-to-end tests that boot real VMs in network namespaces they create.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=debug ./scripts/setup.sh
+# The official hypeman Python client, for the API compatibility test.
+export FORKVM_TEST_VENV=${FORKVM_TEST_VENV:-/var/lib/forkvm/test-venv}
+if ! "$FORKVM_TEST_VENV/bin/python3" -c 'import hypeman' 2>/dev/null; then
+  echo "==> installing the hypeman client from PyPI into $FORKVM_TEST_VENV" >&2
+  python3 -m venv "$FORKVM_TEST_VENV"
+  "$FORKVM_TEST_VENV/bin/pip" install --quiet hypeman
+fi
+DATA_DIR=${FORKVM_DATA_DIR:-/var/lib/forkvm}
+export FORKVM_TEST_IMAGES=$DATA_DIR/images
+# The extracted guest kernel (vmlinux + modules) for tests that build their own initramfs.
+FORKVM_TEST_KERNEL_DIR=$(ls -d "$DATA_DIR"/cache/kernel/*/extracted | tail -n 1)
+export FORKVM_TEST_KERNEL_DIR FORKVM_TEST_KERNEL=$FORKVM_TEST_KERNEL_DIR/vmlinux
+echo "==> cargo fmt --check / clippy" >&2
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "==> tests" >&2
+if command -v cargo-nextest >/dev/null; then
+  cargo nextest run --workspace --no-fail-fast --test-threads 2 --retries 0
+else
+  cargo test --workspace --no-fail-fast -- --test-threads 2
+fi
+echo "==> guest agent in a VM (static test build)" >&2
+./crates/agent/scripts/vm-test.sh

@@ -1,0 +1,59 @@
+"""Drive a forkvm daemon with the official `hypeman` Python client.
+
+Run inside the test's network namespace with HYPEMAN_BASE_URL and
+HYPEMAN_API_KEY set. Exits non-zero (with a message) on the first mismatch.
+"""
+import os
+import sys
+
+import hypeman
+
+client = hypeman.Hypeman(
+    base_url=os.environ["HYPEMAN_BASE_URL"], api_key=os.environ["HYPEMAN_API_KEY"]
+)
+
+# A wrong token is refused.
+bad = hypeman.Hypeman(base_url=os.environ["HYPEMAN_BASE_URL"], api_key="wrong")
+try:
+    bad.instances.list()
+    sys.exit("a request with a wrong token was accepted")
+except hypeman.AuthenticationError:
+    pass
+
+inst = client.instances.create(image="default", name="py-client", vcpus=1, size="256MB")
+assert inst.state == "Running", inst
+assert inst.name == "py-client"
+assert inst.network is not None and inst.network.ip, inst.network
+print(f"created {inst.id} ip={inst.network.ip} mac={inst.network.mac}")
+
+listed = client.instances.list()
+assert any(i.id == inst.id for i in listed), listed
+
+got = client.instances.retrieve(inst.id)
+assert got.id == inst.id and got.network.ip == inst.network.ip, got
+
+stopped = client.instances.stop(inst.id)
+assert stopped.state == "Stopped", stopped.state
+
+started = client.instances.start(inst.id)
+assert started.state == "Running", started.state
+assert started.network.ip == inst.network.ip
+
+logs = client.instances.logs(inst.id)
+assert "forkvm-agent" in str(logs), str(logs)[-500:]
+
+try:
+    client.instances.retrieve("does-not-exist")
+    sys.exit("unknown id did not raise")
+except hypeman.NotFoundError:
+    pass
+
+try:
+    client.instances.create(image="default", name="Bad_Name")
+    sys.exit("invalid name accepted")
+except hypeman.BadRequestError:
+    pass
+
+client.instances.delete(inst.id)
+assert all(i.id != inst.id for i in client.instances.list())
+print("hypeman client: ok")

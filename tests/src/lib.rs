@@ -1,0 +1,302 @@
+//! Harness for forkvm's end-to-end tests.
+//!
+//! Every [`TestEnv`] owns a fresh network namespace, state directory, memory
+//! directory and API socket, and runs a real `forkvm serve` daemon inside that
+//! namespace; QEMU, the bridge and the TAPs therefore all live in the
+//! namespace and vanish with it. Dropping the env kills the daemon and every
+//! QEMU it started and deletes the namespace, also when a test panics.
+//!
+//! The guest image is built once by `scripts/setup.sh` (into
+//! `$FORKVM_TEST_IMAGES`, default `/var/lib/forkvm/images`) and linked into
+//! each test's data directory.
+
+use anyhow::{Context, Result, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's debug binaries (`forkvm`).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("FORKVM_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // tests run from target/<profile>/deps/<test-binary>
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn forkvm_bin() -> PathBuf {
+    bin_dir().join("forkvm")
+}
+
+pub fn images_dir() -> PathBuf {
+    std::env::var("FORKVM_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/var/lib/forkvm/images"))
+}
+
+/// Run a command, returning stdout; fails with stderr on a non-zero exit.
+pub fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub struct TestEnv {
+    pub netns: String,
+    pub root: PathBuf,
+    pub data_dir: PathBuf,
+    pub mem_dir: PathBuf,
+    pub socket: PathBuf,
+    pub bridge: String,
+    pub subnet: String,
+    /// `(address, token)` when the daemon also listens on TCP (inside the namespace).
+    pub tcp: Option<(String, String)>,
+    daemon: Option<Child>,
+}
+
+impl TestEnv {
+    /// A new namespace and directories, and a daemon serving in them.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Like [`TestEnv::start`], with the daemon also serving TCP on
+    /// `127.0.0.1:port` of the namespace, authenticated by `token`.
+    pub async fn start_tcp(port: u16, token: &str) -> Result<Self> {
+        Self::start_with(Some((format!("127.0.0.1:{port}"), token.to_string()))).await
+    }
+
+    async fn start_with(tcp: Option<(String, String)>) -> Result<Self> {
+        let img = images_dir().join("default");
+        if !img.join("manifest.json").exists() {
+            bail!(
+                "guest image missing at {}: run scripts/setup.sh first",
+                img.display()
+            );
+        }
+        let tag = format!("{:08x}", rand::random::<u32>());
+        let netns = format!("fvt-{tag}");
+        let root = std::env::temp_dir().join(format!("forkvm-test-{tag}"));
+        sh(Command::new("ip").args(["netns", "add", &netns]))?;
+        // From here on, Drop removes the namespace and directories on any error.
+        let mut env = Self {
+            netns,
+            socket: root.join("forkvm.sock"),
+            data_dir: root.join("data"),
+            root,
+            mem_dir: PathBuf::from(format!("/dev/shm/forkvm-test-{tag}")),
+            bridge: "fvtbr0".into(),
+            subnet: "10.77.0.0/24".into(),
+            tcp,
+            daemon: None,
+        };
+        // Loopback starts down in a new namespace; the TCP listener needs it.
+        sh(Command::new("ip").args(["-n", &env.netns, "link", "set", "lo", "up"]))?;
+        std::fs::create_dir_all(env.data_dir.join("images"))?;
+        std::fs::create_dir_all(&env.mem_dir)?;
+        std::os::unix::fs::symlink(&img, env.data_dir.join("images").join("default"))?;
+        env.spawn_daemon()?;
+        env.wait_ready().await?;
+        Ok(env)
+    }
+
+    /// Start (or restart) the daemon in the namespace.
+    pub fn spawn_daemon(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("daemon.log"))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns]).arg(forkvm_bin());
+        if let Some((addr, token)) = &self.tcp {
+            cmd.args(["serve", "--listen", addr])
+                .env("FORKVM_API_TOKEN", token);
+        } else {
+            cmd.arg("serve");
+        }
+        let child = cmd
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--bridge", &self.bridge, "--subnet", &self.subnet])
+            .env("FORKVM_MEM_DIR", &self.mem_dir)
+            .env("RUST_LOG", "info,forkvm=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning forkvm serve")?;
+        self.daemon = Some(child);
+        Ok(())
+    }
+
+    pub async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = self.request("GET", "/health", None).await {
+                return Ok(());
+            }
+            if let Some(c) = self.daemon.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                bail!("daemon exited ({st}):\n{}", self.daemon_log());
+            }
+            if Instant::now() > deadline {
+                bail!("daemon not ready within 60 s:\n{}", self.daemon_log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL the daemon (VMs keep running).
+    pub fn kill_daemon(&mut self) -> Result<()> {
+        if let Some(mut c) = self.daemon.take() {
+            // `ip netns exec` execs the daemon, so the child pid is the daemon.
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.root.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// One HTTP request over the unix socket; returns (status, JSON or text as Value::String).
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        self.request_raw(method, path, body.map(|b| b.to_string()))
+            .await
+    }
+
+    pub async fn request_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(u16, Value)> {
+        let stream = tokio::net::UnixStream::connect(&self.socket).await?;
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://forkvm{path}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, v))
+    }
+
+    /// Run a command in the test's namespace (e.g. ping a guest).
+    pub fn in_netns(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns]).args(args);
+        c
+    }
+
+    pub fn ping(&self, ip: &str) -> bool {
+        self.in_netns(&["ping", "-c", "1", "-W", "2", ip])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Network interfaces in the namespace.
+    pub fn links(&self) -> Result<Vec<String>> {
+        let out = sh(&mut self.in_netns(&["ip", "-o", "link", "show"]))?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect())
+    }
+
+    /// Pids of QEMU processes started for this env's data directory.
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        qemu_pids_matching(&self.data_dir)
+    }
+}
+
+pub fn qemu_pids_matching(needle: &Path) -> Vec<i32> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut pids = vec![];
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                let cmd = String::from_utf8_lossy(&cmd);
+                if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    pids
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = self.kill_daemon();
+        for pid in self.qemu_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        if std::env::var_os("FORKVM_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+        let _ = std::fs::remove_dir_all(&self.mem_dir);
+    }
+}
+
+/// Poll `f` until it returns Some or the deadline passes.
+pub async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

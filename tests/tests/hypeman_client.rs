@@ -1,0 +1,41 @@
+//! The official hypeman Python client (from PyPI) against a real daemon over
+//! TCP with a bearer token: create, list, get, stop, start, logs, delete.
+
+use anyhow::{Context, Result};
+use forkvm_e2e::TestEnv;
+use std::path::PathBuf;
+
+fn python() -> Result<PathBuf> {
+    let venv = std::env::var("FORKVM_TEST_VENV")
+        .map(PathBuf::from)
+        .context(
+            "FORKVM_TEST_VENV unset: scripts/test.sh creates the venv with the hypeman client",
+        )?;
+    Ok(venv.join("bin").join("python3"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_hypeman_client_works_over_tcp_with_token() -> Result<()> {
+    let py = python()?;
+    let token = format!("tok-{:016x}", rand::random::<u64>());
+    let env = TestEnv::start_tcp(4973, &token).await?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/hypeman_client_check.py");
+    let out = env
+        .in_netns(&[
+            py.to_str().unwrap_or("python3"),
+            script.to_str().unwrap_or_default(),
+        ])
+        .env("HYPEMAN_BASE_URL", "http://127.0.0.1:4973")
+        .env("HYPEMAN_API_KEY", &token)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "hypeman client check failed:\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
+        env.daemon_log()
+    );
+    assert!(stdout.contains("hypeman client: ok"));
+    Ok(())
+}
