@@ -13,9 +13,10 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 # 1. Debian packages
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ldd /bin/busybox 2>&1 | grep -q "not a dynamic" || need+=(busybox-static)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
+command -v curl >/dev/null || need+=(curl)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)

@@ -64,22 +64,32 @@ pub struct TestEnv {
     pub subnet: String,
     /// `(address, token)` when the daemon also listens on TCP (inside the namespace).
     pub tcp: Option<(String, String)>,
+    /// Extra environment for the daemon (e.g. FORKVM_HANDOFF_TIMEOUT_MS).
+    pub daemon_env: Vec<(String, String)>,
     daemon: Option<Child>,
 }
 
 impl TestEnv {
     /// A new namespace and directories, and a daemon serving in them.
     pub async fn start() -> Result<Self> {
-        Self::start_with(None).await
+        Self::start_with(None, &[]).await
+    }
+
+    /// Like [`TestEnv::start`], with extra daemon environment variables.
+    pub async fn start_env(env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with(None, env).await
     }
 
     /// Like [`TestEnv::start`], with the daemon also serving TCP on
     /// `127.0.0.1:port` of the namespace, authenticated by `token`.
     pub async fn start_tcp(port: u16, token: &str) -> Result<Self> {
-        Self::start_with(Some((format!("127.0.0.1:{port}"), token.to_string()))).await
+        Self::start_with(Some((format!("127.0.0.1:{port}"), token.to_string())), &[]).await
     }
 
-    async fn start_with(tcp: Option<(String, String)>) -> Result<Self> {
+    async fn start_with(
+        tcp: Option<(String, String)>,
+        daemon_env: &[(&str, &str)],
+    ) -> Result<Self> {
         let img = images_dir().join("default");
         if !img.join("manifest.json").exists() {
             bail!(
@@ -101,6 +111,10 @@ impl TestEnv {
             bridge: "fvtbr0".into(),
             subnet: "10.77.0.0/24".into(),
             tcp,
+            daemon_env: daemon_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             daemon: None,
         };
         // Loopback starts down in a new namespace; the TCP listener needs it.
@@ -127,6 +141,7 @@ impl TestEnv {
         } else {
             cmd.arg("serve");
         }
+        cmd.envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .arg("--socket")
             .arg(&self.socket)
@@ -227,6 +242,32 @@ impl TestEnv {
             .status()
             .map(|s| s.success())
             .unwrap_or(false)
+    }
+
+    /// HTTP GET from the namespace (the host side of the bridge).
+    pub fn http_get(&self, url: &str) -> Option<String> {
+        let out = self
+            .in_netns(&["curl", "-sS", "--max-time", "5", url])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Run a command in an instance through the API; fails unless exit 0.
+    pub async fn exec_ok(&self, id: &str, cmd: &[&str]) -> Result<String> {
+        let (st, v) = self
+            .request(
+                "POST",
+                &format!("/instances/{id}/exec"),
+                Some(serde_json::json!({ "command": cmd, "timeout_s": 30 })),
+            )
+            .await?;
+        if st != 200 || v["exit_code"] != 0 {
+            bail!("exec {cmd:?} in {id} -> {st}: {v}");
+        }
+        Ok(v["stdout"].as_str().unwrap_or_default().to_string())
     }
 
     /// Network interfaces in the namespace.

@@ -26,6 +26,11 @@ use crate::port::{MAX_FRAME_SIZE, Port};
 /// can test their fallback path.
 pub const DECLINE_RECONFIGURE_ENV: &str = "FORKVM_AGENT_DECLINE_RECONFIGURE";
 
+/// Boot env flag enabling the agent's test hooks (see `hang_if_asked`).
+pub const TEST_HOOKS_ENV: &str = "FORKVM_AGENT_TEST_HOOKS";
+/// While this file exists (and hooks are enabled) RPCs never answer.
+pub const TEST_HANG_FILE: &str = "/run/forkvm-test-hang";
+
 /// Shared state of the agent service.
 pub struct AgentState {
     pub boot_id: String,
@@ -58,6 +63,18 @@ impl AgentState {
     fn count(&self, method: &str) {
         let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         *c.entry(method.to_owned()).or_default() += 1;
+    }
+
+    /// Test hook, honoured only when the boot env sets
+    /// `FORKVM_AGENT_TEST_HOOKS=1`: while `/run/forkvm-test-hang` exists every
+    /// RPC is accepted and never answered (a hung agent, for host tests).
+    async fn hang_if_asked(&self) {
+        if self.boot_env.get(TEST_HOOKS_ENV).map(String::as_str) != Some("1") {
+            return;
+        }
+        while std::path::Path::new(TEST_HANG_FILE).exists() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     fn decline_reconfigure(&self) -> bool {
@@ -125,6 +142,7 @@ impl Agent for AgentService {
         _req: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
         self.state.count("Health");
+        self.state.hang_if_asked().await;
         let hostname = nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
@@ -148,6 +166,7 @@ impl Agent for AgentService {
 
     async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
         self.state.count("Exec");
+        self.state.hang_if_asked().await;
         let spec = self.state.exec_spec(req.into_inner());
         let (outcome, out) = exec::run_collect(&self.state.reaper, spec)
             .await
@@ -168,6 +187,7 @@ impl Agent for AgentService {
         req: Request<ExecRequest>,
     ) -> Result<Response<Self::ExecStreamStream>, Status> {
         self.state.count("ExecStream");
+        self.state.hang_if_asked().await;
         let spec = self.state.exec_spec(req.into_inner());
         if spec.argv.is_empty() {
             return Err(exec_status(ExecError::EmptyArgv));
@@ -216,6 +236,7 @@ impl Agent for AgentService {
         req: Request<NetworkConfig>,
     ) -> Result<Response<ReconfigureResponse>, Status> {
         self.state.count("ReconfigureNetwork");
+        self.state.hang_if_asked().await;
         if self.state.decline_reconfigure() {
             return Err(Status::unimplemented(
                 "ReconfigureNetwork declined by boot env",
@@ -242,6 +263,7 @@ impl Agent for AgentService {
         req: Request<SetClockRequest>,
     ) -> Result<Response<SetClockResponse>, Status> {
         self.state.count("SetClock");
+        self.state.hang_if_asked().await;
         let want = req.into_inner().unix_time_ns;
         if want <= 0 {
             return Err(Status::invalid_argument("unix_time_ns must be positive"));

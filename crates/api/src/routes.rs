@@ -35,7 +35,8 @@ pub struct ApiPath<T>(pub T);
 pub struct ApiQuery<T>(pub T);
 
 /// A JSON body that may be absent: hypeman's client POSTs `stop`/`restore`
-/// with no body (and no content type) but `start`/`standby` with one.
+/// with no body (and no content type) but `start`/`standby` with one (at
+/// least `{}`).
 pub struct OptionalJson<T>(pub Option<T>);
 
 impl<S, T> FromRequest<S> for OptionalJson<T>
@@ -85,12 +86,13 @@ where
         delete_snapshot,
         fork_snapshot,
     ),
-    components(schemas(ErrorBody, Instance, InstanceNetwork, InstanceState)),
+    components(schemas(ErrorBody, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
+        ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork)),
     modifiers(&BearerAuth),
     security(("bearerAuth" = [])),
     tags(
         (name = "instances", description = "VM instances"),
-        (name = "snapshots", description = "Snapshots (not implemented yet)"),
+        (name = "snapshots", description = "Snapshots and forks from them"),
         (name = "health", description = "Liveness"),
     )
 )]
@@ -266,48 +268,111 @@ async fn stop_instance(
     Ok(Json(m.stop(&id).await?.into()))
 }
 
-/// Put an instance into standby (snapshot and stop). Not implemented yet.
+/// Put a Running instance into standby: snapshot its memory and device
+/// state, then stop its VMM. The snapshot is kept until the instance is
+/// restored.
 #[utoipa::path(post, path = "/instances/{id}/standby", tag = "instances",
     params(("id" = String, Path, description = "Instance id or name")),
-    responses((status = 200, body = Instance), (status = 404, body = ErrorBody),
+    request_body(content = Option<InstanceStandbyParams>),
+    responses((status = 200, body = Instance), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
               (status = 501, body = ErrorBody)))]
 async fn standby_instance(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
-    OptionalJson(_p): OptionalJson<serde_json::Value>,
+    OptionalJson(p): OptionalJson<InstanceStandbyParams>,
 ) -> Result<Json<Instance>, ApiError> {
-    m.get(&id).await?;
-    Err(ApiError::not_implemented("standby is not implemented yet"))
+    if let Some(p) = &p {
+        reject_compression(p.compression.as_ref())?;
+    }
+    tracing::info!(instance = %id, "standby");
+    Ok(Json(m.standby(&id).await?.into()))
 }
 
-/// Restore an instance from standby. Not implemented yet.
+/// Restore a Standby instance to Running on its own address.
 #[utoipa::path(post, path = "/instances/{id}/restore", tag = "instances",
     params(("id" = String, Path, description = "Instance id or name")),
     responses((status = 200, body = Instance), (status = 404, body = ErrorBody),
-              (status = 501, body = ErrorBody)))]
+              (status = 409, body = ErrorBody), (status = 501, body = ErrorBody)))]
 async fn restore_instance(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
+    // hypeman's client sends no body; tolerate one (e.g. `{}`) all the same.
+    OptionalJson(_p): OptionalJson<serde_json::Value>,
 ) -> Result<Json<Instance>, ApiError> {
-    m.get(&id).await?;
-    Err(ApiError::not_implemented("restore is not implemented yet"))
+    tracing::info!(instance = %id, "restore");
+    Ok(Json(m.restore(&id).await?.into()))
 }
 
-/// Fork an instance. Not implemented yet.
+/// Fork an instance.
+///
+/// Without `count`: 201 with the new instance (or the fork's error, as any
+/// other error). With `count` (1–64): 201 with an array, one entry per fork
+/// named `name-1` … `name-N`, each either the instance or
+/// `{name, error: {code, message}}`; check every entry.
 #[utoipa::path(post, path = "/instances/{id}/fork", tag = "instances",
     params(("id" = String, Path, description = "Source instance id or name")),
     request_body = InstanceForkParams,
-    responses((status = 201, body = Instance), (status = 400, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-              (status = 501, body = ErrorBody)))]
+    responses((status = 201, body = ForkResponse,
+               description = "The fork (without `count`) or one entry per fork (with `count`)"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 501, body = ErrorBody)))]
 async fn fork_instance(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
     ApiJson(p): ApiJson<InstanceForkParams>,
-) -> Result<(StatusCode, Json<Instance>), ApiError> {
-    forkvm_core::validate_name(&p.name)?;
-    m.get(&id).await?;
-    Err(ApiError::not_implemented("fork is not implemented yet"))
+) -> Result<(StatusCode, Json<ForkResponse>), ApiError> {
+    let req = p.into_core()?;
+    tracing::info!(source = %id, name = %req.name, count = ?req.count, from_running = req.from_running,
+        target_state = ?req.target_state, wait_for_network = ?req.wait_for_network, "forking instance");
+    let batch = req.count.is_some();
+    let name = req.name.clone();
+    let results = m.fork(&id, req).await?;
+    fork_response(&name, batch, results)
+}
+
+/// Shape the core's per-fork results into the response body.
+///
+/// The core returns batch results in order, for the names `name-1..N`; that
+/// order is how a failed entry gets its name back.
+fn fork_response(
+    name: &str,
+    batch: bool,
+    results: Vec<forkvm_core::Result<forkvm_core::Instance>>,
+) -> Result<(StatusCode, Json<ForkResponse>), ApiError> {
+    if !batch {
+        let one = results.into_iter().next().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the fork produced no result",
+            )
+        })??;
+        return Ok((
+            StatusCode::CREATED,
+            Json(ForkResponse::One(Box::new(one.into()))),
+        ));
+    }
+    let outcomes = results
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| match r {
+            Ok(i) => ForkOutcome::Created(Box::new(i.into())),
+            Err(e) => {
+                let fork_name = format!("{name}-{}", k + 1);
+                let e = ApiError::from(e);
+                tracing::warn!(fork = %fork_name, code = e.code, message = %e.message, "fork failed");
+                ForkOutcome::Failed(ForkFailure {
+                    name: fork_name,
+                    error: ErrorBody {
+                        code: e.code.to_string(),
+                        message: e.message,
+                    },
+                })
+            }
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(ForkResponse::Many(outcomes))))
 }
 
 /// Serial console output of an instance.
@@ -387,23 +452,27 @@ async fn exec_instance(
     Ok(Json(m.exec(&id, req).await?.into()))
 }
 
-/// Snapshot an instance. Not implemented yet.
+/// Snapshot an instance (kind `Standby`: memory and device state; a Running
+/// source is paused briefly).
 #[utoipa::path(post, path = "/instances/{id}/snapshots", tag = "snapshots",
     params(("id" = String, Path, description = "Instance id or name")),
     request_body = SnapshotCreateParams,
-    responses((status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
+    responses((status = 201, body = Snapshot), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 501, body = ErrorBody)))]
 async fn create_snapshot(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
-    ApiJson(_p): ApiJson<SnapshotCreateParams>,
-) -> Result<Response, ApiError> {
-    m.get(&id).await?;
-    Err(ApiError::not_implemented(
-        "snapshots are not implemented yet",
-    ))
+    ApiJson(p): ApiJson<SnapshotCreateParams>,
+) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
+    let name = p.validate()?;
+    tracing::info!(instance = %id, name = ?name, "creating snapshot");
+    let snap = m.create_snapshot(&id, name).await?;
+    Ok((StatusCode::CREATED, Json(Snapshot::from(&snap))))
 }
 
-/// Restore an instance from one of its snapshots. Not implemented yet.
+/// Restore an instance from one of its snapshots. Not implemented yet: use
+/// standby/restore, or fork from the snapshot.
 #[utoipa::path(post, path = "/instances/{id}/snapshots/{snapshot_id}/restore", tag = "snapshots",
     params(("id" = String, Path, description = "Instance id or name"),
            ("snapshot_id" = String, Path, description = "Snapshot id")),
@@ -415,47 +484,73 @@ async fn restore_snapshot(
 ) -> Result<Response, ApiError> {
     m.get(&id).await?;
     Err(ApiError::not_implemented(
-        "snapshots are not implemented yet",
+        "restoring an instance from a snapshot is not implemented yet: fork from the snapshot instead",
     ))
 }
 
-/// List snapshots. Not implemented yet.
-#[utoipa::path(get, path = "/snapshots", tag = "snapshots",
-    responses((status = 501, body = ErrorBody)))]
-async fn list_snapshots() -> ApiError {
-    ApiError::not_implemented("snapshots are not implemented yet")
+/// List snapshots.
+#[utoipa::path(get, path = "/snapshots", tag = "snapshots", params(SnapshotListQuery),
+    responses((status = 200, body = Vec<Snapshot>), (status = 400, body = ErrorBody)))]
+async fn list_snapshots(
+    State(m): State<AppState>,
+    ApiQuery(q): ApiQuery<SnapshotListQuery>,
+) -> Result<Json<Vec<Snapshot>>, ApiError> {
+    let list = m.list_snapshots().await?;
+    Ok(Json(
+        list.iter()
+            .map(Snapshot::from)
+            .filter(|s| q.matches(s))
+            .collect(),
+    ))
 }
 
-/// Get a snapshot. Not implemented yet.
+/// Get a snapshot by id or name.
 #[utoipa::path(get, path = "/snapshots/{snapshot_id}", tag = "snapshots",
-    params(("snapshot_id" = String, Path, description = "Snapshot id")),
-    responses((status = 501, body = ErrorBody)))]
-async fn get_snapshot(ApiPath(_id): ApiPath<String>) -> ApiError {
-    ApiError::not_implemented("snapshots are not implemented yet")
+    params(("snapshot_id" = String, Path, description = "Snapshot id or name")),
+    responses((status = 200, body = Snapshot), (status = 404, body = ErrorBody)))]
+async fn get_snapshot(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Snapshot>, ApiError> {
+    Ok(Json(Snapshot::from(&m.get_snapshot(&id).await?)))
 }
 
-/// Delete a snapshot. Not implemented yet.
+/// Delete a snapshot. A Standby instance's own snapshot can't be deleted
+/// (409): restore or delete the instance instead.
 #[utoipa::path(delete, path = "/snapshots/{snapshot_id}", tag = "snapshots",
-    params(("snapshot_id" = String, Path, description = "Snapshot id")),
-    responses((status = 501, body = ErrorBody)))]
-async fn delete_snapshot(ApiPath(_id): ApiPath<String>) -> ApiError {
-    ApiError::not_implemented("snapshots are not implemented yet")
+    params(("snapshot_id" = String, Path, description = "Snapshot id or name")),
+    responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody)))]
+async fn delete_snapshot(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    tracing::info!(snapshot = %id, "deleting snapshot");
+    m.delete_snapshot(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
-/// Fork a new instance from a snapshot. Not implemented yet.
+/// Fork new instances from a snapshot. Response as for instance forks:
+/// one instance without `count`, an array of outcomes with it.
 #[utoipa::path(post, path = "/snapshots/{snapshot_id}/fork", tag = "snapshots",
-    params(("snapshot_id" = String, Path, description = "Snapshot id")),
+    params(("snapshot_id" = String, Path, description = "Snapshot id or name")),
     request_body = SnapshotForkParams,
-    responses((status = 201, body = Instance), (status = 400, body = ErrorBody),
-              (status = 501, body = ErrorBody)))]
+    responses((status = 201, body = ForkResponse,
+               description = "The fork (without `count`) or one entry per fork (with `count`)"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 501, body = ErrorBody)))]
 async fn fork_snapshot(
-    ApiPath(_id): ApiPath<String>,
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(p): ApiJson<SnapshotForkParams>,
-) -> Result<Response, ApiError> {
-    forkvm_core::validate_name(&p.name)?;
-    Err(ApiError::not_implemented(
-        "snapshots are not implemented yet",
-    ))
+) -> Result<(StatusCode, Json<ForkResponse>), ApiError> {
+    let req = p.into_core()?;
+    tracing::info!(snapshot = %id, name = %req.name, count = ?req.count,
+        target_state = ?req.target_state, wait_for_network = ?req.wait_for_network, "forking snapshot");
+    let batch = req.count.is_some();
+    let name = req.name.clone();
+    let results = m.fork_snapshot(&id, req).await?;
+    fork_response(&name, batch, results)
 }
 
 #[cfg(test)]
@@ -470,5 +565,58 @@ mod tests {
             "data: \"boot ok\"\n\ndata: \"said \\\"hi\\\"\"\n\ndata: \"\"\n\ndata: \"end\"\n\n"
         );
         assert_eq!(sse_body(""), "");
+    }
+
+    fn core_instance(name: &str) -> forkvm_core::Instance {
+        serde_json::from_value(serde_json::json!({
+            "id": format!("id-{name}"), "name": name, "image": "default", "state": "Running",
+            "state_error": null, "vcpus": 1, "memory_mb": 256, "env": {}, "entrypoint": [],
+            "network": {"enabled": false, "ip": null, "mac": null, "tap": null,
+                        "gateway": null, "prefix_len": null, "bridge": null},
+            "created_at": "2026-01-01T00:00:00Z", "started_at": null, "stopped_at": null,
+            "pid": null, "accel": null
+        }))
+        .expect("core::Instance JSON")
+    }
+
+    #[test]
+    fn batch_fork_results_keep_order_and_names() {
+        use forkvm_core::CoreError;
+        let (status, Json(body)) = fork_response(
+            "w",
+            true,
+            vec![
+                Ok(core_instance("w-1")),
+                Err(CoreError::Exhausted("no free address".into())),
+                Ok(core_instance("w-3")),
+            ],
+        )
+        .unwrap();
+        assert_eq!(status, StatusCode::CREATED);
+        let v = serde_json::to_value(body).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 3);
+        assert_eq!(v[0]["name"], "w-1");
+        assert_eq!(v[1]["name"], "w-2");
+        assert_eq!(v[1]["error"]["code"], "exhausted");
+        assert_eq!(v[1]["error"]["message"], "no free address");
+        assert_eq!(v[2]["id"], "id-w-3");
+    }
+
+    #[test]
+    fn single_fork_error_keeps_its_status() {
+        use forkvm_core::CoreError;
+        let e = fork_response(
+            "w",
+            false,
+            vec![Err(CoreError::Conflict("name taken".into()))],
+        )
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::CONFLICT);
+        assert_eq!(e.code, "conflict");
+        let e = fork_response("w", false, vec![]).unwrap_err();
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        let (s, Json(body)) = fork_response("w", false, vec![Ok(core_instance("w"))]).unwrap();
+        assert_eq!(s, StatusCode::CREATED);
+        assert_eq!(serde_json::to_value(body).unwrap()["name"], "w");
     }
 }

@@ -147,6 +147,78 @@ pub struct Instance {
     /// forkvm: accelerator of the current/last VMM ("tcg" or "kvm").
     #[serde(default)]
     pub accel: Option<String>,
+    /// forkvm: the snapshot holding this instance's state while in Standby.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// forkvm: the instance or snapshot this one was forked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<String>,
+    /// forkvm: how the network identity reached the guest after the last
+    /// fork or restore, with per-stage timings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<Handoff>,
+}
+
+/// forkvm: which way a fork learned its new network identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HandoffPath {
+    /// Guest-initiated, through the mailbox page in snapshot memory.
+    Mailbox,
+    /// Host-initiated ReconfigureNetwork RPC to the guest agent.
+    Rpc,
+    /// Host-initiated shell `ip` commands through the agent's exec.
+    Exec,
+}
+
+impl HandoffPath {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Mailbox => "mailbox",
+            Self::Rpc => "rpc",
+            Self::Exec => "exec",
+        }
+    }
+}
+
+impl From<core::HandoffPath> for HandoffPath {
+    fn from(p: core::HandoffPath) -> Self {
+        match p {
+            core::HandoffPath::Mailbox => Self::Mailbox,
+            core::HandoffPath::Rpc => Self::Rpc,
+            core::HandoffPath::Exec => Self::Exec,
+        }
+    }
+}
+
+/// forkvm: the network handoff of a fork or restore.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Handoff {
+    /// Path taken; null while a handoff is still pending (`wait_for_network=false`).
+    #[serde(default)]
+    pub path: Option<HandoffPath>,
+    /// Why a faster path was not used, when the fork fell back.
+    #[serde(default)]
+    pub fallback_reason: Option<String>,
+    /// Why the handoff failed, if it did.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Stage name → milliseconds (e.g. `vmm_start`, `state_load`, `resume`,
+    /// `network_ready`, `total`).
+    #[serde(default)]
+    #[schema(example = json!({"resume": 2.1, "network_ready": 18.4, "total": 96.0}))]
+    pub stages_ms: BTreeMap<String, f64>,
+}
+
+impl From<&core::HandoffRecord> for Handoff {
+    fn from(h: &core::HandoffRecord) -> Self {
+        Self {
+            path: h.path.map(Into::into),
+            fallback_reason: h.fallback_reason.clone(),
+            error: h.error.clone(),
+            stages_ms: h.stages_ms.clone(),
+        }
+    }
 }
 
 impl From<&core::Instance> for Instance {
@@ -165,8 +237,7 @@ impl From<&core::Instance> for Instance {
             vcpus: i.vcpus,
             size: format_size_mb(i.memory_mb),
             hypervisor: "qemu".into(),
-            // Snapshots are not wired into the core yet.
-            has_snapshot: false,
+            has_snapshot: i.snapshot_id.is_some(),
             network: InstanceNetwork {
                 enabled: n.enabled,
                 ip: n.ip.clone(),
@@ -181,6 +252,9 @@ impl From<&core::Instance> for Instance {
             command: i.entrypoint.clone(),
             pid: i.pid,
             accel: i.accel.clone(),
+            snapshot_id: i.snapshot_id.clone(),
+            forked_from: i.forked_from.clone(),
+            handoff: i.handoff.as_ref().map(Handoff::from),
         }
     }
 }
@@ -293,46 +367,312 @@ pub enum ForkTargetState {
     Running,
 }
 
-/// `POST /instances/{id}/fork` body (hypeman's InstanceForkParams plus `wait_for_network`).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+impl From<ForkTargetState> for core::InstanceState {
+    fn from(s: ForkTargetState) -> Self {
+        match s {
+            ForkTargetState::Stopped => Self::Stopped,
+            ForkTargetState::Standby => Self::Standby,
+            ForkTargetState::Running => Self::Running,
+        }
+    }
+}
+
+/// Most forks one request may ask for.
+pub const MAX_FORK_COUNT: u32 = 64;
+
+/// `POST /instances/{id}/fork` body: hypeman's InstanceForkParams plus the
+/// forkvm extras `count` and `wait_for_network`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct InstanceForkParams {
-    /// Name of the new instance.
+    /// Name of the new instance; with `count`, forks are named `name-1` … `name-N`.
     pub name: String,
     /// Allow forking a running source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_running: Option<bool>,
+    /// Final state of the fork (default: the source's state).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_state: Option<ForkTargetState>,
+    /// forkvm: make this many forks (1–64). The response is then an array of
+    /// [`ForkOutcome`], one per fork, instead of a single instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub count: Option<u32>,
     /// forkvm: return only once the fork answers on its new address (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_for_network: Option<bool>,
 }
 
-/// Snapshot kind (hypeman's SnapshotKind).
+impl InstanceForkParams {
+    /// Validate and convert into the core's request.
+    pub fn into_core(self) -> Result<core::ForkRequest, ApiError> {
+        validate_fork(&self.name, self.count)?;
+        Ok(core::ForkRequest {
+            name: self.name,
+            from_running: self.from_running.unwrap_or(false),
+            target_state: self.target_state.map(Into::into),
+            count: self.count,
+            wait_for_network: self.wait_for_network,
+        })
+    }
+}
+
+/// The name and count rules shared by both fork endpoints: `count` in
+/// 1..=64 and every derived name (`name-N`) a valid instance name.
+fn validate_fork(name: &str, count: Option<u32>) -> Result<(), ApiError> {
+    core::validate_name(name)?;
+    if let Some(n) = count {
+        if !(1..=MAX_FORK_COUNT).contains(&n) {
+            return Err(ApiError::invalid(format!(
+                "count must be between 1 and {MAX_FORK_COUNT}, got {n}"
+            )));
+        }
+        // The longest derived name is the last one.
+        core::validate_name(&format!("{name}-{n}"))?;
+    }
+    Ok(())
+}
+
+/// One entry of a batch fork's response: the new instance, or why that fork failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ForkOutcome {
+    Created(Box<Instance>),
+    Failed(ForkFailure),
+}
+
+impl ForkOutcome {
+    /// The fork's name, whether it succeeded or not.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Created(i) => &i.name,
+            Self::Failed(f) => &f.name,
+        }
+    }
+}
+
+/// Body of a 201 from a fork endpoint: one instance without `count`, an
+/// array with one entry per fork with `count`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ForkResponse {
+    One(Box<Instance>),
+    Many(Vec<ForkOutcome>),
+}
+
+/// A fork of a batch that failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForkFailure {
+    /// The name the fork would have had.
+    #[schema(example = "web-fork-3")]
+    pub name: String,
+    pub error: ErrorBody,
+}
+
+/// Snapshot kind (hypeman's SnapshotKind). forkvm snapshots are always
+/// `Standby` (memory and device state of a running VM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum SnapshotKind {
     Standby,
     Stopped,
 }
 
-/// `POST /instances/{id}/snapshots` body.
+/// `POST /instances/{id}/snapshots` body (hypeman's SnapshotCreateParams).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotCreateParams {
+    /// Only `Standby` is supported; `Stopped` is answered with 501.
     pub kind: SnapshotKind,
+    /// Lowercase letters, digits and dashes; ≤ 63.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Not supported yet: non-empty tags are answered with 501.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<BTreeMap<String, String>>,
+    /// Not supported: `{"enabled": true}` is answered with 501.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub compression: Option<serde_json::Value>,
 }
 
-/// `POST /snapshots/{snapshot_id}/fork` body.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+impl SnapshotCreateParams {
+    /// Validate; returns the snapshot name to pass to the core.
+    pub fn validate(self) -> Result<Option<String>, ApiError> {
+        if let Some(n) = &self.name {
+            core::validate_name(n)?;
+        }
+        if self.kind == SnapshotKind::Stopped {
+            return Err(ApiError::not_implemented(
+                "\"Stopped\" snapshots (disk only) are not supported yet: use kind \"Standby\"",
+            ));
+        }
+        if self.tags.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::not_implemented(
+                "snapshot tags are not supported yet",
+            ));
+        }
+        reject_compression(self.compression.as_ref())?;
+        Ok(self.name)
+    }
+}
+
+/// Snapshot compression (hypeman's SnapshotCompressionConfig) is accepted
+/// when it asks for nothing; enabling it gets a 501 rather than being ignored.
+pub fn reject_compression(c: Option<&serde_json::Value>) -> Result<(), ApiError> {
+    if c.and_then(|c| c.get("enabled"))
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+    {
+        return Err(ApiError::not_implemented(
+            "snapshot compression is not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// Optional body of `POST /instances/{id}/standby` (hypeman's
+/// InstanceStandbyParams; its client always sends at least `{}`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct InstanceStandbyParams {
+    /// Not supported: `{"enabled": true}` is answered with 501.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub compression: Option<serde_json::Value>,
+    /// Accepted and ignored (there is no compression to delay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression_delay: Option<String>,
+}
+
+/// `POST /snapshots/{snapshot_id}/fork` body: hypeman's SnapshotForkParams
+/// plus the forkvm extras `count` and `wait_for_network`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotForkParams {
+    /// Name of the new instance; with `count`, forks are named `name-1` … `name-N`.
     pub name: String,
+    /// Only "qemu" (the snapshot's own hypervisor) is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_hypervisor: Option<String>,
+    /// Final state of the fork (default Running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_state: Option<ForkTargetState>,
+    /// forkvm: make this many forks (1–64); the response is then an array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub count: Option<u32>,
+    /// forkvm: return only once the fork answers on its new address (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for_network: Option<bool>,
+}
+
+impl SnapshotForkParams {
+    /// Validate and convert into the core's request.
+    pub fn into_core(self) -> Result<core::ForkRequest, ApiError> {
+        validate_fork(&self.name, self.count)?;
+        if let Some(h) = &self.target_hypervisor
+            && h != "qemu"
+        {
+            return Err(ApiError::invalid(format!(
+                "target_hypervisor {h:?} is not available: forkvm snapshots fork on \"qemu\" only"
+            )));
+        }
+        Ok(core::ForkRequest {
+            name: self.name,
+            from_running: false,
+            target_state: self.target_state.map(Into::into),
+            count: self.count,
+            wait_for_network: self.wait_for_network,
+        })
+    }
+}
+
+/// forkvm: the network identity a snapshot carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotNetwork {
+    pub enabled: bool,
+    pub ip: Option<String>,
+    pub mac: Option<String>,
+}
+
+/// A snapshot as returned by the API (hypeman's Snapshot plus forkvm extras).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub id: String,
+    pub created_at: DateTime<Utc>,
+    /// Always `Standby`: memory and device state of a running VM.
+    pub kind: SnapshotKind,
+    /// Bytes used on the host (device state plus allocated memory blocks).
+    pub size_bytes: u64,
+    /// Always "qemu".
+    #[schema(example = "qemu")]
+    pub source_hypervisor: String,
+    pub source_instance_id: String,
+    pub source_instance_name: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// forkvm: guest image of the source.
+    #[serde(default)]
+    pub image: String,
+    /// forkvm: vCPUs of the source (forks get the same).
+    #[serde(default)]
+    pub vcpus: u32,
+    /// forkvm: memory of the source in MiB (forks get the same).
+    #[serde(default)]
+    pub memory_mb: u32,
+    /// forkvm: the source's network identity at snapshot time.
+    #[serde(default)]
+    pub network: SnapshotNetwork,
+    /// forkvm: set when this is the state of an instance in Standby (it
+    /// goes away when that instance is restored or deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_of: Option<String>,
+}
+
+impl From<&core::Snapshot> for Snapshot {
+    fn from(s: &core::Snapshot) -> Self {
+        Self {
+            id: s.id.clone(),
+            created_at: s.created_at,
+            kind: SnapshotKind::Standby,
+            size_bytes: s.size_bytes,
+            source_hypervisor: "qemu".into(),
+            source_instance_id: s.source_instance_id.clone(),
+            source_instance_name: s.source_instance_name.clone(),
+            name: s.name.clone(),
+            image: s.image.clone(),
+            vcpus: s.vcpus,
+            memory_mb: s.memory_mb,
+            network: SnapshotNetwork {
+                enabled: s.network.enabled,
+                ip: s.network.ip.clone(),
+                mac: s.network.mac.clone(),
+            },
+            standby_of: s.standby_of.clone(),
+        }
+    }
+}
+
+/// Query of `GET /snapshots` (hypeman's SnapshotListParams; `tags` is ignored).
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SnapshotListQuery {
+    /// Only snapshots of this kind.
+    pub kind: Option<SnapshotKind>,
+    /// Only snapshots with this name.
+    pub name: Option<String>,
+    /// Only snapshots of this source instance (id).
+    pub source_instance_id: Option<String>,
+}
+
+impl SnapshotListQuery {
+    pub fn matches(&self, s: &Snapshot) -> bool {
+        self.kind.is_none_or(|k| k == s.kind)
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|n| s.name.as_ref() == Some(n))
+            && self
+                .source_instance_id
+                .as_ref()
+                .is_none_or(|id| *id == s.source_instance_id)
+    }
 }
 
 /// forkvm: `POST /instances/{id}/exec` body.
@@ -559,6 +899,11 @@ mod shape_tests {
             stopped_at: None,
             pid: Some(42),
             accel: Some("tcg".into()),
+            snapshot_id: None,
+            forked_from: None,
+            pending_handoff: false,
+            handoff: None,
+            cmdline: None,
         };
         let v = serde_json::to_value(Instance::from(&core_inst)).unwrap();
         let expected: serde_json::Value = serde_json::from_str(
@@ -574,5 +919,142 @@ mod shape_tests {
         // and it reads back (the CLI deserializes it)
         let back: Instance = serde_json::from_value(v).unwrap();
         assert_eq!(back.network.name.as_deref(), Some("default"));
+    }
+
+    /// A forked core instance, built from JSON so that fields the core adds
+    /// later (with serde defaults) don't break this test.
+    fn sample_core() -> core::Instance {
+        serde_json::from_value(serde_json::json!({
+            "id": "i-2", "name": "web-fork", "image": "default", "state": "Running",
+            "state_error": null, "vcpus": 1, "memory_mb": 256, "env": {}, "entrypoint": [],
+            "network": {"enabled": true, "ip": "10.88.0.3", "mac": "02:fc:00:00:00:03",
+                        "tap": null, "gateway": null, "prefix_len": null, "bridge": null},
+            "created_at": "2026-01-01T00:00:00Z", "started_at": null, "stopped_at": null,
+            "pid": null, "accel": null, "snapshot_id": "s-1", "forked_from": "i-1",
+            "pending_handoff": false,
+            "handoff": {"path": "mailbox", "fallback_reason": null, "error": null,
+                        "stages_ms": {"network_ready": 12.5, "total": 80.0}}
+        }))
+        .expect("core::Instance JSON")
+    }
+
+    /// Fork extras appear only when set, `has_snapshot` follows `snapshot_id`.
+    #[test]
+    fn fork_extras() {
+        let v = serde_json::to_value(Instance::from(&sample_core())).unwrap();
+        assert_eq!(v["has_snapshot"], true);
+        assert_eq!(v["snapshot_id"], "s-1");
+        assert_eq!(v["forked_from"], "i-1");
+        assert_eq!(
+            v["handoff"],
+            serde_json::json!({"path":"mailbox","fallback_reason":null,"error":null,
+                               "stages_ms":{"network_ready":12.5,"total":80.0}})
+        );
+        let back: Instance = serde_json::from_value(v).unwrap();
+        assert_eq!(back.handoff.unwrap().path, Some(HandoffPath::Mailbox));
+    }
+
+    /// A batch response distinguishes instances from failures on read-back.
+    #[test]
+    fn fork_response_shapes() {
+        let ok = Instance::from(&sample_core());
+        let many = ForkResponse::Many(vec![
+            ForkOutcome::Created(Box::new(ok.clone())),
+            ForkOutcome::Failed(ForkFailure {
+                name: "web-fork-2".into(),
+                error: ErrorBody {
+                    code: "exhausted".into(),
+                    message: "no free address".into(),
+                },
+            }),
+        ]);
+        let v = serde_json::to_value(&many).unwrap();
+        assert_eq!(v[0]["id"], "i-2");
+        assert_eq!(
+            v[1],
+            serde_json::json!({"name":"web-fork-2","error":{"code":"exhausted","message":"no free address"}})
+        );
+        let back: ForkResponse = serde_json::from_value(v).unwrap();
+        assert_eq!(back, many);
+        let one: ForkResponse = serde_json::from_value(serde_json::to_value(&ok).unwrap()).unwrap();
+        assert_eq!(one, ForkResponse::One(Box::new(ok)));
+    }
+
+    #[test]
+    fn fork_params_validation() {
+        let p = |name: &str, count: Option<u32>| InstanceForkParams {
+            name: name.into(),
+            count,
+            ..Default::default()
+        };
+        let r = p("web", Some(64)).into_core().unwrap();
+        assert_eq!(r.count, Some(64));
+        assert!(!r.from_running);
+        for bad in [
+            p("web", Some(0)),
+            p("web", Some(65)),
+            p("Web", None),
+            p("", None),
+        ] {
+            assert!(bad.into_core().is_err());
+        }
+        // the derived names must be valid too: 61 chars + "-10" is too long
+        assert!(p(&"a".repeat(61), Some(9)).into_core().is_ok());
+        assert!(p(&"a".repeat(61), Some(10)).into_core().is_err());
+
+        let s: SnapshotForkParams = serde_json::from_str(
+            r#"{"name":"f","target_hypervisor":"qemu","target_state":"Standby"}"#,
+        )
+        .unwrap();
+        let r = s.into_core().unwrap();
+        assert_eq!(r.target_state, Some(core::InstanceState::Standby));
+        let s: SnapshotForkParams =
+            serde_json::from_str(r#"{"name":"f","target_hypervisor":"firecracker"}"#).unwrap();
+        assert_eq!(s.into_core().unwrap_err().status.as_u16(), 400);
+    }
+
+    #[test]
+    fn snapshot_shape_parses_as_hypeman_snapshot() {
+        let core_snap = core::Snapshot {
+            id: "s-1".into(),
+            name: Some("warm".into()),
+            source_instance_id: "i-1".into(),
+            source_instance_name: "web-1".into(),
+            created_at: DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
+            image: "default".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            env: Default::default(),
+            entrypoint: vec![],
+            cmdline: "console=ttyS0".into(),
+            network: core::NetworkInfo {
+                enabled: true,
+                ip: Some("10.88.0.2".into()),
+                mac: Some("02:fc:00:00:00:02".into()),
+                tap: Some("fvtap0".into()),
+                gateway: None,
+                prefix_len: None,
+                bridge: None,
+            },
+            size_bytes: 4096,
+            standby_of: None,
+        };
+        let v = serde_json::to_value(Snapshot::from(&core_snap)).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(
+            r#"{"id":"s-1","created_at":"2026-01-01T00:00:00Z","kind":"Standby","size_bytes":4096,
+                "source_hypervisor":"qemu","source_instance_id":"i-1","source_instance_name":"web-1",
+                "name":"warm","image":"default","vcpus":1,"memory_mb":256,
+                "network":{"enabled":true,"ip":"10.88.0.2","mac":"02:fc:00:00:00:02"}}"#,
+        )
+        .unwrap();
+        assert_eq!(v, expected);
+        let q = SnapshotListQuery {
+            source_instance_id: Some("i-9".into()),
+            ..Default::default()
+        };
+        assert!(!q.matches(&Snapshot::from(&core_snap)));
+        assert!(SnapshotListQuery::default().matches(&Snapshot::from(&core_snap)));
     }
 }

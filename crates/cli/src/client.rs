@@ -1,10 +1,14 @@
 //! A small HTTP/1 client for the daemon's unix socket.
 
-use forkvm_api::wire::{ErrorBody, ExecParams, ExecResponse, Instance, InstanceCreateParams};
+use forkvm_api::wire::{
+    ErrorBody, ExecParams, ExecResponse, ForkResponse, Instance, InstanceCreateParams,
+    InstanceForkParams, Snapshot, SnapshotCreateParams, SnapshotForkParams,
+};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::PathBuf;
 use tokio::net::UnixStream;
@@ -103,9 +107,75 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(Method::POST, path, Some(body)).await
+    }
+
     pub async fn create(&self, p: &InstanceCreateParams) -> Result<Instance, ClientError> {
-        let body = serde_json::to_vec(p).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.json(Method::POST, "/instances", Some(body)).await
+        self.post("/instances", p).await
+    }
+
+    pub async fn standby(&self, id: &str) -> Result<Instance, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/instances/{}/standby", seg(id)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn restore(&self, id: &str) -> Result<Instance, ClientError> {
+        self.json(
+            Method::POST,
+            &format!("/instances/{}/restore", seg(id)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn fork(
+        &self,
+        id: &str,
+        p: &InstanceForkParams,
+    ) -> Result<ForkResponse, ClientError> {
+        self.post(&format!("/instances/{}/fork", seg(id)), p).await
+    }
+
+    pub async fn create_snapshot(
+        &self,
+        id: &str,
+        p: &SnapshotCreateParams,
+    ) -> Result<Snapshot, ClientError> {
+        self.post(&format!("/instances/{}/snapshots", seg(id)), p)
+            .await
+    }
+
+    pub async fn list_snapshots(&self) -> Result<Vec<Snapshot>, ClientError> {
+        self.json(Method::GET, "/snapshots", None).await
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), ClientError> {
+        self.send(
+            Method::DELETE,
+            &format!("/snapshots/{}", seg(id)),
+            None,
+            "*/*",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn fork_snapshot(
+        &self,
+        id: &str,
+        p: &SnapshotForkParams,
+    ) -> Result<ForkResponse, ClientError> {
+        self.post(&format!("/snapshots/{}/fork", seg(id)), p).await
     }
 
     pub async fn list(&self) -> Result<Vec<Instance>, ClientError> {
@@ -139,13 +209,7 @@ impl Client {
     }
 
     pub async fn exec(&self, id: &str, p: &ExecParams) -> Result<ExecResponse, ClientError> {
-        let body = serde_json::to_vec(p).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.json(
-            Method::POST,
-            &format!("/instances/{}/exec", seg(id)),
-            Some(body),
-        )
-        .await
+        self.post(&format!("/instances/{}/exec", seg(id)), p).await
     }
 
     pub async fn logs(&self, id: &str, tail: Option<usize>) -> Result<String, ClientError> {

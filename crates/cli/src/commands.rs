@@ -4,7 +4,10 @@
 use crate::client::{Client, ClientError};
 use crate::output;
 use anyhow::Context;
-use forkvm_api::wire::{ExecParams, InstanceCreateParams, NetworkParams};
+use forkvm_api::wire::{
+    ExecParams, ForkOutcome, ForkResponse, ForkTargetState, InstanceCreateParams,
+    InstanceForkParams, NetworkParams, SnapshotCreateParams, SnapshotForkParams, SnapshotKind,
+};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -119,6 +122,216 @@ pub async fn stop(c: &Client, json: bool, id: &str) -> anyhow::Result<ExitCode> 
         println!("{} {}", inst.name, inst.state.as_str());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn standby(c: &Client, json: bool, id: &str) -> anyhow::Result<ExitCode> {
+    let inst = c.standby(id).await?;
+    if json {
+        output::print_json(&inst)?;
+    } else {
+        println!("{} {}", inst.name, inst.state.as_str());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn restore(c: &Client, json: bool, id: &str) -> anyhow::Result<ExitCode> {
+    let inst = c.restore(id).await?;
+    if json {
+        output::print_json(&inst)?;
+    } else {
+        println!("{} {}", inst.name, inst.state.as_str());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--target-state` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetState {
+    Running,
+    Standby,
+    Stopped,
+}
+
+impl From<TargetState> for ForkTargetState {
+    fn from(s: TargetState) -> Self {
+        match s {
+            TargetState::Running => Self::Running,
+            TargetState::Standby => Self::Standby,
+            TargetState::Stopped => Self::Stopped,
+        }
+    }
+}
+
+/// Options shared by `fork` and `snapshot fork`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ForkOpts {
+    /// Name of the fork; with --count, forks are named NAME-1 … NAME-N.
+    #[arg(long)]
+    pub name: String,
+    /// Make N forks (1-64).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub count: Option<u32>,
+    /// Final state of the forks.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub target_state: Option<TargetState>,
+    /// Return as soon as the forks run, without waiting for their network.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+impl ForkOpts {
+    /// `wait_for_network` is only sent when it differs from the default (true).
+    fn wait_for_network(&self) -> Option<bool> {
+        self.no_wait.then_some(false)
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ForkArgs {
+    /// Source instance id or name.
+    pub source: String,
+    #[command(flatten)]
+    pub opts: ForkOpts,
+    /// Allow forking a Running source (it is paused briefly).
+    #[arg(long)]
+    pub from_running: bool,
+}
+
+impl ForkArgs {
+    pub fn to_params(&self) -> InstanceForkParams {
+        InstanceForkParams {
+            name: self.opts.name.clone(),
+            from_running: self.from_running.then_some(true),
+            target_state: self.opts.target_state.map(Into::into),
+            count: self.opts.count,
+            wait_for_network: self.opts.wait_for_network(),
+        }
+    }
+}
+
+pub async fn fork(c: &Client, json: bool, a: &ForkArgs) -> anyhow::Result<ExitCode> {
+    let resp = c.fork(&a.source, &a.to_params()).await?;
+    print_forks(json, resp)
+}
+
+/// Print forks as a table (errors on stderr) or JSON as the API answered;
+/// exit 1 if any fork of a batch failed.
+fn print_forks(json: bool, resp: ForkResponse) -> anyhow::Result<ExitCode> {
+    if json {
+        output::print_json(&resp)?;
+    }
+    let outcomes = match resp {
+        ForkResponse::One(i) => vec![ForkOutcome::Created(i)],
+        ForkResponse::Many(v) => v,
+    };
+    if !json {
+        print!("{}", output::forks_table(&outcomes));
+    }
+    let mut failed = false;
+    for o in &outcomes {
+        if let ForkOutcome::Failed(f) = o {
+            eprintln!("error: {}: {} ({})", f.name, f.error.message, f.error.code);
+            failed = true;
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum SnapshotCmd {
+    /// Snapshot an instance (memory and device state; a Running source pauses briefly).
+    Create {
+        /// Instance id or name.
+        id: String,
+        /// Snapshot name: lowercase letters, digits, dashes.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List snapshots.
+    Ls,
+    /// Delete snapshots.
+    Rm {
+        /// Snapshot ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Fork new instances from a snapshot.
+    Fork {
+        /// Snapshot id or name.
+        snapshot: String,
+        #[command(flatten)]
+        opts: ForkOpts,
+    },
+}
+
+pub async fn snapshot(c: &Client, json: bool, cmd: &SnapshotCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SnapshotCmd::Create { id, name } => {
+            let p = SnapshotCreateParams {
+                kind: SnapshotKind::Standby,
+                name: name.clone(),
+                tags: None,
+                compression: None,
+            };
+            let s = c.create_snapshot(id, &p).await?;
+            if json {
+                output::print_json(&s)?;
+            } else {
+                print!("{}", output::snapshots_table(&[s], chrono::Utc::now()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCmd::Ls => {
+            let list = c.list_snapshots().await?;
+            if json {
+                output::print_json(&list)?;
+            } else {
+                print!("{}", output::snapshots_table(&list, chrono::Utc::now()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SnapshotCmd::Rm { ids } => {
+            let mut failed = false;
+            let mut deleted = Vec::new();
+            for id in ids {
+                match c.delete_snapshot(id).await {
+                    Ok(()) => deleted.push(id.clone()),
+                    Err(e @ ClientError::Connect { .. }) => return Err(e.into()),
+                    Err(e) => {
+                        eprintln!("error: {id}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            if json {
+                output::print_json(&deleted)?;
+            } else {
+                for id in &deleted {
+                    println!("{id}");
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        SnapshotCmd::Fork { snapshot, opts } => {
+            let p = SnapshotForkParams {
+                name: opts.name.clone(),
+                target_hypervisor: None,
+                target_state: opts.target_state.map(Into::into),
+                count: opts.count,
+                wait_for_network: opts.wait_for_network(),
+            };
+            let resp = c.fork_snapshot(snapshot, &p).await?;
+            print_forks(json, resp)
+        }
+    }
 }
 
 /// Delete each instance; keep going on failure and exit 1 if any failed.

@@ -1,6 +1,6 @@
 //! `forkvm`: the daemon (`forkvm serve`) and the client commands that talk to
 //! it over its unix socket (`run`, `ps`, `inspect`, `exec`, `logs`, `start`,
-//! `stop`, `rm`), plus `image build`.
+//! `stop`, `standby`, `restore`, `fork`, `snapshot …`, `rm`), plus `image build`.
 
 mod client;
 mod commands;
@@ -66,6 +66,23 @@ enum Cmd {
         /// Instance id or name.
         id: String,
     },
+    /// Snapshot a Running instance and stop its VMM (restore brings it back).
+    Standby {
+        /// Instance id or name.
+        id: String,
+    },
+    /// Bring a Standby instance back to Running.
+    Restore {
+        /// Instance id or name.
+        id: String,
+    },
+    /// Fork an instance into one or more new instances.
+    Fork(commands::ForkArgs),
+    /// Snapshots: create, list, delete, fork from.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: commands::SnapshotCmd,
+    },
     /// Delete instances.
     Rm {
         /// Instance ids or names.
@@ -130,6 +147,10 @@ async fn main() -> ExitCode {
                 Cmd::Logs { id, tail } => commands::logs(&c, &id, tail).await,
                 Cmd::Start { id } => commands::start(&c, json, &id).await,
                 Cmd::Stop { id } => commands::stop(&c, json, &id).await,
+                Cmd::Standby { id } => commands::standby(&c, json, &id).await,
+                Cmd::Restore { id } => commands::restore(&c, json, &id).await,
+                Cmd::Fork(a) => commands::fork(&c, json, &a).await,
+                Cmd::Snapshot { cmd } => commands::snapshot(&c, json, &cmd).await,
                 Cmd::Rm { ids, force } => commands::rm(&c, json, &ids, force).await,
                 Cmd::Serve(_) | Cmd::Image { .. } => unreachable!("handled above"),
             }
@@ -198,6 +219,85 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["forkvm", "exec", "web"]).is_err());
+        assert!(Cli::try_parse_from(["forkvm", "rm"]).is_err());
+    }
+
+    #[test]
+    fn parses_fork_and_snapshot() {
+        let cli = Cli::try_parse_from([
+            "forkvm",
+            "fork",
+            "src",
+            "--name",
+            "f",
+            "--count",
+            "8",
+            "--from-running",
+            "--target-state",
+            "Standby",
+            "--no-wait",
+        ])
+        .unwrap();
+        match cli.cmd {
+            Cmd::Fork(a) => {
+                assert_eq!(a.source, "src");
+                let p = a.to_params();
+                assert_eq!(p.name, "f");
+                assert_eq!(p.count, Some(8));
+                assert_eq!(p.from_running, Some(true));
+                assert_eq!(
+                    p.target_state,
+                    Some(forkvm_api::wire::ForkTargetState::Standby)
+                );
+                assert_eq!(p.wait_for_network, Some(false));
+                // the defaults are left to the server
+                let v = serde_json::to_value(&p).unwrap();
+                assert_eq!(v["wait_for_network"], false);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["forkvm", "fork", "src", "--name", "f"]).unwrap();
+        match cli.cmd {
+            Cmd::Fork(a) => {
+                let v = serde_json::to_value(a.to_params()).unwrap();
+                assert_eq!(v, serde_json::json!({"name": "f"}));
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &["forkvm", "fork", "src"][..],
+            &["forkvm", "fork", "src", "--name", "f", "--count", "0"],
+            &["forkvm", "fork", "src", "--name", "f", "--count", "65"],
+            &[
+                "forkvm",
+                "fork",
+                "src",
+                "--name",
+                "f",
+                "--target-state",
+                "paused",
+            ],
+            &["forkvm", "snapshot", "rm"],
+            &["forkvm", "snapshot", "fork", "s"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+        let cli = Cli::try_parse_from([
+            "forkvm", "snapshot", "fork", "warm", "--name", "w", "--count", "3",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Snapshot { cmd: commands::SnapshotCmd::Fork { ref snapshot, ref opts } }
+                if snapshot == "warm" && opts.count == Some(3) && !opts.no_wait
+        ));
+        let cli =
+            Cli::try_parse_from(["forkvm", "snapshot", "create", "web", "--name", "warm"]).unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Snapshot { cmd: commands::SnapshotCmd::Create { ref id, ref name } }
+                if id == "web" && name.as_deref() == Some("warm")
+        ));
         assert!(Cli::try_parse_from(["forkvm", "rm"]).is_err());
     }
 }

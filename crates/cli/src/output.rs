@@ -1,7 +1,7 @@
 //! Human-readable tables and JSON output.
 
 use chrono::{DateTime, Utc};
-use forkvm_api::wire::Instance;
+use forkvm_api::wire::{ForkOutcome, Instance, Snapshot};
 use serde::Serialize;
 
 /// Pretty JSON on stdout.
@@ -25,29 +25,15 @@ fn dash(v: &Option<String>) -> &str {
     v.as_deref().unwrap_or("-")
 }
 
-/// The `ps` table: NAME ID STATE IP MAC TAP AGE.
-pub fn instances_table(list: &[Instance], now: DateTime<Utc>) -> String {
-    let header = ["NAME", "ID", "STATE", "IP", "MAC", "TAP", "AGE"].map(String::from);
-    let rows: Vec<[String; 7]> = list
-        .iter()
-        .map(|i| {
-            [
-                i.name.clone(),
-                i.id.clone(),
-                i.state.as_str().to_string(),
-                dash(&i.network.ip).to_string(),
-                dash(&i.network.mac).to_string(),
-                dash(&i.network.tap).to_string(),
-                age(i.created_at, now),
-            ]
-        })
-        .collect();
-    let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
+/// Left-aligned columns separated by two spaces, trailing blanks trimmed.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
     }
+    let header = header.map(String::from);
     let mut out = String::new();
     for r in std::iter::once(&header).chain(rows.iter()) {
         let line: Vec<String> = r
@@ -59,6 +45,151 @@ pub fn instances_table(list: &[Instance], now: DateTime<Utc>) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The `ps` table: NAME ID STATE IP MAC TAP FORKED_FROM AGE.
+pub fn instances_table(list: &[Instance], now: DateTime<Utc>) -> String {
+    let rows: Vec<[String; 8]> = list
+        .iter()
+        .map(|i| {
+            [
+                i.name.clone(),
+                i.id.clone(),
+                i.state.as_str().to_string(),
+                dash(&i.network.ip).to_string(),
+                dash(&i.network.mac).to_string(),
+                dash(&i.network.tap).to_string(),
+                dash(&i.forked_from).to_string(),
+                age(i.created_at, now),
+            ]
+        })
+        .collect();
+    table(
+        [
+            "NAME",
+            "ID",
+            "STATE",
+            "IP",
+            "MAC",
+            "TAP",
+            "FORKED_FROM",
+            "AGE",
+        ],
+        &rows,
+    )
+}
+
+fn ms(v: Option<&f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"))
+}
+
+/// How the fork got its network identity: the path, or "pending" while a
+/// `--no-wait` handoff is still running, or "failed".
+fn handoff_path(i: &Instance) -> String {
+    match &i.handoff {
+        None => "-".into(),
+        Some(h) => match (h.path, &h.error) {
+            (Some(p), None) => p.as_str().into(),
+            (Some(p), Some(_)) => format!("{}(failed)", p.as_str()),
+            (None, Some(_)) => "failed".into(),
+            (None, None) => "pending".into(),
+        },
+    }
+}
+
+/// The fork table: NAME ID STATE IP MAC PATH NETWORK_READY_MS TOTAL_MS. A
+/// failed fork shows as state "FAILED" (its error is printed separately).
+pub fn forks_table(list: &[ForkOutcome]) -> String {
+    let rows: Vec<[String; 8]> = list
+        .iter()
+        .map(|o| match o {
+            ForkOutcome::Created(i) => {
+                let stages = i.handoff.as_ref().map(|h| &h.stages_ms);
+                [
+                    i.name.clone(),
+                    i.id.clone(),
+                    i.state.as_str().to_string(),
+                    dash(&i.network.ip).to_string(),
+                    dash(&i.network.mac).to_string(),
+                    handoff_path(i),
+                    ms(stages.and_then(|s| s.get("network_ready"))),
+                    ms(stages.and_then(|s| s.get("total"))),
+                ]
+            }
+            ForkOutcome::Failed(f) => [
+                f.name.clone(),
+                "-".into(),
+                "FAILED".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
+        })
+        .collect();
+    table(
+        [
+            "NAME",
+            "ID",
+            "STATE",
+            "IP",
+            "MAC",
+            "PATH",
+            "NETWORK_READY_MS",
+            "TOTAL_MS",
+        ],
+        &rows,
+    )
+}
+
+/// Bytes as "512B", "4.0KiB", "92.5MiB", "1.2GiB".
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1}{}", UNITS[u])
+}
+
+/// The `snapshot ls` table: NAME ID SOURCE IP VCPUS MEMORY SIZE STANDBY_OF AGE.
+pub fn snapshots_table(list: &[Snapshot], now: DateTime<Utc>) -> String {
+    let rows: Vec<[String; 9]> = list
+        .iter()
+        .map(|s| {
+            [
+                dash(&s.name).to_string(),
+                s.id.clone(),
+                s.source_instance_name.clone(),
+                dash(&s.network.ip).to_string(),
+                s.vcpus.to_string(),
+                format!("{}MiB", s.memory_mb),
+                bytes(s.size_bytes),
+                dash(&s.standby_of).to_string(),
+                age(s.created_at, now),
+            ]
+        })
+        .collect();
+    table(
+        [
+            "NAME",
+            "ID",
+            "SOURCE",
+            "IP",
+            "VCPUS",
+            "MEMORY",
+            "SIZE",
+            "STANDBY_OF",
+            "AGE",
+        ],
+        &rows,
+    )
 }
 
 /// A key/value summary of one instance.
@@ -95,6 +226,29 @@ pub fn instance_summary(i: &Instance) -> String {
     }
     if let Some(a) = &i.accel {
         lines.push(("accel", a.clone()));
+    }
+    if let Some(f) = &i.forked_from {
+        lines.push(("forked_from", f.clone()));
+    }
+    if let Some(s) = &i.snapshot_id {
+        lines.push(("snapshot", s.clone()));
+    }
+    if let Some(h) = &i.handoff {
+        lines.push(("handoff", handoff_path(i)));
+        if let Some(r) = &h.fallback_reason {
+            lines.push(("fallback", r.clone()));
+        }
+        if let Some(e) = &h.error {
+            lines.push(("handoff_err", e.clone()));
+        }
+        if !h.stages_ms.is_empty() {
+            let stages: Vec<String> = h
+                .stages_ms
+                .iter()
+                .map(|(k, v)| format!("{k}={v:.1}"))
+                .collect();
+            lines.push(("stages_ms", stages.join(" ")));
+        }
     }
     lines.push(("created", i.created_at.to_rfc3339()));
     let mut out = String::new();
@@ -135,6 +289,9 @@ mod tests {
             command: vec![],
             pid: None,
             accel: None,
+            snapshot_id: None,
+            forked_from: None,
+            handoff: None,
         }
     }
 
@@ -152,10 +309,75 @@ mod tests {
         assert!(lines[0].starts_with("NAME         ID"));
         assert!(lines[1].contains("10.88.0.2"));
         assert!(lines[2].contains("Running  -"));
-        assert!(lines[1].ends_with("2h"));
+        assert!(lines[1].ends_with("-            2h"), "{}", lines[1]);
         // columns line up: ID starts at the same offset everywhere
         let off = lines[0].find("ID").unwrap();
         assert_eq!(&lines[1][off..off + 4], "id-a");
+    }
+
+    #[test]
+    fn fork_table_shows_path_timings_and_failures() {
+        use forkvm_api::wire::{ErrorBody, ForkFailure, Handoff, HandoffPath};
+        let mut ok = inst("f-1", Some("10.88.0.7"));
+        ok.forked_from = Some("id-src".into());
+        ok.handoff = Some(Handoff {
+            path: Some(HandoffPath::Mailbox),
+            stages_ms: [("network_ready".to_string(), 3.25), ("total".into(), 41.0)].into(),
+            ..Default::default()
+        });
+        let mut pending = inst("f-2", Some("10.88.0.8"));
+        pending.handoff = Some(Handoff::default());
+        let t = forks_table(&[
+            ForkOutcome::Created(Box::new(ok.clone())),
+            ForkOutcome::Created(Box::new(pending)),
+            ForkOutcome::Failed(ForkFailure {
+                name: "f-3".into(),
+                error: ErrorBody {
+                    code: "exhausted".into(),
+                    message: "no address".into(),
+                },
+            }),
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[0].starts_with("NAME  ID"));
+        assert!(
+            lines[0].ends_with("PATH     NETWORK_READY_MS  TOTAL_MS"),
+            "{}",
+            lines[0]
+        );
+        let cols: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            cols,
+            [
+                "f-1",
+                "id-f-1",
+                "Running",
+                "10.88.0.7",
+                "-",
+                "mailbox",
+                "3.2",
+                "41.0"
+            ]
+        );
+        assert!(lines[2].contains("pending"));
+        assert!(lines[3].starts_with("f-3") && lines[3].contains("FAILED"));
+
+        let s = instance_summary(&ok);
+        assert!(s.contains("forked_from id-src"), "{s}");
+        assert!(
+            s.contains("stages_ms   network_ready=3.2 total=41.0"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(bytes(0), "0B");
+        assert_eq!(bytes(1023), "1023B");
+        assert_eq!(bytes(4096), "4.0KiB");
+        assert_eq!(bytes(97_000_000), "92.5MiB");
+        assert_eq!(bytes(3 << 30), "3.0GiB");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 
 pub mod agent;
 pub mod error;
+mod fork;
+mod handoff;
 pub mod manager;
+pub mod memory;
 pub mod model;
 pub mod netalloc;
 pub mod paths;

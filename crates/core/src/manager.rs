@@ -37,6 +37,9 @@ pub struct Config {
 
 /// How long a fresh boot may take until the agent answers (TCG is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a fork may take to answer on its new address after resume
+/// (override: FORKVM_HANDOFF_TIMEOUT_MS).
+const DEFAULT_HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MEMORY_MB: u32 = 256;
 const DEFAULT_VCPUS: u32 = 1;
 const MAX_VCPUS: u32 = 64;
@@ -44,14 +47,19 @@ const MIN_MEMORY_MB: u32 = 64;
 const MAX_MEMORY_MB: u32 = 256 * 1024;
 
 pub struct Manager {
-    cfg: Config,
-    store: Store,
-    hv: QemuHypervisor,
-    net: NetAllocator,
-    agents: AgentLinks,
-    accel: forkvm_vmm::Accel,
-    /// Per-instance operation locks.
+    pub(crate) cfg: Config,
+    pub(crate) store: Store,
+    pub(crate) hv: QemuHypervisor,
+    pub(crate) net: NetAllocator,
+    pub(crate) agents: AgentLinks,
+    pub(crate) accel: forkvm_vmm::Accel,
+    /// Per-instance (and per-snapshot) operation locks.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Handle to ourselves for background work that outlives a request
+    /// (`wait_for_network: false` handoffs).
+    pub(crate) me: std::sync::Weak<Manager>,
+    /// Deadline for re-addressing a fork after resume.
+    pub(crate) handoff_timeout: Duration,
 }
 
 impl Manager {
@@ -66,7 +74,12 @@ impl Manager {
         let net = NetAllocator::new(&cfg.bridge, &cfg.subnet).await?;
         let accel = detect_accel(&cfg).await;
         info!(accel = ?accel, bridge = %cfg.bridge, subnet = %cfg.subnet, "manager ready");
-        let mgr = Arc::new(Self {
+        let handoff_timeout = std::env::var("FORKVM_HANDOFF_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(DEFAULT_HANDOFF_TIMEOUT);
+        let mgr = Arc::new_cyclic(|me| Self {
             hv: QemuHypervisor::new(cfg.qemu_bin.clone()),
             cfg,
             store,
@@ -74,21 +87,23 @@ impl Manager {
             agents: AgentLinks::default(),
             accel,
             locks: Mutex::new(HashMap::new()),
+            me: me.clone(),
+            handoff_timeout,
         });
         mgr.adopt().await?;
         Ok(mgr)
     }
 
-    fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         l.entry(id.to_string()).or_default().clone()
     }
 
-    fn paths(&self, id: &str) -> InstancePaths {
+    pub(crate) fn paths(&self, id: &str) -> InstancePaths {
         InstancePaths::new(&self.cfg.data_dir, &self.cfg.mem_dir, id)
     }
 
-    fn find(&self, id_or_name: &str) -> Result<Instance> {
+    pub(crate) fn find(&self, id_or_name: &str) -> Result<Instance> {
         self.store
             .find_instance(id_or_name)?
             .ok_or_else(|| CoreError::NotFound(format!("instance {id_or_name:?} not found")))
@@ -155,6 +170,11 @@ impl Manager {
             stopped_at: None,
             pid: None,
             accel: None,
+            snapshot_id: None,
+            forked_from: None,
+            pending_handoff: false,
+            handoff: None,
+            cmdline: None,
         };
         self.store.insert_instance(&inst)?;
         info!(instance = %id, name = %inst.name, "creating instance");
@@ -237,6 +257,7 @@ impl Manager {
             boot.to_cmdline_arg()
                 .map_err(|e| CoreError::Invalid(format!("boot configuration: {e}")))?
         );
+        inst.cmdline = Some(cmdline.clone());
         let spec = VmSpec {
             id: inst.id.clone(),
             vcpus: inst.vcpus,
@@ -283,7 +304,11 @@ impl Manager {
         Ok(())
     }
 
-    async fn wait_agent(&self, inst: &Instance, total: Duration) -> Result<pb::HealthResponse> {
+    pub(crate) async fn wait_agent(
+        &self,
+        inst: &Instance,
+        total: Duration,
+    ) -> Result<pb::HealthResponse> {
         let paths = self.paths(&inst.id);
         let pid = inst.pid;
         let id = inst.id.clone();
@@ -419,7 +444,7 @@ impl Manager {
 
     /// Stop QEMU and remove the TAP and runtime files; keeps allocations
     /// (a stopped instance keeps its identity).
-    async fn teardown_vm(&self, inst: &Instance) {
+    pub(crate) async fn teardown_vm(&self, inst: &Instance) {
         self.agents.forget(&inst.id);
         let paths = self.paths(&inst.id);
         let pid = inst.pid.or_else(|| paths.read_pid());
@@ -441,8 +466,11 @@ impl Manager {
 
     /// Everything `teardown_vm` does, plus releasing the allocations and
     /// removing the instance directory.
-    async fn teardown(&self, inst: &Instance) {
+    pub(crate) async fn teardown(&self, inst: &Instance) {
         self.teardown_vm(inst).await;
+        if let Some(sid) = &inst.snapshot_id {
+            self.remove_snapshot(sid);
+        }
         if let Err(e) = self.net.release(&self.store, &inst.id) {
             warn!(instance = %inst.id, error = %e, "releasing network failed");
         }
@@ -460,11 +488,11 @@ impl Manager {
             let paths = self.paths(&inst.id);
             let pid = inst.pid.or_else(|| paths.read_pid());
             let alive = pid.is_some_and(|p| self.hv.is_alive(&inst.id, p));
-            if alive && inst.state == InstanceState::Running {
+            if alive && inst.state == InstanceState::Running && !inst.pending_handoff {
                 info!(instance = %inst.id, pid = ?pid, "adopted running instance");
                 continue;
             }
-            if alive {
+            if alive && !inst.pending_handoff {
                 // Interrupted mid-boot: the caller never got an answer; finish
                 // the boot check now rather than guess.
                 inst.pid = pid;
@@ -520,6 +548,19 @@ impl Manager {
             }
             Err(e) => warn!(error = %e, "listing bridge ports failed"),
         }
+        // Snapshot files without a record: a capture or fork interrupted by
+        // a crash (transient fork snapshots are never recorded).
+        if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("snapshots")) {
+            for e in rd.flatten() {
+                let sid = e.file_name().to_string_lossy().into_owned();
+                if matches!(self.store.find_snapshot(&sid), Ok(None)) {
+                    warn!(snapshot = %sid, "removing orphan snapshot files");
+                    let p = self.snapshot_paths(&sid);
+                    let _ = std::fs::remove_file(&p.mem);
+                    let _ = std::fs::remove_dir_all(&p.dir);
+                }
+            }
+        }
         if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("instances")) {
             for e in rd.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
@@ -539,7 +580,7 @@ impl Manager {
         }
     }
 
-    fn load_image(&self, name: &str) -> Result<forkvm_image::GuestImage> {
+    pub(crate) fn load_image(&self, name: &str) -> Result<forkvm_image::GuestImage> {
         forkvm_image::load_image(&self.cfg.data_dir, name).map_err(|e| match e {
             forkvm_image::ImageError::NotFound { .. } => CoreError::NotFound(format!(
                 "image {name:?} not found: build it with `forkvm image build`"
@@ -576,7 +617,7 @@ async fn detect_accel(cfg: &Config) -> forkvm_vmm::Accel {
 
 /// 16 hex digits: short enough for socket paths and TAP names, random enough
 /// (64 bits) never to collide in practice; the store's primary key decides.
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
@@ -588,4 +629,58 @@ fn last_lines(text: &str, n: usize) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Snapshots, standby/restore and forks (see `fork.rs` for the fork flow).
+impl Manager {
+    /// Pause a Running instance, write its snapshot and stop its VMM.
+    pub async fn standby(&self, id_or_name: &str) -> Result<Instance> {
+        self.standby_impl(id_or_name).await
+    }
+
+    /// Bring a Standby instance back to Running on the same address.
+    pub async fn restore(&self, id_or_name: &str) -> Result<Instance> {
+        self.restore_impl(id_or_name).await
+    }
+
+    /// Fork an instance. One result per fork: `count: None` gives one fork
+    /// named `name`; `count: Some(n)` gives `name-1..n`, each succeeding or
+    /// failing on its own.
+    pub async fn fork(&self, id_or_name: &str, req: ForkRequest) -> Result<Vec<Result<Instance>>> {
+        self.fork_instance_impl(id_or_name, req).await
+    }
+
+    /// Fork from a stored snapshot.
+    pub async fn fork_snapshot(
+        &self,
+        id_or_name: &str,
+        req: ForkRequest,
+    ) -> Result<Vec<Result<Instance>>> {
+        self.fork_snapshot_impl(id_or_name, req).await
+    }
+
+    /// Snapshot a Running (paused briefly) or Standby instance.
+    pub async fn create_snapshot(
+        &self,
+        id_or_name: &str,
+        name: Option<String>,
+    ) -> Result<Snapshot> {
+        self.create_snapshot_impl(id_or_name, name).await
+    }
+
+    pub async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
+        self.store.list_snapshots()
+    }
+
+    pub async fn get_snapshot(&self, id_or_name: &str) -> Result<Snapshot> {
+        self.store
+            .find_snapshot(id_or_name)?
+            .ok_or_else(|| CoreError::NotFound(format!("snapshot {id_or_name:?} not found")))
+    }
+
+    /// Delete a snapshot; a Standby instance's own snapshot can't be deleted
+    /// (delete or restore the instance instead).
+    pub async fn delete_snapshot(&self, id_or_name: &str) -> Result<()> {
+        self.delete_snapshot_impl(id_or_name).await
+    }
 }

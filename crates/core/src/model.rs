@@ -89,6 +89,91 @@ pub struct Instance {
     pub pid: Option<u32>,
     /// "tcg" or "kvm" for the current/last VMM.
     pub accel: Option<String>,
+    /// The snapshot holding this instance's memory and device state while it
+    /// is in Standby.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+    /// Instance (or snapshot) this one was forked from.
+    #[serde(default)]
+    pub forked_from: Option<String>,
+    /// The guest still carries another VM's network identity (a fork not yet
+    /// re-addressed); the next restore must hand the new identity over.
+    #[serde(default)]
+    pub pending_handoff: bool,
+    /// How the network identity reached the guest after the last fork/restore.
+    #[serde(default)]
+    pub handoff: Option<HandoffRecord>,
+    /// Kernel command line of the current boot (kept for snapshots).
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// Which way a fork learned its new network identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandoffPath {
+    /// Guest-initiated through the snapshot-memory mailbox.
+    Mailbox,
+    /// Host-initiated ReconfigureNetwork RPC to the agent.
+    Rpc,
+    /// Host-initiated shell `ip` commands through the agent's Exec.
+    Exec,
+}
+
+/// Timings of one fork, milliseconds per stage, plus the handoff path.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HandoffRecord {
+    pub path: Option<HandoffPath>,
+    /// Why a faster path was not used, when the fork fell back.
+    pub fallback_reason: Option<String>,
+    /// The error when the handoff failed.
+    pub error: Option<String>,
+    /// Stage name → milliseconds (allocate, snapshot, memory_prepare,
+    /// vmm_start, state_load, resume, network_ready, total).
+    pub stages_ms: BTreeMap<String, f64>,
+}
+
+impl HandoffRecord {
+    pub fn stage(&mut self, name: &str, since: std::time::Instant) {
+        self.stages_ms
+            .insert(name.to_string(), since.elapsed().as_secs_f64() * 1000.0);
+    }
+}
+
+/// A VM snapshot: device state plus an immutable copy of guest memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: Option<String>,
+    pub source_instance_id: String,
+    pub source_instance_name: String,
+    pub created_at: DateTime<Utc>,
+    /// What a restore needs to rebuild an identical machine.
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub env: BTreeMap<String, String>,
+    pub entrypoint: Vec<String>,
+    /// The kernel command line the source booted with (kept identical).
+    pub cmdline: String,
+    /// The source's network identity at snapshot time.
+    pub network: NetworkInfo,
+    /// Bytes actually used on the host (state file + allocated memory blocks).
+    pub size_bytes: u64,
+    /// Owned by an instance in Standby (deleted when it is restored).
+    pub standby_of: Option<String>,
+}
+
+/// What a client asks for when forking.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ForkRequest {
+    pub name: String,
+    pub from_running: bool,
+    pub target_state: Option<InstanceState>,
+    /// `None` = one fork named `name`; `Some(n)` = forks `name-1..n`.
+    pub count: Option<u32>,
+    /// Default true: return once the fork answers on its new address.
+    pub wait_for_network: Option<bool>,
 }
 
 /// What a client asks for when creating an instance.

@@ -7,7 +7,7 @@
 //! happens exactly once.
 
 use crate::error::{CoreError, Result};
-use crate::model::Instance;
+use crate::model::{Instance, Snapshot};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
@@ -59,7 +59,12 @@ impl Store {
                  instance_id TEXT NOT NULL,
                  PRIMARY KEY (kind, value)
              );
-             CREATE INDEX IF NOT EXISTS allocations_by_instance ON allocations(instance_id);",
+             CREATE INDEX IF NOT EXISTS allocations_by_instance ON allocations(instance_id);
+             CREATE TABLE IF NOT EXISTS snapshots (
+                 id   TEXT PRIMARY KEY,
+                 name TEXT UNIQUE,
+                 doc  TEXT NOT NULL
+             );",
         )
         .map_err(db_err)?;
         Ok(Self {
@@ -190,6 +195,66 @@ impl Store {
     }
 }
 
+impl Store {
+    pub fn insert_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        let doc = serde_json::to_string(snap).map_err(|e| CoreError::internal("encode", e))?;
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| CoreError::Internal("state store lock poisoned".into()))?;
+        match conn.execute(
+            "INSERT INTO snapshots (id, name, doc) VALUES (?1, ?2, ?3)",
+            params![snap.id, snap.name, doc],
+        ) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(CoreError::Conflict(format!(
+                    "a snapshot named {:?} already exists",
+                    snap.name.as_deref().unwrap_or_default()
+                )))
+            }
+            Err(e) => Err(db_err(e)),
+        }
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM snapshots WHERE id = ?1", params![id]))?;
+        Ok(())
+    }
+
+    pub fn find_snapshot(&self, id_or_name: &str) -> Result<Option<Snapshot>> {
+        let doc: Option<String> = self.with(|c| {
+            c.query_row(
+                "SELECT doc FROM snapshots WHERE id = ?1
+                 UNION ALL SELECT doc FROM snapshots WHERE name = ?1 LIMIT 1",
+                params![id_or_name],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        doc.map(|d| {
+            serde_json::from_str(&d).map_err(|e| CoreError::internal("corrupt snapshot record", e))
+        })
+        .transpose()
+    }
+
+    pub fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
+        let docs: Vec<String> = self.with(|c| {
+            let mut st = c.prepare("SELECT doc FROM snapshots ORDER BY rowid")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        docs.iter()
+            .map(|d| {
+                serde_json::from_str(d)
+                    .map_err(|e| CoreError::internal("corrupt snapshot record", e))
+            })
+            .collect()
+    }
+}
+
 fn decode(doc: &str) -> Result<Instance> {
     serde_json::from_str(doc).map_err(|e| CoreError::internal("corrupt instance record", e))
 }
@@ -226,6 +291,11 @@ mod tests {
             stopped_at: None,
             pid: None,
             accel: None,
+            snapshot_id: None,
+            forked_from: None,
+            pending_handoff: false,
+            handoff: None,
+            cmdline: None,
         }
     }
 

@@ -1,0 +1,797 @@
+//! Snapshots, standby/restore and the fork flow.
+//!
+//! A fork reads as orchestration, one named step each:
+//!
+//! 1. [`Manager::base_snapshot`] — the source's memory and device state: a
+//!    Standby source's own snapshot, a stored snapshot, or a transient one
+//!    captured from a Running source (paused only for the capture).
+//! 2. per fork, [`Manager::fork_one`]: `allocate` the identity (record, IP,
+//!    MAC, TAP) → `prepare_memory` (sparse copy of the base) → `resume_from`
+//!    (VMM start with `-incoming`, state load, resume) → `handoff` (the new
+//!    identity reaches the guest, see [`crate::handoff`]).
+//! 3. a transient snapshot is removed once every fork has its memory.
+//!
+//! A fork that fails leaves nothing behind: its VMM, TAP, allocations, files
+//! and record are removed and its slot in the result carries the error.
+
+use crate::error::{CoreError, Result};
+use crate::handoff::Handoff;
+use crate::manager::{Manager, new_id};
+use crate::memory::{allocated_bytes, sparse_copy};
+use crate::model::*;
+use chrono::Utc;
+use forkvm_vmm::{Hypervisor, NetSpec, VmSpec};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tracing::{Instrument, info, info_span, warn};
+
+/// Most forks restored at the same time (QEMU start-up is CPU-bound).
+const FORK_PARALLELISM: usize = 2;
+/// Most forks in one request.
+pub const MAX_FORK_COUNT: u32 = 64;
+
+/// Where a snapshot's files live.
+pub(crate) struct SnapshotPaths {
+    pub dir: PathBuf,
+    /// Device state written by QEMU's migration.
+    pub state: PathBuf,
+    /// Immutable copy of guest memory (on the tmpfs memory directory).
+    pub mem: PathBuf,
+}
+
+/// The snapshot a fork starts from, and whether it only lives for this call.
+struct Base {
+    snap: Snapshot,
+    paths: SnapshotPaths,
+    transient: bool,
+}
+
+impl Manager {
+    pub(crate) fn snapshot_paths(&self, sid: &str) -> SnapshotPaths {
+        let dir = self.cfg.data_dir.join("snapshots").join(sid);
+        SnapshotPaths {
+            state: dir.join("state.bin"),
+            mem: self
+                .cfg
+                .mem_dir
+                .join("snapshots")
+                .join(format!("{sid}.mem")),
+            dir,
+        }
+    }
+
+    /// Remove a snapshot's files and record (no checks).
+    pub(crate) fn remove_snapshot(&self, sid: &str) {
+        let p = self.snapshot_paths(sid);
+        let _ = std::fs::remove_file(&p.mem);
+        let _ = std::fs::remove_dir_all(&p.dir);
+        if let Err(e) = self.store.delete_snapshot(sid) {
+            warn!(snapshot = sid, error = %e, "deleting snapshot record failed");
+        }
+    }
+
+    /// Pause a Running VM, write its device state and a copy of its memory,
+    /// then resume it (or, for standby, stop it and keep its memory file as
+    /// the snapshot's, which costs nothing).
+    async fn capture(
+        &self,
+        inst: &Instance,
+        name: Option<String>,
+        standby: bool,
+    ) -> Result<(Snapshot, SnapshotPaths)> {
+        let pid = inst
+            .pid
+            .ok_or_else(|| CoreError::Conflict(format!("instance {} has no VMM", inst.name)))?;
+        let ip = self.paths(&inst.id);
+        let h = ip.handle(&inst.id, pid);
+        let sid = new_id();
+        let sp = self.snapshot_paths(&sid);
+        for d in [&sp.dir, &self.cfg.mem_dir.join("snapshots")] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| CoreError::internal(&format!("create {}", d.display()), e))?;
+        }
+        let t = Instant::now();
+        self.hv
+            .pause(&h)
+            .await
+            .map_err(|e| CoreError::internal("pausing the VM", e))?;
+        let captured = async {
+            self.hv
+                .save_state(&h, &sp.state)
+                .await
+                .map_err(|e| CoreError::internal("saving device state", e))?;
+            if standby {
+                self.teardown_vm_keep_memory(inst).await;
+                std::fs::rename(&ip.mem, &sp.mem)
+                    .map_err(|e| CoreError::internal("moving guest memory into the snapshot", e))?;
+            } else {
+                let (src, dst) = (ip.mem.clone(), sp.mem.clone());
+                tokio::task::spawn_blocking(move || sparse_copy(&src, &dst))
+                    .await
+                    .map_err(|e| CoreError::internal("memory copy task", e))?
+                    .map_err(|e| CoreError::internal("copying guest memory", e))?;
+            }
+            Ok(())
+        }
+        .await;
+        if !standby {
+            // The source keeps running whatever happened to the capture.
+            if let Err(e) = self.hv.resume(&h).await {
+                warn!(instance = %inst.id, error = %e, "resuming the source after capture failed");
+            }
+        }
+        if let Err(e) = captured {
+            let _ = std::fs::remove_file(&sp.mem);
+            let _ = std::fs::remove_dir_all(&sp.dir);
+            return Err(e);
+        }
+        let snap = Snapshot {
+            id: sid,
+            name,
+            source_instance_id: inst.id.clone(),
+            source_instance_name: inst.name.clone(),
+            created_at: Utc::now(),
+            image: inst.image.clone(),
+            vcpus: inst.vcpus,
+            memory_mb: inst.memory_mb,
+            env: inst.env.clone(),
+            entrypoint: inst.entrypoint.clone(),
+            cmdline: inst.cmdline.clone().unwrap_or_default(),
+            network: inst.network.clone(),
+            size_bytes: allocated_bytes(&sp.mem) + allocated_bytes(&sp.state),
+            standby_of: standby.then(|| inst.id.clone()),
+        };
+        info!(instance = %inst.id, snapshot = %snap.id, standby,
+              pause_ms = t.elapsed().as_secs_f64() * 1000.0, size_bytes = snap.size_bytes,
+              "snapshot captured");
+        Ok((snap, sp))
+    }
+
+    /// Stop the VMM and drop the TAP, leaving the memory file in place.
+    async fn teardown_vm_keep_memory(&self, inst: &Instance) {
+        let p = self.paths(&inst.id);
+        let keep = p.mem.with_extension("keep");
+        let _ = std::fs::rename(&p.mem, &keep);
+        self.teardown_vm(inst).await;
+        let _ = std::fs::rename(&keep, &p.mem);
+    }
+
+    pub(crate) async fn standby_impl(&self, id_or_name: &str) -> Result<Instance> {
+        let inst = self.find(id_or_name)?;
+        let lock = self.lock_for(&inst.id);
+        let _g = lock.lock().await;
+        let mut inst = self.find(&inst.id)?;
+        match inst.state {
+            InstanceState::Running => {}
+            InstanceState::Standby => return Ok(inst),
+            s => {
+                return Err(CoreError::Conflict(format!(
+                    "instance {} is {}; only a Running instance can go to Standby",
+                    inst.name,
+                    s.as_str()
+                )));
+            }
+        }
+        let (snap, _) = self.capture(&inst, None, true).await?;
+        self.store.insert_snapshot(&snap)?;
+        inst.snapshot_id = Some(snap.id.clone());
+        inst.state = InstanceState::Standby;
+        inst.pid = None;
+        inst.stopped_at = Some(Utc::now());
+        // The TAP is gone with the VMM; the record keeps the claim.
+        self.store.update_instance(&inst)?;
+        info!(instance = %inst.id, snapshot = %snap.id, "instance in standby");
+        Ok(inst)
+    }
+
+    pub(crate) async fn restore_impl(&self, id_or_name: &str) -> Result<Instance> {
+        let inst = self.find(id_or_name)?;
+        let lock = self.lock_for(&inst.id);
+        let _g = lock.lock().await;
+        let mut inst = self.find(&inst.id)?;
+        if inst.state == InstanceState::Running {
+            return Ok(inst);
+        }
+        let Some(sid) = inst
+            .snapshot_id
+            .clone()
+            .filter(|_| inst.state == InstanceState::Standby)
+        else {
+            return Err(CoreError::Conflict(format!(
+                "instance {} is {}; only a Standby instance can be restored",
+                inst.name,
+                inst.state.as_str()
+            )));
+        };
+        let snap = self.get_snapshot(&sid).await?;
+        let sp = self.snapshot_paths(&sid);
+        let ip = self.paths(&inst.id);
+        ip.prepare()?;
+        // The snapshot's memory becomes the instance's again (same tmpfs).
+        std::fs::rename(&sp.mem, &ip.mem)
+            .map_err(|e| CoreError::internal("moving guest memory out of the snapshot", e))?;
+        let mut rec = HandoffRecord::default();
+        let t = Instant::now();
+        match self
+            .resume_from(&mut inst, &snap.cmdline, &sp.state, &mut rec, true)
+            .await
+        {
+            Ok(()) => {
+                rec.stage("total", t);
+                inst.snapshot_id = None;
+                if rec.path.is_some() {
+                    inst.handoff = Some(rec);
+                }
+                self.store.update_instance(&inst)?;
+                self.remove_snapshot(&sid);
+                info!(instance = %inst.id, "instance restored");
+                Ok(inst)
+            }
+            Err(e) => {
+                warn!(instance = %inst.id, error = %e, "restore failed; back to standby");
+                self.teardown_vm_keep_memory(&inst).await;
+                let _ = std::fs::rename(&ip.mem, &sp.mem);
+                let mut back = self.find(&inst.id)?;
+                back.state = InstanceState::Standby;
+                back.pid = None;
+                back.state_error = Some(e.to_string());
+                self.store.update_instance(&back)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Start a VMM that loads `state` over the instance's memory file, resume
+    /// it, and make it ready: the handoff when the guest still carries another
+    /// identity, else the agent's Health. With `wait` false the handoff runs
+    /// in the background and the instance is returned Initializing.
+    pub(crate) async fn resume_from(
+        &self,
+        inst: &mut Instance,
+        cmdline: &str,
+        state: &Path,
+        rec: &mut HandoffRecord,
+        wait: bool,
+    ) -> Result<()> {
+        let t = Instant::now();
+        if inst.network.enabled {
+            let lease = self
+                .net
+                .ensure_lease(&self.store, &inst.id, Some(&inst.network.clone()))
+                .await?;
+            inst.network = lease.info(&self.cfg.bridge);
+            self.net.create_tap(&lease.tap).await?;
+        }
+        self.store.update_instance(inst)?;
+        rec.stage("allocate_tap", t);
+
+        let image = self.load_image(&inst.image)?;
+        let paths = self.paths(&inst.id);
+        let spec = VmSpec {
+            id: inst.id.clone(),
+            vcpus: inst.vcpus,
+            memory_mb: inst.memory_mb,
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            cmdline: cmdline.to_string(),
+            mem_path: paths.mem.clone(),
+            mem_share: true,
+            net: match (&inst.network.tap, &inst.network.mac) {
+                (Some(tap), Some(mac)) if inst.network.enabled => Some(NetSpec {
+                    tap: tap.clone(),
+                    mac: mac.clone(),
+                }),
+                _ => None,
+            },
+            agent_socket: paths.agent_socket.clone(),
+            qmp_socket: paths.qmp_socket.clone(),
+            console_log: paths.console_log.clone(),
+            pidfile: paths.pidfile.clone(),
+            accel: self.accel,
+            incoming: true,
+        };
+        let t = Instant::now();
+        let h = self
+            .hv
+            .start(&spec)
+            .await
+            .map_err(|e| CoreError::Internal(format!("starting QEMU: {e}")))?;
+        rec.stage("vmm_start", t);
+        inst.pid = Some(h.pid);
+        inst.accel = Some(format!("{:?}", self.accel).to_lowercase());
+        inst.state = InstanceState::Initializing;
+        inst.started_at = Some(Utc::now());
+        inst.stopped_at = None;
+        inst.cmdline = Some(cmdline.to_string());
+        self.store.update_instance(inst)?;
+
+        let t = Instant::now();
+        self.hv
+            .load_state(&h, state)
+            .await
+            .map_err(|e| CoreError::Internal(format!("loading the snapshot: {e}")))?;
+        rec.stage("state_load", t);
+        let t = Instant::now();
+        self.hv
+            .resume(&h)
+            .await
+            .map_err(|e| CoreError::Internal(format!("resuming: {e}")))?;
+        rec.stage("resume", t);
+        let resumed_at = Instant::now();
+
+        if !inst.pending_handoff {
+            // A plain restore: the guest keeps its identity; ready when the
+            // agent answers on the new channel.
+            self.wait_agent(inst, self.handoff_timeout).await?;
+            self.set_clock(inst).await;
+            inst.state = InstanceState::Running;
+            self.store.update_instance(inst)?;
+            return Ok(());
+        }
+        if !wait {
+            let me = self
+                .me
+                .upgrade()
+                .ok_or_else(|| CoreError::Internal("manager shutting down".into()))?;
+            let (mut bg_inst, mut bg_rec) = (inst.clone(), rec.clone());
+            let span = tracing::Span::current();
+            tokio::spawn(
+                async move {
+                    me.finish_handoff_in_background(&mut bg_inst, &mut bg_rec, resumed_at)
+                        .await
+                }
+                .instrument(span),
+            );
+            return Ok(());
+        }
+        self.complete_handoff(inst, rec, resumed_at).await
+    }
+
+    /// The new identity reaches the guest; the fork is Running after it.
+    async fn complete_handoff(
+        &self,
+        inst: &mut Instance,
+        rec: &mut HandoffRecord,
+        resumed_at: Instant,
+    ) -> Result<()> {
+        Handoff::new(self, inst).run(rec).await?;
+        rec.stage("network_ready", resumed_at);
+        self.set_clock(inst).await;
+        inst.pending_handoff = false;
+        inst.state = InstanceState::Running;
+        inst.handoff = Some(rec.clone());
+        self.store.update_instance(inst)?;
+        Ok(())
+    }
+
+    /// Owner of a `wait_for_network: false` handoff: its outcome lands on the
+    /// instance (Running, or Stopped with the error and everything released).
+    async fn finish_handoff_in_background(
+        &self,
+        inst: &mut Instance,
+        rec: &mut HandoffRecord,
+        resumed_at: Instant,
+    ) {
+        let lock = self.lock_for(&inst.id);
+        let _g = lock.lock().await;
+        // The instance may have been deleted meanwhile.
+        if self.find(&inst.id).is_err() {
+            return;
+        }
+        match self.complete_handoff(inst, rec, resumed_at).await {
+            Ok(()) => info!(instance = %inst.id, path = ?rec.path, "background handoff done"),
+            Err(e) => {
+                warn!(instance = %inst.id, error = %e, "background handoff failed; stopping the fork");
+                rec.error = Some(e.to_string());
+                self.teardown_vm(inst).await;
+                let _ = self.net.release(&self.store, &inst.id);
+                self.paths(&inst.id).remove_runtime();
+                inst.state = InstanceState::Stopped;
+                inst.state_error = Some(format!("network handoff failed: {e}"));
+                inst.pid = None;
+                inst.network.ip = None;
+                inst.network.tap = None;
+                inst.network.mac = None;
+                inst.pending_handoff = false;
+                inst.handoff = Some(rec.clone());
+                inst.stopped_at = Some(Utc::now());
+                let _ = self.store.update_instance(inst);
+            }
+        }
+    }
+
+    /// Step the guest clock to the host's (a restored guest resumes at
+    /// snapshot time). Best effort: a guest without the RPC keeps running.
+    async fn set_clock(&self, inst: &Instance) {
+        let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        let r = self
+            .agents
+            .call(
+                &inst.id,
+                &self.paths(&inst.id).agent_socket,
+                "SetClock",
+                crate::agent::CallPolicy::within(Duration::from_secs(5), Duration::from_secs(2)),
+                |mut c| async move {
+                    c.set_clock(forkvm_proto::agent::SetClockRequest { unix_time_ns: now })
+                        .await
+                },
+            )
+            .await;
+        if let Err(e) = r {
+            warn!(instance = %inst.id, error = %e, "setting the guest clock failed");
+        }
+    }
+
+    /// Names the request asks for, validated, and none taken.
+    fn fork_names(&self, req: &ForkRequest) -> Result<Vec<String>> {
+        let names = match req.count {
+            None => vec![req.name.clone()],
+            Some(n) if (1..=MAX_FORK_COUNT).contains(&n) => {
+                (1..=n).map(|i| format!("{}-{i}", req.name)).collect()
+            }
+            Some(n) => {
+                return Err(CoreError::Invalid(format!(
+                    "count must be between 1 and {MAX_FORK_COUNT}, got {n}"
+                )));
+            }
+        };
+        for n in &names {
+            crate::validate_name(n)?;
+            if self.store.find_instance(n)?.is_some() {
+                return Err(CoreError::Conflict(format!(
+                    "an instance named {n:?} already exists"
+                )));
+            }
+        }
+        Ok(names)
+    }
+
+    fn fork_target(req: &ForkRequest) -> Result<InstanceState> {
+        match req.target_state.unwrap_or(InstanceState::Running) {
+            s @ (InstanceState::Running | InstanceState::Standby | InstanceState::Stopped) => Ok(s),
+            s => Err(CoreError::Invalid(format!(
+                "target_state must be Running, Standby or Stopped, got {}",
+                s.as_str()
+            ))),
+        }
+    }
+
+    pub(crate) async fn fork_instance_impl(
+        &self,
+        id_or_name: &str,
+        req: ForkRequest,
+    ) -> Result<Vec<Result<Instance>>> {
+        let src = self.find(id_or_name)?;
+        let names = self.fork_names(&req)?;
+        let target = Self::fork_target(&req)?;
+        let lock = self.lock_for(&src.id);
+        let _g = lock.lock().await;
+        let src = self.find(&src.id)?;
+        let t = Instant::now();
+        let base = self.base_snapshot(&src, req.from_running).await?;
+        let snapshot_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let results = self
+            .fork_all(&base, &names, target, &req, &src.id, snapshot_ms)
+            .await;
+        if base.transient {
+            self.remove_snapshot(&base.snap.id);
+        }
+        Ok(results)
+    }
+
+    /// Step 1: the snapshot forks start from.
+    async fn base_snapshot(&self, src: &Instance, from_running: bool) -> Result<Base> {
+        match src.state {
+            InstanceState::Running if from_running => {
+                let (snap, paths) = self.capture(src, None, false).await?;
+                Ok(Base {
+                    snap,
+                    paths,
+                    transient: true,
+                })
+            }
+            InstanceState::Running => Err(CoreError::Conflict(format!(
+                "instance {} is Running; set from_running to fork it while it runs, or put it in standby first",
+                src.name
+            ))),
+            InstanceState::Standby => {
+                let sid = src.snapshot_id.clone().ok_or_else(|| {
+                    CoreError::Internal(format!(
+                        "instance {} is in Standby without a snapshot",
+                        src.name
+                    ))
+                })?;
+                let snap = self.get_snapshot(&sid).await?;
+                Ok(Base {
+                    paths: self.snapshot_paths(&sid),
+                    snap,
+                    transient: false,
+                })
+            }
+            s => Err(CoreError::Conflict(format!(
+                "instance {} is {} and has no snapshot to fork from; start it (and fork with from_running) or restore it first",
+                src.name,
+                s.as_str()
+            ))),
+        }
+    }
+
+    /// Step 2 for every name, a few at a time, in request order.
+    async fn fork_all(
+        &self,
+        base: &Base,
+        names: &[String],
+        target: InstanceState,
+        req: &ForkRequest,
+        forked_from: &str,
+        snapshot_ms: f64,
+    ) -> Vec<Result<Instance>> {
+        let sem = tokio::sync::Semaphore::new(FORK_PARALLELISM);
+        let wait = req.wait_for_network.unwrap_or(true);
+        let jobs = names.iter().map(|name| {
+            let sem = &sem;
+            async move {
+                let _permit = sem.acquire().await;
+                let span = info_span!("fork", fork = %name, source = %forked_from);
+                self.fork_one(base, name, target, wait, forked_from, snapshot_ms)
+                    .instrument(span)
+                    .await
+            }
+        });
+        futures::future::join_all(jobs).await
+    }
+
+    /// Step 2: one fork, all or nothing.
+    async fn fork_one(
+        &self,
+        base: &Base,
+        name: &str,
+        target: InstanceState,
+        wait: bool,
+        forked_from: &str,
+        snapshot_ms: f64,
+    ) -> Result<Instance> {
+        let t_total = Instant::now();
+        let mut rec = HandoffRecord::default();
+        rec.stages_ms.insert("snapshot".into(), snapshot_ms);
+        let t = Instant::now();
+        let mut inst = self.allocate_fork(base, name, forked_from).await?;
+        rec.stage("allocate", t);
+        let lock = self.lock_for(&inst.id);
+        let _g = lock.lock().await;
+        let outcome = async {
+            let t = Instant::now();
+            self.prepare_memory(base, &inst).await?;
+            rec.stage("memory_prepare", t);
+            match target {
+                InstanceState::Stopped => self.park_stopped(&mut inst),
+                InstanceState::Standby => self.park_standby(base, &mut inst),
+                _ => {
+                    self.resume_from(
+                        &mut inst,
+                        &base.snap.cmdline,
+                        &base.paths.state,
+                        &mut rec,
+                        wait,
+                    )
+                    .await
+                }
+            }
+        }
+        .await;
+        match outcome {
+            Ok(()) => {
+                rec.stage("total", t_total);
+                if target == InstanceState::Running {
+                    if inst.handoff.is_none() {
+                        inst.handoff = Some(rec.clone());
+                    }
+                    if let Some(h) = inst.handoff.as_mut() {
+                        h.stages_ms.insert("total".into(), rec.stages_ms["total"]);
+                    }
+                    // A background handoff may have finished already and
+                    // written the record; don't overwrite its outcome.
+                    if wait {
+                        self.store.update_instance(&inst)?;
+                    }
+                }
+                info!(instance = %inst.id, ip = ?inst.network.ip, path = ?rec.path,
+                      stages = ?rec.stages_ms, "fork done");
+                Ok(inst)
+            }
+            Err(e) => {
+                warn!(fork = name, error = %e, "fork failed; cleaning up");
+                self.teardown(&inst).await;
+                let _ = self.store.delete_instance(&inst.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The fork's record and network identity.
+    async fn allocate_fork(&self, base: &Base, name: &str, forked_from: &str) -> Result<Instance> {
+        let s = &base.snap;
+        let mut inst = Instance {
+            id: new_id(),
+            name: name.to_string(),
+            image: s.image.clone(),
+            state: InstanceState::Created,
+            state_error: None,
+            vcpus: s.vcpus,
+            memory_mb: s.memory_mb,
+            env: s.env.clone(),
+            entrypoint: s.entrypoint.clone(),
+            network: NetworkInfo {
+                enabled: s.network.enabled,
+                ip: None,
+                mac: None,
+                tap: None,
+                gateway: None,
+                prefix_len: None,
+                bridge: None,
+            },
+            created_at: Utc::now(),
+            started_at: None,
+            stopped_at: None,
+            pid: None,
+            accel: None,
+            snapshot_id: None,
+            forked_from: Some(forked_from.to_string()),
+            pending_handoff: s.network.enabled,
+            handoff: None,
+            cmdline: Some(s.cmdline.clone()),
+        };
+        self.store.insert_instance(&inst)?;
+        if inst.network.enabled {
+            match self.net.ensure_lease(&self.store, &inst.id, None).await {
+                Ok(lease) => inst.network = lease.info(&self.cfg.bridge),
+                Err(e) => {
+                    let _ = self.store.delete_instance(&inst.id);
+                    return Err(e);
+                }
+            }
+            self.store.update_instance(&inst)?;
+        }
+        Ok(inst)
+    }
+
+    /// The fork's own copy of the base memory.
+    async fn prepare_memory(&self, base: &Base, inst: &Instance) -> Result<()> {
+        let paths = self.paths(&inst.id);
+        paths.prepare()?;
+        let (src, dst) = (base.paths.mem.clone(), paths.mem.clone());
+        tokio::task::spawn_blocking(move || sparse_copy(&src, &dst))
+            .await
+            .map_err(|e| CoreError::internal("memory copy task", e))?
+            .map_err(|e| CoreError::internal("copying guest memory", e))?;
+        Ok(())
+    }
+
+    /// `target_state: Stopped`: keep the identity, boot fresh on start.
+    fn park_stopped(&self, inst: &mut Instance) -> Result<()> {
+        let _ = std::fs::remove_file(&self.paths(&inst.id).mem);
+        inst.pending_handoff = false;
+        inst.state = InstanceState::Stopped;
+        inst.stopped_at = Some(Utc::now());
+        self.store.update_instance(inst)
+    }
+
+    /// `target_state: Standby`: the fork gets its own snapshot; its restore
+    /// performs the handoff.
+    fn park_standby(&self, base: &Base, inst: &mut Instance) -> Result<()> {
+        let sid = new_id();
+        let sp = self.snapshot_paths(&sid);
+        std::fs::create_dir_all(&sp.dir).map_err(|e| CoreError::internal("snapshot dir", e))?;
+        std::fs::copy(&base.paths.state, &sp.state)
+            .map_err(|e| CoreError::internal("copying device state", e))?;
+        std::fs::rename(self.paths(&inst.id).mem, &sp.mem)
+            .map_err(|e| CoreError::internal("moving memory into the snapshot", e))?;
+        let snap = Snapshot {
+            id: sid.clone(),
+            name: None,
+            source_instance_id: inst.id.clone(),
+            source_instance_name: inst.name.clone(),
+            created_at: Utc::now(),
+            size_bytes: allocated_bytes(&sp.mem) + allocated_bytes(&sp.state),
+            standby_of: Some(inst.id.clone()),
+            ..base.snap.clone()
+        };
+        self.store.insert_snapshot(&snap)?;
+        inst.snapshot_id = Some(sid);
+        inst.state = InstanceState::Standby;
+        self.store.update_instance(inst)
+    }
+
+    pub(crate) async fn fork_snapshot_impl(
+        &self,
+        id_or_name: &str,
+        req: ForkRequest,
+    ) -> Result<Vec<Result<Instance>>> {
+        let snap = self.get_snapshot(id_or_name).await?;
+        let names = self.fork_names(&req)?;
+        let target = Self::fork_target(&req)?;
+        // A Standby instance's own snapshot is guarded by the instance lock.
+        let lock = self.lock_for(snap.standby_of.as_deref().unwrap_or(&snap.id));
+        let _g = lock.lock().await;
+        let snap = self.get_snapshot(&snap.id).await?;
+        let base = Base {
+            paths: self.snapshot_paths(&snap.id),
+            snap,
+            transient: false,
+        };
+        let id = base.snap.id.clone();
+        Ok(self.fork_all(&base, &names, target, &req, &id, 0.0).await)
+    }
+
+    pub(crate) async fn create_snapshot_impl(
+        &self,
+        id_or_name: &str,
+        name: Option<String>,
+    ) -> Result<Snapshot> {
+        if let Some(n) = &name {
+            crate::validate_name(n)?;
+            if self.store.find_snapshot(n)?.is_some() {
+                return Err(CoreError::Conflict(format!(
+                    "a snapshot named {n:?} already exists"
+                )));
+            }
+        }
+        let inst = self.find(id_or_name)?;
+        let lock = self.lock_for(&inst.id);
+        let _g = lock.lock().await;
+        let inst = self.find(&inst.id)?;
+        match inst.state {
+            InstanceState::Running => {
+                let (snap, _) = self.capture(&inst, name, false).await?;
+                self.store.insert_snapshot(&snap)?;
+                Ok(snap)
+            }
+            InstanceState::Standby => {
+                let own = self
+                    .get_snapshot(inst.snapshot_id.as_deref().unwrap_or_default())
+                    .await?;
+                let from = self.snapshot_paths(&own.id);
+                let sid = new_id();
+                let sp = self.snapshot_paths(&sid);
+                std::fs::create_dir_all(&sp.dir)
+                    .map_err(|e| CoreError::internal("snapshot dir", e))?;
+                std::fs::copy(&from.state, &sp.state)
+                    .map_err(|e| CoreError::internal("copying device state", e))?;
+                let (src, dst) = (from.mem.clone(), sp.mem.clone());
+                tokio::task::spawn_blocking(move || sparse_copy(&src, &dst))
+                    .await
+                    .map_err(|e| CoreError::internal("memory copy task", e))?
+                    .map_err(|e| CoreError::internal("copying guest memory", e))?;
+                let snap = Snapshot {
+                    id: sid,
+                    name,
+                    created_at: Utc::now(),
+                    size_bytes: allocated_bytes(&sp.mem) + allocated_bytes(&sp.state),
+                    standby_of: None,
+                    ..own
+                };
+                self.store.insert_snapshot(&snap)?;
+                Ok(snap)
+            }
+            s => Err(CoreError::Conflict(format!(
+                "instance {} is {}; only Running or Standby instances can be snapshotted",
+                inst.name,
+                s.as_str()
+            ))),
+        }
+    }
+
+    pub(crate) async fn delete_snapshot_impl(&self, id_or_name: &str) -> Result<()> {
+        let snap = self.get_snapshot(id_or_name).await?;
+        if let Some(owner) = &snap.standby_of {
+            return Err(CoreError::Conflict(format!(
+                "snapshot {} holds Standby instance {owner}; restore or delete the instance instead",
+                snap.id
+            )));
+        }
+        let lock = self.lock_for(&snap.id);
+        let _g = lock.lock().await;
+        self.remove_snapshot(&snap.id);
+        Ok(())
+    }
+}
