@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job, end to end: set up, boot a VM, show it running on its address,
-# run a command in it. Everything network-related happens inside a network
+# The main job, end to end: set up, boot a VM, run a web server in it, fork it
+# while it runs into three copies, and show every fork answering on its own new
+# address, with timings. Everything network-related happens inside a network
 # namespace this script creates (forkvm-demo) and removes on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,5 +43,18 @@ echo "==> forkvm exec demo -- ip -4 addr show eth0"
 start=$(date +%s%N)
 "$BIN" exec demo -- ip -4 addr show eth0
 echo "    exec round trip: $(( ($(date +%s%N) - start) / 1000000 )) ms"
-echo "==> forkvm rm demo"
-"$BIN" rm demo
+echo "==> start a web server in the source"
+"$BIN" exec demo -- sh -c 'mkdir -p /var/www && echo "hello from $(hostname)" > /var/www/index.html && httpd -p 80 -h /var/www'
+echo "==> forkvm fork demo --name copy --count 3 --from-running"
+start=$(date +%s%N)
+"$BIN" fork demo --name copy --count 3 --from-running
+echo "    3 forks in: $(( ($(date +%s%N) - start) / 1000000 )) ms"
+"$BIN" ps
+echo "==> every fork answers HTTP on its own address (served by the process it inherited)"
+for n in copy-1 copy-2 copy-3; do
+  FIP=$("$BIN" inspect "$n" --json | python3 -c 'import sys,json; print(json.load(sys.stdin)["network"]["ip"])')
+  printf '    %-7s %-12s ' "$n" "$FIP"
+  ip netns exec "$NS" curl -s --max-time 5 "http://$FIP/"
+done
+echo "==> the fork's own view of its network (forkvm exec copy-1 -- ip -4 addr show eth0)"
+"$BIN" exec copy-1 -- ip -4 addr show eth0

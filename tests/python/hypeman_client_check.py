@@ -29,7 +29,7 @@ print(f"created {inst.id} ip={inst.network.ip} mac={inst.network.mac}")
 listed = client.instances.list()
 assert any(i.id == inst.id for i in listed), listed
 
-got = client.instances.retrieve(inst.id)
+got = client.instances.get(inst.id)
 assert got.id == inst.id and got.network.ip == inst.network.ip, got
 
 stopped = client.instances.stop(inst.id)
@@ -43,7 +43,7 @@ logs = client.instances.logs(inst.id)
 assert "forkvm-agent" in str(logs), str(logs)[-500:]
 
 try:
-    client.instances.retrieve("does-not-exist")
+    client.instances.get("does-not-exist")
     sys.exit("unknown id did not raise")
 except hypeman.NotFoundError:
     pass

@@ -14,12 +14,13 @@ fn python() -> Result<PathBuf> {
     Ok(venv.join("bin").join("python3"))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn official_hypeman_client_works_over_tcp_with_token() -> Result<()> {
+async fn run_script(name: &str, ok_line: &str) -> Result<()> {
     let py = python()?;
     let token = format!("tok-{:016x}", rand::random::<u64>());
     let env = TestEnv::start_tcp(4973, &token).await?;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/hypeman_client_check.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name);
     let out = env
         .in_netns(&[
             py.to_str().unwrap_or("python3"),
@@ -33,9 +34,20 @@ async fn official_hypeman_client_works_over_tcp_with_token() -> Result<()> {
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "hypeman client check failed:\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
+        "{name} failed:\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
         env.daemon_log()
     );
-    assert!(stdout.contains("hypeman client: ok"));
+    assert!(stdout.contains(ok_line), "{stdout}");
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_hypeman_client_works_over_tcp_with_token() -> Result<()> {
+    run_script("hypeman_client_check.py", "hypeman client: ok").await
+}
+
+/// The client's fork, standby, restore and snapshot calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn official_hypeman_client_forks_and_snapshots() -> Result<()> {
+    run_script("hypeman_fork_check.py", "hypeman fork client: ok").await
 }

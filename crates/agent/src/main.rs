@@ -3,14 +3,18 @@
 //! applies the boot configuration from the kernel command line (hostname,
 //! network via netlink), starts the optional entrypoint, reaps orphans, and
 //! serves the `forkvm.agent.v1.Agent` gRPC API over a virtio-serial port.
+//! It also arms a mailbox page and watches for resumed forks whose host wrote
+//! a new identity into it (`mailbox`, `resume`).
 //!
 //! Run as a non-PID-1 process it skips the init duties (mounts, console,
 //! modules, hostname), which is handy for development.
 
 mod exec;
 mod init;
+mod mailbox;
 mod netconf;
 mod port;
+mod resume;
 mod rpc;
 
 use std::io::Write;
@@ -113,11 +117,24 @@ async fn agent_main(pid1: bool) -> anyhow::Result<()> {
         setup_boot_network(&netlink, &cfg).await;
     }
 
+    // Armed after boot network setup and before serving, so the first
+    // Health already reports it.
+    let mailbox = match mailbox::Mailbox::new(pid1) {
+        Ok(m) => Some(Arc::new(m)),
+        Err(e) => {
+            warn!(error = %e, "no mailbox; forks fall back to ReconfigureNetwork");
+            None
+        }
+    };
     let state = Arc::new(rpc::AgentState::new(
         cfg.env.clone(),
         reaper.clone(),
         netlink,
+        mailbox.clone(),
     ));
+    if let Some(mb) = mailbox {
+        tokio::spawn(resume::run(state.clone(), mb));
+    }
     if !cfg.entrypoint.is_empty() {
         start_entrypoint(&reaper, &cfg);
     }

@@ -19,7 +19,8 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::exec::{self, ExecError, ExecEvent, ExecSpec, Reaper};
-use crate::netconf::{self, NetApplyError, NetRequest};
+use crate::mailbox::Mailbox;
+use crate::netconf::{self, ApplyReport, NetApplyError, NetDesired, NetRequest};
 use crate::port::{MAX_FRAME_SIZE, Port};
 
 /// Boot env flag that makes ReconfigureNetwork answer `Unimplemented`, so hosts
@@ -38,6 +39,8 @@ pub struct AgentState {
     pub boot_env: BTreeMap<String, String>,
     pub reaper: Arc<Reaper>,
     pub netlink: rtnetlink::Handle,
+    /// The armed mailbox page; `None` if setting it up failed.
+    pub mailbox: Option<Arc<Mailbox>>,
     counts: Mutex<BTreeMap<String, u64>>,
     // Serialises re-addressing: two concurrent plans would interleave steps.
     net_lock: tokio::sync::Mutex<()>,
@@ -48,6 +51,7 @@ impl AgentState {
         boot_env: BTreeMap<String, String>,
         reaper: Arc<Reaper>,
         netlink: rtnetlink::Handle,
+        mailbox: Option<Arc<Mailbox>>,
     ) -> Self {
         AgentState {
             boot_id: new_boot_id(),
@@ -55,9 +59,20 @@ impl AgentState {
             boot_env,
             reaper,
             netlink,
+            mailbox,
             counts: Mutex::new(BTreeMap::new()),
             net_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The single re-addressing entry point for the RPC and the mailbox
+    /// handoff: serialised, then plan + apply via netlink.
+    pub async fn configure_network(
+        &self,
+        desired: &NetDesired,
+    ) -> Result<ApplyReport, NetApplyError> {
+        let _guard = self.net_lock.lock().await;
+        netconf::configure(&self.netlink, desired).await
     }
 
     fn count(&self, method: &str) {
@@ -155,12 +170,23 @@ impl Agent for AgentService {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
+        let mb = self
+            .state
+            .mailbox
+            .as_ref()
+            .map(|m| m.status())
+            .unwrap_or_default();
         Ok(Response::new(HealthResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             boot_id: self.state.boot_id.clone(),
             uptime_ms: u64::try_from(self.state.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             hostname,
             rpc_counts,
+            mailbox_marker: mb.marker.map(|m| m.0.to_vec()).unwrap_or_default(),
+            mailbox_gpa: mb.gpa,
+            mailbox_applied_generation: mb.applied_generation,
+            mailbox_applied: mb.applied,
+            mailbox_rejected: mb.rejected,
         }))
     }
 
@@ -245,8 +271,9 @@ impl Agent for AgentService {
         let desired = NetRequest::from(req.into_inner())
             .validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let _guard = self.state.net_lock.lock().await;
-        let report = netconf::configure(&self.state.netlink, &desired)
+        let report = self
+            .state
+            .configure_network(&desired)
             .await
             .map_err(|e| match e {
                 NetApplyError::NoSuchInterface(_) => Status::not_found(e.to_string()),

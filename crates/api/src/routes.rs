@@ -78,6 +78,7 @@ where
         restore_instance,
         fork_instance,
         instance_logs,
+        instance_agent,
         exec_instance,
         create_snapshot,
         restore_snapshot,
@@ -86,7 +87,7 @@ where
         delete_snapshot,
         fork_snapshot,
     ),
-    components(schemas(ErrorBody, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
+    components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
         ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork)),
     modifiers(&BearerAuth),
     security(("bearerAuth" = [])),
@@ -128,6 +129,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/instances/{id}/restore", post(restore_instance))
         .route("/instances/{id}/fork", post(fork_instance))
         .route("/instances/{id}/logs", get(instance_logs))
+        .route("/instances/{id}/agent", get(instance_agent))
         .route("/instances/{id}/exec", post(exec_instance))
         .route("/instances/{id}/snapshots", post(create_snapshot))
         .route(
@@ -373,6 +375,19 @@ fn fork_response(
         })
         .collect();
     Ok((StatusCode::CREATED, Json(ForkResponse::Many(outcomes))))
+}
+
+/// The guest agent's own report (forkvm extra): version, uptime, RPC
+/// counters and its armed mailbox.
+#[utoipa::path(get, path = "/instances/{id}/agent", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name")),
+    responses((status = 200, body = AgentHealth),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn instance_agent(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<AgentHealth>, ApiError> {
+    Ok(Json(m.agent_health(&id).await?.into()))
 }
 
 /// Serial console output of an instance.

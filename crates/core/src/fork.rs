@@ -15,7 +15,7 @@
 //! and record are removed and its slot in the result carries the error.
 
 use crate::error::{CoreError, Result};
-use crate::handoff::Handoff;
+use crate::handoff::{Handoff, MailboxHandoff};
 use crate::manager::{Manager, new_id};
 use crate::memory::{allocated_bytes, sparse_copy};
 use crate::model::*;
@@ -90,6 +90,9 @@ impl Manager {
             std::fs::create_dir_all(d)
                 .map_err(|e| CoreError::internal(&format!("create {}", d.display()), e))?;
         }
+        // The agent re-arms with a new marker after every handoff: ask for
+        // the current one before pausing (no mailbox if it doesn't answer).
+        let mailbox = self.current_mailbox(inst).await;
         let t = Instant::now();
         self.hv
             .pause(&h)
@@ -140,11 +143,32 @@ impl Manager {
             network: inst.network.clone(),
             size_bytes: allocated_bytes(&sp.mem) + allocated_bytes(&sp.state),
             standby_of: standby.then(|| inst.id.clone()),
+            mailbox,
         };
         info!(instance = %inst.id, snapshot = %snap.id, standby,
               pause_ms = t.elapsed().as_secs_f64() * 1000.0, size_bytes = snap.size_bytes,
               "snapshot captured");
         Ok((snap, sp))
+    }
+
+    async fn current_mailbox(&self, inst: &Instance) -> Option<MailboxInfo> {
+        let r = self
+            .agents
+            .call(
+                &inst.id,
+                &self.paths(&inst.id).agent_socket,
+                "Health",
+                crate::agent::CallPolicy::within(Duration::from_secs(3), Duration::from_secs(2)),
+                |mut c| async move { c.health(forkvm_proto::agent::HealthRequest {}).await },
+            )
+            .await;
+        match r {
+            Ok(h) => mailbox_of(&h),
+            Err(e) => {
+                warn!(instance = %inst.id, error = %e, "no mailbox info for the snapshot");
+                None
+            }
+        }
     }
 
     /// Stop the VMM and drop the TAP, leaving the memory file in place.
@@ -213,7 +237,14 @@ impl Manager {
         let mut rec = HandoffRecord::default();
         let t = Instant::now();
         match self
-            .resume_from(&mut inst, &snap.cmdline, &sp.state, &mut rec, true)
+            .resume_from(
+                &mut inst,
+                &snap.cmdline,
+                &sp.state,
+                &mut rec,
+                true,
+                snap.mailbox.as_ref(),
+            )
             .await
         {
             Ok(()) => {
@@ -252,6 +283,7 @@ impl Manager {
         state: &Path,
         rec: &mut HandoffRecord,
         wait: bool,
+        mailbox: Option<&MailboxInfo>,
     ) -> Result<()> {
         let t = Instant::now();
         if inst.network.enabled {
@@ -264,6 +296,21 @@ impl Manager {
         }
         self.store.update_instance(inst)?;
         rec.stage("allocate_tap", t);
+
+        // Guest-initiated handoff: the identity goes into the fork's memory
+        // before its VMM exists.
+        let mailbox = match mailbox {
+            Some(info) if inst.pending_handoff && inst.network.enabled => {
+                let t = Instant::now();
+                let mb = MailboxHandoff::prepare(self, inst, info);
+                rec.stage("mailbox_prepare", t);
+                Some(mb)
+            }
+            None if inst.pending_handoff && inst.network.enabled => {
+                Some(Err("the snapshot has no armed mailbox".to_string()))
+            }
+            _ => None,
+        };
 
         let image = self.load_image(&inst.image)?;
         let paths = self.paths(&inst.id);
@@ -322,7 +369,8 @@ impl Manager {
         if !inst.pending_handoff {
             // A plain restore: the guest keeps its identity; ready when the
             // agent answers on the new channel.
-            self.wait_agent(inst, self.handoff_timeout).await?;
+            let health = self.wait_agent(inst, self.handoff_timeout).await?;
+            inst.mailbox = mailbox_of(&health);
             self.set_clock(inst).await;
             inst.state = InstanceState::Running;
             self.store.update_instance(inst)?;
@@ -337,14 +385,14 @@ impl Manager {
             let span = tracing::Span::current();
             tokio::spawn(
                 async move {
-                    me.finish_handoff_in_background(&mut bg_inst, &mut bg_rec, resumed_at)
+                    me.finish_handoff_in_background(&mut bg_inst, &mut bg_rec, resumed_at, mailbox)
                         .await
                 }
                 .instrument(span),
             );
             return Ok(());
         }
-        self.complete_handoff(inst, rec, resumed_at).await
+        self.complete_handoff(inst, rec, resumed_at, mailbox).await
     }
 
     /// The new identity reaches the guest; the fork is Running after it.
@@ -353,10 +401,14 @@ impl Manager {
         inst: &mut Instance,
         rec: &mut HandoffRecord,
         resumed_at: Instant,
+        mailbox: Option<std::result::Result<MailboxHandoff, String>>,
     ) -> Result<()> {
-        Handoff::new(self, inst).run(rec).await?;
+        let path = Handoff::new(self, inst).run(rec, mailbox).await?;
         rec.stage("network_ready", resumed_at);
-        self.set_clock(inst).await;
+        if path != HandoffPath::Mailbox {
+            // The mailbox payload carries the host clock; the other paths don't.
+            self.set_clock(inst).await;
+        }
         inst.pending_handoff = false;
         inst.state = InstanceState::Running;
         inst.handoff = Some(rec.clone());
@@ -371,6 +423,7 @@ impl Manager {
         inst: &mut Instance,
         rec: &mut HandoffRecord,
         resumed_at: Instant,
+        mailbox: Option<std::result::Result<MailboxHandoff, String>>,
     ) {
         let lock = self.lock_for(&inst.id);
         let _g = lock.lock().await;
@@ -378,7 +431,7 @@ impl Manager {
         if self.find(&inst.id).is_err() {
             return;
         }
-        match self.complete_handoff(inst, rec, resumed_at).await {
+        match self.complete_handoff(inst, rec, resumed_at, mailbox).await {
             Ok(()) => info!(instance = %inst.id, path = ?rec.path, "background handoff done"),
             Err(e) => {
                 warn!(instance = %inst.id, error = %e, "background handoff failed; stopping the fork");
@@ -573,6 +626,7 @@ impl Manager {
                         &base.paths.state,
                         &mut rec,
                         wait,
+                        base.snap.mailbox.as_ref(),
                     )
                     .await
                 }
@@ -640,6 +694,7 @@ impl Manager {
             pending_handoff: s.network.enabled,
             handoff: None,
             cmdline: Some(s.cmdline.clone()),
+            mailbox: None,
         };
         self.store.insert_instance(&inst)?;
         if inst.network.enabled {
@@ -794,4 +849,12 @@ impl Manager {
         self.remove_snapshot(&snap.id);
         Ok(())
     }
+}
+
+/// The armed mailbox an agent reports in Health, if any.
+pub(crate) fn mailbox_of(h: &forkvm_proto::agent::HealthResponse) -> Option<MailboxInfo> {
+    (h.mailbox_marker.len() == 16).then(|| MailboxInfo {
+        marker: hex::encode(&h.mailbox_marker),
+        gpa: h.mailbox_gpa,
+    })
 }

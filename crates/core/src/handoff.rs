@@ -8,8 +8,9 @@
 //!    (`Unimplemented`), the same change as a shell `ip` script run through
 //!    the agent's `Exec`.
 //!
-//! The guest-initiated mailbox path comes first once it exists; the record
-//! notes which path was used and why a faster one was not.
+//! The guest-initiated [`MailboxHandoff`] comes first when the snapshot has
+//! an armed mailbox; the record notes which path was used and why a faster
+//! one was not.
 
 use crate::agent::CallPolicy;
 use crate::error::{CoreError, Result};
@@ -90,14 +91,40 @@ impl<'a> Handoff<'a> {
         Self { mgr, inst }
     }
 
-    /// Hand the identity over; records the path taken in `rec`.
-    pub async fn run(&self, rec: &mut HandoffRecord) -> Result<HandoffPath> {
+    /// Hand the identity over; records the path taken in `rec`. With a
+    /// prepared mailbox, wait for the guest's ack first.
+    pub async fn run(
+        &self,
+        rec: &mut HandoffRecord,
+        mailbox: Option<std::result::Result<MailboxHandoff, String>>,
+    ) -> Result<HandoffPath> {
         let id = Identity::of(self.inst)?;
+        match mailbox {
+            Some(Ok(mb)) => match mb.wait_ack(rec).await {
+                Ok(()) => {
+                    rec.path = Some(HandoffPath::Mailbox);
+                    info!(instance = %self.inst.id, ip = %id.ip, "mailbox handoff acked");
+                    return Ok(HandoffPath::Mailbox);
+                }
+                Err(why) => {
+                    warn!(instance = %self.inst.id, reason = %why, "mailbox handoff failed; falling back to RPC");
+                    rec.fallback_reason = Some(why);
+                }
+            },
+            Some(Err(why)) => {
+                warn!(instance = %self.inst.id, reason = %why, "mailbox not usable; using RPC");
+                rec.fallback_reason = Some(why);
+            }
+            None => {}
+        }
         let path = match self.via_rpc(&id).await {
             Ok(()) => HandoffPath::Rpc,
             Err(CoreError::NotImplemented(why)) => {
                 warn!(instance = %self.inst.id, reason = %why, "falling back to exec handoff");
-                rec.fallback_reason = Some(why);
+                rec.fallback_reason = Some(match rec.fallback_reason.take() {
+                    Some(first) => format!("{first}; {why}"),
+                    None => why,
+                });
                 self.via_exec(&id).await?;
                 HandoffPath::Exec
             }
@@ -160,5 +187,274 @@ impl<'a> Handoff<'a> {
             )));
         }
         Ok(())
+    }
+}
+
+/// How long a fork may take to ack its mailbox before the host falls back to
+/// the RPC path (override: FORKVM_MAILBOX_ACK_TIMEOUT_MS).
+const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The guest-initiated path: the identity is written into the fork's own
+/// memory before it resumes, and the guest proves it applied it with an
+/// authenticated datagram sent from the new address.
+pub(crate) struct MailboxHandoff {
+    socket: tokio::net::UdpSocket,
+    key: forkvm_mailbox::AckKey,
+    generation: u64,
+    mac: forkvm_mailbox::MacAddr,
+    ip: std::net::Ipv4Addr,
+    mem_path: std::path::PathBuf,
+    offset: u64,
+    /// The page we wrote is ours while it carries this marker (the guest
+    /// re-arms with a new one after answering).
+    marker: forkvm_mailbox::MarkerId,
+}
+
+/// Test knob `FORKVM_TEST_MAILBOX_FORGE=crc,version,mac,prefix`: successive
+/// forks get successive forgeries from the list (a correct guest rejects
+/// each; the fork must still end Running through the fallback).
+fn test_forgery() -> Option<forkvm_mailbox::Forgery> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let list = std::env::var("FORKVM_TEST_MAILBOX_FORGE").ok()?;
+    let kinds: Vec<&str> = list.split(',').filter(|k| !k.is_empty()).collect();
+    if kinds.is_empty() {
+        return None;
+    }
+    let k = kinds[NEXT.fetch_add(1, Ordering::Relaxed) % kinds.len()];
+    Some(match k {
+        "crc" => forkvm_mailbox::Forgery::BadCrc,
+        "version" => forkvm_mailbox::Forgery::WrongVersion,
+        "mac" => forkvm_mailbox::Forgery::MulticastMac,
+        _ => forkvm_mailbox::Forgery::PrefixTooLong,
+    })
+}
+
+/// Guest-physical address → offset in a q35 guest's RAM file: RAM below the
+/// PCI hole maps 1:1, RAM above 4 GiB follows it.
+fn gpa_to_offset(gpa: u64, memory_mb: u32) -> Option<u64> {
+    let ram = memory_mb as u64 * 1024 * 1024;
+    let lowmem = if ram > 0xB000_0000 { 0x8000_0000 } else { ram };
+    const FOUR_G: u64 = 1 << 32;
+    if gpa < lowmem {
+        Some(gpa)
+    } else if gpa >= FOUR_G && gpa - FOUR_G < ram - lowmem {
+        Some(gpa - FOUR_G + lowmem)
+    } else {
+        None
+    }
+}
+
+impl MailboxHandoff {
+    /// Before resume: bind the ack listener on the gateway, find the armed
+    /// page in the fork's memory file (at the reported address, else by
+    /// scanning) and write the payload into it. `Err` is the reason to fall
+    /// back.
+    pub fn prepare(
+        mgr: &Manager,
+        inst: &Instance,
+        info: &crate::model::MailboxInfo,
+    ) -> std::result::Result<Self, String> {
+        use std::os::unix::fs::FileExt;
+        let id = Identity::of(inst).map_err(|e| e.to_string())?;
+        let marker_bytes: [u8; 16] = hex::decode(&info.marker)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("bad marker id {:?}", info.marker))?;
+        let marker = forkvm_mailbox::MarkerId(marker_bytes);
+        let bind_ip = std::env::var("FORKVM_TEST_ACK_BIND_ADDR")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(id.gateway);
+        let std_sock = std::net::UdpSocket::bind((bind_ip, 0))
+            .map_err(|e| format!("ack listener can't bind {bind_ip}: {e}"))?;
+        std_sock
+            .set_nonblocking(true)
+            .map_err(|e| format!("ack listener: {e}"))?;
+        let port = std_sock
+            .local_addr()
+            .map_err(|e| format!("ack listener: {e}"))?
+            .port();
+        let socket =
+            tokio::net::UdpSocket::from_std(std_sock).map_err(|e| format!("ack listener: {e}"))?;
+
+        let mem_path = mgr.paths(&inst.id).mem;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&mem_path)
+            .map_err(|e| format!("open fork memory: {e}"))?;
+        let mut page = vec![0u8; forkvm_mailbox::PAGE_SIZE];
+        let at_reported = gpa_to_offset(info.gpa, inst.memory_mb).filter(|off| {
+            file.read_exact_at(&mut page, *off).is_ok()
+                && forkvm_mailbox::verify_marker(&page, &marker).is_ok()
+        });
+        let offset = match at_reported {
+            Some(off) => off,
+            None => {
+                let found = forkvm_mailbox::scan_file(&file, &marker)
+                    .map_err(|e| format!("mailbox scan: {e}"))?
+                    .ok_or("mailbox marker not found in guest memory")?;
+                warn!(instance = %inst.id, reported = info.gpa, found, "mailbox page moved; found by scan");
+                file.read_exact_at(&mut page, found)
+                    .map_err(|e| format!("read mailbox: {e}"))?;
+                found
+            }
+        };
+        let key = forkvm_mailbox::AckKey(rand::random());
+        let generation = rand::random::<u64>().max(1);
+        let mac: forkvm_mailbox::MacAddr =
+            id.mac.parse().map_err(|_| format!("bad MAC {}", id.mac))?;
+        let payload = forkvm_mailbox::Payload {
+            interface: "eth0".into(),
+            mac,
+            ipv4: id.ip,
+            prefix_len: id.prefix_len,
+            gateway: id.gateway,
+            dns: vec![],
+            hostname: id.hostname.clone(),
+            host_time_unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or_default(),
+            rng_seed: forkvm_mailbox::Seed(rand::random()),
+            ack: forkvm_mailbox::AckTarget {
+                ip: id.gateway,
+                port,
+                key: key.clone(),
+            },
+        };
+        // Test knob: write a payload a correct guest must reject, to prove
+        // the rejection and the fallback end to end.
+        let forgery = test_forgery();
+        match forgery {
+            Some(how) => forkvm_mailbox::forge(&mut page, &marker, generation, &payload, how),
+            None => forkvm_mailbox::patch(&mut page, &marker, generation, &payload),
+        }
+        .map_err(|e| format!("mailbox patch: {e}"))?;
+        // The VMM has not started yet: nothing reads the page concurrently.
+        file.write_all_at(&page, offset)
+            .map_err(|e| format!("write mailbox: {e}"))?;
+        Ok(Self {
+            socket,
+            key,
+            generation,
+            mac,
+            ip: id.ip,
+            mem_path,
+            offset,
+            marker,
+        })
+    }
+
+    /// After resume: the first valid ack from the fork's new address.
+    /// Forged, stale or malformed datagrams are counted and ignored.
+    pub async fn wait_ack(&self, rec: &mut HandoffRecord) -> std::result::Result<(), String> {
+        let timeout = std::env::var("FORKVM_MAILBOX_ACK_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(DEFAULT_ACK_TIMEOUT);
+        let mut forged = 0u32;
+        let mut buf = [0u8; 256];
+        let wait = async {
+            loop {
+                let (n, from) = self
+                    .socket
+                    .recv_from(&mut buf)
+                    .await
+                    .map_err(|e| format!("ack listener: {e}"))?;
+                let from_fork = from.ip() == std::net::IpAddr::V4(self.ip);
+                match forkvm_mailbox::ack_verify(
+                    &buf[..n],
+                    &self.key,
+                    self.generation,
+                    self.mac,
+                    self.ip,
+                ) {
+                    Ok(_) if from_fork => return Ok::<(), String>(()),
+                    Ok(_) => {
+                        forged += 1;
+                        warn!(from = %from, "valid ack from a foreign address ignored");
+                    }
+                    Err(e) => {
+                        forged += 1;
+                        warn!(from = %from, error = %e, "invalid ack ignored");
+                    }
+                }
+            }
+        };
+        // Meanwhile watch the page: a guest that rejected the payload says
+        // so there, and the fallback can start at once.
+        let rejected = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            loop {
+                tick.tick().await;
+                if let Some(h) = self
+                    .read_page()
+                    .and_then(|p| forkvm_mailbox::read_header(&p).ok())
+                    && h.state == forkvm_mailbox::MailboxState::Rejected
+                    && h.marker == self.marker
+                {
+                    return format!(
+                        "guest rejected the mailbox payload (code {})",
+                        h.guest.reject_code
+                    );
+                }
+            }
+        };
+        let r = match tokio::time::timeout(timeout, async {
+            tokio::select! {
+                r = wait => r,
+                why = rejected => Err(why),
+            }
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(self.timeout_reason(timeout)),
+        };
+        if forged > 0 {
+            rec.stages_ms.insert("forged_acks".into(), forged as f64);
+        }
+        if r.is_ok()
+            && let Some(g) = self.guest_report()
+        {
+            rec.stages_ms.insert(
+                "guest_signal_to_applied".into(),
+                g.applied_us as f64 / 1000.0,
+            );
+        }
+        r
+    }
+
+    /// Why no ack came: the guest may have said so in the page.
+    fn timeout_reason(&self, timeout: Duration) -> String {
+        let page = self.read_page();
+        match page.as_deref().map(forkvm_mailbox::read_header) {
+            Some(Ok(h)) if h.state == forkvm_mailbox::MailboxState::Rejected => format!(
+                "guest rejected the mailbox payload (code {})",
+                h.guest.reject_code
+            ),
+            Some(Ok(h)) if h.state == forkvm_mailbox::MailboxState::Written => {
+                format!("guest did not pick up the mailbox within {timeout:?}")
+            }
+            _ => format!("no valid mailbox ack within {timeout:?}"),
+        }
+    }
+
+    fn read_page(&self) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&self.mem_path).ok()?;
+        let mut page = vec![0u8; forkvm_mailbox::PAGE_SIZE];
+        f.read_exact_at(&mut page, self.offset).ok()?;
+        Some(page)
+    }
+
+    /// The guest's own timings, written into the page before it acked.
+    fn guest_report(&self) -> Option<forkvm_mailbox::GuestReport> {
+        let page = self.read_page()?;
+        let h = forkvm_mailbox::read_header(&page).ok()?;
+        (h.guest.outcome_generation == self.generation).then_some(h.guest)
     }
 }

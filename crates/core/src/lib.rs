@@ -14,7 +14,7 @@ pub mod paths;
 pub mod store;
 
 pub use error::{CoreError, Result};
-pub use manager::{Config, Manager};
+pub use manager::{AgentHealth, Config, Manager};
 pub use model::*;
 
 /// Instance names: lowercase letters, digits and dashes, not starting or

@@ -175,6 +175,7 @@ impl Manager {
             pending_handoff: false,
             handoff: None,
             cmdline: None,
+            mailbox: None,
         };
         self.store.insert_instance(&inst)?;
         info!(instance = %id, name = %inst.name, "creating instance");
@@ -299,6 +300,7 @@ impl Manager {
         })?;
         info!(instance = %inst.id, boot_ms = t0.elapsed().as_millis() as u64,
               agent_version = %health.version, "instance running");
+        inst.mailbox = crate::fork::mailbox_of(&health);
         inst.state = InstanceState::Running;
         self.store.update_instance(inst)?;
         Ok(())
@@ -585,6 +587,9 @@ impl Manager {
             forkvm_image::ImageError::NotFound { .. } => CoreError::NotFound(format!(
                 "image {name:?} not found: build it with `forkvm image build`"
             )),
+            forkvm_image::ImageError::InvalidName(_) => {
+                CoreError::Invalid(format!("invalid image name {name:?}"))
+            }
             e => CoreError::internal("loading image", e),
         })
     }
@@ -682,5 +687,55 @@ impl Manager {
     /// (delete or restore the instance instead).
     pub async fn delete_snapshot(&self, id_or_name: &str) -> Result<()> {
         self.delete_snapshot_impl(id_or_name).await
+    }
+}
+
+/// What the guest agent says about itself (forkvm extra, for operators and
+/// tests: RPC counters prove which handoff path a fork took).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct AgentHealth {
+    pub version: String,
+    pub boot_id: String,
+    pub uptime_ms: u64,
+    pub hostname: String,
+    pub rpc_counts: std::collections::BTreeMap<String, u64>,
+    pub mailbox: Option<MailboxInfo>,
+    pub mailbox_applied: u64,
+    pub mailbox_rejected: u64,
+    pub mailbox_applied_generation: u64,
+}
+
+impl Manager {
+    /// Ask a Running instance's agent for its Health.
+    pub async fn agent_health(&self, id_or_name: &str) -> Result<AgentHealth> {
+        let inst = self.find(id_or_name)?;
+        if inst.state != InstanceState::Running {
+            return Err(CoreError::Conflict(format!(
+                "instance {} is {}; its agent is not reachable",
+                inst.name,
+                inst.state.as_str()
+            )));
+        }
+        let h = self
+            .agents
+            .call(
+                &inst.id,
+                &self.paths(&inst.id).agent_socket,
+                "Health",
+                CallPolicy::within(Duration::from_secs(10), Duration::from_secs(3)),
+                |mut c| async move { c.health(pb::HealthRequest {}).await },
+            )
+            .await?;
+        Ok(AgentHealth {
+            mailbox: crate::fork::mailbox_of(&h),
+            version: h.version,
+            boot_id: h.boot_id,
+            uptime_ms: h.uptime_ms,
+            hostname: h.hostname,
+            rpc_counts: h.rpc_counts.into_iter().collect(),
+            mailbox_applied: h.mailbox_applied,
+            mailbox_rejected: h.mailbox_rejected,
+            mailbox_applied_generation: h.mailbox_applied_generation,
+        })
     }
 }

@@ -106,6 +106,18 @@ pub struct Instance {
     /// Kernel command line of the current boot (kept for snapshots).
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// The guest agent's armed mailbox page, as last reported.
+    #[serde(default)]
+    pub mailbox: Option<MailboxInfo>,
+}
+
+/// Where the guest agent's mailbox page is and how to recognise it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxInfo {
+    /// Marker id, 32 hex digits.
+    pub marker: String,
+    /// Guest-physical address of the page.
+    pub gpa: u64,
 }
 
 /// Which way a fork learned its new network identity.
@@ -162,6 +174,9 @@ pub struct Snapshot {
     pub size_bytes: u64,
     /// Owned by an instance in Standby (deleted when it is restored).
     pub standby_of: Option<String>,
+    /// The source's mailbox at capture time (forks patch it before resume).
+    #[serde(default)]
+    pub mailbox: Option<MailboxInfo>,
 }
 
 /// What a client asks for when forking.

@@ -296,6 +296,7 @@ mod tests {
             pending_handoff: false,
             handoff: None,
             cmdline: None,
+            mailbox: None,
         }
     }
 

@@ -440,3 +440,58 @@ pub fn write_guest_report(page: &mut [u8], report: &GuestReport) -> Result<(), M
     wr_u32(page, OFF_REJECT_CODE, report.reject_code);
     Ok(())
 }
+
+/// Ways [`forge`] breaks a page, for tests of the guest's rejection path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forgery {
+    /// A payload byte flipped after the CRC was computed.
+    BadCrc,
+    /// A layout version the guest does not know (with valid CRCs).
+    WrongVersion,
+    /// A multicast MAC in an otherwise well-formed payload.
+    MulticastMac,
+    /// A prefix length of 40 in an otherwise well-formed payload.
+    PrefixTooLong,
+}
+
+/// Host-side test tool: write a WRITTEN page that a correct guest must
+/// reject, bypassing the validation [`patch`] performs. Checksums are
+/// recomputed so only the intended defect remains.
+pub fn forge(
+    page: &mut [u8],
+    marker: &MarkerId,
+    generation: u64,
+    payload: &Payload,
+    how: Forgery,
+) -> Result<(), MailboxError> {
+    patch(page, marker, generation, payload)?;
+    let len = rd_u32(page, OFF_PAYLOAD_LEN) as usize;
+    let mut body = page[OFF_PAYLOAD..OFF_PAYLOAD + len].to_vec();
+    let mut version = LAYOUT_VERSION;
+    match how {
+        Forgery::BadCrc => {}
+        Forgery::WrongVersion => version = LAYOUT_VERSION + 98,
+        Forgery::MulticastMac | Forgery::PrefixTooLong => {
+            let mut v: serde_json::Value = serde_json::from_slice(&body)?;
+            if how == Forgery::MulticastMac {
+                v["mac"] = serde_json::Value::String("01:00:5e:00:00:01".into());
+            } else {
+                v["prefix_len"] = serde_json::Value::from(40);
+            }
+            body = serde_json::to_vec(&v)?;
+        }
+    }
+    store_state(page, MailboxState::Empty);
+    wr_u32(page, OFF_VERSION, version);
+    wr_u32(page, OFF_PAYLOAD_LEN, body.len() as u32);
+    wr_u32(page, OFF_PAYLOAD_CRC, crc32c::crc32c(&body));
+    let hcrc = header_crc(page);
+    wr_u32(page, OFF_HEADER_CRC, hcrc);
+    page[OFF_PAYLOAD..].fill(0);
+    page[OFF_PAYLOAD..OFF_PAYLOAD + body.len()].copy_from_slice(&body);
+    if how == Forgery::BadCrc {
+        page[OFF_PAYLOAD + 2] ^= 0x20;
+    }
+    store_state(page, MailboxState::Written);
+    Ok(())
+}

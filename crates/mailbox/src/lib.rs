@@ -66,11 +66,12 @@ mod payload;
 pub use ack::{ACK_LEN, ACK_MAGIC, ACK_SIGNED_LEN, Ack, ack_encode, ack_verify};
 pub use error::{AckError, FieldError, MailboxError};
 pub use layout::{
-    GuestReport, HEADER_SIZE, Header, LAYOUT_VERSION, MAGIC, MAX_PAYLOAD, MailboxState, MarkerId,
-    OFF_APPLIED_US, OFF_GENERATION, OFF_GUEST_AREA, OFF_HEADER_CRC, OFF_MAGIC, OFF_MARKER,
-    OFF_OUTCOME_GENERATION, OFF_PAYLOAD, OFF_PAYLOAD_CRC, OFF_PAYLOAD_LEN, OFF_REJECT_CODE,
-    OFF_RESERVED, OFF_SIGNAL_SEEN_US, OFF_STATE, OFF_VERSION, PAGE_SIZE, PreparedPatch, arm,
-    decode, mark, patch, prepare_patch, read_header, verify_marker, write_guest_report,
+    Forgery, GuestReport, HEADER_SIZE, Header, LAYOUT_VERSION, MAGIC, MAX_PAYLOAD, MailboxState,
+    MarkerId, OFF_APPLIED_US, OFF_GENERATION, OFF_GUEST_AREA, OFF_HEADER_CRC, OFF_MAGIC,
+    OFF_MARKER, OFF_OUTCOME_GENERATION, OFF_PAYLOAD, OFF_PAYLOAD_CRC, OFF_PAYLOAD_LEN,
+    OFF_REJECT_CODE, OFF_RESERVED, OFF_SIGNAL_SEEN_US, OFF_STATE, OFF_VERSION, PAGE_SIZE,
+    PreparedPatch, arm, decode, forge, mark, patch, prepare_patch, read_header, verify_marker,
+    write_guest_report,
 };
 pub use locate::{locate_at, scan, scan_file};
 pub use payload::{
