@@ -80,6 +80,18 @@ impl TestEnv {
         Self::start_with(None, env).await
     }
 
+    /// Like [`TestEnv::start_env`], on another instance subnet.
+    pub async fn start_subnet(subnet: &str, env: &[(&str, &str)]) -> Result<Self> {
+        let mut e = Self::start_with(None, env).await?;
+        if e.subnet != subnet {
+            e.kill_daemon()?;
+            e.subnet = subnet.to_string();
+            e.spawn_daemon()?;
+            e.wait_ready().await?;
+        }
+        Ok(e)
+    }
+
     /// Like [`TestEnv::start`], with the daemon also serving TCP on
     /// `127.0.0.1:port` of the namespace, authenticated by `token`.
     pub async fn start_tcp(port: u16, token: &str) -> Result<Self> {

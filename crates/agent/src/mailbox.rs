@@ -417,8 +417,10 @@ mod tests {
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
                 let mut b = [0u8; 1];
-                // SAFETY: plain read on a valid fd, then _exit.
+                // SAFETY: close our copy of the write end (so the parent's
+                // close means EOF), read until then, _exit.
                 unsafe {
+                    libc::close(std::os::fd::AsRawFd::as_raw_fd(&wr));
                     libc::read(
                         std::os::fd::AsRawFd::as_raw_fd(&rd),
                         b.as_mut_ptr().cast(),

@@ -400,6 +400,10 @@ pub struct InstanceForkParams {
     /// forkvm: return only once the fork answers on its new address (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_for_network: Option<bool>,
+    /// forkvm: fastest handoff path to try (default `mailbox`, falling back
+    /// to `rpc`, then `exec`); `rpc` or `exec` skip the faster ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffPath>,
 }
 
 impl InstanceForkParams {
@@ -412,6 +416,7 @@ impl InstanceForkParams {
             target_state: self.target_state.map(Into::into),
             count: self.count,
             wait_for_network: self.wait_for_network,
+            handoff: self.handoff.map(Into::into),
         })
     }
 }
@@ -560,6 +565,10 @@ pub struct SnapshotForkParams {
     /// forkvm: return only once the fork answers on its new address (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_for_network: Option<bool>,
+    /// forkvm: fastest handoff path to try (default `mailbox`, falling back
+    /// to `rpc`, then `exec`); `rpc` or `exec` skip the faster ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffPath>,
 }
 
 impl SnapshotForkParams {
@@ -579,6 +588,7 @@ impl SnapshotForkParams {
             target_state: self.target_state.map(Into::into),
             count: self.count,
             wait_for_network: self.wait_for_network,
+            handoff: self.handoff.map(Into::into),
         })
     }
 }
@@ -1093,6 +1103,16 @@ impl From<forkvm_core::AgentHealth> for AgentHealth {
             mailbox_applied: h.mailbox_applied,
             mailbox_rejected: h.mailbox_rejected,
             mailbox_applied_generation: h.mailbox_applied_generation,
+        }
+    }
+}
+
+impl From<HandoffPath> for core::HandoffPath {
+    fn from(p: HandoffPath) -> Self {
+        match p {
+            HandoffPath::Mailbox => core::HandoffPath::Mailbox,
+            HandoffPath::Rpc => core::HandoffPath::Rpc,
+            HandoffPath::Exec => core::HandoffPath::Exec,
         }
     }
 }

@@ -1,8 +1,8 @@
 //! A small HTTP/1 client for the daemon's unix socket.
 
 use forkvm_api::wire::{
-    ErrorBody, ExecParams, ExecResponse, ForkResponse, Instance, InstanceCreateParams,
-    InstanceForkParams, Snapshot, SnapshotCreateParams, SnapshotForkParams,
+    AgentHealth, ErrorBody, ExecParams, ExecResponse, ForkResponse, Health, Instance,
+    InstanceCreateParams, InstanceForkParams, Snapshot, SnapshotCreateParams, SnapshotForkParams,
 };
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -114,6 +114,17 @@ impl Client {
     ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
         self.json(Method::POST, path, Some(body)).await
+    }
+
+    /// `GET /health`: the daemon is up and serving.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.json(Method::GET, "/health", None).await
+    }
+
+    /// `GET /instances/{id}/agent`: the guest agent's own health report.
+    pub async fn agent(&self, id: &str) -> Result<AgentHealth, ClientError> {
+        self.json(Method::GET, &format!("/instances/{}/agent", seg(id)), None)
+            .await
     }
 
     pub async fn create(&self, p: &InstanceCreateParams) -> Result<Instance, ClientError> {

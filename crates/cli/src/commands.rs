@@ -205,6 +205,7 @@ impl ForkArgs {
             target_state: self.opts.target_state.map(Into::into),
             count: self.opts.count,
             wait_for_network: self.opts.wait_for_network(),
+            handoff: None,
         }
     }
 }
@@ -327,6 +328,7 @@ pub async fn snapshot(c: &Client, json: bool, cmd: &SnapshotCmd) -> anyhow::Resu
                 target_state: opts.target_state.map(Into::into),
                 count: opts.count,
                 wait_for_network: opts.wait_for_network(),
+                handoff: None,
             };
             let resp = c.fork_snapshot(snapshot, &p).await?;
             print_forks(json, resp)

@@ -1,7 +1,9 @@
 //! `forkvm`: the daemon (`forkvm serve`) and the client commands that talk to
 //! it over its unix socket (`run`, `ps`, `inspect`, `exec`, `logs`, `start`,
-//! `stop`, `standby`, `restore`, `fork`, `snapshot …`, `rm`), plus `image build`.
+//! `stop`, `standby`, `restore`, `fork`, `snapshot …`, `rm`), plus `image build`
+//! and `bench fork` (a self-contained fork benchmark with its own daemon).
 
+mod bench;
 mod client;
 mod commands;
 mod image_cmd;
@@ -97,6 +99,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Benchmarks (run their own daemon in their own network namespace).
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Fork latency per handoff path, fan-out and memory scaling.
+    Fork(bench::BenchForkArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +148,12 @@ async fn main() -> ExitCode {
             init_logging("info", false);
             image_cmd::image_build(args).map(|()| ExitCode::SUCCESS)
         }
+        Cmd::Bench {
+            cmd: BenchCmd::Fork(args),
+        } => {
+            init_logging("warn", false);
+            bench::fork(cli.json, &args).await
+        }
         cmd => {
             init_logging("warn", false);
             let c = Client::new(&cli.socket);
@@ -152,7 +171,9 @@ async fn main() -> ExitCode {
                 Cmd::Fork(a) => commands::fork(&c, json, &a).await,
                 Cmd::Snapshot { cmd } => commands::snapshot(&c, json, &cmd).await,
                 Cmd::Rm { ids, force } => commands::rm(&c, json, &ids, force).await,
-                Cmd::Serve(_) | Cmd::Image { .. } => unreachable!("handled above"),
+                Cmd::Serve(_) | Cmd::Image { .. } | Cmd::Bench { .. } => {
+                    unreachable!("handled above")
+                }
             }
         }
     };
@@ -220,6 +241,40 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["forkvm", "exec", "web"]).is_err());
         assert!(Cli::try_parse_from(["forkvm", "rm"]).is_err());
+    }
+
+    #[test]
+    fn parses_bench_fork() {
+        let cli = Cli::try_parse_from(["forkvm", "bench", "fork"]).unwrap();
+        match cli.cmd {
+            Cmd::Bench {
+                cmd: BenchCmd::Fork(a),
+            } => {
+                assert_eq!(a.reps, 10);
+                assert_eq!(a.fanout, vec![1, 4, 16]);
+                assert_eq!(a.sizes, vec![256, 1024]);
+                assert!(!a.keep && !cli.json);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "forkvm", "bench", "fork", "--reps", "3", "--fanout", "2,8", "--sizes", "512",
+            "--json", "--keep",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Bench { cmd: BenchCmd::Fork(ref a) }
+                if a.reps == 3 && a.fanout == [2, 8] && a.sizes == [512] && a.keep
+        ));
+        for bad in [
+            &["forkvm", "bench", "fork", "--reps", "0"][..],
+            &["forkvm", "bench", "fork", "--fanout", "65"],
+            &["forkvm", "bench", "fork", "--sizes", "64"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -228,6 +228,7 @@ impl Manager {
             )));
         };
         let snap = self.get_snapshot(&sid).await?;
+        self.check_capacity(1, inst.memory_mb, 0)?;
         let sp = self.snapshot_paths(&sid);
         let ip = self.paths(&inst.id);
         ip.prepare()?;
@@ -244,6 +245,7 @@ impl Manager {
                 &mut rec,
                 true,
                 snap.mailbox.as_ref(),
+                HandoffPath::Mailbox,
             )
             .await
         {
@@ -284,6 +286,7 @@ impl Manager {
         rec: &mut HandoffRecord,
         wait: bool,
         mailbox: Option<&MailboxInfo>,
+        prefer: HandoffPath,
     ) -> Result<()> {
         let t = Instant::now();
         if inst.network.enabled {
@@ -300,6 +303,7 @@ impl Manager {
         // Guest-initiated handoff: the identity goes into the fork's memory
         // before its VMM exists.
         let mailbox = match mailbox {
+            _ if prefer != HandoffPath::Mailbox && inst.pending_handoff => None,
             Some(info) if inst.pending_handoff && inst.network.enabled => {
                 let t = Instant::now();
                 let mb = MailboxHandoff::prepare(self, inst, info);
@@ -385,14 +389,21 @@ impl Manager {
             let span = tracing::Span::current();
             tokio::spawn(
                 async move {
-                    me.finish_handoff_in_background(&mut bg_inst, &mut bg_rec, resumed_at, mailbox)
-                        .await
+                    me.finish_handoff_in_background(
+                        &mut bg_inst,
+                        &mut bg_rec,
+                        resumed_at,
+                        mailbox,
+                        prefer,
+                    )
+                    .await
                 }
                 .instrument(span),
             );
             return Ok(());
         }
-        self.complete_handoff(inst, rec, resumed_at, mailbox).await
+        self.complete_handoff(inst, rec, resumed_at, mailbox, prefer)
+            .await
     }
 
     /// The new identity reaches the guest; the fork is Running after it.
@@ -402,8 +413,12 @@ impl Manager {
         rec: &mut HandoffRecord,
         resumed_at: Instant,
         mailbox: Option<std::result::Result<MailboxHandoff, String>>,
+        prefer: HandoffPath,
     ) -> Result<()> {
-        let path = Handoff::new(self, inst).run(rec, mailbox).await?;
+        let path = Handoff::new(self, inst)
+            .prefer(prefer)
+            .run(rec, mailbox)
+            .await?;
         rec.stage("network_ready", resumed_at);
         if path != HandoffPath::Mailbox {
             // The mailbox payload carries the host clock; the other paths don't.
@@ -424,6 +439,7 @@ impl Manager {
         rec: &mut HandoffRecord,
         resumed_at: Instant,
         mailbox: Option<std::result::Result<MailboxHandoff, String>>,
+        prefer: HandoffPath,
     ) {
         let lock = self.lock_for(&inst.id);
         let _g = lock.lock().await;
@@ -431,7 +447,10 @@ impl Manager {
         if self.find(&inst.id).is_err() {
             return;
         }
-        match self.complete_handoff(inst, rec, resumed_at, mailbox).await {
+        match self
+            .complete_handoff(inst, rec, resumed_at, mailbox, prefer)
+            .await
+        {
             Ok(()) => info!(instance = %inst.id, path = ?rec.path, "background handoff done"),
             Err(e) => {
                 warn!(instance = %inst.id, error = %e, "background handoff failed; stopping the fork");
@@ -517,6 +536,12 @@ impl Manager {
         let src = self.find(id_or_name)?;
         let names = self.fork_names(&req)?;
         let target = Self::fork_target(&req)?;
+        let running = u32::from(target == InstanceState::Running);
+        self.check_capacity(
+            running * names.len() as u32,
+            src.memory_mb,
+            u32::from(src.network.enabled) * names.len() as u32,
+        )?;
         let lock = self.lock_for(&src.id);
         let _g = lock.lock().await;
         let src = self.find(&src.id)?;
@@ -586,9 +611,17 @@ impl Manager {
             async move {
                 let _permit = sem.acquire().await;
                 let span = info_span!("fork", fork = %name, source = %forked_from);
-                self.fork_one(base, name, target, wait, forked_from, snapshot_ms)
-                    .instrument(span)
-                    .await
+                self.fork_one(
+                    base,
+                    name,
+                    target,
+                    wait,
+                    req.handoff.unwrap_or(HandoffPath::Mailbox),
+                    forked_from,
+                    snapshot_ms,
+                )
+                .instrument(span)
+                .await
             }
         });
         futures::future::join_all(jobs).await
@@ -601,6 +634,7 @@ impl Manager {
         name: &str,
         target: InstanceState,
         wait: bool,
+        prefer: HandoffPath,
         forked_from: &str,
         snapshot_ms: f64,
     ) -> Result<Instance> {
@@ -627,6 +661,7 @@ impl Manager {
                         &mut rec,
                         wait,
                         base.snap.mailbox.as_ref(),
+                        prefer,
                     )
                     .await
                 }
@@ -765,6 +800,12 @@ impl Manager {
         let snap = self.get_snapshot(id_or_name).await?;
         let names = self.fork_names(&req)?;
         let target = Self::fork_target(&req)?;
+        let running = u32::from(target == InstanceState::Running);
+        self.check_capacity(
+            running * names.len() as u32,
+            snap.memory_mb,
+            u32::from(snap.network.enabled) * names.len() as u32,
+        )?;
         // A Standby instance's own snapshot is guarded by the instance lock.
         let lock = self.lock_for(snap.standby_of.as_deref().unwrap_or(&snap.id));
         let _g = lock.lock().await;

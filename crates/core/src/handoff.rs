@@ -84,11 +84,23 @@ impl Identity {
 pub(crate) struct Handoff<'a> {
     mgr: &'a Manager,
     inst: &'a Instance,
+    prefer: HandoffPath,
 }
 
 impl<'a> Handoff<'a> {
     pub fn new(mgr: &'a Manager, inst: &'a Instance) -> Self {
-        Self { mgr, inst }
+        Self {
+            mgr,
+            inst,
+            prefer: HandoffPath::Mailbox,
+        }
+    }
+
+    /// Start at a slower path (the request's `handoff`); the mailbox is
+    /// then not prepared at all.
+    pub fn prefer(mut self, path: HandoffPath) -> Self {
+        self.prefer = path;
+        self
     }
 
     /// Hand the identity over; records the path taken in `rec`. With a
@@ -115,7 +127,16 @@ impl<'a> Handoff<'a> {
                 warn!(instance = %self.inst.id, reason = %why, "mailbox not usable; using RPC");
                 rec.fallback_reason = Some(why);
             }
+            None if self.prefer != HandoffPath::Mailbox => {
+                rec.fallback_reason =
+                    Some(format!("handoff path {:?} requested", self.prefer).to_lowercase());
+            }
             None => {}
+        }
+        if self.prefer == HandoffPath::Exec {
+            self.via_exec(&id).await?;
+            rec.path = Some(HandoffPath::Exec);
+            return Ok(HandoffPath::Exec);
         }
         let path = match self.via_rpc(&id).await {
             Ok(()) => HandoffPath::Rpc,
@@ -192,7 +213,7 @@ impl<'a> Handoff<'a> {
 
 /// How long a fork may take to ack its mailbox before the host falls back to
 /// the RPC path (override: FORKVM_MAILBOX_ACK_TIMEOUT_MS).
-const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The guest-initiated path: the identity is written into the fork's own
 /// memory before it resumes, and the guest proves it applied it with an

@@ -60,6 +60,8 @@ pub struct Manager {
     pub(crate) me: std::sync::Weak<Manager>,
     /// Deadline for re-addressing a fork after resume.
     pub(crate) handoff_timeout: Duration,
+    /// Most guest memory (MiB) all VMs with a VMM may have together.
+    pub(crate) memory_budget_mb: u64,
 }
 
 impl Manager {
@@ -79,6 +81,10 @@ impl Manager {
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis)
             .unwrap_or(DEFAULT_HANDOFF_TIMEOUT);
+        let memory_budget_mb = std::env::var("FORKVM_MAX_GUEST_MEMORY_MB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(default_memory_budget_mb);
         let mgr = Arc::new_cyclic(|me| Self {
             hv: QemuHypervisor::new(cfg.qemu_bin.clone()),
             cfg,
@@ -89,6 +95,7 @@ impl Manager {
             locks: Mutex::new(HashMap::new()),
             me: me.clone(),
             handoff_timeout,
+            memory_budget_mb,
         });
         mgr.adopt().await?;
         Ok(mgr)
@@ -107,6 +114,35 @@ impl Manager {
         self.store
             .find_instance(id_or_name)?
             .ok_or_else(|| CoreError::NotFound(format!("instance {id_or_name:?} not found")))
+    }
+
+    /// Refuse up front what would not fit: `vms` more VMs of `memory_mb`
+    /// each (memory budget) needing `ips` more addresses (pool).
+    pub(crate) fn check_capacity(&self, vms: u32, memory_mb: u32, ips: u32) -> Result<()> {
+        let all = self.store.list_instances()?;
+        let used: u64 = all
+            .iter()
+            .filter(|i| i.state.has_vmm())
+            .map(|i| i.memory_mb as u64)
+            .sum();
+        let want = vms as u64 * memory_mb as u64;
+        if used + want > self.memory_budget_mb {
+            return Err(CoreError::Exhausted(format!(
+                "not enough guest memory: {want} MiB requested, {used} of {} MiB in use \
+                 (FORKVM_MAX_GUEST_MEMORY_MB)",
+                self.memory_budget_mb
+            )));
+        }
+        if ips > 0 {
+            let free = self.net.free_addresses(&self.store)?;
+            if (ips as usize) > free {
+                return Err(CoreError::Exhausted(format!(
+                    "not enough free IPv4 addresses: {ips} needed, {free} free in {}",
+                    self.cfg.subnet
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub async fn list(&self) -> Result<Vec<Instance>> {
@@ -142,6 +178,7 @@ impl Manager {
         let image = req.image.clone().unwrap_or_else(|| "default".into());
         // Fail before creating anything when the image is missing.
         self.load_image(&image)?;
+        self.check_capacity(1, memory_mb, u32::from(req.network_enabled.unwrap_or(true)))?;
 
         let id = new_id();
         let lock = self.lock_for(&id);
@@ -207,6 +244,7 @@ impl Manager {
             }
         }
         let previous = inst.network.clone();
+        self.check_capacity(1, inst.memory_mb, 0)?;
         inst.state_error = None;
         match self.boot(&mut inst, Some(previous)).await {
             Ok(()) => Ok(inst),
@@ -593,6 +631,20 @@ impl Manager {
             e => CoreError::internal("loading image", e),
         })
     }
+}
+
+/// 90 % of the host's RAM: guest memory is tmpfs-backed and must fit.
+fn default_memory_budget_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024 * 9 / 10)
+        .unwrap_or(u64::MAX)
 }
 
 /// KVM when it really boots the default image here, else TCG; the probe's

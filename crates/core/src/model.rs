@@ -189,6 +189,11 @@ pub struct ForkRequest {
     pub count: Option<u32>,
     /// Default true: return once the fork answers on its new address.
     pub wait_for_network: Option<bool>,
+    /// Fastest handoff path to try (default mailbox: mailbox → rpc → exec).
+    /// `rpc` skips the mailbox, `exec` goes straight to the shell path
+    /// (benchmarks compare the paths with it).
+    #[serde(default)]
+    pub handoff: Option<HandoffPath>,
 }
 
 /// What a client asks for when creating an instance.

@@ -168,6 +168,17 @@ impl NetAllocator {
         ))
     }
 
+    /// Addresses of the pool nobody holds.
+    pub fn free_addresses(&self, store: &Store) -> Result<usize> {
+        let used = store
+            .allocated(AllocKind::Ip)?
+            .into_iter()
+            .filter_map(|(v, _)| v.parse::<Ipv4Addr>().ok())
+            .filter(|ip| self.pool.contains(*ip))
+            .count();
+        Ok(self.pool.capacity().saturating_sub(used))
+    }
+
     /// Release every claim of the instance (idempotent).
     pub fn release(&self, store: &Store, id: &str) -> Result<()> {
         for k in [AllocKind::Ip, AllocKind::Mac, AllocKind::Tap] {

@@ -1,0 +1,74 @@
+//! Capacity limits are checked before anything is created: a request that
+//! would not fit fails with a clear 409 and changes nothing.
+
+use anyhow::Result;
+use forkvm_e2e::TestEnv;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_budget_and_address_pool_refuse_up_front() -> Result<()> {
+    // A /29 has 5 guest addresses (gateway excluded); 700 MiB fit two 256 MiB guests.
+    let env =
+        TestEnv::start_subnet("10.79.0.0/29", &[("FORKVM_MAX_GUEST_MEMORY_MB", "700")]).await?;
+    let (st, src) = env
+        .request("POST", "/instances", Some(json!({"name": "src"})))
+        .await?;
+    assert_eq!(st, 201, "{src}\n{}", env.daemon_log());
+    let src_id = src["id"].as_str().unwrap_or_default().to_string();
+    let links = env.links()?;
+
+    // Three more running guests would need 768 MiB more.
+    let (st, v) = env
+        .request(
+            "POST",
+            &format!("/instances/{src_id}/fork"),
+            Some(json!({"name": "big", "count": 3, "from_running": true})),
+        )
+        .await?;
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or_default().contains("memory"),
+        "{v}"
+    );
+    let (st, v) = env
+        .request(
+            "POST",
+            "/instances",
+            Some(json!({"name": "a", "memory_mb": 512})),
+        )
+        .await?;
+    assert_eq!(st, 409, "{v}");
+
+    // Stopped forks need no memory but each needs an address: 5 don't fit in the 4 left.
+    let (st, v) = env
+        .request(
+            "POST",
+            &format!("/instances/{src_id}/fork"),
+            Some(json!({"name": "cold", "count": 5, "from_running": true, "target_state": "Stopped"})),
+        )
+        .await?;
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("address"),
+        "{v}"
+    );
+
+    let (_, list) = env.request("GET", "/instances", None).await?;
+    assert_eq!(list.as_array().map(|a| a.len()), Some(1), "{list}");
+    assert_eq!(env.links()?, links);
+    assert_eq!(env.qemu_pids().len(), 1);
+
+    // What fits still works.
+    let (st, v) = env
+        .request(
+            "POST",
+            &format!("/instances/{src_id}/fork"),
+            Some(json!({"name": "one", "from_running": true})),
+        )
+        .await?;
+    assert_eq!(st, 201, "{v}\n{}", env.daemon_log());
+    Ok(())
+}
