@@ -39,6 +39,30 @@ pub(crate) struct SnapshotPaths {
     pub mem: PathBuf,
 }
 
+/// How [`Manager::resume_from`] brings a VM back from a snapshot.
+pub(crate) struct ResumePlan<'a> {
+    /// Kernel command line the snapshot's guest booted with.
+    pub cmdline: &'a str,
+    /// Device state file to load.
+    pub state: &'a Path,
+    /// The snapshot's armed mailbox, if any.
+    pub mailbox: Option<&'a MailboxInfo>,
+    /// Fastest handoff path to try.
+    pub prefer: HandoffPath,
+    /// false: return after resume, finish the handoff in the background.
+    pub wait: bool,
+}
+
+/// What every fork of one request shares.
+struct ForkSpec<'a> {
+    target: InstanceState,
+    wait: bool,
+    prefer: HandoffPath,
+    forked_from: &'a str,
+    /// Source pause for the capture, reported in every fork's record.
+    snapshot_ms: f64,
+}
+
 /// The snapshot a fork starts from, and whether it only lives for this call.
 struct Base {
     snap: Snapshot,
@@ -240,12 +264,14 @@ impl Manager {
         match self
             .resume_from(
                 &mut inst,
-                &snap.cmdline,
-                &sp.state,
                 &mut rec,
-                true,
-                snap.mailbox.as_ref(),
-                HandoffPath::Mailbox,
+                ResumePlan {
+                    cmdline: &snap.cmdline,
+                    state: &sp.state,
+                    mailbox: snap.mailbox.as_ref(),
+                    prefer: HandoffPath::Mailbox,
+                    wait: true,
+                },
             )
             .await
         {
@@ -281,13 +307,16 @@ impl Manager {
     pub(crate) async fn resume_from(
         &self,
         inst: &mut Instance,
-        cmdline: &str,
-        state: &Path,
         rec: &mut HandoffRecord,
-        wait: bool,
-        mailbox: Option<&MailboxInfo>,
-        prefer: HandoffPath,
+        plan: ResumePlan<'_>,
     ) -> Result<()> {
+        let ResumePlan {
+            cmdline,
+            state,
+            mailbox,
+            prefer,
+            wait,
+        } = plan;
         let t = Instant::now();
         if inst.network.enabled {
             let lease = self
@@ -605,44 +634,32 @@ impl Manager {
         snapshot_ms: f64,
     ) -> Vec<Result<Instance>> {
         let sem = tokio::sync::Semaphore::new(FORK_PARALLELISM);
-        let wait = req.wait_for_network.unwrap_or(true);
+        let spec = ForkSpec {
+            target,
+            wait: req.wait_for_network.unwrap_or(true),
+            prefer: req.handoff.unwrap_or(HandoffPath::Mailbox),
+            forked_from,
+            snapshot_ms,
+        };
         let jobs = names.iter().map(|name| {
-            let sem = &sem;
+            let (sem, spec) = (&sem, &spec);
             async move {
                 let _permit = sem.acquire().await;
                 let span = info_span!("fork", fork = %name, source = %forked_from);
-                self.fork_one(
-                    base,
-                    name,
-                    target,
-                    wait,
-                    req.handoff.unwrap_or(HandoffPath::Mailbox),
-                    forked_from,
-                    snapshot_ms,
-                )
-                .instrument(span)
-                .await
+                self.fork_one(base, name, spec).instrument(span).await
             }
         });
         futures::future::join_all(jobs).await
     }
 
     /// Step 2: one fork, all or nothing.
-    async fn fork_one(
-        &self,
-        base: &Base,
-        name: &str,
-        target: InstanceState,
-        wait: bool,
-        prefer: HandoffPath,
-        forked_from: &str,
-        snapshot_ms: f64,
-    ) -> Result<Instance> {
+    async fn fork_one(&self, base: &Base, name: &str, spec: &ForkSpec<'_>) -> Result<Instance> {
+        let target = spec.target;
         let t_total = Instant::now();
         let mut rec = HandoffRecord::default();
-        rec.stages_ms.insert("snapshot".into(), snapshot_ms);
+        rec.stages_ms.insert("snapshot".into(), spec.snapshot_ms);
         let t = Instant::now();
-        let mut inst = self.allocate_fork(base, name, forked_from).await?;
+        let mut inst = self.allocate_fork(base, name, spec.forked_from).await?;
         rec.stage("allocate", t);
         let lock = self.lock_for(&inst.id);
         let _g = lock.lock().await;
@@ -654,16 +671,14 @@ impl Manager {
                 InstanceState::Stopped => self.park_stopped(&mut inst),
                 InstanceState::Standby => self.park_standby(base, &mut inst),
                 _ => {
-                    self.resume_from(
-                        &mut inst,
-                        &base.snap.cmdline,
-                        &base.paths.state,
-                        &mut rec,
-                        wait,
-                        base.snap.mailbox.as_ref(),
-                        prefer,
-                    )
-                    .await
+                    let plan = ResumePlan {
+                        cmdline: &base.snap.cmdline,
+                        state: &base.paths.state,
+                        mailbox: base.snap.mailbox.as_ref(),
+                        prefer: spec.prefer,
+                        wait: spec.wait,
+                    };
+                    self.resume_from(&mut inst, &mut rec, plan).await
                 }
             }
         }
@@ -680,7 +695,7 @@ impl Manager {
                     }
                     // A background handoff may have finished already and
                     // written the record; don't overwrite its outcome.
-                    if wait {
+                    if spec.wait {
                         self.store.update_instance(&inst)?;
                     }
                 }
