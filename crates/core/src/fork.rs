@@ -324,7 +324,7 @@ impl Manager {
                 .ensure_lease(&self.store, &inst.id, Some(&inst.network.clone()))
                 .await?;
             inst.network = lease.info(&self.cfg.bridge);
-            self.net.create_tap(&lease.tap).await?;
+            self.net.create_tap(&lease).await?;
         }
         self.store.update_instance(inst)?;
         rec.stage("allocate_tap", t);

@@ -70,7 +70,8 @@ impl Identity {
         format!(
             "set -e; ip link set dev eth0 down; ip link set dev eth0 address {mac}; \
              ip -4 addr flush dev eth0; ip addr add {ip}/{p} dev eth0; ip link set dev eth0 up; \
-             ip route replace default via {gw} dev eth0; ip neigh flush dev eth0 || true; hostname {h}",
+             ip route replace default via {gw} dev eth0; ip neigh flush dev eth0 || true; hostname {h}; \
+             arping -U -c 1 -I eth0 {ip} >/dev/null 2>&1 || true",
             mac = self.mac,
             ip = self.ip,
             p = self.prefix_len,
@@ -251,6 +252,10 @@ fn test_forgery() -> Option<forkvm_mailbox::Forgery> {
     })
 }
 
+fn raw_u32(page: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(page.get(off..off + 4)?.try_into().ok()?))
+}
+
 /// Guest-physical address → offset in a q35 guest's RAM file: RAM below the
 /// PCI hole maps 1:1, RAM above 4 GiB follows it.
 fn gpa_to_offset(gpa: u64, memory_mb: u32) -> Option<u64> {
@@ -411,15 +416,17 @@ impl MailboxHandoff {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             loop {
                 tick.tick().await;
-                if let Some(h) = self
-                    .read_page()
-                    .and_then(|p| forkvm_mailbox::read_header(&p).ok())
-                    && h.state == forkvm_mailbox::MailboxState::Rejected
-                    && h.marker == self.marker
+                // Raw fields, not read_header(): a page the guest rejected
+                // may carry a header we can't parse either (wrong version).
+                if let Some(p) = self.read_page()
+                    && raw_u32(&p, forkvm_mailbox::OFF_STATE)
+                        == Some(forkvm_mailbox::MailboxState::Rejected.to_word())
+                    && p.get(forkvm_mailbox::OFF_MARKER..forkvm_mailbox::OFF_MARKER + 16)
+                        == Some(&self.marker.0[..])
                 {
                     return format!(
                         "guest rejected the mailbox payload (code {})",
-                        h.guest.reject_code
+                        raw_u32(&p, forkvm_mailbox::OFF_REJECT_CODE).unwrap_or_default()
                     );
                 }
             }

@@ -272,7 +272,7 @@ impl Manager {
                 .await?;
             inst.network = lease.info(&self.cfg.bridge);
             self.store.update_instance(inst)?;
-            self.net.create_tap(&lease.tap).await?;
+            self.net.create_tap(&lease).await?;
             Some(BootNetwork {
                 interface: "eth0".into(),
                 mac: lease.mac.clone(),

@@ -187,7 +187,10 @@ impl NetAllocator {
         Ok(())
     }
 
-    pub async fn create_tap(&self, tap: &str) -> Result<()> {
+    /// The instance's port: its TAP on the bridge, its MAC pinned to that
+    /// port, and no stale neighbour entry left for its address (another
+    /// instance may have had it before).
+    pub async fn create_tap(&self, lease: &Lease) -> Result<()> {
         self.bridge_ready
             .get_or_try_init(|| async {
                 self.host
@@ -198,10 +201,23 @@ impl NetAllocator {
                     })
             })
             .await?;
+        let tap = &lease.tap;
         self.host
             .create_tap(tap, &self.bridge)
             .await
-            .map_err(|e| CoreError::internal(&format!("creating TAP {tap}"), e))
+            .map_err(|e| CoreError::internal(&format!("creating TAP {tap}"), e))?;
+        let mac: MacAddr = lease
+            .mac
+            .parse()
+            .map_err(|e| CoreError::Internal(format!("bad MAC in lease: {e}")))?;
+        self.host
+            .pin_mac(tap, mac)
+            .await
+            .map_err(|e| CoreError::internal(&format!("pinning MAC on {tap}"), e))?;
+        self.host
+            .forget_neighbour(&self.bridge, lease.ip)
+            .await
+            .map_err(|e| CoreError::internal("flushing neighbour entry", e))
     }
 
     pub async fn delete_tap(&self, tap: &str) -> Result<()> {

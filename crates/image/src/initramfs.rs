@@ -12,10 +12,10 @@ use crate::modules::SelectedModule;
 pub const APPLETS: &[&str] = &[
     "sh", "ash", "ls", "cat", "echo", "ip", "ping", "httpd", "wget", "sleep", "ps", "kill",
     "mkdir", "rm", "cp", "mv", "grep", "sed", "awk", "head", "tail", "dd", "mount", "umount",
-    "hostname", "uname", "date", "env", "true", "false", "printf", "seq", "wc", "sort", "uniq",
-    "tr", "cut", "id", "whoami", "find", "xargs", "vi", "nc", "top", "free", "df", "du", "sync",
-    "stat", "touch", "ln", "chmod", "chown", "basename", "dirname", "readlink", "test", "[",
-    "dmesg", "insmod", "lsmod", "poweroff", "reboot",
+    "hostname", "arping", "uname", "date", "env", "true", "false", "printf", "seq", "wc", "sort",
+    "uniq", "tr", "cut", "id", "whoami", "find", "xargs", "vi", "nc", "top", "free", "df", "du",
+    "sync", "stat", "touch", "ln", "chmod", "chown", "basename", "dirname", "readlink", "test",
+    "[", "dmesg", "insmod", "lsmod", "poweroff", "reboot",
 ];
 
 /// Where the agent reads the module load order from.

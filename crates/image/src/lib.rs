@@ -36,7 +36,7 @@ pub use initramfs::{APPLETS, MODULES_LIST};
 pub use modules::WANTED_MODULES;
 
 /// Bump when the image layout or builder logic changes: it invalidates every cached image.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Name of the image [`build_default_image`] builds.
 pub const DEFAULT_IMAGE: &str = "default";
 /// Default busybox binary (Debian's `busybox-static`).

@@ -336,7 +336,12 @@ impl HostNet {
 
     /// Creates a persistent TAP `name` on `bridge`: isolated bridge port
     /// (isolated ports reach only non-isolated ones, i.e. the host, never each
-    /// other), MAC learning on, link up. QEMU then opens it by name.
+    /// other), MAC learning off, link up. QEMU then opens it by name.
+    ///
+    /// Learning is off because a fork resumes with its source's MAC (it is
+    /// migrated device state) and QEMU announces it after loading: a
+    /// learning bridge would then send the source's traffic to the fork.
+    /// Each port instead gets its owner's MAC pinned with [`HostNet::pin_mac`].
     ///
     /// Idempotent: an existing TAP is (re)attached and (re)configured, so a
     /// retry after a partial failure repairs it. Refuses a name taken by a
@@ -410,7 +415,7 @@ impl HostNet {
             .set_port(
                 LinkBridgePort::new(index)
                     .isolated(true)
-                    .learning(true)
+                    .learning(false)
                     .build(),
             )
             .execute()
@@ -418,6 +423,63 @@ impl HostNet {
             .map_err(nl("set bridge port options", name))?;
         if !link.header.flags.contains(LinkFlags::Up) {
             self.set_up(index, name).await?;
+        }
+        Ok(())
+    }
+
+    /// Pin `mac` to the bridge port `tap` (a static FDB entry, as
+    /// `bridge fdb replace MAC dev TAP master static`): frames for the
+    /// instance's MAC go to its port whatever other ports send.
+    pub async fn pin_mac(&self, tap: &str, mac: MacAddr) -> Result<(), NetError> {
+        let link = self
+            .link_by_name(tap)
+            .await?
+            .ok_or_else(|| NetError::LinkNotFound(tap.to_string()))?;
+        self.handle
+            .neighbours()
+            .add_bridge(link.header.index, &mac.octets())
+            .state(netlink_packet_route::neighbour::NeighbourState::Noarp)
+            .flags(netlink_packet_route::neighbour::NeighbourFlags::Controller)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("pin MAC on bridge port", tap))
+    }
+
+    /// Forget the bridge's neighbour (ARP) entry for `ip`, so an address
+    /// handed to a new instance is resolved afresh. Ok if there is none.
+    pub async fn forget_neighbour(
+        &self,
+        bridge: &str,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<(), NetError> {
+        use futures::TryStreamExt;
+        use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+        let Some(br) = self.link_by_name(bridge).await? else {
+            return Ok(());
+        };
+        let mut entries = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(netlink_packet_route::AddressFamily::Inet)
+            .execute();
+        while let Some(msg) = entries
+            .try_next()
+            .await
+            .map_err(nl("list neighbours", bridge))?
+        {
+            let same_ip = msg.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) if *v == ip)
+            });
+            if msg.header.ifindex == br.header.index && same_ip {
+                self.handle
+                    .neighbours()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(nl("delete neighbour", bridge))?;
+            }
         }
         Ok(())
     }

@@ -82,7 +82,7 @@ fn bridge_and_taps_lifecycle() {
                 .unwrap()
                 .expect("is a bridge port");
             assert!(info.isolated, "{t} not isolated");
-            assert_eq!(info.learning, Some(true));
+            assert_eq!(info.learning, Some(false));
             assert!(net.port_isolated(t).await.unwrap());
         }
         assert_eq!(net.list_bridge_ports("forkvm0").await.unwrap(), taps);
