@@ -377,6 +377,7 @@ impl Manager {
             .await
             .map_err(|e| CoreError::Internal(format!("starting QEMU: {e}")))?;
         rec.stage("vmm_start", t);
+        crash_point("fork:vmm_started");
         inst.pid = Some(h.pid);
         inst.accel = Some(format!("{:?}", self.accel).to_lowercase());
         inst.state = InstanceState::Initializing;
@@ -436,7 +437,7 @@ impl Manager {
     }
 
     /// The new identity reaches the guest; the fork is Running after it.
-    async fn complete_handoff(
+    pub(crate) async fn complete_handoff(
         &self,
         inst: &mut Instance,
         rec: &mut HandoffRecord,
@@ -444,6 +445,7 @@ impl Manager {
         mailbox: Option<std::result::Result<MailboxHandoff, String>>,
         prefer: HandoffPath,
     ) -> Result<()> {
+        crash_point("fork:handoff");
         let path = Handoff::new(self, inst)
             .prefer(prefer)
             .run(rec, mailbox)
@@ -576,6 +578,7 @@ impl Manager {
         let src = self.find(&src.id)?;
         let t = Instant::now();
         let base = self.base_snapshot(&src, req.from_running).await?;
+        crash_point("fork:snapshot");
         let snapshot_ms = t.elapsed().as_secs_f64() * 1000.0;
         let results = self
             .fork_all(&base, &names, target, &req, &src.id, snapshot_ms)
@@ -661,6 +664,7 @@ impl Manager {
         let t = Instant::now();
         let mut inst = self.allocate_fork(base, name, spec.forked_from).await?;
         rec.stage("allocate", t);
+        crash_point("fork:allocated");
         let lock = self.lock_for(&inst.id);
         let _g = lock.lock().await;
         let outcome = async {
@@ -913,4 +917,13 @@ pub(crate) fn mailbox_of(h: &forkvm_proto::agent::HealthResponse) -> Option<Mail
         marker: hex::encode(&h.mailbox_marker),
         gpa: h.mailbox_gpa,
     })
+}
+
+/// Test hook: `FORKVM_TEST_CRASH_AT=<point>` makes the daemon SIGKILL itself
+/// there, to prove a restart converges (crash-consistency tests).
+pub(crate) fn crash_point(point: &str) {
+    if std::env::var("FORKVM_TEST_CRASH_AT").as_deref() == Ok(point) {
+        tracing::error!(point, "test crash point reached: killing the daemon");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
 }

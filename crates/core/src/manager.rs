@@ -528,11 +528,67 @@ impl Manager {
             let paths = self.paths(&inst.id);
             let pid = inst.pid.or_else(|| paths.read_pid());
             let alive = pid.is_some_and(|p| self.hv.is_alive(&inst.id, p));
-            if alive && inst.state == InstanceState::Running && !inst.pending_handoff {
+            if inst.pending_handoff && inst.forked_from.is_some() {
+                // A fork the daemon died in the middle of: finish it if its VM
+                // runs (host-initiated; the mailbox listener died with the
+                // daemon), else remove it with everything it holds.
+                let running = match (alive, pid) {
+                    (true, Some(p)) => matches!(
+                        self.hv.status(&paths.handle(&inst.id, p)).await,
+                        Ok(forkvm_vmm::RunState::Running)
+                    ),
+                    _ => false,
+                };
+                if let (true, Some(p)) = (running, pid) {
+                    inst.pid = Some(p);
+                    let mut rec = inst.handoff.clone().unwrap_or_default();
+                    rec.fallback_reason = Some("daemon restarted during the handoff".into());
+                    let r = self
+                        .complete_handoff(
+                            &mut inst,
+                            &mut rec,
+                            tokio::time::Instant::now().into_std(),
+                            None,
+                            HandoffPath::Rpc,
+                        )
+                        .await;
+                    match r {
+                        Ok(()) => {
+                            info!(instance = %inst.id, "finished an interrupted fork");
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(instance = %inst.id, error = %e, "interrupted fork can't be finished")
+                        }
+                    }
+                }
+                warn!(instance = %inst.id, name = %inst.name, "removing unfinished fork");
+                self.teardown(&inst).await;
+                self.store.delete_instance(&inst.id)?;
+                continue;
+            }
+            if alive && inst.state == InstanceState::Running {
+                // A crash during a capture leaves the source paused.
+                if let Some(p) = pid {
+                    let h = paths.handle(&inst.id, p);
+                    if let Ok(st) = self.hv.status(&h).await
+                        && matches!(
+                            st,
+                            forkvm_vmm::RunState::Paused
+                                | forkvm_vmm::RunState::PostMigrate
+                                | forkvm_vmm::RunState::FinishMigrate
+                        )
+                    {
+                        warn!(instance = %inst.id, state = ?st, "adopted a paused VM; resuming it");
+                        if let Err(e) = self.hv.resume(&h).await {
+                            warn!(instance = %inst.id, error = %e, "resume failed");
+                        }
+                    }
+                }
                 info!(instance = %inst.id, pid = ?pid, "adopted running instance");
                 continue;
             }
-            if alive && !inst.pending_handoff {
+            if alive {
                 // Interrupted mid-boot: the caller never got an answer; finish
                 // the boot check now rather than guess.
                 inst.pid = pid;

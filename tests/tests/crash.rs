@@ -1,0 +1,143 @@
+//! Crash consistency: the daemon is SIGKILLed at each stage of a fork
+//! (a test hook makes it kill itself there); after a restart the state has
+//! converged — the fork is a working Running instance or gone with all its
+//! resources, the source is Running, and nothing is orphaned.
+
+use anyhow::{Result, ensure};
+use forkvm_e2e::TestEnv;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+
+fn s(v: &Value, k: &str) -> String {
+    v[k].as_str().unwrap_or_default().to_string()
+}
+
+async fn crash_during_fork_at(point: &str) -> Result<()> {
+    let mut env = TestEnv::start_env(&[("FORKVM_TEST_CRASH_AT", point)]).await?;
+    let (st, src) = env
+        .request("POST", "/instances", Some(json!({"name": "src"})))
+        .await?;
+    ensure!(st == 201, "{src}\n{}", env.daemon_log());
+    let src_ip = s(&src["network"], "ip");
+    let r = env
+        .request(
+            "POST",
+            &format!("/instances/{}/fork", s(&src, "id")),
+            Some(json!({"name": "victim", "from_running": true})),
+        )
+        .await;
+    ensure!(
+        !matches!(r, Ok((201, _))),
+        "fork survived crash point {point}: {r:?}"
+    );
+    env.kill_daemon()?; // reap the dead daemon
+    ensure!(
+        env.daemon_log().contains("test crash point reached"),
+        "crash point {point} not reached:\n{}",
+        env.daemon_log()
+    );
+
+    env.daemon_env.retain(|(k, _)| k != "FORKVM_TEST_CRASH_AT");
+    env.spawn_daemon()?;
+    env.wait_ready().await?;
+
+    let (_, list) = env.request("GET", "/instances", None).await?;
+    let list = list.as_array().cloned().unwrap_or_default();
+    let src2 = list
+        .iter()
+        .find(|i| s(i, "name") == "src")
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        s(&src2, "state") == "Running",
+        "source after restart: {src2}"
+    );
+    ensure!(
+        env.ping(&src_ip),
+        "source does not answer after restart ({point})"
+    );
+    env.exec_ok("src", &["true"]).await?;
+    let victim = list.iter().find(|i| s(i, "name") == "victim");
+    if let Some(v) = victim {
+        ensure!(
+            s(v, "state") == "Running",
+            "fork neither Running nor gone: {v}"
+        );
+        ensure!(
+            env.ping(&s(&v["network"], "ip")),
+            "recovered fork does not answer"
+        );
+    }
+    println!(
+        "{point}: fork {}",
+        if victim.is_some() {
+            "finished"
+        } else {
+            "removed"
+        }
+    );
+
+    // Nothing orphaned: processes, ports, memory files, snapshot files.
+    ensure!(
+        env.qemu_pids().len() == list.len(),
+        "QEMU {} vs instances {}",
+        env.qemu_pids().len(),
+        list.len()
+    );
+    let taps: HashSet<String> = list.iter().map(|i| s(&i["network"], "tap")).collect();
+    let ports: HashSet<String> = env
+        .links()?
+        .into_iter()
+        .filter(|l| l.starts_with("fvm"))
+        .collect();
+    ensure!(ports == taps, "ports {ports:?} vs TAPs {taps:?}");
+    let mems = std::fs::read_dir(&env.mem_dir)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".mem"))
+        .count();
+    ensure!(
+        mems == list.len(),
+        "memory files {mems} vs instances {}",
+        list.len()
+    );
+    let snap_mems = std::fs::read_dir(env.mem_dir.join("snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    ensure!(snap_mems == 0, "{snap_mems} snapshot memory files left");
+    let snap_dirs = std::fs::read_dir(env.data_dir.join("snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    ensure!(snap_dirs == 0, "{snap_dirs} snapshot dirs left");
+    // The address pool agrees: the next instance gets a free, working address.
+    let (st, n) = env
+        .request("POST", "/instances", Some(json!({"name": "after"})))
+        .await?;
+    ensure!(st == 201, "{n}");
+    ensure!(
+        !list
+            .iter()
+            .any(|i| s(&i["network"], "ip") == s(&n["network"], "ip")),
+        "address handed out twice"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_allocation() -> Result<()> {
+    crash_during_fork_at("fork:allocated").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_snapshot() -> Result<()> {
+    crash_during_fork_at("fork:snapshot").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_after_vmm_start() -> Result<()> {
+    crash_during_fork_at("fork:vmm_started").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_during_handoff() -> Result<()> {
+    crash_during_fork_at("fork:handoff").await
+}
