@@ -101,7 +101,8 @@ impl MailboxState {
 pub struct GuestReport {
     /// When the agent noticed the resume signal.
     pub signal_seen_us: u64,
-    /// When the identity was applied (or rejected).
+    /// Microseconds from `signal_seen_us` until the identity was applied
+    /// (or the payload rejected): a duration, not a timestamp.
     pub applied_us: u64,
     /// Generation the outcome refers to, so a stale report is recognisable.
     pub outcome_generation: u64,

@@ -27,7 +27,7 @@
 //! | 48 | 4 | header CRC32C over bytes 0..28, 32..48, 52..64 | host / arm | — |
 //! | 52 | 12 | reserved, must be zero | — | header CRC |
 //! | 64 | 8 | guest: signal seen, µs (guest CLOCK_MONOTONIC) | guest | none (telemetry) |
-//! | 72 | 8 | guest: applied/rejected at, µs | guest | none |
+//! | 72 | 8 | guest: µs from signal seen to applied/rejected (a duration) | guest | none |
 //! | 80 | 8 | guest: generation the outcome refers to | guest | none |
 //! | 88 | 4 | guest: reject code ([`MailboxError::code`], 0 = ok) | guest | none |
 //! | 92 | 36 | guest: reserved (ignored) | guest | none |
