@@ -230,6 +230,7 @@ pub(crate) struct MailboxHandoff {
     /// The page we wrote is ours while it carries this marker (the guest
     /// re-arms with a new one after answering).
     marker: forkvm_mailbox::MarkerId,
+    ack_timeout: Duration,
 }
 
 /// Test knob `FORKVM_TEST_MAILBOX_FORGE=crc,version,mac,prefix`: successive
@@ -370,17 +371,18 @@ impl MailboxHandoff {
             mem_path,
             offset,
             marker,
+            ack_timeout: std::env::var("FORKVM_MAILBOX_ACK_TIMEOUT_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_ACK_TIMEOUT),
         })
     }
 
     /// After resume: the first valid ack from the fork's new address.
     /// Forged, stale or malformed datagrams are counted and ignored.
     pub async fn wait_ack(&self, rec: &mut HandoffRecord) -> std::result::Result<(), String> {
-        let timeout = std::env::var("FORKVM_MAILBOX_ACK_TIMEOUT_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-            .unwrap_or(DEFAULT_ACK_TIMEOUT);
+        let timeout = self.ack_timeout;
         let mut forged = 0u32;
         let mut buf = [0u8; 256];
         let wait = async {
@@ -484,5 +486,111 @@ impl MailboxHandoff {
         let page = self.read_page()?;
         let h = forkvm_mailbox::read_header(&page).ok()?;
         (h.guest.outcome_generation == self.generation).then_some(h.guest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forkvm_mailbox::{AckKey, MacAddr, MarkerId, ack_encode};
+    use std::net::Ipv4Addr;
+
+    /// A handoff waiting on loopback, as if the fork's new address were
+    /// 127.0.0.1; the page file is empty (no guest report).
+    async fn listener(timeout: Duration) -> (MailboxHandoff, u16, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("mem");
+        std::fs::write(&mem, vec![0u8; 8192]).unwrap();
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let h = MailboxHandoff {
+            socket,
+            key: AckKey([7; 32]),
+            generation: 42,
+            mac: "02:fc:00:00:00:01".parse().unwrap(),
+            ip: Ipv4Addr::LOCALHOST,
+            mem_path: mem,
+            offset: 0,
+            marker: MarkerId([1; 16]),
+            ack_timeout: timeout,
+        };
+        (h, port, dir)
+    }
+
+    async fn send_all(port: u16, datagrams: Vec<Vec<u8>>) {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for d in datagrams {
+            let _ = s.send_to(&d, ("127.0.0.1", port)).await;
+        }
+    }
+
+    fn forgeries(mac: MacAddr) -> Vec<Vec<u8>> {
+        let ip = Ipv4Addr::LOCALHOST;
+        let mut v = vec![
+            ack_encode(&AckKey([8; 32]), 42, mac, ip), // wrong key
+            ack_encode(&AckKey([7; 32]), 41, mac, ip), // stale generation
+            ack_encode(
+                &AckKey([7; 32]),
+                42,
+                "02:fc:00:00:00:02".parse().unwrap(),
+                ip,
+            ), // other MAC
+            ack_encode(&AckKey([7; 32]), 42, mac, Ipv4Addr::new(10, 0, 0, 9)), // other IP
+            vec![],
+            vec![0xff; 200],
+        ];
+        let mut long = ack_encode(&AckKey([7; 32]), 42, mac, ip);
+        long.push(0);
+        v.push(long); // trailing byte
+        // A flood of garbage.
+        v.extend((0..100u32).map(|i| i.to_le_bytes().repeat(15)));
+        v
+    }
+
+    #[tokio::test]
+    async fn forged_and_flooded_acks_are_ignored_and_counted() {
+        let (h, port, _d) = listener(Duration::from_secs(10)).await;
+        let mac = h.mac;
+        let mut all = forgeries(mac);
+        // The guest retransmits its ack; so does this sender.
+        for _ in 0..3 {
+            all.push(ack_encode(&AckKey([7; 32]), 42, mac, Ipv4Addr::LOCALHOST));
+        }
+        let sender = tokio::spawn(send_all(port, all));
+        let mut rec = HandoffRecord::default();
+        h.wait_ack(&mut rec)
+            .await
+            .expect("valid ack after forgeries");
+        sender.await.unwrap();
+        // Loopback may drop part of the flood; what arrived before the valid
+        // ack was counted.
+        assert!(
+            rec.stages_ms.get("forged_acks").copied().unwrap_or(0.0) >= 1.0,
+            "{rec:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_forgeries_never_complete_the_handoff() {
+        let (h, port, _d) = listener(Duration::from_millis(700)).await;
+        tokio::spawn(send_all(port, forgeries(h.mac)));
+        let mut rec = HandoffRecord::default();
+        let err = h
+            .wait_ack(&mut rec)
+            .await
+            .expect_err("forged acks completed a handoff");
+        assert!(err.contains("no valid mailbox ack"), "{err}");
+        assert!(rec.stages_ms.get("forged_acks").copied().unwrap_or(0.0) > 0.0);
+    }
+
+    #[test]
+    fn q35_address_map() {
+        assert_eq!(gpa_to_offset(0x1000, 256), Some(0x1000));
+        assert_eq!(gpa_to_offset(256 << 20, 256), None);
+        // 4 GiB guest: 2 GiB below the hole, the rest from 4 GiB up.
+        assert_eq!(gpa_to_offset(0x7fff_f000, 4096), Some(0x7fff_f000));
+        assert_eq!(gpa_to_offset(0x9000_0000, 4096), None);
+        assert_eq!(gpa_to_offset(1 << 32, 4096), Some(0x8000_0000));
+        assert_eq!(gpa_to_offset((1 << 32) + (2 << 30), 4096), None);
     }
 }
