@@ -427,12 +427,17 @@ async fn exec_fallback_when_agent_declines_reconfigure() -> Result<()> {
         .request(
             "POST",
             &format!("/instances/{}/fork", s(&src, "id")),
-            Some(json!({"name": "fb", "from_running": true})),
+            Some(json!({"name": "fb", "from_running": true, "handoff": "rpc"})),
         )
         .await?;
     assert_eq!(st, 201, "{f}\n{}", env.daemon_log());
     assert_eq!(s(&f["handoff"], "path"), "exec", "{f}");
-    assert!(!s(&f["handoff"], "fallback_reason").is_empty(), "{f}");
+    // Host-initiated from the start (the mailbox would otherwise win), then
+    // the agent declined the RPC.
+    assert!(
+        s(&f["handoff"], "fallback_reason").contains("does not implement"),
+        "{f}"
+    );
     let addr = env
         .exec_ok(&s(&f, "id"), &["ip", "-4", "addr", "show", "eth0"])
         .await?;
@@ -503,7 +508,8 @@ async fn wait_for_network_false_returns_initializing_then_running() -> Result<()
         },
     )
     .await?;
-    assert_eq!(s(&done["handoff"], "path"), "rpc", "{done}");
+    // The background owner completed the guest-initiated handoff.
+    assert_eq!(s(&done["handoff"], "path"), "mailbox", "{done}");
     assert!(env.ping(&ip(&done)));
     Ok(())
 }
