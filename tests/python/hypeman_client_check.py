@@ -39,8 +39,9 @@ started = client.instances.start(inst.id)
 assert started.state == "Running", started.state
 assert started.network.ip == inst.network.ip
 
-logs = client.instances.logs(inst.id)
-assert "forkvm-agent" in str(logs), str(logs)[-500:]
+# The client reads logs as a server-sent event stream of lines.
+logs = " ".join(str(line) for line in client.instances.logs(inst.id))
+assert "forkvm-agent" in logs, logs[-500:]
 
 try:
     client.instances.get("does-not-exist")

@@ -148,7 +148,7 @@ async fn standby_restore_keeps_address_and_processes() -> Result<()> {
     let id = s(&a, "id");
     env.exec_ok(
         &id,
-        &["sh", "-c", "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &"],
+        &["sh", "-c", "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &"],
     )
     .await?;
     let read = async || -> Result<u64> {
