@@ -353,3 +353,24 @@ pub async fn wait_for<T>(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A string field of a JSON object ("" when absent).
+pub fn s(v: &Value, k: &str) -> String {
+    v[k].as_str().unwrap_or_default().to_string()
+}
+
+/// An instance's IPv4 address from its JSON.
+pub fn ip(v: &Value) -> String {
+    s(&v["network"], "ip")
+}
+
+impl TestEnv {
+    /// `POST /instances`, failing unless 201.
+    pub async fn create(&self, body: Value) -> Result<Value> {
+        let (st, v) = self.request("POST", "/instances", Some(body)).await?;
+        if st != 201 {
+            bail!("create -> {st}: {v}\n{}", self.daemon_log());
+        }
+        Ok(v)
+    }
+}

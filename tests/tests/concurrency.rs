@@ -4,14 +4,10 @@
 //! bridge's ports and the live QEMU processes agree.
 
 use anyhow::{Result, ensure};
-use forkvm_e2e::TestEnv;
-use serde_json::{Value, json};
+use forkvm_e2e::{TestEnv, s};
+use serde_json::json;
 use std::collections::HashSet;
 use std::sync::Arc;
-
-fn s(v: &Value, k: &str) -> String {
-    v[k].as_str().unwrap_or_default().to_string()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn eight_clients_fork_and_churn_without_duplicates_or_leaks() -> Result<()> {

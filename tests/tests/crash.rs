@@ -4,13 +4,9 @@
 //! resources, the source is Running, and nothing is orphaned.
 
 use anyhow::{Result, ensure};
-use forkvm_e2e::TestEnv;
-use serde_json::{Value, json};
+use forkvm_e2e::{TestEnv, s};
+use serde_json::json;
 use std::collections::HashSet;
-
-fn s(v: &Value, k: &str) -> String {
-    v[k].as_str().unwrap_or_default().to_string()
-}
 
 async fn crash_during_fork_at(point: &str) -> Result<()> {
     let mut env = TestEnv::start_env(&[("FORKVM_TEST_CRASH_AT", point)]).await?;

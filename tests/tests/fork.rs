@@ -2,24 +2,10 @@
 //! own new address from the host side of the bridge.
 
 use anyhow::{Result, ensure};
-use forkvm_e2e::{TestEnv, wait_for};
+use forkvm_e2e::{TestEnv, ip, s, wait_for};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::time::Duration;
-
-fn s(v: &Value, k: &str) -> String {
-    v[k].as_str().unwrap_or_default().to_string()
-}
-
-fn ip(v: &Value) -> String {
-    s(&v["network"], "ip")
-}
-
-async fn create(env: &TestEnv, body: Value) -> Result<Value> {
-    let (st, v) = env.request("POST", "/instances", Some(body)).await?;
-    ensure!(st == 201, "create -> {st}: {v}\n{}", env.daemon_log());
-    Ok(v)
-}
 
 /// Start busybox httpd serving a page that names the instance.
 async fn serve_http(env: &TestEnv, id: &str, page: &str) -> Result<()> {
@@ -44,7 +30,7 @@ fn stages(v: &Value) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn fork_running_source_into_three_each_on_its_own_address() -> Result<()> {
     let env = TestEnv::start().await?;
-    let src = create(&env, json!({"name": "src"})).await?;
+    let src = env.create(json!({"name": "src"})).await?;
     let src_id = s(&src, "id");
     serve_http(&env, &src_id, "hello-from-source").await?;
     env.exec_ok(&src_id, &["sh", "-c", "echo precious > /root/file"])
@@ -144,7 +130,7 @@ async fn fork_running_source_into_three_each_on_its_own_address() -> Result<()> 
 #[tokio::test(flavor = "multi_thread")]
 async fn standby_restore_keeps_address_and_processes() -> Result<()> {
     let env = TestEnv::start().await?;
-    let a = create(&env, json!({"name": "counter"})).await?;
+    let a = env.create(json!({"name": "counter"})).await?;
     let id = s(&a, "id");
     env.exec_ok(
         &id,
@@ -229,7 +215,7 @@ fn chrono_now() -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn fork_from_standby_and_snapshot_with_every_target_state() -> Result<()> {
     let env = TestEnv::start().await?;
-    let src = create(&env, json!({"name": "base"})).await?;
+    let src = env.create(json!({"name": "base"})).await?;
     let src_id = s(&src, "id");
     serve_http(&env, &src_id, "from-base").await?;
     let (st, _) = env
@@ -335,7 +321,7 @@ async fn fork_from_standby_and_snapshot_with_every_target_state() -> Result<()> 
 #[tokio::test(flavor = "multi_thread")]
 async fn fork_failures_leave_nothing_behind() -> Result<()> {
     let env = TestEnv::start().await?;
-    let src = create(&env, json!({"name": "src"})).await?;
+    let src = env.create(json!({"name": "src"})).await?;
     let src_id = s(&src, "id");
     let before = env.request("GET", "/instances", None).await?.1;
     let links_before = env.links()?;
@@ -358,7 +344,7 @@ async fn fork_failures_leave_nothing_behind() -> Result<()> {
         )
         .await?;
     assert_eq!(st, 409, "{v}");
-    let _ = create(&env, json!({"name": "dup-2"})).await?;
+    let _ = env.create(json!({"name": "dup-2"})).await?;
     let (st, v) = env
         .request(
             "POST",
@@ -418,11 +404,9 @@ async fn fork_failures_leave_nothing_behind() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_fallback_when_agent_declines_reconfigure() -> Result<()> {
     let env = TestEnv::start().await?;
-    let src = create(
-        &env,
-        json!({"name": "old-agent", "env": {"FORKVM_AGENT_DECLINE_RECONFIGURE": "1"}}),
-    )
-    .await?;
+    let src = env
+        .create(json!({"name": "old-agent", "env": {"FORKVM_AGENT_DECLINE_RECONFIGURE": "1"}}))
+        .await?;
     let (st, f) = env
         .request(
             "POST",
@@ -450,11 +434,9 @@ async fn exec_fallback_when_agent_declines_reconfigure() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_agent_fails_the_fork_and_cleans_up() -> Result<()> {
     let env = TestEnv::start_env(&[("FORKVM_HANDOFF_TIMEOUT_MS", "6000")]).await?;
-    let src = create(
-        &env,
-        json!({"name": "mute", "env": {"FORKVM_AGENT_TEST_HOOKS": "1"}}),
-    )
-    .await?;
+    let src = env
+        .create(json!({"name": "mute", "env": {"FORKVM_AGENT_TEST_HOOKS": "1"}}))
+        .await?;
     let src_id = s(&src, "id");
     // Test hook: from now on this guest's agent accepts RPCs but never answers.
     env.exec_ok(&src_id, &["touch", "/run/forkvm-test-hang"])
@@ -485,7 +467,7 @@ async fn unreachable_agent_fails_the_fork_and_cleans_up() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn wait_for_network_false_returns_initializing_then_running() -> Result<()> {
     let env = TestEnv::start().await?;
-    let src = create(&env, json!({"name": "src"})).await?;
+    let src = env.create(json!({"name": "src"})).await?;
     let (st, f) = env
         .request(
             "POST",

@@ -1,13 +1,9 @@
 //! Instance lifecycle against a real daemon, real QEMU and the real agent.
 
 use anyhow::Result;
-use forkvm_e2e::{TestEnv, wait_for};
+use forkvm_e2e::{TestEnv, s, wait_for};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-
-fn s(v: &Value, k: &str) -> String {
-    v[k].as_str().unwrap_or_default().to_string()
-}
 
 async fn exec(env: &TestEnv, id: &str, cmd: &[&str]) -> Result<Value> {
     let (st, v) = env

@@ -3,24 +3,10 @@
 //! acks from its new address. Fallbacks and forged payloads included.
 
 use anyhow::{Result, ensure};
-use forkvm_e2e::{TestEnv, wait_for};
+use forkvm_e2e::{TestEnv, ip, s, wait_for};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::time::Duration;
-
-fn s(v: &Value, k: &str) -> String {
-    v[k].as_str().unwrap_or_default().to_string()
-}
-
-fn ip(v: &Value) -> String {
-    s(&v["network"], "ip")
-}
-
-async fn create(env: &TestEnv, body: Value) -> Result<Value> {
-    let (st, v) = env.request("POST", "/instances", Some(body)).await?;
-    ensure!(st == 201, "create -> {st}: {v}\n{}", env.daemon_log());
-    Ok(v)
-}
 
 async fn agent(env: &TestEnv, id: &str) -> Result<Value> {
     let (st, v) = env
@@ -61,7 +47,7 @@ async fn check_readdressed(env: &TestEnv, f: &Value, old_ip: &str) -> Result<()>
 #[tokio::test(flavor = "multi_thread")]
 async fn three_forks_take_the_mailbox_path_without_any_reconfigure_rpc() -> Result<()> {
     let env = TestEnv::start().await?;
-    let src = create(&env, json!({"name": "src"})).await?;
+    let src = env.create(json!({"name": "src"})).await?;
     let src_id = s(&src, "id");
     let src_agent = agent(&env, &src_id).await?;
     ensure!(
@@ -136,7 +122,7 @@ async fn three_forks_take_the_mailbox_path_without_any_reconfigure_rpc() -> Resu
 #[tokio::test(flavor = "multi_thread")]
 async fn fork_of_a_fork_uses_the_rearmed_mailbox() -> Result<()> {
     let env = TestEnv::start().await?;
-    let src = create(&env, json!({"name": "gen0"})).await?;
+    let src = env.create(json!({"name": "gen0"})).await?;
     let f1 = fork(
         &env,
         &s(&src, "id"),
@@ -172,7 +158,7 @@ async fn fork_of_a_fork_uses_the_rearmed_mailbox() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn overwritten_marker_falls_back_to_rpc() -> Result<()> {
     let env = TestEnv::start().await?;
-    let src = create(&env, json!({"name": "src"})).await?;
+    let src = env.create(json!({"name": "src"})).await?;
     let src_id = s(&src, "id");
     let gpa = agent(&env, &src_id).await?["mailbox_gpa"]
         .as_u64()
@@ -217,7 +203,7 @@ async fn overwritten_marker_falls_back_to_rpc() -> Result<()> {
 async fn unbindable_ack_listener_falls_back_to_rpc() -> Result<()> {
     // 192.0.2.1 (TEST-NET-1) is on no interface: the bind fails, nothing is sent.
     let env = TestEnv::start_env(&[("FORKVM_TEST_ACK_BIND_ADDR", "192.0.2.1")]).await?;
-    let src = create(&env, json!({"name": "src"})).await?;
+    let src = env.create(json!({"name": "src"})).await?;
     let f = fork(
         &env,
         &s(&src, "id"),
@@ -233,11 +219,9 @@ async fn unbindable_ack_listener_falls_back_to_rpc() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn silent_guest_falls_back_to_rpc_after_the_ack_deadline() -> Result<()> {
     let env = TestEnv::start_env(&[("FORKVM_MAILBOX_ACK_TIMEOUT_MS", "1500")]).await?;
-    let src = create(
-        &env,
-        json!({"name": "src", "env": {"FORKVM_AGENT_DISABLE_MAILBOX": "1"}}),
-    )
-    .await?;
+    let src = env
+        .create(json!({"name": "src", "env": {"FORKVM_AGENT_DISABLE_MAILBOX": "1"}}))
+        .await?;
     let f = fork(
         &env,
         &s(&src, "id"),
@@ -258,7 +242,7 @@ async fn silent_guest_falls_back_to_rpc_after_the_ack_deadline() -> Result<()> {
 async fn forged_payloads_are_rejected_by_the_guest() -> Result<()> {
     let env =
         TestEnv::start_env(&[("FORKVM_TEST_MAILBOX_FORGE", "crc,version,mac,prefix")]).await?;
-    let src = create(&env, json!({"name": "src"})).await?;
+    let src = env.create(json!({"name": "src"})).await?;
     let forks = fork(
         &env,
         &s(&src, "id"),

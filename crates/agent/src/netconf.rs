@@ -10,9 +10,7 @@ use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState,
-};
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourState};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use tracing::{debug, info, warn};
 
@@ -50,38 +48,19 @@ pub struct LinkState {
     pub mac: [u8; 6],
     pub up: bool,
     pub ipv4: Vec<(Ipv4Addr, u8)>,
-    /// Resolved IPv4 neighbours on this interface (address, link-layer address).
-    pub neighbours: Vec<(Ipv4Addr, [u8; 6])>,
 }
 
 /// One netlink (or file) change. Order in a plan is the order of application.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetStep {
-    /// Live MAC change on an UP link (virtio-net: `IFF_LIVE_ADDR_CHANGE`);
-    /// [`apply`] falls back to down/set/up when the driver answers EBUSY.
+    LinkDown,
     SetMac([u8; 6]),
     FlushIpv4,
-    AddAddress {
-        addr: Ipv4Addr,
-        prefix_len: u8,
-    },
+    AddAddress { addr: Ipv4Addr, prefix_len: u8 },
     LinkUp,
     ReplaceDefaultRoute(Ipv4Addr),
     FlushNeighbours,
-    /// Re-installs a known neighbour (the unchanged gateway) as STALE, so the
-    /// first packet after re-addressing leaves without an ARP round trip; the
-    /// kernel still re-confirms a STALE entry on use.
-    RestoreNeighbour {
-        ip: Ipv4Addr,
-        mac: [u8; 6],
-    },
-    /// Starts ARP for an unresolved gateway now (`NTF_USE`), so the entry is
-    /// in place before it is needed — and in every later fork's snapshot.
-    ResolveNeighbour(Ipv4Addr),
-    GratuitousArp {
-        mac: [u8; 6],
-        ip: Ipv4Addr,
-    },
+    GratuitousArp { mac: [u8; 6], ip: Ipv4Addr },
     WriteResolvConf(Vec<IpAddr>),
     SetHostname(String),
 }
@@ -260,8 +239,7 @@ pub fn plan(desired: &NetDesired, current: &LinkState) -> Vec<NetStep> {
     let addr_ok = current.ipv4 == [(desired.ipv4, desired.prefix_len)];
 
     if let Some(mac) = mac_change {
-        // No link down/up around it: a bounce costs a carrier cycle and the
-        // driver's open/close (tens of ms on a cold TCG fork).
+        steps.push(NetStep::LinkDown);
         steps.push(NetStep::SetMac(mac));
     }
     if !addr_ok {
@@ -273,12 +251,9 @@ pub fn plan(desired: &NetDesired, current: &LinkState) -> Vec<NetStep> {
             prefix_len: desired.prefix_len,
         });
     }
-    if !current.up {
+    if mac_change.is_some() || !current.up {
         steps.push(NetStep::LinkUp);
     }
-    let known_gw = desired
-        .gateway
-        .and_then(|gw| current.neighbours.iter().find(|(ip, _)| *ip == gw));
     if let Some(gw) = desired.gateway {
         // Always (re)installed: link down or an address flush drops it.
         steps.push(NetStep::ReplaceDefaultRoute(gw));
@@ -286,20 +261,10 @@ pub fn plan(desired: &NetDesired, current: &LinkState) -> Vec<NetStep> {
     if mac_change.is_some() || !addr_ok {
         // Peers and our own cache may hold the previous identity.
         steps.push(NetStep::FlushNeighbours);
-        // The gateway is the same host before and after (a MAC change or an
-        // address flush makes the kernel drop its entry too).
-        if let Some((ip, mac)) = known_gw {
-            steps.push(NetStep::RestoreNeighbour { ip: *ip, mac: *mac });
-        }
         steps.push(NetStep::GratuitousArp {
             mac: final_mac,
             ip: desired.ipv4,
         });
-    }
-    if known_gw.is_none()
-        && let Some(gw) = desired.gateway
-    {
-        steps.push(NetStep::ResolveNeighbour(gw));
     }
     if !desired.dns.is_empty() {
         steps.push(NetStep::WriteResolvConf(desired.dns.clone()));
@@ -352,154 +317,64 @@ pub async fn link_state(handle: &Handle, name: &str) -> Result<LinkState, NetApp
             }
         }
     }
-    let neighbours = resolved_neighbours(handle, index).await?;
     Ok(LinkState {
         index,
         mac,
         up,
         ipv4,
-        neighbours,
     })
 }
 
-/// IPv4 neighbours of `index` that hold a link-layer address and are not
-/// known to be unreachable.
-async fn resolved_neighbours(
-    handle: &Handle,
-    index: u32,
-) -> Result<Vec<(Ipv4Addr, [u8; 6])>, NetApplyError> {
-    let mut dump = handle
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet)
-        .execute();
-    let mut out = Vec::new();
-    while let Some(msg) = dump.try_next().await.map_err(nl("get neighbours"))? {
-        if msg.header.ifindex != index
-            || matches!(
-                msg.header.state,
-                NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
-            )
-        {
-            continue;
-        }
-        let mut dst = None;
-        let mut lladdr = None;
-        for attr in &msg.attributes {
-            match attr {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
-                NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
-                    let mut m = [0u8; 6];
-                    m.copy_from_slice(l);
-                    lladdr = Some(m);
-                }
-                _ => {}
-            }
-        }
-        if let (Some(d), Some(m)) = (dst, lladdr) {
-            out.push((d, m));
-        }
-    }
-    Ok(out)
-}
-
-impl NetStep {
-    /// Steps that don't affect whether the new address works (files and the
-    /// hostname); a caller racing to an ack may run them afterwards.
-    pub fn is_deferrable(&self) -> bool {
-        matches!(self, NetStep::WriteResolvConf(_) | NetStep::SetHostname(_))
-    }
-}
-
-/// What [`configure_network_part`] did.
+/// What [`configure`] did.
 #[derive(Debug, Clone)]
 pub struct ApplyReport {
-    /// Every planned step, deferred ones included.
     pub steps: Vec<NetStep>,
-    /// Time for the network steps (the deferred ones excluded).
     pub elapsed_us: u64,
-    /// Steps not yet applied; run them with [`apply_deferred`].
-    pub deferred: Vec<NetStep>,
-    /// µs for reading the link state, then for each applied step in order.
-    pub step_us: Vec<u64>,
-    pub index: u32,
 }
 
-/// Reads the current state, plans, and applies everything: the single entry
-/// point for boot and ReconfigureNetwork. Logs once done.
+/// Reads the current state, plans, and applies: the single entry point.
 pub async fn configure(
-    handle: &Handle,
-    desired: &NetDesired,
-) -> Result<ApplyReport, NetApplyError> {
-    let mut report = configure_network_part(handle, desired).await?;
-    apply_deferred(handle, &mut report).await?;
-    log_configured(desired, &report);
-    Ok(report)
-}
-
-/// The same plan as [`configure`] but applies only the steps the new address
-/// needs; the rest stays in `deferred`. Does not log (hot path of a fork).
-pub async fn configure_network_part(
     handle: &Handle,
     desired: &NetDesired,
 ) -> Result<ApplyReport, NetApplyError> {
     let start = Instant::now();
     let current = link_state(handle, &desired.interface).await?;
     let steps = plan(desired, &current);
-    let (deferred, now): (Vec<NetStep>, Vec<NetStep>) =
-        steps.iter().cloned().partition(NetStep::is_deferrable);
-    let mut step_us = vec![us_since(start)];
-    apply_timed(handle, current.index, &now, &mut step_us).await?;
-    Ok(ApplyReport {
-        steps,
-        elapsed_us: us_since(start),
-        deferred,
-        step_us,
-        index: current.index,
-    })
-}
-
-/// Applies the steps [`configure_network_part`] left over.
-pub async fn apply_deferred(
-    handle: &Handle,
-    report: &mut ApplyReport,
-) -> Result<(), NetApplyError> {
-    let deferred = std::mem::take(&mut report.deferred);
-    apply_timed(handle, report.index, &deferred, &mut report.step_us).await
-}
-
-fn us_since(t: Instant) -> u64 {
-    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
-
-pub fn log_configured(desired: &NetDesired, report: &ApplyReport) {
+    apply(handle, current.index, &steps).await?;
+    let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     info!(
         interface = %desired.interface,
         mac = desired.mac.as_ref().map(format_mac),
         ipv4 = %desired.ipv4,
         prefix_len = desired.prefix_len,
-        steps = report.steps.len(),
-        elapsed_us = report.elapsed_us,
+        steps = steps.len(),
+        elapsed_us,
         "network configured"
     );
+    Ok(ApplyReport { steps, elapsed_us })
 }
 
 /// Applies steps in order to interface `index`; stops at the first failure.
 pub async fn apply(handle: &Handle, index: u32, steps: &[NetStep]) -> Result<(), NetApplyError> {
-    apply_timed(handle, index, steps, &mut Vec::new()).await
-}
-
-/// [`apply`], appending each step's duration to `step_us`.
-async fn apply_timed(
-    handle: &Handle,
-    index: u32,
-    steps: &[NetStep],
-    step_us: &mut Vec<u64>,
-) -> Result<(), NetApplyError> {
     for step in steps {
-        let t = Instant::now();
+        debug!(?step, index, "net step");
         match step {
-            NetStep::SetMac(mac) => set_mac(handle, index, mac).await?,
+            NetStep::LinkDown => handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await
+                .map_err(nl("link down"))?,
+            NetStep::SetMac(mac) => handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .address(mac.to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl("set mac"))?,
             NetStep::FlushIpv4 => {
                 let mut addrs = handle
                     .address()
@@ -548,34 +423,6 @@ async fn apply_timed(
                     .map_err(nl("default route"))?
             }
             NetStep::FlushNeighbours => flush_neighbours(handle, index).await?,
-            NetStep::RestoreNeighbour { ip, mac } => {
-                // Best effort: without it the kernel simply ARPs.
-                if let Err(e) = handle
-                    .neighbours()
-                    .add(index, IpAddr::V4(*ip))
-                    .link_layer_address(mac)
-                    .state(NeighbourState::Stale)
-                    .replace()
-                    .execute()
-                    .await
-                {
-                    debug!(error = %e, %ip, "restoring neighbour failed");
-                }
-            }
-            NetStep::ResolveNeighbour(ip) => {
-                // Best effort: the first packet to it would ARP anyway.
-                if let Err(e) = handle
-                    .neighbours()
-                    .add(index, IpAddr::V4(*ip))
-                    .flags(NeighbourFlags::Use)
-                    .state(NeighbourState::None)
-                    .replace()
-                    .execute()
-                    .await
-                {
-                    debug!(error = %e, %ip, "starting neighbour resolution failed");
-                }
-            }
             NetStep::GratuitousArp { mac, ip } => {
                 // Best effort: a lost announcement only delays peers' caches.
                 if let Err(e) = send_gratuitous_arp(index, mac, *ip) {
@@ -589,53 +436,14 @@ async fn apply_timed(
                 })?
             }
             NetStep::SetHostname(h) => {
-                // A fork of a fork often keeps its name: skip the no-op.
-                if !nix::unistd::gethostname().is_ok_and(|cur| cur.to_str() == Some(h.as_str())) {
-                    nix::unistd::sethostname(h).map_err(|e| NetApplyError::Io {
-                        step: "sethostname",
-                        source: e.into(),
-                    })?
-                }
+                nix::unistd::sethostname(h).map_err(|e| NetApplyError::Io {
+                    step: "sethostname",
+                    source: e.into(),
+                })?
             }
         }
-        step_us.push(us_since(t));
     }
     Ok(())
-}
-
-/// Live MAC change; if the driver refuses it on a running link (EBUSY: no
-/// `IFF_LIVE_ADDR_CHANGE`), bounces the link around the change.
-async fn set_mac(handle: &Handle, index: u32, mac: &[u8; 6]) -> Result<(), NetApplyError> {
-    let set = || {
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .address(mac.to_vec())
-                    .build(),
-            )
-            .execute()
-    };
-    match set().await {
-        Ok(()) => Ok(()),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EBUSY => {
-            debug!(index, "live MAC change refused; bouncing the link");
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).down().build())
-                .execute()
-                .await
-                .map_err(nl("link down"))?;
-            set().await.map_err(nl("set mac"))?;
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).up().build())
-                .execute()
-                .await
-                .map_err(nl("link up"))
-        }
-        Err(e) => Err(nl("set mac")(e)),
-    }
 }
 
 async fn flush_neighbours(handle: &Handle, index: u32) -> Result<(), NetApplyError> {
@@ -668,10 +476,6 @@ fn write_resolv_conf(dns: &[IpAddr]) -> std::io::Result<()> {
     let mut text = String::from("# written by forkvm-agent\n");
     for d in dns {
         text.push_str(&format!("nameserver {d}\n"));
-    }
-    // A fork usually keeps its source's DNS: skip the write then.
-    if std::fs::read("/etc/resolv.conf").is_ok_and(|cur| cur == text.as_bytes()) {
-        return Ok(());
     }
     std::fs::create_dir_all("/etc")?;
     // Write-then-rename so readers never see a half-written file.
@@ -756,7 +560,6 @@ mod tests {
             mac,
             up,
             ipv4,
-            neighbours: vec![],
         }
     }
 
@@ -774,87 +577,30 @@ mod tests {
         assert_eq!(
             steps,
             vec![
+                NetStep::LinkDown,
                 NetStep::SetMac(NEW_MAC),
                 NetStep::FlushIpv4,
                 NetStep::AddAddress {
                     addr: NEW_IP,
                     prefix_len: 24
                 },
+                NetStep::LinkUp,
                 NetStep::ReplaceDefaultRoute(Ipv4Addr::new(10, 0, 0, 1)),
                 NetStep::FlushNeighbours,
                 NetStep::GratuitousArp {
                     mac: NEW_MAC,
                     ip: NEW_IP
                 },
-                // No known gateway entry: start resolving it.
-                NetStep::ResolveNeighbour(Ipv4Addr::new(10, 0, 0, 1)),
                 NetStep::WriteResolvConf(vec!["10.0.0.1".parse().unwrap()]),
             ]
         );
     }
 
     #[test]
-    fn gateway_neighbour_is_restored_after_the_flush_others_are_not() {
-        let d = req().validate().unwrap();
-        let gw_mac = [0x02, 0xfd, 10, 0, 0, 1];
-        let mut cur = state(OLD_MAC, true, vec![(Ipv4Addr::new(10, 0, 0, 9), 24)]);
-        cur.neighbours = vec![
-            (Ipv4Addr::new(10, 0, 0, 7), [0x02, 0xfc, 0, 0, 0, 7]),
-            (Ipv4Addr::new(10, 0, 0, 1), gw_mac),
-        ];
-        let steps = plan(&d, &cur);
-        let flush = steps.iter().position(|s| *s == NetStep::FlushNeighbours);
-        let restore = steps.iter().position(|s| {
-            *s == NetStep::RestoreNeighbour {
-                ip: Ipv4Addr::new(10, 0, 0, 1),
-                mac: gw_mac,
-            }
-        });
-        assert!(flush.is_some() && restore.is_some() && flush < restore);
-        // Known already: no fresh resolution.
-        assert!(
-            !steps
-                .iter()
-                .any(|s| matches!(s, NetStep::ResolveNeighbour(_)))
-        );
-        let restores = steps
-            .iter()
-            .filter(|s| matches!(s, NetStep::RestoreNeighbour { .. }))
-            .count();
-        assert_eq!(restores, 1);
-        // A down link still gets brought up; the MAC change alone never bounces it.
-        let steps = plan(&d, &state(OLD_MAC, false, vec![]));
-        assert!(steps.contains(&NetStep::LinkUp));
-        let steps = plan(&d, &state(OLD_MAC, true, vec![]));
-        assert!(!steps.contains(&NetStep::LinkUp));
-    }
-
-    #[test]
-    fn only_files_and_hostname_are_deferrable() {
-        let d = NetRequest {
-            hostname: "vm-2".into(),
-            ..req()
-        }
-        .validate()
-        .unwrap();
-        let steps = plan(&d, &state(OLD_MAC, true, vec![]));
-        let deferred: Vec<_> = steps.iter().filter(|s| s.is_deferrable()).collect();
-        assert_eq!(
-            deferred,
-            vec![
-                &NetStep::WriteResolvConf(vec!["10.0.0.1".parse().unwrap()]),
-                &NetStep::SetHostname("vm-2".into()),
-            ]
-        );
-        // Deferrable steps come last in a plan, so deferring keeps the order.
-        let first = steps.iter().position(NetStep::is_deferrable).unwrap();
-        assert!(steps[first..].iter().all(NetStep::is_deferrable));
-    }
-
-    #[test]
     fn mac_unchanged_means_no_link_down_or_set_mac() {
         let d = req().validate().unwrap();
         let steps = plan(&d, &state(NEW_MAC, true, vec![]));
+        assert!(!steps.contains(&NetStep::LinkDown));
         assert!(!steps.iter().any(|s| matches!(s, NetStep::SetMac(_))));
         // Nothing to flush, link already up.
         assert!(!steps.contains(&NetStep::FlushIpv4));
@@ -917,7 +663,6 @@ mod tests {
             steps,
             vec![
                 NetStep::ReplaceDefaultRoute(Ipv4Addr::new(10, 0, 0, 1)),
-                NetStep::ResolveNeighbour(Ipv4Addr::new(10, 0, 0, 1)),
                 NetStep::WriteResolvConf(vec!["10.0.0.1".parse().unwrap()]),
                 NetStep::SetHostname("vm-2".into()),
             ]

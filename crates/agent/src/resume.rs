@@ -6,12 +6,9 @@
 //!
 //! Wake sources, cheapest first; each wake costs one volatile load of the
 //! page's state word unless it reads WRITTEN:
-//! * a host connect/disconnect seen by the port code ([`crate::port::host_events`]):
-//!   a restored fork's port reports "host closed" 14–21 ms after `cont`.
-//!   Benchmarks showed the SIGIO stream alone never woke this loop in real
-//!   forks, while the port code reliably saw the EOF; followed by a short
-//!   bounded poll like the kmsg wake.
-//! * SIGIO: raised on port events and on ordinary port traffic.
+//! * SIGIO: a restored QEMU's virtio-serial port raises it ("host
+//!   closed/connected") 14–21 ms after `cont`; it also fires on ordinary
+//!   port traffic.
 //! * `/dev/kmsg`: the kernel's `crng reseeded due to virtual machine fork`
 //!   (VMGenID) line, ~15 ms later; followed by a short bounded poll.
 //! * a 1 s periodic check, the last resort (it also re-checks the GPA).
@@ -36,8 +33,6 @@ use crate::rpc::AgentState;
 /// Boot env flag: arm and report the mailbox but never apply a payload (the
 /// host's "guest never acks" fallback test).
 pub const DISABLE_MAILBOX_ENV: &str = "FORKVM_AGENT_DISABLE_MAILBOX";
-/// How many payload-less wakes are remembered for the next payload's log.
-const MISSES_KEPT: usize = 4;
 /// Last-resort poll interval.
 pub const PERIODIC_CHECK: Duration = Duration::from_secs(1);
 /// After a VMGenID kmsg wake that found no payload yet: poll this often...
@@ -61,7 +56,6 @@ const RNDRESEEDCRNG: u64 = 0x5207;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Wake {
-    PortEvent,
     Sigio,
     Kmsg,
     Periodic,
@@ -98,15 +92,8 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>) {
     let mut tick = tokio::time::interval(PERIODIC_CHECK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut told_disabled = false;
-    // Recent wakes that found no payload (kind, µs, state word), logged with
-    // the next payload: shows which signal fired first and what it saw.
-    let mut misses: std::collections::VecDeque<(Wake, u64, u32)> =
-        std::collections::VecDeque::with_capacity(MISSES_KEPT);
     loop {
         let wake = tokio::select! {
-            // Fixed order so the logged wake is the earliest-class source.
-            biased;
-            () = crate::port::host_events().notified() => Wake::PortEvent,
             () = next_sigio(&mut sigio) => Wake::Sigio,
             () = next_kmsg(&mut kmsg) => Wake::Kmsg,
             _ = tick.tick() => Wake::Periodic,
@@ -119,9 +106,8 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>) {
             debug!(error = %e, "GPA re-check failed");
         }
         let mut word = mb.state_word();
-        if matches!(wake, Wake::Kmsg | Wake::PortEvent) && word != MailboxState::WRITTEN_WORD {
-            // A resume-like event; a host patch may become visible a moment
-            // later. Bounded, and port events are once per host connection.
+        if wake == Wake::Kmsg && word != MailboxState::WRITTEN_WORD {
+            // VMGenID fired; a host patch may become visible a moment later.
             let end = Instant::now() + KMSG_FOLLOWUP_FOR;
             while word != MailboxState::WRITTEN_WORD && Instant::now() < end {
                 tokio::time::sleep(KMSG_FOLLOWUP_EVERY).await;
@@ -136,15 +122,7 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>) {
             MailboxState::EMPTY_WORD
             | MailboxState::APPLIED_WORD
             | MailboxState::REJECTED_WORD
-            | 0 => {
-                if wake != Wake::Periodic {
-                    if misses.len() == MISSES_KEPT {
-                        misses.pop_front();
-                    }
-                    misses.push_back((wake, seen_us, word));
-                }
-                continue;
-            }
+            | 0 => continue,
             // Anything else is a clobbered page: decode rejects it below.
             _ => {}
         }
@@ -158,12 +136,8 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>) {
             }
             continue;
         }
-        // Logged by `handle` once the ack is out: nothing slow before it.
-        handle(&state, &mb, wake, seen, seen_us).await;
-        if !misses.is_empty() {
-            info!(?misses, "wakes before this payload that found none");
-            misses.clear();
-        }
+        info!(?wake, signal_seen_us = seen_us, "mailbox payload seen");
+        handle(&state, &mb, seen, seen_us).await;
         tokio::time::sleep(REARM_DELAY).await;
         match mb.rearm() {
             Ok((marker, gpa)) => info!(
@@ -198,7 +172,7 @@ async fn next_kmsg(rx: &mut Option<mpsc::Receiver<()>>) {
 }
 
 /// Validates and applies the WRITTEN page, recording the outcome in it.
-async fn handle(state: &AgentState, mb: &Mailbox, wake: Wake, seen: Instant, seen_us: u64) {
+async fn handle(state: &AgentState, mb: &Mailbox, seen: Instant, seen_us: u64) {
     let page_generation = mb.raw_generation();
     let reject = |code: u32| {
         let report = GuestReport {
@@ -214,7 +188,7 @@ async fn handle(state: &AgentState, mb: &Mailbox, wake: Wake, seen: Instant, see
     let (generation, payload) = match mb.decode() {
         Ok(v) => v,
         Err(e) => {
-            warn!(error = %e, code = e.code(), generation = page_generation, ?wake, "mailbox payload rejected");
+            warn!(error = %e, code = e.code(), generation = page_generation, "mailbox payload rejected");
             reject(e.code());
             return;
         }
@@ -237,8 +211,9 @@ async fn handle(state: &AgentState, mb: &Mailbox, wake: Wake, seen: Instant, see
         ack,
     } = payload;
 
-    // Kept before the network: the fork's RNG must diverge before it talks.
-    let rng_result = feed_rng(&rng_seed);
+    if let Err(e) = feed_rng(&rng_seed) {
+        warn!(error = %e, "feeding the RNG seed to the kernel failed");
+    }
     rng_seed.0.fill(0);
 
     let request = NetRequest {
@@ -259,8 +234,7 @@ async fn handle(state: &AgentState, mb: &Mailbox, wake: Wake, seen: Instant, see
             return;
         }
     };
-    // Only what the new address needs; files/hostname run after the ack.
-    let mut report = match state.configure_network_part(&desired).await {
+    let report = match state.configure_network(&desired).await {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, generation, "mailbox network apply failed");
@@ -270,6 +244,10 @@ async fn handle(state: &AgentState, mb: &Mailbox, wake: Wake, seen: Instant, see
     };
     let applied_us = us_since(seen);
 
+    if let Err(e) = set_realtime(host_time_unix_ns) {
+        warn!(error = %e, "stepping the clock to the host time failed");
+    }
+
     // The outcome goes into the page before the first ack leaves: the host
     // reads the guest report as soon as the ack arrives.
     let outcome = GuestReport {
@@ -278,42 +256,19 @@ async fn handle(state: &AgentState, mb: &Mailbox, wake: Wake, seen: Instant, see
         outcome_generation: generation,
         reject_code: 0,
     };
-    let mark_result = mb.mark_applied(&outcome);
-    tokio::spawn(send_acks(ack, generation, mac, ipv4));
-    // Current-thread runtime: let the ack task send its first datagram
-    // before the slower work below.
-    tokio::task::yield_now().await;
-
-    // Everything below is off the ack's critical path.
-    if let Err(e) = set_realtime(host_time_unix_ns) {
-        warn!(error = %e, "stepping the clock to the host time failed");
-    }
-    if let Err(e) = state.finish_network(&mut report).await {
-        warn!(error = %e, generation, "mailbox resolv.conf/hostname apply failed");
-    }
-    if let Err(e) = mark_result {
+    if let Err(e) = mb.mark_applied(&outcome) {
         warn!(error = %e, "marking the mailbox APPLIED failed");
     }
-    if let Err(e) = rng_result {
-        warn!(error = %e, "feeding the RNG seed to the kernel failed");
-    }
-    info!(
-        ?wake,
-        signal_seen_us = seen_us,
-        host_event_us = crate::port::last_host_event_us(),
-        "mailbox payload seen"
-    );
-    crate::netconf::log_configured(&desired, &report);
     info!(
         generation,
         applied_us,
         netlink_us = report.elapsed_us,
-        step_us = ?report.step_us,
-        steps = ?report.steps,
+        steps = report.steps.len(),
         ipv4 = %ipv4,
         mac = %mac,
         "mailbox identity applied"
     );
+    tokio::spawn(send_acks(ack, generation, mac, ipv4));
 }
 
 /// Sends the ack on [`ACK_SCHEDULE_MS`] from `(ip, 0)` to the ack target.

@@ -75,23 +75,6 @@ impl AgentState {
         netconf::configure(&self.netlink, desired).await
     }
 
-    /// The mailbox's split of [`AgentState::configure_network`]: applies what
-    /// the new address needs and returns; the caller acks, then runs
-    /// [`AgentState::finish_network`] with the report.
-    pub async fn configure_network_part(
-        &self,
-        desired: &NetDesired,
-    ) -> Result<ApplyReport, NetApplyError> {
-        let _guard = self.net_lock.lock().await;
-        netconf::configure_network_part(&self.netlink, desired).await
-    }
-
-    /// Applies the steps [`AgentState::configure_network_part`] deferred.
-    pub async fn finish_network(&self, report: &mut ApplyReport) -> Result<(), NetApplyError> {
-        let _guard = self.net_lock.lock().await;
-        netconf::apply_deferred(&self.netlink, report).await
-    }
-
     fn count(&self, method: &str) {
         let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         *c.entry(method.to_owned()).or_default() += 1;

@@ -20,7 +20,7 @@ use crate::manager::{Manager, new_id};
 use crate::memory::{allocated_bytes, sparse_copy};
 use crate::model::*;
 use chrono::Utc;
-use forkvm_vmm::{Hypervisor, NetSpec, VmSpec};
+use forkvm_vmm::Hypervisor;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tracing::{Instrument, info, info_span, warn};
@@ -346,30 +346,7 @@ impl Manager {
         };
 
         let image = self.load_image(&inst.image)?;
-        let paths = self.paths(&inst.id);
-        let spec = VmSpec {
-            id: inst.id.clone(),
-            vcpus: inst.vcpus,
-            memory_mb: inst.memory_mb,
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-            cmdline: cmdline.to_string(),
-            mem_path: paths.mem.clone(),
-            mem_share: true,
-            net: match (&inst.network.tap, &inst.network.mac) {
-                (Some(tap), Some(mac)) if inst.network.enabled => Some(NetSpec {
-                    tap: tap.clone(),
-                    mac: mac.clone(),
-                }),
-                _ => None,
-            },
-            agent_socket: paths.agent_socket.clone(),
-            qmp_socket: paths.qmp_socket.clone(),
-            console_log: paths.console_log.clone(),
-            pidfile: paths.pidfile.clone(),
-            accel: self.accel,
-            incoming: true,
-        };
+        let spec = self.vm_spec(inst, &image, cmdline, true);
         let t = Instant::now();
         let h = self
             .hv
@@ -549,6 +526,19 @@ impl Manager {
         Ok(names)
     }
 
+    /// `n` forks need addresses, and memory when they will run.
+    fn check_fork_capacity(
+        &self,
+        n: usize,
+        target: InstanceState,
+        memory_mb: u32,
+        network: bool,
+    ) -> Result<()> {
+        let n = n as u32;
+        let running = u32::from(target == InstanceState::Running);
+        self.check_capacity(running * n, memory_mb, u32::from(network) * n)
+    }
+
     fn fork_target(req: &ForkRequest) -> Result<InstanceState> {
         match req.target_state.unwrap_or(InstanceState::Running) {
             s @ (InstanceState::Running | InstanceState::Standby | InstanceState::Stopped) => Ok(s),
@@ -567,12 +557,7 @@ impl Manager {
         let src = self.find(id_or_name)?;
         let names = self.fork_names(&req)?;
         let target = Self::fork_target(&req)?;
-        let running = u32::from(target == InstanceState::Running);
-        self.check_capacity(
-            running * names.len() as u32,
-            src.memory_mb,
-            u32::from(src.network.enabled) * names.len() as u32,
-        )?;
+        self.check_fork_capacity(names.len(), target, src.memory_mb, src.network.enabled)?;
         let lock = self.lock_for(&src.id);
         let _g = lock.lock().await;
         let src = self.find(&src.id)?;
@@ -819,12 +804,7 @@ impl Manager {
         let snap = self.get_snapshot(id_or_name).await?;
         let names = self.fork_names(&req)?;
         let target = Self::fork_target(&req)?;
-        let running = u32::from(target == InstanceState::Running);
-        self.check_capacity(
-            running * names.len() as u32,
-            snap.memory_mb,
-            u32::from(snap.network.enabled) * names.len() as u32,
-        )?;
+        self.check_fork_capacity(names.len(), target, snap.memory_mb, snap.network.enabled)?;
         // A Standby instance's own snapshot is guarded by the instance lock.
         let lock = self.lock_for(snap.standby_of.as_deref().unwrap_or(&snap.id));
         let _g = lock.lock().await;

@@ -101,6 +101,42 @@ impl Manager {
         Ok(mgr)
     }
 
+    /// The QEMU machine of an instance: identical for a fresh boot and for
+    /// every restore of its snapshots (only `incoming` differs), which is
+    /// what loading device state requires.
+    pub(crate) fn vm_spec(
+        &self,
+        inst: &Instance,
+        image: &forkvm_image::GuestImage,
+        cmdline: &str,
+        incoming: bool,
+    ) -> VmSpec {
+        let paths = self.paths(&inst.id);
+        VmSpec {
+            id: inst.id.clone(),
+            vcpus: inst.vcpus,
+            memory_mb: inst.memory_mb,
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            cmdline: cmdline.to_string(),
+            mem_path: paths.mem,
+            mem_share: true,
+            net: match (&inst.network.tap, &inst.network.mac) {
+                (Some(tap), Some(mac)) if inst.network.enabled => Some(NetSpec {
+                    tap: tap.clone(),
+                    mac: mac.clone(),
+                }),
+                _ => None,
+            },
+            agent_socket: paths.agent_socket,
+            qmp_socket: paths.qmp_socket,
+            console_log: paths.console_log,
+            pidfile: paths.pidfile,
+            accel: self.accel,
+            incoming,
+        }
+    }
+
     pub(crate) fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         l.entry(id.to_string()).or_default().clone()
@@ -297,29 +333,7 @@ impl Manager {
                 .map_err(|e| CoreError::Invalid(format!("boot configuration: {e}")))?
         );
         inst.cmdline = Some(cmdline.clone());
-        let spec = VmSpec {
-            id: inst.id.clone(),
-            vcpus: inst.vcpus,
-            memory_mb: inst.memory_mb,
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-            cmdline,
-            mem_path: paths.mem.clone(),
-            mem_share: true,
-            net: match (&inst.network.tap, &inst.network.mac) {
-                (Some(tap), Some(mac)) if inst.network.enabled => Some(NetSpec {
-                    tap: tap.clone(),
-                    mac: mac.clone(),
-                }),
-                _ => None,
-            },
-            agent_socket: paths.agent_socket.clone(),
-            qmp_socket: paths.qmp_socket.clone(),
-            console_log: paths.console_log.clone(),
-            pidfile: paths.pidfile.clone(),
-            accel: self.accel,
-            incoming: false,
-        };
+        let spec = self.vm_spec(inst, &image, &cmdline, false);
         let t0 = std::time::Instant::now();
         let handle = self
             .hv
