@@ -705,35 +705,19 @@ impl Manager {
     async fn allocate_fork(&self, base: &Base, name: &str, forked_from: &str) -> Result<Instance> {
         let s = &base.snap;
         let mut inst = Instance {
-            id: new_id(),
-            name: name.to_string(),
-            image: s.image.clone(),
-            state: InstanceState::Created,
-            state_error: None,
-            vcpus: s.vcpus,
-            memory_mb: s.memory_mb,
             env: s.env.clone(),
             entrypoint: s.entrypoint.clone(),
-            network: NetworkInfo {
-                enabled: s.network.enabled,
-                ip: None,
-                mac: None,
-                tap: None,
-                gateway: None,
-                prefix_len: None,
-                bridge: None,
-            },
-            created_at: Utc::now(),
-            started_at: None,
-            stopped_at: None,
-            pid: None,
-            accel: None,
-            snapshot_id: None,
+            network: NetworkInfo::unassigned(s.network.enabled),
             forked_from: Some(forked_from.to_string()),
             pending_handoff: s.network.enabled,
-            handoff: None,
             cmdline: Some(s.cmdline.clone()),
-            mailbox: None,
+            ..Instance::created(
+                new_id(),
+                name.to_string(),
+                s.image.clone(),
+                s.vcpus,
+                s.memory_mb,
+            )
         };
         self.store.insert_instance(&inst)?;
         if inst.network.enabled {

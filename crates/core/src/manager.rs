@@ -220,35 +220,10 @@ impl Manager {
         let lock = self.lock_for(&id);
         let _guard = lock.lock().await;
         let mut inst = Instance {
-            id: id.clone(),
-            name: req.name.clone(),
-            image,
-            state: InstanceState::Created,
-            state_error: None,
-            vcpus,
-            memory_mb,
             env: req.env.clone(),
             entrypoint: req.entrypoint.clone(),
-            network: NetworkInfo {
-                enabled: req.network_enabled.unwrap_or(true),
-                ip: None,
-                mac: None,
-                tap: None,
-                gateway: None,
-                prefix_len: None,
-                bridge: None,
-            },
-            created_at: Utc::now(),
-            started_at: None,
-            stopped_at: None,
-            pid: None,
-            accel: None,
-            snapshot_id: None,
-            forked_from: None,
-            pending_handoff: false,
-            handoff: None,
-            cmdline: None,
-            mailbox: None,
+            network: NetworkInfo::unassigned(req.network_enabled.unwrap_or(true)),
+            ..Instance::created(id.clone(), req.name.clone(), image, vcpus, memory_mb)
         };
         self.store.insert_instance(&inst)?;
         info!(instance = %id, name = %inst.name, "creating instance");

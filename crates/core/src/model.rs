@@ -67,6 +67,21 @@ pub struct NetworkInfo {
     pub bridge: Option<String>,
 }
 
+impl NetworkInfo {
+    /// Networking wanted (or not) but nothing allocated yet.
+    pub fn unassigned(enabled: bool) -> Self {
+        Self {
+            enabled,
+            ip: None,
+            mac: None,
+            tap: None,
+            gateway: None,
+            prefix_len: None,
+            bridge: None,
+        }
+    }
+}
+
 /// One instance, as stored in the state store.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
@@ -118,6 +133,35 @@ pub struct MailboxInfo {
     pub marker: String,
     /// Guest-physical address of the page.
     pub gpa: u64,
+}
+
+impl Instance {
+    /// A new record in state Created: no VMM, no network claims yet.
+    pub fn created(id: String, name: String, image: String, vcpus: u32, memory_mb: u32) -> Self {
+        Self {
+            id,
+            name,
+            image,
+            state: InstanceState::Created,
+            state_error: None,
+            vcpus,
+            memory_mb,
+            env: BTreeMap::new(),
+            entrypoint: vec![],
+            network: NetworkInfo::unassigned(true),
+            created_at: chrono::Utc::now(),
+            started_at: None,
+            stopped_at: None,
+            pid: None,
+            accel: None,
+            snapshot_id: None,
+            forked_from: None,
+            pending_handoff: false,
+            handoff: None,
+            cmdline: None,
+            mailbox: None,
+        }
+    }
 }
 
 /// Which way a fork learned its new network identity.

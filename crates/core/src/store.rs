@@ -263,41 +263,10 @@ fn decode(doc: &str) -> Result<Instance> {
 mod tests {
     use super::*;
     use crate::model::*;
-    use std::collections::BTreeMap;
     use std::sync::Arc;
 
     fn inst(id: &str, name: &str) -> Instance {
-        Instance {
-            id: id.into(),
-            name: name.into(),
-            image: "default".into(),
-            state: InstanceState::Created,
-            state_error: None,
-            vcpus: 1,
-            memory_mb: 256,
-            env: BTreeMap::new(),
-            entrypoint: vec![],
-            network: NetworkInfo {
-                enabled: true,
-                ip: None,
-                mac: None,
-                tap: None,
-                gateway: None,
-                prefix_len: None,
-                bridge: None,
-            },
-            created_at: chrono::Utc::now(),
-            started_at: None,
-            stopped_at: None,
-            pid: None,
-            accel: None,
-            snapshot_id: None,
-            forked_from: None,
-            pending_handoff: false,
-            handoff: None,
-            cmdline: None,
-            mailbox: None,
-        }
+        Instance::created(id.into(), name.into(), "default".into(), 1, 256)
     }
 
     #[test]
