@@ -4,9 +4,11 @@
 //! returns 0 and `poll` reports POLLHUP constantly, so readiness can't be used
 //! to wait for a host. A host connecting raises SIGIO (F_SETOWN + O_ASYNC), so
 //! [`Port::accept`] waits for SIGIO, with a bounded re-check as a fallback. One
-//! accepted [`PortConn`] carries one HTTP/2 connection until EOF; the port fd
-//! itself stays open across connections so the host can reconnect at any time.
+//! accepted [`PortConn`] carries one HTTP/2 connection until the host is gone
+//! (see [`HUP_GRACE`] for why "gone" needs a second look); the port fd itself
+//! stays open across connections so the host can reconnect at any time.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -20,7 +22,8 @@ use nix::sys::stat::Mode;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tracing::{debug, info, warn};
+use tokio::time::{Instant, Sleep};
+use tracing::{debug, info, trace, warn};
 
 /// Fallback re-check period while waiting for a host (SIGIO is the fast path).
 const RECHECK: Duration = Duration::from_millis(200);
@@ -152,19 +155,11 @@ impl Port {
                 }
                 let inbuf = self.carry.split_off(pos);
                 self.carry.clear();
+                // A dup per connection: the AsyncFd registration is dropped
+                // with it while the port itself (and its SIGIO setup) stays.
                 let dup = self.fd.as_fd().try_clone_to_owned()?;
                 debug!(buffered = inbuf.len(), "host connected");
-                return Ok(PortConn {
-                    // A dup per connection: the AsyncFd registration is dropped
-                    // with it while the port itself (and its SIGIO setup) stays.
-                    // SAFETY: `dup` is an OwnedFd moved into the AsyncFd, so it
-                    // stays open and unchanged for the AsyncFd's lifetime.
-                    fd: unsafe { AsyncFd::register(dup) }.map_err(|e| e.into_parts().1)?,
-                    inbuf,
-                    tracker: FrameTracker::default(),
-                    dead: false,
-                    leftover: Vec::new(),
-                });
+                return PortConn::new(dup, inbuf);
             }
             // Keep only a tail that may still grow into a preface.
             let keep = partial_preface_suffix(&self.carry);
@@ -181,8 +176,11 @@ impl Port {
                     self.carry.extend_from_slice(&data);
                     continue;
                 }
-                Probe::Connected(_) => {}
-                Probe::Disconnected => self.carry.clear(),
+                // "No host" is not cleared from `carry`: the driver may say
+                // so while a new host's first bytes are already buffered
+                // (see HUP_GRACE), and a dead client's partial preface is
+                // harmless — the search finds the next full one.
+                Probe::Connected(_) | Probe::Disconnected => {}
             }
             // SIGIO fires on host connect/disconnect and on data arrival; the
             // timer bounds the wait should a signal be missed.
@@ -280,41 +278,142 @@ impl FrameTracker {
     }
 }
 
+/// How long the driver may keep saying "no host" (a read of 0) before the
+/// session is taken as disconnected. The host's connect notice travels on
+/// the control queue, handled in a kernel workqueue, while its first bytes
+/// arrive on the data queue: under load the bytes can be read before the
+/// driver believes a host is there, so one "no host" reading is not proof.
+const HUP_GRACE: Duration = Duration::from_secs(2);
+/// How often to look again while the driver says "no host" (the port reports
+/// POLLHUP level-triggered then, so readiness can't be waited on).
+const HUP_RECHECK: Duration = Duration::from_millis(20);
+
 /// One host connection over the port. Ends (EOF to the reader, broken pipe to
-/// the writer) on port EOF or when a new client's preface shows up at a frame
-/// boundary, so a stale session never consumes or answers a new client.
+/// the writer) when the host is gone for [`HUP_GRACE`], or when a new client's
+/// preface shows up — at a frame boundary, or as the first bytes after the
+/// driver reported the host gone — so a stale session never consumes or
+/// answers a new client.
+///
+/// tokio treats POLLHUP as a final "closed" readiness that never clears, but
+/// on this port it is transient (the host reconnects, or the driver was just
+/// late to learn it is connected). After any "no host" reading the fd is
+/// registered afresh, which re-samples the port's real state; without that
+/// the session would spin on `EAGAIN` and starve its own writes.
 pub struct PortConn {
-    fd: AsyncFd<OwnedFd>,
+    fd: Option<AsyncFd<OwnedFd>>,
     /// Bytes read from the port not yet handed to the session.
     inbuf: Vec<u8>,
     tracker: FrameTracker,
     dead: bool,
     /// Bytes past the end of this connection (for [`Port::give_back`]).
     leftover: Vec<u8>,
+    /// Since when the driver has been saying "no host" (reset by any data or
+    /// `EAGAIN`, which both mean a host is connected).
+    hup_since: Option<Instant>,
+    /// Bytes arrived after a "no host" reading and were not yet checked
+    /// against the preface.
+    check_preface: bool,
+    read_recheck: Option<Pin<Box<Sleep>>>,
+    write_recheck: Option<Pin<Box<Sleep>>>,
 }
 
 impl PortConn {
+    fn new(fd: OwnedFd, inbuf: Vec<u8>) -> io::Result<PortConn> {
+        Ok(PortConn {
+            fd: Some(register(fd)?),
+            inbuf,
+            tracker: FrameTracker::default(),
+            dead: false,
+            leftover: Vec::new(),
+            hup_since: None,
+            check_preface: false,
+            read_recheck: None,
+            write_recheck: None,
+        })
+    }
+
+    fn afd(&self) -> io::Result<&AsyncFd<OwnedFd>> {
+        self.fd
+            .as_ref()
+            .ok_or_else(|| io::Error::other("agent port registration lost"))
+    }
+
+    /// Drops the epoll registration and makes a new one, so readiness is
+    /// sampled from the port's current state (see the type docs).
+    fn reregister(&mut self) -> io::Result<()> {
+        if let Some(afd) = self.fd.take() {
+            self.fd = Some(register(afd.into_inner())?);
+        }
+        Ok(())
+    }
+
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut tmp = [0u8; 16 << 10];
         loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            if let Some(t) = self.read_recheck.as_mut() {
+                ready!(t.as_mut().poll(cx));
+                self.read_recheck = None;
+                self.reregister()?;
+            }
+            let afd = self.afd()?;
+            let mut guard = ready!(afd.poll_read_ready(cx))?;
+            let hup = guard.ready().is_read_closed();
             match guard
                 .try_io(|fd| nix::unistd::read(fd.get_ref(), &mut tmp).map_err(io::Error::from))
             {
                 Ok(Ok(0)) => {
-                    debug!("port EOF: host disconnected");
-                    self.dead = true;
-                    return Poll::Ready(Ok(()));
+                    let since = *self.hup_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= HUP_GRACE {
+                        debug!("port EOF: host disconnected");
+                        self.dead = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    self.check_preface = true;
+                    self.read_recheck = Some(Box::pin(tokio::time::sleep(HUP_RECHECK)));
                 }
                 Ok(Ok(n)) => {
+                    trace!(bytes = n, "port read");
+                    self.hup_since = None;
                     self.inbuf.extend_from_slice(&tmp[..n]);
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+                Err(_would_block) => {
+                    // EAGAIN: a host is connected and has sent nothing yet.
+                    self.hup_since = None;
+                    if hup {
+                        trace!("port connected again; re-registering");
+                        self.reregister()?;
+                    }
+                }
             }
         }
     }
+
+    /// After a "no host" reading, bytes that begin with a preface are a new
+    /// client even mid-frame (the old host may have died mid-write).
+    /// Returns `Pending`-like `None` while too few bytes arrived to tell.
+    fn new_client_after_hup(&mut self) -> Option<bool> {
+        if !self.check_preface {
+            return Some(false);
+        }
+        let n = self.inbuf.len().min(H2_PREFACE.len());
+        if self.inbuf[..n] != H2_PREFACE[..n] {
+            self.check_preface = false;
+            return Some(false);
+        }
+        if n < H2_PREFACE.len() {
+            return None;
+        }
+        self.check_preface = false;
+        Some(true)
+    }
+}
+
+fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open and
+    // unchanged for the AsyncFd's lifetime.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
 
 impl AsyncRead for PortConn {
@@ -324,12 +423,29 @@ impl AsyncRead for PortConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.inbuf.is_empty() && !this.dead {
-            ready!(this.fill(cx))?;
-        }
-        if this.inbuf.is_empty() {
-            // EOF (dead) — a read of zero bytes.
-            return Poll::Ready(Ok(()));
+        loop {
+            if this.inbuf.is_empty() && !this.dead {
+                ready!(this.fill(cx))?;
+            }
+            if this.inbuf.is_empty() {
+                // EOF (dead) — a read of zero bytes.
+                return Poll::Ready(Ok(()));
+            }
+            match this.new_client_after_hup() {
+                None if !this.dead => {
+                    // A possible preface, still short: read more first.
+                    ready!(this.fill(cx))?;
+                    continue;
+                }
+                Some(true) => {
+                    info!("new host connection after a disconnect; ending the old session");
+                    this.leftover = std::mem::take(&mut this.inbuf);
+                    this.dead = true;
+                    return Poll::Ready(Ok(()));
+                }
+                _ => {}
+            }
+            break;
         }
         let n = this.inbuf.len().min(buf.remaining());
         let n = match this.tracker.advance(&this.inbuf[..n]) {
@@ -359,11 +475,28 @@ impl AsyncWrite for PortConn {
                 // Never write into a newer host connection.
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
             }
-            let mut guard = ready!(this.fd.poll_write_ready(cx))?;
+            if let Some(t) = this.write_recheck.as_mut() {
+                ready!(t.as_mut().poll(cx));
+                this.write_recheck = None;
+                this.reregister()?;
+            }
+            let afd = this.afd()?;
+            let mut guard = ready!(afd.poll_write_ready(cx))?;
+            let hup = guard.ready().is_write_closed();
             match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
             {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
+                Ok(r) => {
+                    trace!(bytes = data.len(), result = ?r.as_ref().map_err(|e| e.kind()), "port write");
+                    return Poll::Ready(r);
+                }
+                Err(_would_block) => {
+                    trace!(bytes = data.len(), hup, "port write would block");
+                    if hup {
+                        // No host (or the driver doesn't know it yet): a
+                        // closed readiness would make this loop spin.
+                        this.write_recheck = Some(Box::pin(tokio::time::sleep(HUP_RECHECK)));
+                    }
+                }
             }
         }
     }
