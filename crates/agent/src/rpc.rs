@@ -16,7 +16,7 @@ use nix::time::{ClockId, clock_gettime, clock_settime};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::exec::{self, ExecError, ExecEvent, ExecSpec, Reaper};
 use crate::mailbox::Mailbox;
@@ -31,6 +31,9 @@ pub const DECLINE_RECONFIGURE_ENV: &str = "FORKVM_AGENT_DECLINE_RECONFIGURE";
 pub const TEST_HOOKS_ENV: &str = "FORKVM_AGENT_TEST_HOOKS";
 /// While this file exists (and hooks are enabled) RPCs never answer.
 pub const TEST_HANG_FILE: &str = "/run/forkvm-test-hang";
+
+/// Pause before waiting for a host again after the port reported an error.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// Shared state of the agent service.
 pub struct AgentState {
@@ -312,7 +315,16 @@ impl Agent for AgentService {
 pub async fn serve_port(mut port: Port, service: AgentService) -> std::io::Result<()> {
     let svc = TowerToHyperService::new(AgentServer::new(service));
     loop {
-        let conn = port.accept().await?;
+        // A read error on the port must not end the agent (as PID 1 that
+        // halts the guest): log it and keep waiting for the next host.
+        let conn = match port.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "waiting for a host on the agent port failed; retrying");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
         let t0 = Instant::now();
         info!("host connected; serving");
         let mut io = TokioIo::new(conn);
