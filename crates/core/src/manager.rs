@@ -62,6 +62,10 @@ pub struct Manager {
     pub(crate) handoff_timeout: Duration,
     /// Most guest memory (MiB) all VMs with a VMM may have together.
     pub(crate) memory_budget_mb: u64,
+    /// Log filter for the agents of VMs booted from now on
+    /// (`FORKVM_GUEST_AGENT_LOG`, e.g. `debug`), passed on the kernel
+    /// command line; forks inherit their source's.
+    agent_log: Option<String>,
 }
 
 impl Manager {
@@ -85,6 +89,7 @@ impl Manager {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(default_memory_budget_mb);
+        let agent_log = guest_agent_log_filter(std::env::var("FORKVM_GUEST_AGENT_LOG").ok());
         let mgr = Arc::new_cyclic(|me| Self {
             hv: QemuHypervisor::new(cfg.qemu_bin.clone()),
             cfg,
@@ -96,6 +101,7 @@ impl Manager {
             me: me.clone(),
             handoff_timeout,
             memory_budget_mb,
+            agent_log,
         });
         mgr.adopt().await?;
         Ok(mgr)
@@ -302,11 +308,15 @@ impl Manager {
             entrypoint: inst.entrypoint.clone(),
             agent_port: forkvm_proto::boot::AGENT_PORT_NAME.to_string(),
         };
-        let cmdline = format!(
+        let mut cmdline = format!(
             "console=ttyS0 panic=-1 quiet loglevel=4 {}",
             boot.to_cmdline_arg()
                 .map_err(|e| CoreError::Invalid(format!("boot configuration: {e}")))?
         );
+        if let Some(filter) = &self.agent_log {
+            // The kernel hands unknown `key=value` parameters to init's environment.
+            cmdline.push_str(&format!(" FORKVM_AGENT_LOG={filter}"));
+        }
         inst.cmdline = Some(cmdline.clone());
         let spec = self.vm_spec(inst, &image, &cmdline, false);
         let t0 = std::time::Instant::now();
@@ -834,5 +844,39 @@ impl Manager {
             mailbox_rejected: h.mailbox_rejected,
             mailbox_applied_generation: h.mailbox_applied_generation,
         })
+    }
+}
+
+/// Accepts a guest agent log filter only if it is safe on a kernel command
+/// line (one token, env-filter characters only); anything else is ignored
+/// with a warning.
+fn guest_agent_log_filter(v: Option<String>) -> Option<String> {
+    let v = v?;
+    let ok = !v.is_empty()
+        && v.len() <= 200
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':' | ',' | '=' | '.'));
+    if !ok {
+        warn!(value = %v, "FORKVM_GUEST_AGENT_LOG ignored: not a plain env-filter");
+        return None;
+    }
+    Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guest_agent_log_filter as f;
+
+    #[test]
+    fn guest_agent_log_filter_accepts_only_one_plain_token() {
+        assert_eq!(f(None), None);
+        assert_eq!(f(Some("debug".into())).as_deref(), Some("debug"));
+        assert_eq!(
+            f(Some("forkvm_agent=debug,h2=info".into())).as_deref(),
+            Some("forkvm_agent=debug,h2=info")
+        );
+        for bad in ["", "debug init=/bin/sh", "a\"b", "x;y", "a\nb"] {
+            assert_eq!(f(Some(bad.into())), None, "{bad:?}");
+        }
     }
 }
