@@ -317,8 +317,40 @@ pub fn qemu_pids_matching(needle: &Path) -> Vec<i32> {
     pids
 }
 
+impl TestEnv {
+    /// Prints the daemon log and every instance's console tail to stderr.
+    /// Called on teardown: nextest shows a test's output only when it fails,
+    /// so a failure in CI arrives with the guest's side of the story.
+    fn dump_diagnostics(&self) {
+        let log = self.daemon_log();
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!("---- daemon log (last 300 lines) ----");
+        for l in &lines[lines.len().saturating_sub(300)..] {
+            eprintln!("{l}");
+        }
+        if let Ok(rd) = std::fs::read_dir(self.data_dir.join("instances")) {
+            for e in rd.flatten() {
+                let console = e.path().join("console.log");
+                let Ok(text) = std::fs::read(&console) else {
+                    continue;
+                };
+                let text = String::from_utf8_lossy(&text);
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!(
+                    "---- console of {} (last 80 lines) ----",
+                    e.file_name().to_string_lossy()
+                );
+                for l in &lines[lines.len().saturating_sub(80)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        self.dump_diagnostics();
         let _ = self.kill_daemon();
         for pid in self.qemu_pids() {
             let _ = nix::sys::signal::kill(
