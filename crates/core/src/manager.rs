@@ -41,6 +41,8 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// (override: FORKVM_HANDOFF_TIMEOUT_MS).
 const DEFAULT_HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MEMORY_MB: u32 = 256;
+/// How often the daemon checks that Running instances still have their VMM.
+const VM_WATCH_PERIOD: Duration = Duration::from_secs(1);
 const DEFAULT_VCPUS: u32 = 1;
 const MAX_VCPUS: u32 = 64;
 const MIN_MEMORY_MB: u32 = 64;
@@ -104,6 +106,16 @@ impl Manager {
             agent_log,
         });
         mgr.adopt().await?;
+        let weak = Arc::downgrade(&mgr);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(VM_WATCH_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(mgr) = weak.upgrade() else { return };
+                mgr.reap_dead_vms().await;
+            }
+        });
         Ok(mgr)
     }
 
@@ -516,6 +528,61 @@ impl Manager {
         self.paths(&inst.id).remove_all();
     }
 
+    /// An instance whose VMM is gone becomes Stopped: TAP and runtime files
+    /// removed, the address back in the pool (the MAC stays: it is this
+    /// instance's and costs nothing; start claims an address again).
+    async fn mark_vm_gone(&self, inst: &mut Instance, reason: String) -> Result<()> {
+        self.teardown_vm(inst).await;
+        self.store.release(AllocKind::Ip, &inst.id)?;
+        self.store.release(AllocKind::Tap, &inst.id)?;
+        inst.network.ip = None;
+        inst.network.tap = None;
+        inst.state = InstanceState::Stopped;
+        inst.state_error = Some(reason);
+        inst.pid = None;
+        inst.stopped_at = Some(Utc::now());
+        self.store.update_instance(inst)
+    }
+
+    /// Running instances whose QEMU has exited (guest panic or power-off,
+    /// QEMU crash, an outside kill) become Stopped with the reason and the
+    /// console's last line, so the instance list stays truthful. Instances
+    /// busy with an operation are left to it.
+    pub async fn reap_dead_vms(&self) {
+        let Ok(all) = self.store.list_instances() else {
+            return;
+        };
+        for inst in all {
+            let dead = inst.state == InstanceState::Running
+                && !inst.pending_handoff
+                && inst.pid.is_some_and(|p| !self.hv.is_alive(&inst.id, p));
+            if !dead {
+                continue;
+            }
+            let lock = self.lock_for(&inst.id);
+            let Ok(_g) = lock.try_lock() else {
+                continue;
+            };
+            // Re-read under the lock: an operation may have just finished.
+            let Ok(Some(mut inst)) = self.store.find_instance(&inst.id) else {
+                continue;
+            };
+            if inst.state != InstanceState::Running
+                || inst.pid.is_none_or(|p| self.hv.is_alive(&inst.id, p))
+            {
+                continue;
+            }
+            let reason = match console_hint(&self.paths(&inst.id).console_tail(40)) {
+                Some(line) => format!("the VM exited unexpectedly; console: {line}"),
+                None => "the VM exited unexpectedly".to_string(),
+            };
+            warn!(instance = %inst.id, name = %inst.name, %reason, "VMM gone; marking Stopped");
+            if let Err(e) = self.mark_vm_gone(&mut inst, reason).await {
+                warn!(instance = %inst.id, error = %e, "recording a gone VM failed");
+            }
+        }
+    }
+
     /// Reconcile the store with reality after a (re)start of the daemon:
     /// live VMs are adopted, dead ones become Stopped and release their
     /// network; leftovers that belong to no instance are removed.
@@ -604,18 +671,11 @@ impl Manager {
                 }
             }
             warn!(instance = %inst.id, "VMM gone while the daemon was down; marking Stopped");
-            self.teardown_vm(&inst).await;
-            // The address goes back to the pool (the MAC stays: it is this
-            // instance's and costs nothing); start claims an address again.
-            self.store.release(AllocKind::Ip, &inst.id)?;
-            self.store.release(AllocKind::Tap, &inst.id)?;
-            inst.network.ip = None;
-            inst.network.tap = None;
-            inst.state = InstanceState::Stopped;
-            inst.state_error = Some("the VM exited while the daemon was not running".into());
-            inst.pid = None;
-            inst.stopped_at = Some(Utc::now());
-            self.store.update_instance(&inst)?;
+            self.mark_vm_gone(
+                &mut inst,
+                "the VM exited while the daemon was not running".into(),
+            )
+            .await?;
         }
         self.remove_orphans().await;
         Ok(())
@@ -847,6 +907,22 @@ impl Manager {
     }
 }
 
+/// The console line that best explains a VM's end: the kernel's panic
+/// line if there is one, else the last line (at most 200 characters).
+fn console_hint(tail: &str) -> Option<String> {
+    let lines: Vec<&str> = tail
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("Kernel panic"))
+        .or(lines.last())?;
+    Some(line.chars().take(200).collect())
+}
+
 /// Accepts a guest agent log filter only if it is safe on a kernel command
 /// line (one token, env-filter characters only); anything else is ignored
 /// with a warning.
@@ -865,7 +941,23 @@ fn guest_agent_log_filter(v: Option<String>) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::console_hint;
     use super::guest_agent_log_filter as f;
+
+    #[test]
+    fn console_hint_prefers_the_panic_line() {
+        let tail = "[ 6.1] sysrq: Trigger a crash\n[ 6.2] Kernel panic - not syncing: sysrq triggered crash\n[ 6.3] Kernel Offset: disabled\n";
+        assert_eq!(
+            console_hint(tail).as_deref(),
+            Some("[ 6.2] Kernel panic - not syncing: sysrq triggered crash")
+        );
+        assert_eq!(
+            console_hint("a\nlast line\n\n").as_deref(),
+            Some("last line")
+        );
+        assert_eq!(console_hint(""), None);
+        assert_eq!(console_hint(&"x".repeat(500)).map(|l| l.len()), Some(200));
+    }
 
     #[test]
     fn guest_agent_log_filter_accepts_only_one_plain_token() {
