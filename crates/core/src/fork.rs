@@ -286,6 +286,25 @@ impl Manager {
                 info!(instance = %inst.id, "instance restored");
                 Ok(inst)
             }
+            Err(e) if rec.stages_ms.contains_key("resume") => {
+                // The guest ran after the snapshot was taken: its memory no
+                // longer matches the saved device state, so the snapshot is
+                // spent. Stopped (a clean boot on start) beats a standby
+                // that would resume into inconsistent memory.
+                warn!(instance = %inst.id, error = %e, "restore failed after resume; stopping");
+                self.teardown_vm(&inst).await;
+                self.remove_snapshot(&sid);
+                let mut back = self.find(&inst.id)?;
+                back.state = InstanceState::Stopped;
+                back.pid = None;
+                back.snapshot_id = None;
+                back.stopped_at = Some(Utc::now());
+                back.state_error = Some(format!(
+                    "restore failed after the guest resumed (its standby snapshot is spent): {e}"
+                ));
+                self.store.update_instance(&back)?;
+                Err(e)
+            }
             Err(e) => {
                 warn!(instance = %inst.id, error = %e, "restore failed; back to standby");
                 self.teardown_vm_keep_memory(&inst).await;
@@ -369,6 +388,7 @@ impl Manager {
             .await
             .map_err(|e| CoreError::Internal(format!("loading the snapshot: {e}")))?;
         rec.stage("state_load", t);
+        vmm_kill_point("resume:state_loaded", h.pid);
         let t = Instant::now();
         self.hv
             .resume(&h)
@@ -889,5 +909,20 @@ pub(crate) fn crash_point(point: &str) {
     if std::env::var("FORKVM_TEST_CRASH_AT").as_deref() == Ok(point) {
         tracing::error!(point, "test crash point reached: killing the daemon");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Test hook: `FORKVM_TEST_KILL_VMM_AT=<point>` SIGKILLs the VMM being
+/// resumed there (QEMU dying mid-restore), to prove the operation fails
+/// cleanly and loses nothing.
+pub(crate) fn vmm_kill_point(point: &str, pid: u32) {
+    if std::env::var("FORKVM_TEST_KILL_VMM_AT").as_deref() == Ok(point) {
+        tracing::error!(point, pid, "test hook: killing the VMM");
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
