@@ -30,6 +30,11 @@ impl ApiError {
     pub fn not_implemented(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", message)
     }
+    /// The request asks for an option this server does not offer (a hypeman
+    /// feature forkvm lacks): the caller's to change, so a 4xx.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "unsupported", message)
+    }
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,

@@ -89,7 +89,7 @@ where
     ),
     components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
         ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonErrors),
     security(("bearerAuth" = [])),
     tags(
         (name = "instances", description = "VM instances"),
@@ -108,6 +108,57 @@ impl utoipa::Modify for BearerAuth {
             "bearerAuth",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Documents the error answers any operation can give, so the document
+/// lists every status a client can see: 400 (malformed path, query or body,
+/// or an unsupported option), 401 (TCP listener without the bearer token;
+/// not on the public `/health` and `/openapi.json`), 415 (a body that is not
+/// JSON) and 500. Each operation lists its own 404/409/504 itself.
+struct CommonErrors;
+
+impl utoipa::Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |what: &str| {
+            ResponseBuilder::new()
+                .description(what)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let public = path == "/health" || path == "/openapi.json";
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                let mut add = |code: &str, what: &str| {
+                    op.responses
+                        .responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error(what).into());
+                };
+                add("500", "Internal error");
+                if public {
+                    continue;
+                }
+                add("400", "Malformed request or unsupported option");
+                add("401", "Missing or wrong bearer token (TCP listener)");
+                if op.request_body.is_some() {
+                    add("415", "Body is not JSON");
+                }
+            }
+        }
     }
 }
 
@@ -242,7 +293,7 @@ async fn delete_instance(
     params(("id" = String, Path, description = "Instance id or name")),
     request_body(content = Option<InstanceStartParams>),
     responses((status = 200, body = Instance), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody), (status = 501, body = ErrorBody)))]
+              (status = 409, body = ErrorBody)))]
 async fn start_instance(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -251,7 +302,7 @@ async fn start_instance(
     if let Some(p) = p
         && (p.cmd.is_some() || p.entrypoint.is_some())
     {
-        return Err(ApiError::not_implemented(
+        return Err(ApiError::unsupported(
             "overriding cmd/entrypoint on start is not supported",
         ));
     }
@@ -277,8 +328,7 @@ async fn stop_instance(
     params(("id" = String, Path, description = "Instance id or name")),
     request_body(content = Option<InstanceStandbyParams>),
     responses((status = 200, body = Instance), (status = 400, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-              (status = 501, body = ErrorBody)))]
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn standby_instance(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -295,7 +345,7 @@ async fn standby_instance(
 #[utoipa::path(post, path = "/instances/{id}/restore", tag = "instances",
     params(("id" = String, Path, description = "Instance id or name")),
     responses((status = 200, body = Instance), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody), (status = 501, body = ErrorBody)))]
+              (status = 409, body = ErrorBody)))]
 async fn restore_instance(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -318,7 +368,7 @@ async fn restore_instance(
     responses((status = 201, body = ForkResponse,
                description = "The fork (without `count`) or one entry per fork (with `count`)"),
               (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody), (status = 501, body = ErrorBody)))]
+              (status = 409, body = ErrorBody)))]
 async fn fork_instance(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -399,8 +449,7 @@ async fn instance_agent(
     params(("id" = String, Path, description = "Instance id or name"), LogsQuery),
     responses((status = 200, description = "Log lines",
                content((String = "text/plain"), (String = "text/event-stream"))),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 501, body = ErrorBody)))]
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn instance_logs(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -410,7 +459,7 @@ async fn instance_logs(
     match q.source.as_deref() {
         None | Some("app") => {}
         Some("vmm") | Some("hypeman") => {
-            return Err(ApiError::not_implemented(
+            return Err(ApiError::unsupported(
                 "only the \"app\" log source is available",
             ));
         }
@@ -419,7 +468,7 @@ async fn instance_logs(
         }
     }
     if q.follow == Some(true) {
-        return Err(ApiError::not_implemented("follow is not supported yet"));
+        return Err(ApiError::unsupported("follow is not supported yet"));
     }
     let text = m.logs(&id, q.tail).await?;
     let sse = headers
@@ -473,8 +522,7 @@ async fn exec_instance(
     params(("id" = String, Path, description = "Instance id or name")),
     request_body = SnapshotCreateParams,
     responses((status = 201, body = Snapshot), (status = 400, body = ErrorBody),
-              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
-              (status = 501, body = ErrorBody)))]
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn create_snapshot(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,
@@ -553,7 +601,7 @@ async fn delete_snapshot(
     responses((status = 201, body = ForkResponse,
                description = "The fork (without `count`) or one entry per fork (with `count`)"),
               (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody), (status = 501, body = ErrorBody)))]
+              (status = 409, body = ErrorBody)))]
 async fn fork_snapshot(
     State(m): State<AppState>,
     ApiPath(id): ApiPath<String>,

@@ -484,7 +484,7 @@ pub enum SnapshotKind {
 /// `POST /instances/{id}/snapshots` body (hypeman's SnapshotCreateParams).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotCreateParams {
-    /// Only `Standby` is supported; `Stopped` is answered with 501.
+    /// Only `Standby` is supported; `Stopped` is answered with 400 `unsupported`.
     pub kind: SnapshotKind,
     /// Lowercase letters, digits and dashes; ≤ 63.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -492,7 +492,7 @@ pub struct SnapshotCreateParams {
     /// Not supported yet: non-empty tags are answered with 501.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<BTreeMap<String, String>>,
-    /// Not supported: `{"enabled": true}` is answered with 501.
+    /// Not supported: `{"enabled": true}` is answered with 400 `unsupported`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub compression: Option<serde_json::Value>,
@@ -505,14 +505,12 @@ impl SnapshotCreateParams {
             core::validate_name(n)?;
         }
         if self.kind == SnapshotKind::Stopped {
-            return Err(ApiError::not_implemented(
+            return Err(ApiError::unsupported(
                 "\"Stopped\" snapshots (disk only) are not supported yet: use kind \"Standby\"",
             ));
         }
         if self.tags.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::not_implemented(
-                "snapshot tags are not supported yet",
-            ));
+            return Err(ApiError::unsupported("snapshot tags are not supported yet"));
         }
         reject_compression(self.compression.as_ref())?;
         Ok(self.name)
@@ -520,13 +518,14 @@ impl SnapshotCreateParams {
 }
 
 /// Snapshot compression (hypeman's SnapshotCompressionConfig) is accepted
-/// when it asks for nothing; enabling it gets a 501 rather than being ignored.
+/// when it asks for nothing; enabling it gets a 400 `unsupported` rather than
+/// being ignored.
 pub fn reject_compression(c: Option<&serde_json::Value>) -> Result<(), ApiError> {
     if c.and_then(|c| c.get("enabled"))
         .and_then(serde_json::Value::as_bool)
         == Some(true)
     {
-        return Err(ApiError::not_implemented(
+        return Err(ApiError::unsupported(
             "snapshot compression is not supported",
         ));
     }
@@ -537,7 +536,7 @@ pub fn reject_compression(c: Option<&serde_json::Value>) -> Result<(), ApiError>
 /// InstanceStandbyParams; its client always sends at least `{}`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct InstanceStandbyParams {
-    /// Not supported: `{"enabled": true}` is answered with 501.
+    /// Not supported: `{"enabled": true}` is answered with 400 `unsupported`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub compression: Option<serde_json::Value>,
@@ -753,7 +752,7 @@ pub struct ListQuery {
 pub struct LogsQuery {
     /// Number of lines to return from the end.
     pub tail: Option<usize>,
-    /// Streaming new lines is not supported yet: `true` is answered with 501.
+    /// Streaming new lines is not supported yet: `true` is answered with 400 `unsupported`.
     pub follow: Option<bool>,
     /// Log source: only "app" (serial console) is available.
     pub source: Option<String>,

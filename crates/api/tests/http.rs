@@ -236,7 +236,7 @@ async fn request_validation_before_lookup() {
     let r = call(&app, req(Method::GET, "/instances/x/logs?tail=-1")).await;
     r.assert_error(StatusCode::BAD_REQUEST, "invalid_request");
     let r = call(&app, req(Method::GET, "/instances/x/logs?follow=true")).await;
-    r.assert_error(StatusCode::NOT_IMPLEMENTED, "not_implemented");
+    r.assert_error(StatusCode::BAD_REQUEST, "unsupported");
     let r = call(&app, req(Method::GET, "/instances/x/logs?source=nonsense")).await;
     r.assert_error(StatusCode::BAD_REQUEST, "invalid_request");
 }
@@ -306,7 +306,7 @@ async fn standby_and_restore_bodies() {
         ),
     )
     .await;
-    let msg = r.assert_error(StatusCode::NOT_IMPLEMENTED, "not_implemented");
+    let msg = r.assert_error(StatusCode::BAD_REQUEST, "unsupported");
     assert!(msg.contains("compression"), "{msg}");
     let r = call(&app, post_json("/instances/ghost/standby", "[")).await;
     r.assert_error(StatusCode::BAD_REQUEST, "invalid_request");
@@ -339,7 +339,7 @@ async fn snapshot_routes() {
         r#"{"kind":"Standby","compression":{"enabled":true}}"#,
     ] {
         let r = call(&app, post_json("/instances/ghost/snapshots", body)).await;
-        r.assert_error(StatusCode::NOT_IMPLEMENTED, "not_implemented");
+        r.assert_error(StatusCode::BAD_REQUEST, "unsupported");
     }
     for body in [
         r#"{"kind":"Standby"}"#,
