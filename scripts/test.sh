@@ -4,12 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=debug ./scripts/setup.sh
-# The official hypeman Python client, for the API compatibility test.
+# The official hypeman Python client (API compatibility test) and
+# schemathesis (API fuzzing from the OpenAPI document), from PyPI.
 export FORKVM_TEST_VENV=${FORKVM_TEST_VENV:-/var/lib/forkvm/test-venv}
-if ! "$FORKVM_TEST_VENV/bin/python3" -c 'import hypeman' 2>/dev/null; then
-  echo "==> installing the hypeman client from PyPI into $FORKVM_TEST_VENV" >&2
+SCHEMATHESIS_VERSION=4.32.5
+if ! "$FORKVM_TEST_VENV/bin/python3" -c 'import hypeman' 2>/dev/null ||
+   [ "$("$FORKVM_TEST_VENV/bin/schemathesis" --version 2>/dev/null)" != "schemathesis, version $SCHEMATHESIS_VERSION" ]; then
+  echo "==> installing hypeman and schemathesis from PyPI into $FORKVM_TEST_VENV" >&2
   python3 -m venv "$FORKVM_TEST_VENV"
-  "$FORKVM_TEST_VENV/bin/pip" install --quiet hypeman
+  "$FORKVM_TEST_VENV/bin/pip" install --quiet hypeman "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 DATA_DIR=${FORKVM_DATA_DIR:-/var/lib/forkvm}
 export FORKVM_TEST_IMAGES=$DATA_DIR/images
