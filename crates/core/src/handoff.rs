@@ -272,6 +272,9 @@ fn gpa_to_offset(gpa: u64, memory_mb: u32) -> Option<u64> {
     }
 }
 
+/// Forged or malformed acks logged one by one per handoff; more are only counted.
+const LOGGED_FORGERIES: u32 = 5;
+
 impl MailboxHandoff {
     /// Before resume: bind the ack listener on the gateway, find the armed
     /// page in the fork's memory file (at the reported address, else by
@@ -380,6 +383,8 @@ impl MailboxHandoff {
     }
 
     /// After resume: the first valid ack from the fork's new address.
+    /// Datagrams are read into a fixed 256-byte buffer and only counted, so
+    /// a flood costs CPU, never memory.
     /// Forged, stale or malformed datagrams are counted and ignored.
     pub async fn wait_ack(&self, rec: &mut HandoffRecord) -> std::result::Result<(), String> {
         let timeout = self.ack_timeout;
@@ -401,13 +406,19 @@ impl MailboxHandoff {
                     self.ip,
                 ) {
                     Ok(_) if from_fork => return Ok::<(), String>(()),
+                    // A flooding guest must not flood the log too: the first
+                    // few are logged, the rest only counted (summary below).
                     Ok(_) => {
                         forged += 1;
-                        warn!(from = %from, "valid ack from a foreign address ignored");
+                        if forged <= LOGGED_FORGERIES {
+                            warn!(from = %from, "valid ack from a foreign address ignored");
+                        }
                     }
                     Err(e) => {
                         forged += 1;
-                        warn!(from = %from, error = %e, "invalid ack ignored");
+                        if forged <= LOGGED_FORGERIES {
+                            warn!(from = %from, error = %e, "invalid ack ignored");
+                        }
                     }
                 }
             }
@@ -445,6 +456,12 @@ impl MailboxHandoff {
             Err(_) => Err(self.timeout_reason(timeout)),
         };
         if forged > 0 {
+            if forged > LOGGED_FORGERIES {
+                warn!(
+                    forged,
+                    "more forged or malformed acks ignored than were logged"
+                );
+            }
             rec.stages_ms.insert("forged_acks".into(), forged as f64);
         }
         if r.is_ok()
