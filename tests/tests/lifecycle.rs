@@ -235,3 +235,38 @@ async fn bad_input_is_rejected_and_changes_nothing() -> Result<()> {
     assert_eq!(env.qemu_pids().len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_returns_large_output_whole_up_to_the_documented_cap() -> Result<()> {
+    let env = TestEnv::start().await?;
+    let a = env.create(json!({"name": "chatty"})).await?;
+    let id = s(&a, "id");
+    // 6 MB: over tonic's default 4 MiB reply limit, under the cap.
+    let v = exec(
+        &env,
+        &id,
+        &["sh", "-c", "head -c 6000000 /dev/zero | tr '\\0' a"],
+    )
+    .await?;
+    let out = v["stdout"].as_str().unwrap_or_default();
+    assert_eq!(out.len(), 6_000_000, "exit {}", v["exit_code"]);
+    assert!(out.bytes().all(|b| b == b'a'));
+    // Past the cap: exactly the cap comes back, and the command still ends.
+    let v = exec(
+        &env,
+        &id,
+        &[
+            "sh",
+            "-c",
+            "head -c 17000000 /dev/zero | tr '\\0' b; echo done >&2",
+        ],
+    )
+    .await?;
+    assert_eq!(v["exit_code"], 0, "{}", v["stderr"]);
+    assert_eq!(
+        v["stdout"].as_str().map(str::len),
+        Some(forkvm_proto::EXEC_OUTPUT_CAP)
+    );
+    assert_eq!(v["stderr"].as_str().map(str::trim), Some("done"));
+    Ok(())
+}

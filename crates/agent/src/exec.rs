@@ -29,8 +29,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-/// Cap on captured output per stream for the non-streaming Exec.
-pub const MAX_CAPTURE: usize = 16 << 20;
+/// Cap on captured output per stream for the non-streaming Exec (the host
+/// sizes its reply limit from the same constant).
+pub const MAX_CAPTURE: usize = forkvm_proto::EXEC_OUTPUT_CAP;
 /// After the child exits, how long to keep draining pipes still held open by
 /// its descendants before returning.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);

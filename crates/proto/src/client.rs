@@ -37,5 +37,5 @@ pub async fn connect_unix(path: impl AsRef<Path>) -> Result<AgentClient<Channel>
         }))
         .await
         .map_err(|source| ConnectError { path, source })?;
-    Ok(AgentClient::new(channel))
+    Ok(AgentClient::new(channel).max_decoding_message_size(crate::MAX_REPLY_BYTES))
 }

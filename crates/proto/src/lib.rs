@@ -14,6 +14,15 @@ pub mod client;
 pub use boot::{AGENT_PORT_NAME, BootConfig, BootConfigError, BootNetwork, CMDLINE_KEY};
 pub use client::{ConnectError, connect_unix};
 
+/// Most output the non-streaming Exec returns per stream (stdout, stderr);
+/// the agent reads and discards the rest so the command never blocks.
+pub const EXEC_OUTPUT_CAP: usize = 16 << 20;
+
+/// Largest agent reply the host decodes: both Exec streams at their cap plus
+/// room for framing. Bounds what a hostile or broken guest can make the host
+/// allocate; tonic's default (4 MiB) would refuse honest Exec output.
+pub const MAX_REPLY_BYTES: usize = 2 * EXEC_OUTPUT_CAP + (1 << 20);
+
 /// Generated gRPC types for `forkvm.agent.v1`.
 #[allow(clippy::all, missing_docs)]
 pub mod agent {
