@@ -137,3 +137,155 @@ async fn crash_after_vmm_start() -> Result<()> {
 async fn crash_during_handoff() -> Result<()> {
     crash_during_fork_at("fork:handoff").await
 }
+
+/// Restart the daemon, the crash hook off.
+async fn restart_clean(env: &mut TestEnv, point: &str) -> Result<()> {
+    env.kill_daemon()?; // reap the dead daemon
+    ensure!(
+        env.daemon_log().contains("test crash point reached"),
+        "crash point {point} not reached:\n{}",
+        env.daemon_log()
+    );
+    env.daemon_env.retain(|(k, _)| k != "FORKVM_TEST_CRASH_AT");
+    env.spawn_daemon()?;
+    env.wait_ready().await
+}
+
+/// An instance with state worth keeping: a file and a process that counts.
+async fn keeper(env: &TestEnv) -> Result<String> {
+    let a = env.create(json!({"name": "keeper"})).await?;
+    let id = s(&a, "id");
+    env.exec_ok(
+        &id,
+        &["sh", "-c", "echo kept > /root/file; (i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.2; done) >/dev/null 2>&1 &"],
+    )
+    .await?;
+    Ok(id)
+}
+
+/// The instance is Running with its file and its counting process, on its
+/// address, and exactly one QEMU runs.
+async fn check_kept(env: &TestEnv, id: &str) -> Result<()> {
+    let (_, v) = env
+        .request("GET", &format!("/instances/{id}"), None)
+        .await?;
+    ensure!(s(&v, "state") == "Running", "{v}");
+    ensure!(env.exec_ok(id, &["cat", "/root/file"]).await?.trim() == "kept");
+    let n = |t: String| t.trim().parse::<u64>().unwrap_or(0);
+    let a = n(env.exec_ok(id, &["cat", "/tmp/n"]).await?);
+    forkvm_e2e::wait_for(
+        "the counter to advance",
+        std::time::Duration::from_secs(10),
+        async || {
+            let b = n(env.exec_ok(id, &["cat", "/tmp/n"]).await.ok()?);
+            (b > a).then_some(())
+        },
+    )
+    .await?;
+    ensure!(
+        env.ping(&s(&v["network"], "ip")),
+        "no answer on its address"
+    );
+    ensure!(
+        env.qemu_pids().len() == 1,
+        "QEMU processes: {:?}",
+        env.qemu_pids()
+    );
+    let (_, snaps) = env.request("GET", "/snapshots", None).await?;
+    ensure!(
+        snaps.as_array().is_some_and(Vec::is_empty),
+        "snapshots left: {snaps}"
+    );
+    Ok(())
+}
+
+async fn state_of(env: &TestEnv, id: &str) -> Result<String> {
+    let (_, v) = env
+        .request("GET", &format!("/instances/{id}"), None)
+        .await?;
+    Ok(s(&v, "state"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_during_standby_after_it_is_recorded() -> Result<()> {
+    let point = "standby:committed";
+    let mut env = TestEnv::start_env(&[("FORKVM_TEST_CRASH_AT", point)]).await?;
+    let id = keeper(&env).await?;
+    let r = env
+        .request("POST", &format!("/instances/{id}/standby"), None)
+        .await;
+    ensure!(
+        !matches!(r, Ok((200, _))),
+        "standby survived the crash: {r:?}"
+    );
+    restart_clean(&mut env, point).await?;
+    // Adoption finished the standby: no VMM, memory in the snapshot.
+    ensure!(state_of(&env, &id).await? == "Standby");
+    ensure!(env.qemu_pids().is_empty(), "paused VMM left running");
+    let (st, v) = env
+        .request("POST", &format!("/instances/{id}/restore"), None)
+        .await?;
+    ensure!(st == 200, "{st}: {v}");
+    check_kept(&env, &id).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_during_restore_before_resume() -> Result<()> {
+    let point = "fork:vmm_started";
+    let mut env = TestEnv::start().await?;
+    let id = keeper(&env).await?;
+    let (st, v) = env
+        .request("POST", &format!("/instances/{id}/standby"), None)
+        .await?;
+    ensure!(st == 200, "{v}");
+    env.kill_daemon()?;
+    env.daemon_env
+        .push(("FORKVM_TEST_CRASH_AT".into(), point.into()));
+    env.spawn_daemon()?;
+    env.wait_ready().await?;
+    let r = env
+        .request("POST", &format!("/instances/{id}/restore"), None)
+        .await;
+    ensure!(
+        !matches!(r, Ok((200, _))),
+        "restore survived the crash: {r:?}"
+    );
+    restart_clean(&mut env, point).await?;
+    // Back to Standby with nothing lost; the next restore works.
+    ensure!(state_of(&env, &id).await? == "Standby");
+    ensure!(
+        env.qemu_pids().is_empty(),
+        "VMM of the interrupted restore left"
+    );
+    let (st, v) = env
+        .request("POST", &format!("/instances/{id}/restore"), None)
+        .await?;
+    ensure!(st == 200, "{st}: {v}");
+    check_kept(&env, &id).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_during_restore_after_resume() -> Result<()> {
+    let point = "resume:resumed";
+    let mut env = TestEnv::start().await?;
+    let id = keeper(&env).await?;
+    let (st, v) = env
+        .request("POST", &format!("/instances/{id}/standby"), None)
+        .await?;
+    ensure!(st == 200, "{v}");
+    env.kill_daemon()?;
+    env.daemon_env
+        .push(("FORKVM_TEST_CRASH_AT".into(), point.into()));
+    env.spawn_daemon()?;
+    env.wait_ready().await?;
+    let r = env
+        .request("POST", &format!("/instances/{id}/restore"), None)
+        .await;
+    ensure!(
+        !matches!(r, Ok((200, _))),
+        "restore survived the crash: {r:?}"
+    );
+    restart_clean(&mut env, point).await?;
+    // The guest ran on: adoption finished the restore.
+    check_kept(&env, &id).await
+}

@@ -94,9 +94,11 @@ impl Manager {
         }
     }
 
-    /// Pause a Running VM, write its device state and a copy of its memory,
-    /// then resume it (or, for standby, stop it and keep its memory file as
-    /// the snapshot's, which costs nothing).
+    /// Pause a Running VM and write its device state, then either copy its
+    /// memory and resume it, or (standby) leave it paused for
+    /// [`Manager::finish_standby`], which stops it and moves its memory file
+    /// into the snapshot once the standby is recorded. Any failure resumes
+    /// the VM.
     async fn capture(
         &self,
         inst: &Instance,
@@ -127,11 +129,7 @@ impl Manager {
                 .save_state(&h, &sp.state)
                 .await
                 .map_err(|e| CoreError::internal("saving device state", e))?;
-            if standby {
-                self.teardown_vm_keep_memory(inst).await;
-                std::fs::rename(&ip.mem, &sp.mem)
-                    .map_err(|e| CoreError::internal("moving guest memory into the snapshot", e))?;
-            } else {
+            if !standby {
                 let (src, dst) = (ip.mem.clone(), sp.mem.clone());
                 tokio::task::spawn_blocking(move || sparse_copy(&src, &dst))
                     .await
@@ -141,7 +139,7 @@ impl Manager {
             Ok(())
         }
         .await;
-        if !standby {
+        if !standby || captured.is_err() {
             // The source keeps running whatever happened to the capture.
             if let Err(e) = self.hv.resume(&h).await {
                 warn!(instance = %inst.id, error = %e, "resuming the source after capture failed");
@@ -221,15 +219,53 @@ impl Manager {
             }
         }
         let (snap, _) = self.capture(&inst, None, true).await?;
-        self.store.insert_snapshot(&snap)?;
+        // The commit point: snapshot record and Standby state in one
+        // transaction, while the paused VM and its memory file still exist.
+        // A crash before it leaves a paused Running VM (adoption resumes
+        // it); after it, adoption finishes the standby.
         inst.snapshot_id = Some(snap.id.clone());
         inst.state = InstanceState::Standby;
-        inst.pid = None;
         inst.stopped_at = Some(Utc::now());
-        // The TAP is gone with the VMM; the record keeps the claim.
-        self.store.update_instance(&inst)?;
+        if let Err(e) = self.store.commit_standby(&snap, &inst) {
+            self.abandon_standby_capture(&inst, &snap.id).await;
+            return Err(e);
+        }
+        crash_point("standby:committed");
+        self.finish_standby(&mut inst).await?;
         info!(instance = %inst.id, snapshot = %snap.id, "instance in standby");
         Ok(inst)
+    }
+
+    /// The recorded standby's second half: stop the VMM (keeping the memory
+    /// file) and move the memory into the snapshot. Idempotent, so adoption
+    /// can finish a standby the daemon died in.
+    pub(crate) async fn finish_standby(&self, inst: &mut Instance) -> Result<()> {
+        let Some(sid) = inst.snapshot_id.clone() else {
+            return Ok(());
+        };
+        let ip = self.paths(&inst.id);
+        let sp = self.snapshot_paths(&sid);
+        self.teardown_vm_keep_memory(inst).await;
+        if ip.mem.exists() {
+            std::fs::rename(&ip.mem, &sp.mem)
+                .map_err(|e| CoreError::internal("moving guest memory into the snapshot", e))?;
+        }
+        if inst.pid.take().is_some() {
+            // The TAP is gone with the VMM; the record keeps the claim.
+            self.store.update_instance(inst)?;
+        }
+        Ok(())
+    }
+
+    /// A standby capture that could not be recorded: the VM runs on.
+    async fn abandon_standby_capture(&self, inst: &Instance, sid: &str) {
+        if let Some(pid) = inst.pid {
+            let h = self.paths(&inst.id).handle(&inst.id, pid);
+            if let Err(e) = self.hv.resume(&h).await {
+                warn!(instance = %inst.id, error = %e, "resuming after a failed standby failed");
+            }
+        }
+        self.remove_snapshot(sid);
     }
 
     pub(crate) async fn restore_impl(&self, id_or_name: &str) -> Result<Instance> {
@@ -395,6 +431,7 @@ impl Manager {
             .await
             .map_err(|e| CoreError::Internal(format!("resuming: {e}")))?;
         rec.stage("resume", t);
+        crash_point("resume:resumed");
         let resumed_at = Instant::now();
 
         if !inst.pending_handoff {

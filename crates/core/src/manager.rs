@@ -379,7 +379,14 @@ impl Manager {
             &inst.id,
             &paths.agent_socket,
             "Health",
-            CallPolicy::within(total, Duration::from_secs(3)),
+            // Long tries: a request on a connection the guest isn't serving
+            // yet stays buffered and is answered once the agent starts.
+            // Short tries abandoned a connection per few seconds of a slow
+            // (TCG, loaded) boot; the guest later replayed each dead
+            // connection's request and its stray answers broke the live
+            // one, sometimes for good (CI, stop 8). A broken connection
+            // still fails fast and is retried.
+            CallPolicy::within(total, (total / 3).max(Duration::from_secs(10))),
             |mut c| async move { c.health(pb::HealthRequest {}).await },
         );
         tokio::select! {
@@ -572,7 +579,7 @@ impl Manager {
             {
                 continue;
             }
-            let reason = match console_hint(&self.paths(&inst.id).console_tail(40)) {
+            let reason = match console_hint(&self.paths(&inst.id).console_tail(200)) {
                 Some(line) => format!("the VM exited unexpectedly; console: {line}"),
                 None => "the VM exited unexpectedly".to_string(),
             };
@@ -583,17 +590,89 @@ impl Manager {
         }
     }
 
+    /// A restore the daemon died in (the instance has a VMM state but still
+    /// points at its standby snapshot). Not resumed yet: back to Standby
+    /// with the memory returned to the snapshot, nothing lost. Resumed: the
+    /// guest ran, the snapshot is spent; Running if the agent answers, else
+    /// Stopped.
+    async fn adopt_interrupted_restore(
+        &self,
+        inst: &mut Instance,
+        pid: Option<u32>,
+        alive: bool,
+    ) -> Result<()> {
+        let Some(sid) = inst.snapshot_id.clone() else {
+            return Ok(());
+        };
+        let resumed = match (alive, pid) {
+            (true, Some(p)) => matches!(
+                self.hv
+                    .status(&self.paths(&inst.id).handle(&inst.id, p))
+                    .await,
+                Ok(forkvm_vmm::RunState::Running)
+            ),
+            _ => false,
+        };
+        if !resumed {
+            warn!(instance = %inst.id, "restore interrupted before resume; back to Standby");
+            inst.pid = pid.filter(|_| alive);
+            self.finish_standby(inst).await?;
+            inst.state = InstanceState::Standby;
+            inst.state_error = Some("restore interrupted by a daemon restart".into());
+            return self.store.update_instance(inst);
+        }
+        inst.pid = pid;
+        match self.wait_agent(inst, Duration::from_secs(30)).await {
+            Ok(h) => {
+                inst.mailbox = crate::fork::mailbox_of(&h);
+                inst.state = InstanceState::Running;
+                inst.snapshot_id = None;
+                self.store.update_instance(inst)?;
+                self.remove_snapshot(&sid);
+                info!(instance = %inst.id, "finished an interrupted restore");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(instance = %inst.id, error = %e, "interrupted restore never became ready");
+                self.remove_snapshot(&sid);
+                inst.snapshot_id = None;
+                self.mark_vm_gone(
+                    inst,
+                    format!("restore interrupted after the guest resumed; agent silent: {e}"),
+                )
+                .await
+            }
+        }
+    }
+
     /// Reconcile the store with reality after a (re)start of the daemon:
     /// live VMs are adopted, dead ones become Stopped and release their
     /// network; leftovers that belong to no instance are removed.
     async fn adopt(&self) -> Result<()> {
         for mut inst in self.store.list_instances()? {
+            if inst.state == InstanceState::Standby {
+                // A standby recorded just before the daemon died may still
+                // have its paused VMM, or its memory outside the snapshot
+                // (also after a restore interrupted before its VMM started).
+                if inst.pid.is_some() || self.paths(&inst.id).mem.exists() {
+                    info!(instance = %inst.id, "finishing an interrupted standby");
+                    if let Err(e) = self.finish_standby(&mut inst).await {
+                        warn!(instance = %inst.id, error = %e, "finishing the standby failed");
+                    }
+                }
+                continue;
+            }
             if !inst.state.has_vmm() {
                 continue;
             }
             let paths = self.paths(&inst.id);
             let pid = inst.pid.or_else(|| paths.read_pid());
             let alive = pid.is_some_and(|p| self.hv.is_alive(&inst.id, p));
+            if inst.snapshot_id.is_some() && !inst.pending_handoff {
+                self.adopt_interrupted_restore(&mut inst, pid, alive)
+                    .await?;
+                continue;
+            }
             if inst.pending_handoff && inst.forked_from.is_some() {
                 // A fork the daemon died in the middle of: finish it if its VM
                 // runs (host-initiated; the mailbox listener died with the

@@ -219,6 +219,36 @@ impl Store {
         }
     }
 
+    /// Records a standby in one transaction: the snapshot and the instance
+    /// that now points at it.
+    pub fn commit_standby(&self, snap: &Snapshot, inst: &Instance) -> Result<()> {
+        let snap_doc = serde_json::to_string(snap).map_err(|e| CoreError::internal("encode", e))?;
+        let inst_doc = serde_json::to_string(inst).map_err(|e| CoreError::internal("encode", e))?;
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| CoreError::Internal("state store lock poisoned".into()))?;
+        let tx = conn.transaction().map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO snapshots (id, name, doc) VALUES (?1, ?2, ?3)",
+            params![snap.id, snap.name, snap_doc],
+        )
+        .map_err(db_err)?;
+        let n = tx
+            .execute(
+                "UPDATE instances SET doc = ?2 WHERE id = ?1",
+                params![inst.id, inst_doc],
+            )
+            .map_err(db_err)?;
+        if n == 0 {
+            return Err(CoreError::NotFound(format!(
+                "instance {} not found",
+                inst.id
+            )));
+        }
+        tx.commit().map_err(db_err)
+    }
+
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
         self.with(|c| c.execute("DELETE FROM snapshots WHERE id = ?1", params![id]))?;
         Ok(())
