@@ -87,6 +87,8 @@ async fn fuzzing_the_api_from_its_openapi_document_finds_no_server_errors() -> R
     let out = env
         .in_netns(&argv)
         .env("SCHEMATHESIS_HOOKS", "")
+        // Its cache directory lands in the test's own, removed afterwards.
+        .current_dir(&env.root)
         .stdin(Stdio::null())
         .output()
         .context("running schemathesis")?;

@@ -176,11 +176,12 @@ impl Port {
                     self.carry.extend_from_slice(&data);
                     continue;
                 }
-                // "No host" is not cleared from `carry`: the driver may say
-                // so while a new host's first bytes are already buffered
-                // (see HUP_GRACE), and a dead client's partial preface is
-                // harmless — the search finds the next full one.
-                Probe::Connected(_) | Probe::Disconnected => {}
+                Probe::Connected(_) => {}
+                // Bytes of a client that is gone would only be replayed to a
+                // dead connection, whose stray answers can reach the next
+                // one. (A new client's preface arrives in one piece, so it
+                // is not at risk here even when "no host" is stale.)
+                Probe::Disconnected => self.carry.clear(),
             }
             // SIGIO fires on host connect/disconnect and on data arrival; the
             // timer bounds the wait should a signal be missed.
@@ -291,8 +292,9 @@ const HUP_RECHECK: Duration = Duration::from_millis(20);
 /// One host connection over the port. Ends (EOF to the reader, broken pipe to
 /// the writer) when the host is gone for [`HUP_GRACE`], or when a new client's
 /// preface shows up — at a frame boundary, or as the first bytes after the
-/// driver reported the host gone — so a stale session never consumes or
-/// answers a new client.
+/// driver reported the host gone — so a stale session never consumes a new
+/// client's requests (it can still answer into the new connection in the
+/// moment before it sees the preface; hosts retry such a call).
 ///
 /// tokio treats POLLHUP as a final "closed" readiness that never clears, but
 /// on this port it is transient (the host reconnects, or the driver was just
