@@ -225,3 +225,48 @@ async fn restore_failing_after_resume_stops_the_instance_instead_of_keeping_a_sp
     env.exec_ok(&id, &["true"]).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guest_dying_mid_handoff_fails_the_fork_within_its_deadline() -> Result<()> {
+    let env = TestEnv::start_env(&[("FORKVM_HANDOFF_TIMEOUT_MS", "8000")]).await?;
+    let src = env
+        .create(json!({"name": "src", "env": {"FORKVM_AGENT_TEST_HOOKS": "1"}}))
+        .await?;
+    let src_id = s(&src, "id");
+    // Test hook: the guest kernel panics as soon as its agent sees a
+    // mailbox payload, before applying or acking anything. Only forks see
+    // one; the source keeps running.
+    env.exec_ok(&src_id, &["touch", "/run/forkvm-test-crash-on-payload"])
+        .await?;
+    let links_before = env.links()?;
+    let t = std::time::Instant::now();
+    let (st, v) = env
+        .request(
+            "POST",
+            &format!("/instances/{src_id}/fork"),
+            Some(json!({"name": "dies", "from_running": true})),
+        )
+        .await?;
+    let took = t.elapsed();
+    assert!(st >= 500, "{st}: {v}");
+    let msg = s(&v, "message");
+    assert!(
+        msg.contains("exited during the network handoff") && msg.contains("Kernel panic"),
+        "{v}"
+    );
+    // Seen when QEMU exits, well before the ack (5 s) and handoff (8 s)
+    // deadlines would have run out.
+    assert!(took < Duration::from_secs(10), "fork took {took:?}");
+    assert_eq!(
+        instance(&env, "dies").await?.0,
+        404,
+        "failed fork left a record"
+    );
+    assert_eq!(env.links()?, links_before, "TAPs changed");
+    assert_eq!(env.qemu_pids().len(), 1, "QEMU processes");
+    assert_eq!(mem_files(&env)?.len(), 1, "memory files");
+    let (_, src2) = instance(&env, &src_id).await?;
+    assert_eq!(s(&src2, "state"), "Running");
+    assert!(env.ping(&ip(&src2)), "source stopped answering");
+    Ok(())
+}

@@ -137,6 +137,7 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>) {
             continue;
         }
         info!(?wake, signal_seen_us = seen_us, "mailbox payload seen");
+        state.crash_if_asked();
         handle(&state, &mb, seen, seen_us).await;
         tokio::time::sleep(REARM_DELAY).await;
         match mb.rearm() {

@@ -31,6 +31,10 @@ pub const DECLINE_RECONFIGURE_ENV: &str = "FORKVM_AGENT_DECLINE_RECONFIGURE";
 pub const TEST_HOOKS_ENV: &str = "FORKVM_AGENT_TEST_HOOKS";
 /// While this file exists (and hooks are enabled) RPCs never answer.
 pub const TEST_HANG_FILE: &str = "/run/forkvm-test-hang";
+/// While this file exists (and hooks are enabled) the guest kernel is made to
+/// panic the moment a mailbox payload is seen, before anything is applied:
+/// a fork whose guest dies mid-handoff, for host tests.
+pub const TEST_CRASH_ON_PAYLOAD_FILE: &str = "/run/forkvm-test-crash-on-payload";
 
 /// Pause before waiting for a host again after the port reported an error.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -92,6 +96,20 @@ impl AgentState {
         }
         while std::path::Path::new(TEST_HANG_FILE).exists() {
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Test hook (see [`TEST_CRASH_ON_PAYLOAD_FILE`]): panics the guest
+    /// kernel through sysrq. Does nothing unless hooks are enabled.
+    pub fn crash_if_asked(&self) {
+        if self.boot_env.get(TEST_HOOKS_ENV).map(String::as_str) != Some("1")
+            || !std::path::Path::new(TEST_CRASH_ON_PAYLOAD_FILE).exists()
+        {
+            return;
+        }
+        tracing::error!("test hook: crashing the guest kernel");
+        if let Err(e) = std::fs::write("/proc/sysrq-trigger", b"c") {
+            warn!(error = %e, "test hook: sysrq crash failed");
         }
     }
 

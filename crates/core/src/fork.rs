@@ -480,10 +480,13 @@ impl Manager {
         prefer: HandoffPath,
     ) -> Result<()> {
         crash_point("fork:handoff");
-        let path = Handoff::new(self, inst)
-            .prefer(prefer)
-            .run(rec, mailbox)
-            .await?;
+        let (id, pid) = (inst.id.clone(), inst.pid);
+        // A guest that dies mid-handoff fails the fork now, not at the deadline.
+        let handoff = Handoff::new(self, inst).prefer(prefer);
+        let path = tokio::select! {
+            r = handoff.run(rec, mailbox) => r?,
+            e = self.vmm_exit(&id, pid, "during the network handoff") => return Err(e),
+        };
         rec.stage("network_ready", resumed_at);
         if path != HandoffPath::Mailbox {
             // The mailbox payload carries the host clock; the other paths don't.

@@ -361,20 +361,8 @@ impl Manager {
         total: Duration,
     ) -> Result<pb::HealthResponse> {
         let paths = self.paths(&inst.id);
-        let pid = inst.pid;
-        let id = inst.id.clone();
-        let hv = &self.hv;
         // Fail fast if QEMU dies instead of waiting for the whole deadline.
-        let watch = async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                if let Some(pid) = pid
-                    && !hv.is_alive(&id, pid)
-                {
-                    return CoreError::Internal("QEMU exited during boot".into());
-                }
-            }
-        };
+        let watch = self.vmm_exit(&inst.id, inst.pid, "while waiting for its agent");
         let call = self.agents.call(
             &inst.id,
             &paths.agent_socket,
@@ -533,6 +521,24 @@ impl Manager {
             warn!(instance = %inst.id, error = %e, "releasing network failed");
         }
         self.paths(&inst.id).remove_all();
+    }
+
+    /// Resolves (with the error to report) once the VMM `pid` of instance
+    /// `id` has exited; never if there is none. For racing against waits
+    /// that would otherwise run to their deadline.
+    pub(crate) async fn vmm_exit(&self, id: &str, pid: Option<u32>, during: &str) -> CoreError {
+        let Some(pid) = pid else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !self.hv.is_alive(id, pid) {
+                let hint = console_hint(&self.paths(id).console_tail(200))
+                    .map(|l| format!("; console: {l}"))
+                    .unwrap_or_default();
+                return CoreError::Internal(format!("the VM exited {during}{hint}"));
+            }
+        }
     }
 
     /// An instance whose VMM is gone becomes Stopped: TAP and runtime files
