@@ -1,7 +1,8 @@
-//! Crash consistency: the daemon is SIGKILLed at each stage of a fork
-//! (a test hook makes it kill itself there); after a restart the state has
-//! converged — the fork is a working Running instance or gone with all its
-//! resources, the source is Running, and nothing is orphaned.
+//! Crash consistency: the daemon is SIGKILLed at each stage of a fork, of a
+//! standby and of a restore (a test hook makes it kill itself there); after
+//! a restart the state has converged — a fork is a working Running instance
+//! or gone with all its resources, the source is Running, a standby or
+//! restore comes back with its files and processes, and nothing is orphaned.
 
 use anyhow::{Result, ensure};
 use forkvm_e2e::{TestEnv, s};
@@ -229,9 +230,9 @@ async fn crash_during_standby_after_it_is_recorded() -> Result<()> {
     check_kept(&env, &id).await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn crash_during_restore_before_resume() -> Result<()> {
-    let point = "fork:vmm_started";
+/// A keeper in Standby, then a restore the daemon dies in at `point`; the
+/// daemon is restarted without the hook. Returns the env and the keeper.
+async fn crash_during_restore_at(point: &str) -> Result<(TestEnv, String)> {
     let mut env = TestEnv::start().await?;
     let id = keeper(&env).await?;
     let (st, v) = env
@@ -251,6 +252,12 @@ async fn crash_during_restore_before_resume() -> Result<()> {
         "restore survived the crash: {r:?}"
     );
     restart_clean(&mut env, point).await?;
+    Ok((env, id))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_during_restore_before_resume() -> Result<()> {
+    let (env, id) = crash_during_restore_at("fork:vmm_started").await?;
     // Back to Standby with nothing lost; the next restore works.
     ensure!(state_of(&env, &id).await? == "Standby");
     ensure!(
@@ -266,26 +273,7 @@ async fn crash_during_restore_before_resume() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_during_restore_after_resume() -> Result<()> {
-    let point = "resume:resumed";
-    let mut env = TestEnv::start().await?;
-    let id = keeper(&env).await?;
-    let (st, v) = env
-        .request("POST", &format!("/instances/{id}/standby"), None)
-        .await?;
-    ensure!(st == 200, "{v}");
-    env.kill_daemon()?;
-    env.daemon_env
-        .push(("FORKVM_TEST_CRASH_AT".into(), point.into()));
-    env.spawn_daemon()?;
-    env.wait_ready().await?;
-    let r = env
-        .request("POST", &format!("/instances/{id}/restore"), None)
-        .await;
-    ensure!(
-        !matches!(r, Ok((200, _))),
-        "restore survived the crash: {r:?}"
-    );
-    restart_clean(&mut env, point).await?;
+    let (env, id) = crash_during_restore_at("resume:resumed").await?;
     // The guest ran on: adoption finished the restore.
     check_kept(&env, &id).await
 }
