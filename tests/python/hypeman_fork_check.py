@@ -89,7 +89,7 @@ def main():
                   lambda: client.instances.fork(src.id, name="x", extra_body={"count": 0}),
                   hypeman.BadRequestError, 400)
     expect_status("Stopped snapshot", lambda: client.instances.snapshots.create(src.id, kind="Stopped"),
-                  hypeman.InternalServerError, 501)
+                  hypeman.BadRequestError, 400)
     expect_status("fork of a missing instance", lambda: client.instances.fork("py-ghost", name="x"),
                   hypeman.NotFoundError, 404)
 
