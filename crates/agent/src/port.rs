@@ -349,14 +349,26 @@ impl PortConn {
         Ok(())
     }
 
+    /// Waits out a pending "no host" recheck of the read or write side,
+    /// then re-samples the port's state.
+    fn poll_recheck(&mut self, write: bool, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let slot = if write {
+            &mut self.write_recheck
+        } else {
+            &mut self.read_recheck
+        };
+        if let Some(t) = slot.as_mut() {
+            ready!(t.as_mut().poll(cx));
+            *slot = None;
+            self.reregister()?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut tmp = [0u8; 16 << 10];
         loop {
-            if let Some(t) = self.read_recheck.as_mut() {
-                ready!(t.as_mut().poll(cx));
-                self.read_recheck = None;
-                self.reregister()?;
-            }
+            ready!(self.poll_recheck(false, cx))?;
             let afd = self.afd()?;
             let mut guard = ready!(afd.poll_read_ready(cx))?;
             let hup = guard.ready().is_read_closed();
@@ -477,11 +489,7 @@ impl AsyncWrite for PortConn {
                 // Never write into a newer host connection.
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
             }
-            if let Some(t) = this.write_recheck.as_mut() {
-                ready!(t.as_mut().poll(cx));
-                this.write_recheck = None;
-                this.reregister()?;
-            }
+            ready!(this.poll_recheck(true, cx))?;
             let afd = this.afd()?;
             let mut guard = ready!(afd.poll_write_ready(cx))?;
             let hup = guard.ready().is_write_closed();
