@@ -292,6 +292,21 @@ impl TestEnv {
             .collect())
     }
 
+    /// Guest memory files (`*.mem`) of this env: instances and snapshots.
+    pub fn mem_files(&self) -> Vec<String> {
+        let mut out = vec![];
+        for dir in [self.mem_dir.clone(), self.mem_dir.join("snapshots")] {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                out.extend(
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.ends_with(".mem")),
+                );
+            }
+        }
+        out
+    }
+
     /// Pids of QEMU processes started for this env's data directory.
     pub fn qemu_pids(&self) -> Vec<i32> {
         qemu_pids_matching(&self.data_dir)

@@ -27,16 +27,7 @@ async fn crash_during_fork_at(point: &str) -> Result<()> {
         !matches!(r, Ok((201, _))),
         "fork survived crash point {point}: {r:?}"
     );
-    env.kill_daemon()?; // reap the dead daemon
-    ensure!(
-        env.daemon_log().contains("test crash point reached"),
-        "crash point {point} not reached:\n{}",
-        env.daemon_log()
-    );
-
-    env.daemon_env.retain(|(k, _)| k != "FORKVM_TEST_CRASH_AT");
-    env.spawn_daemon()?;
-    env.wait_ready().await?;
+    restart_clean(&mut env, point).await?;
 
     let (_, list) = env.request("GET", "/instances", None).await?;
     let list = list.as_array().cloned().unwrap_or_default();

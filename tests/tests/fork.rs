@@ -455,11 +455,7 @@ async fn unreachable_agent_fails_the_fork_and_cleans_up() -> Result<()> {
     assert_eq!(st, 404, "failed fork left a record");
     assert_eq!(env.links()?, links_before, "failed fork left a TAP");
     assert_eq!(env.qemu_pids().len(), 1, "failed fork left a QEMU");
-    let leftovers: Vec<_> = std::fs::read_dir(&env.mem_dir)?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".mem"))
-        .collect();
+    let leftovers = env.mem_files();
     assert_eq!(leftovers.len(), 1, "memory files: {leftovers:?}");
     Ok(())
 }

@@ -8,21 +8,6 @@ use forkvm_e2e::{TestEnv, ip, s, wait_for};
 use serde_json::{Value, json};
 use std::time::Duration;
 
-/// `.mem` files in the env's memory directory (instances and snapshots).
-fn mem_files(env: &TestEnv) -> Result<Vec<String>> {
-    let mut out = vec![];
-    for dir in [env.mem_dir.clone(), env.mem_dir.join("snapshots")] {
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            out.extend(
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.ends_with(".mem")),
-            );
-        }
-    }
-    Ok(out)
-}
-
 async fn instance(env: &TestEnv, id: &str) -> Result<(u16, Value)> {
     env.request("GET", &format!("/instances/{id}"), None).await
 }
@@ -100,7 +85,7 @@ async fn guest_kernel_panic_after_resume_is_reported_and_cleaned_up() -> Result<
     // Nothing of the fork remains; the source is untouched.
     assert_eq!(env.links()?, links_before, "TAPs changed");
     assert_eq!(env.qemu_pids().len(), 1, "QEMU processes");
-    assert_eq!(mem_files(&env)?.len(), 1, "memory files");
+    assert_eq!(env.mem_files().len(), 1, "memory files");
     let (_, src2) = instance(&env, &src_id).await?;
     assert_eq!(s(&src2, "state"), "Running");
     let host = env.exec_ok(&src_id, &["hostname"]).await?;
@@ -137,7 +122,7 @@ async fn qemu_killed_while_a_fork_loads_fails_it_cleanly() -> Result<()> {
     }
     assert_eq!(env.links()?, links_before, "TAPs changed");
     assert_eq!(env.qemu_pids().len(), 1, "QEMU processes");
-    assert_eq!(mem_files(&env)?.len(), 1, "memory files");
+    assert_eq!(env.mem_files().len(), 1, "memory files");
     let (_, snaps) = env.request("GET", "/snapshots", None).await?;
     assert_eq!(snaps.as_array().map(Vec::len), Some(0), "{snaps}");
     env.exec_ok(&src_id, &["true"]).await?;
@@ -216,7 +201,7 @@ async fn restore_failing_after_resume_stops_the_instance_instead_of_keeping_a_sp
     let (_, snaps) = env.request("GET", "/snapshots", None).await?;
     assert_eq!(snaps.as_array().map(Vec::len), Some(0), "{snaps}");
     assert!(env.qemu_pids().is_empty(), "QEMU left behind");
-    assert!(mem_files(&env)?.is_empty(), "memory files left");
+    assert!(env.mem_files().is_empty(), "memory files left");
     // A clean boot brings it back (the hang file lived in the old memory).
     let (st, v) = env
         .request("POST", &format!("/instances/{id}/start"), None)
@@ -264,7 +249,7 @@ async fn guest_dying_mid_handoff_fails_the_fork_within_its_deadline() -> Result<
     );
     assert_eq!(env.links()?, links_before, "TAPs changed");
     assert_eq!(env.qemu_pids().len(), 1, "QEMU processes");
-    assert_eq!(mem_files(&env)?.len(), 1, "memory files");
+    assert_eq!(env.mem_files().len(), 1, "memory files");
     let (_, src2) = instance(&env, &src_id).await?;
     assert_eq!(s(&src2, "state"), "Running");
     assert!(env.ping(&ip(&src2)), "source stopped answering");
