@@ -132,8 +132,22 @@ async fn agent_main(pid1: bool) -> anyhow::Result<()> {
         netlink,
         mailbox.clone(),
     ));
+    if pid1 {
+        // Forks copy the source's memory: what is mapped now (the whole
+        // binary, the warmed heap) is resident in every fork, so the resume
+        // path takes no page faults. Not MCL_FUTURE: that would populate every
+        // later thread stack and heap reservation and grow every snapshot.
+        use nix::sys::mman::{MlockAllFlags, mlockall};
+        if let Err(e) = mlockall(MlockAllFlags::MCL_CURRENT) {
+            warn!(error = %e, "mlockall failed; the resume path may fault pages in");
+        }
+    }
     if let Some(mb) = mailbox {
-        tokio::spawn(resume::run(state.clone(), mb));
+        let watched = cfg.network.as_ref().map(|n| resume::Watched {
+            interface: n.interface.clone(),
+            gateway: n.gateway.parse().ok(),
+        });
+        tokio::spawn(resume::run(state.clone(), mb, watched));
     }
     if !cfg.entrypoint.is_empty() {
         start_entrypoint(&reaper, &cfg);

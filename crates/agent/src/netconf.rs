@@ -10,7 +10,9 @@ use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
-use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourState};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState,
+};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use tracing::{debug, info, warn};
 
@@ -48,19 +50,85 @@ pub struct LinkState {
     pub mac: [u8; 6],
     pub up: bool,
     pub ipv4: Vec<(Ipv4Addr, u8)>,
+    /// Resolved IPv4 neighbours on this interface (address, link-layer address).
+    pub neighbours: Vec<(Ipv4Addr, [u8; 6])>,
+}
+
+/// What the agent last saw of an interface, kept between forks so the
+/// mailbox path can plan without reading the link first (three netlink dumps,
+/// ~50 ms on a fork's cold TCG vCPU).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkHint {
+    pub interface: String,
+    pub index: u32,
+    /// The gateway and its link-layer address when last resolved.
+    pub gateway: Option<(Ipv4Addr, [u8; 6])>,
+}
+
+impl LinkState {
+    /// A state for which [`plan`] includes every step (MAC, address flush,
+    /// link up, route, neighbours): unknown MAC, link down, a foreign
+    /// address. Each of those steps is harmless when already true.
+    pub fn assumed(hint: &LinkHint) -> LinkState {
+        LinkState {
+            index: hint.index,
+            mac: [0; 6],
+            up: false,
+            ipv4: vec![(Ipv4Addr::UNSPECIFIED, 0)],
+            neighbours: hint.gateway.into_iter().collect(),
+        }
+    }
+}
+
+/// Reads `interface` into a [`LinkHint`]; `gateway`'s link-layer address is
+/// taken from the neighbour table when resolved, else from `previous`.
+pub async fn read_hint(
+    handle: &Handle,
+    interface: &str,
+    gateway: Option<Ipv4Addr>,
+    previous: Option<&LinkHint>,
+) -> Result<LinkHint, NetApplyError> {
+    let st = link_state(handle, interface).await?;
+    let resolved = gateway.and_then(|gw| st.neighbours.iter().find(|(ip, _)| *ip == gw).copied());
+    let kept = previous
+        .filter(|p| p.interface == interface && p.index == st.index)
+        .and_then(|p| p.gateway)
+        .filter(|(ip, _)| Some(*ip) == gateway);
+    Ok(LinkHint {
+        interface: interface.to_owned(),
+        index: st.index,
+        gateway: resolved.or(kept),
+    })
 }
 
 /// One netlink (or file) change. Order in a plan is the order of application.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetStep {
-    LinkDown,
+    /// Live MAC change on an UP link (virtio-net: `IFF_LIVE_ADDR_CHANGE`);
+    /// [`apply`] falls back to down/set/up when the driver answers EBUSY.
     SetMac([u8; 6]),
     FlushIpv4,
-    AddAddress { addr: Ipv4Addr, prefix_len: u8 },
+    AddAddress {
+        addr: Ipv4Addr,
+        prefix_len: u8,
+    },
     LinkUp,
     ReplaceDefaultRoute(Ipv4Addr),
     FlushNeighbours,
-    GratuitousArp { mac: [u8; 6], ip: Ipv4Addr },
+    /// Re-installs a known neighbour (the unchanged gateway) as STALE, so the
+    /// first packet after re-addressing leaves without an ARP round trip; the
+    /// kernel still re-confirms a STALE entry on use.
+    RestoreNeighbour {
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    },
+    /// Starts ARP for an unresolved gateway now (`NTF_USE`), so the entry is
+    /// in place before it is needed — and in every later fork's snapshot.
+    ResolveNeighbour(Ipv4Addr),
+    GratuitousArp {
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+    },
     WriteResolvConf(Vec<IpAddr>),
     SetHostname(String),
 }
@@ -238,22 +306,30 @@ pub fn plan(desired: &NetDesired, current: &LinkState) -> Vec<NetStep> {
     let final_mac = mac_change.unwrap_or(current.mac);
     let addr_ok = current.ipv4 == [(desired.ipv4, desired.prefix_len)];
 
+    if !addr_ok && !current.ipv4.is_empty() {
+        // Before the MAC change: the link stays up, so anything sent in
+        // between (an ARP for an inherited connection) would pair the old
+        // address with the new MAC and repoint the host's neighbour entry
+        // for the source's address to this fork.
+        steps.push(NetStep::FlushIpv4);
+    }
     if let Some(mac) = mac_change {
-        steps.push(NetStep::LinkDown);
+        // No link down/up around it: a bounce costs a carrier cycle and the
+        // driver's open/close (tens of ms on a cold TCG fork).
         steps.push(NetStep::SetMac(mac));
     }
     if !addr_ok {
-        if !current.ipv4.is_empty() {
-            steps.push(NetStep::FlushIpv4);
-        }
         steps.push(NetStep::AddAddress {
             addr: desired.ipv4,
             prefix_len: desired.prefix_len,
         });
     }
-    if mac_change.is_some() || !current.up {
+    if !current.up {
         steps.push(NetStep::LinkUp);
     }
+    let known_gw = desired
+        .gateway
+        .and_then(|gw| current.neighbours.iter().find(|(ip, _)| *ip == gw));
     if let Some(gw) = desired.gateway {
         // Always (re)installed: link down or an address flush drops it.
         steps.push(NetStep::ReplaceDefaultRoute(gw));
@@ -261,6 +337,20 @@ pub fn plan(desired: &NetDesired, current: &LinkState) -> Vec<NetStep> {
     if mac_change.is_some() || !addr_ok {
         // Peers and our own cache may hold the previous identity.
         steps.push(NetStep::FlushNeighbours);
+        // The gateway is the same host before and after (a MAC change or an
+        // address flush makes the kernel drop its entry too).
+        if let Some((ip, mac)) = known_gw {
+            steps.push(NetStep::RestoreNeighbour { ip: *ip, mac: *mac });
+        }
+    }
+    if known_gw.is_none()
+        && let Some(gw) = desired.gateway
+    {
+        steps.push(NetStep::ResolveNeighbour(gw));
+    }
+    // From here on only deferrable steps: a caller racing to an ack may run
+    // them afterwards in plan order.
+    if mac_change.is_some() || !addr_ok {
         steps.push(NetStep::GratuitousArp {
             mac: final_mac,
             ip: desired.ipv4,
@@ -317,64 +407,191 @@ pub async fn link_state(handle: &Handle, name: &str) -> Result<LinkState, NetApp
             }
         }
     }
+    let neighbours = resolved_neighbours(handle, index).await?;
     Ok(LinkState {
         index,
         mac,
         up,
         ipv4,
+        neighbours,
     })
 }
 
-/// What [`configure`] did.
-#[derive(Debug, Clone)]
-pub struct ApplyReport {
-    pub steps: Vec<NetStep>,
-    pub elapsed_us: u64,
+/// IPv4 neighbours of `index` that hold a link-layer address and are not
+/// known to be unreachable.
+async fn resolved_neighbours(
+    handle: &Handle,
+    index: u32,
+) -> Result<Vec<(Ipv4Addr, [u8; 6])>, NetApplyError> {
+    let mut dump = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    let mut out = Vec::new();
+    while let Some(msg) = dump.try_next().await.map_err(nl("get neighbours"))? {
+        if msg.header.ifindex != index
+            || matches!(
+                msg.header.state,
+                NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
+            )
+        {
+            continue;
+        }
+        let mut dst = None;
+        let mut lladdr = None;
+        for attr in &msg.attributes {
+            match attr {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
+                NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(l);
+                    lladdr = Some(m);
+                }
+                _ => {}
+            }
+        }
+        if let (Some(d), Some(m)) = (dst, lladdr) {
+            out.push((d, m));
+        }
+    }
+    Ok(out)
 }
 
-/// Reads the current state, plans, and applies: the single entry point.
+impl NetStep {
+    /// Steps that don't affect whether the new address works (files, the
+    /// hostname, and the gratuitous ARP: the host flushed its entry for the
+    /// address when it handed it out, so it resolves the fork afresh); a
+    /// caller racing to an ack may run them afterwards.
+    pub fn is_deferrable(&self) -> bool {
+        matches!(
+            self,
+            NetStep::WriteResolvConf(_) | NetStep::SetHostname(_) | NetStep::GratuitousArp { .. }
+        )
+    }
+}
+
+/// What [`configure_network_part`] did.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    /// Every planned step, deferred ones included.
+    pub steps: Vec<NetStep>,
+    /// Time for the network steps (the deferred ones excluded).
+    pub elapsed_us: u64,
+    /// Steps not yet applied; run them with [`apply_deferred`].
+    pub deferred: Vec<NetStep>,
+    /// µs for reading the link state (when read), then for each applied
+    /// step in order.
+    pub step_us: Vec<u64>,
+    /// Whether the link was read (false: planned against a [`LinkHint`]).
+    pub link_read: bool,
+    pub index: u32,
+}
+
+/// Reads the current state, plans, and applies everything: the single entry
+/// point for boot and ReconfigureNetwork. Logs once done.
 pub async fn configure(
     handle: &Handle,
     desired: &NetDesired,
 ) -> Result<ApplyReport, NetApplyError> {
+    let mut report = configure_network_part(handle, desired, None).await?;
+    apply_deferred(handle, &mut report).await?;
+    log_configured(desired, &report);
+    Ok(report)
+}
+
+/// The same plan as [`configure`] but applies only the steps the new address
+/// needs; the rest stays in `deferred`. Does not log (hot path of a fork).
+///
+/// With a `hint` for the interface (and a MAC to set) the link is not read
+/// first: the plan is made against [`LinkState::assumed`], which includes
+/// every step. Should that fail (the hint was stale), the plan is made again
+/// from the link as read.
+pub async fn configure_network_part(
+    handle: &Handle,
+    desired: &NetDesired,
+    hint: Option<&LinkHint>,
+) -> Result<ApplyReport, NetApplyError> {
+    if let Some(hint) = hint.filter(|h| h.interface == desired.interface && desired.mac.is_some()) {
+        match configure_against(handle, desired, LinkState::assumed(hint)).await {
+            Ok(r) => return Ok(r),
+            Err(e) => debug!(error = %e, "apply against the link hint failed; reading the link"),
+        }
+    }
     let start = Instant::now();
     let current = link_state(handle, &desired.interface).await?;
+    let mut report = configure_against(handle, desired, current).await?;
+    report
+        .step_us
+        .insert(0, us_since(start) - report.elapsed_us);
+    report.elapsed_us = us_since(start);
+    report.link_read = true;
+    Ok(report)
+}
+
+/// Plans against `current` and applies the non-deferrable steps.
+async fn configure_against(
+    handle: &Handle,
+    desired: &NetDesired,
+    current: LinkState,
+) -> Result<ApplyReport, NetApplyError> {
+    let start = Instant::now();
     let steps = plan(desired, &current);
-    apply(handle, current.index, &steps).await?;
-    let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let (deferred, now): (Vec<NetStep>, Vec<NetStep>) =
+        steps.iter().cloned().partition(NetStep::is_deferrable);
+    let mut step_us = Vec::new();
+    apply_timed(handle, current.index, &now, &mut step_us).await?;
+    Ok(ApplyReport {
+        steps,
+        elapsed_us: us_since(start),
+        deferred,
+        step_us,
+        link_read: false,
+        index: current.index,
+    })
+}
+
+/// Applies the steps [`configure_network_part`] left over.
+pub async fn apply_deferred(
+    handle: &Handle,
+    report: &mut ApplyReport,
+) -> Result<(), NetApplyError> {
+    let deferred = std::mem::take(&mut report.deferred);
+    apply_timed(handle, report.index, &deferred, &mut report.step_us).await
+}
+
+fn us_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+pub fn log_configured(desired: &NetDesired, report: &ApplyReport) {
     info!(
         interface = %desired.interface,
         mac = desired.mac.as_ref().map(format_mac),
         ipv4 = %desired.ipv4,
         prefix_len = desired.prefix_len,
-        steps = steps.len(),
-        elapsed_us,
+        steps = report.steps.len(),
+        elapsed_us = report.elapsed_us,
         "network configured"
     );
-    Ok(ApplyReport { steps, elapsed_us })
 }
 
 /// Applies steps in order to interface `index`; stops at the first failure.
 pub async fn apply(handle: &Handle, index: u32, steps: &[NetStep]) -> Result<(), NetApplyError> {
+    apply_timed(handle, index, steps, &mut Vec::new()).await
+}
+
+/// [`apply`], appending each step's duration to `step_us`.
+async fn apply_timed(
+    handle: &Handle,
+    index: u32,
+    steps: &[NetStep],
+    step_us: &mut Vec<u64>,
+) -> Result<(), NetApplyError> {
     for step in steps {
-        debug!(?step, index, "net step");
+        let t = Instant::now();
         match step {
-            NetStep::LinkDown => handle
-                .link()
-                .set(LinkUnspec::new_with_index(index).down().build())
-                .execute()
-                .await
-                .map_err(nl("link down"))?,
-            NetStep::SetMac(mac) => handle
-                .link()
-                .set(
-                    LinkUnspec::new_with_index(index)
-                        .address(mac.to_vec())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(nl("set mac"))?,
+            NetStep::SetMac(mac) => set_mac(handle, index, mac).await?,
             NetStep::FlushIpv4 => {
                 let mut addrs = handle
                     .address()
@@ -423,6 +640,34 @@ pub async fn apply(handle: &Handle, index: u32, steps: &[NetStep]) -> Result<(),
                     .map_err(nl("default route"))?
             }
             NetStep::FlushNeighbours => flush_neighbours(handle, index).await?,
+            NetStep::RestoreNeighbour { ip, mac } => {
+                // Best effort: without it the kernel simply ARPs.
+                if let Err(e) = handle
+                    .neighbours()
+                    .add(index, IpAddr::V4(*ip))
+                    .link_layer_address(mac)
+                    .state(NeighbourState::Stale)
+                    .replace()
+                    .execute()
+                    .await
+                {
+                    debug!(error = %e, %ip, "restoring neighbour failed");
+                }
+            }
+            NetStep::ResolveNeighbour(ip) => {
+                // Best effort: the first packet to it would ARP anyway.
+                if let Err(e) = handle
+                    .neighbours()
+                    .add(index, IpAddr::V4(*ip))
+                    .flags(NeighbourFlags::Use)
+                    .state(NeighbourState::None)
+                    .replace()
+                    .execute()
+                    .await
+                {
+                    debug!(error = %e, %ip, "starting neighbour resolution failed");
+                }
+            }
             NetStep::GratuitousArp { mac, ip } => {
                 // Best effort: a lost announcement only delays peers' caches.
                 if let Err(e) = send_gratuitous_arp(index, mac, *ip) {
@@ -436,14 +681,53 @@ pub async fn apply(handle: &Handle, index: u32, steps: &[NetStep]) -> Result<(),
                 })?
             }
             NetStep::SetHostname(h) => {
-                nix::unistd::sethostname(h).map_err(|e| NetApplyError::Io {
-                    step: "sethostname",
-                    source: e.into(),
-                })?
+                // A fork of a fork often keeps its name: skip the no-op.
+                if !nix::unistd::gethostname().is_ok_and(|cur| cur.to_str() == Some(h.as_str())) {
+                    nix::unistd::sethostname(h).map_err(|e| NetApplyError::Io {
+                        step: "sethostname",
+                        source: e.into(),
+                    })?
+                }
             }
         }
+        step_us.push(us_since(t));
     }
     Ok(())
+}
+
+/// Live MAC change; if the driver refuses it on a running link (EBUSY: no
+/// `IFF_LIVE_ADDR_CHANGE`), bounces the link around the change.
+async fn set_mac(handle: &Handle, index: u32, mac: &[u8; 6]) -> Result<(), NetApplyError> {
+    let set = || {
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .address(mac.to_vec())
+                    .build(),
+            )
+            .execute()
+    };
+    match set().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EBUSY => {
+            debug!(index, "live MAC change refused; bouncing the link");
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await
+                .map_err(nl("link down"))?;
+            set().await.map_err(nl("set mac"))?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(nl("link up"))
+        }
+        Err(e) => Err(nl("set mac")(e)),
+    }
 }
 
 async fn flush_neighbours(handle: &Handle, index: u32) -> Result<(), NetApplyError> {
@@ -476,6 +760,10 @@ fn write_resolv_conf(dns: &[IpAddr]) -> std::io::Result<()> {
     let mut text = String::from("# written by forkvm-agent\n");
     for d in dns {
         text.push_str(&format!("nameserver {d}\n"));
+    }
+    // A fork usually keeps its source's DNS: skip the write then.
+    if std::fs::read("/etc/resolv.conf").is_ok_and(|cur| cur == text.as_bytes()) {
+        return Ok(());
     }
     std::fs::create_dir_all("/etc")?;
     // Write-then-rename so readers never see a half-written file.
@@ -560,6 +848,7 @@ mod tests {
             mac,
             up,
             ipv4,
+            neighbours: vec![],
         }
     }
 
@@ -577,16 +866,16 @@ mod tests {
         assert_eq!(
             steps,
             vec![
-                NetStep::LinkDown,
-                NetStep::SetMac(NEW_MAC),
                 NetStep::FlushIpv4,
+                NetStep::SetMac(NEW_MAC),
                 NetStep::AddAddress {
                     addr: NEW_IP,
                     prefix_len: 24
                 },
-                NetStep::LinkUp,
                 NetStep::ReplaceDefaultRoute(Ipv4Addr::new(10, 0, 0, 1)),
                 NetStep::FlushNeighbours,
+                // No known gateway entry: start resolving it.
+                NetStep::ResolveNeighbour(Ipv4Addr::new(10, 0, 0, 1)),
                 NetStep::GratuitousArp {
                     mac: NEW_MAC,
                     ip: NEW_IP
@@ -597,10 +886,135 @@ mod tests {
     }
 
     #[test]
+    fn gateway_neighbour_is_restored_after_the_flush_others_are_not() {
+        let d = req().validate().unwrap();
+        let gw_mac = [0x02, 0xfd, 10, 0, 0, 1];
+        let mut cur = state(OLD_MAC, true, vec![(Ipv4Addr::new(10, 0, 0, 9), 24)]);
+        cur.neighbours = vec![
+            (Ipv4Addr::new(10, 0, 0, 7), [0x02, 0xfc, 0, 0, 0, 7]),
+            (Ipv4Addr::new(10, 0, 0, 1), gw_mac),
+        ];
+        let steps = plan(&d, &cur);
+        let flush = steps.iter().position(|s| *s == NetStep::FlushNeighbours);
+        let restore = steps.iter().position(|s| {
+            *s == NetStep::RestoreNeighbour {
+                ip: Ipv4Addr::new(10, 0, 0, 1),
+                mac: gw_mac,
+            }
+        });
+        assert!(flush.is_some() && restore.is_some() && flush < restore);
+        // Known already: no fresh resolution.
+        assert!(
+            !steps
+                .iter()
+                .any(|s| matches!(s, NetStep::ResolveNeighbour(_)))
+        );
+        let restores = steps
+            .iter()
+            .filter(|s| matches!(s, NetStep::RestoreNeighbour { .. }))
+            .count();
+        assert_eq!(restores, 1);
+        // A down link still gets brought up; the MAC change alone never bounces it.
+        let steps = plan(&d, &state(OLD_MAC, false, vec![]));
+        assert!(steps.contains(&NetStep::LinkUp));
+        let steps = plan(&d, &state(OLD_MAC, true, vec![]));
+        assert!(!steps.contains(&NetStep::LinkUp));
+    }
+
+    #[test]
+    fn only_arp_files_and_hostname_are_deferrable() {
+        let d = NetRequest {
+            hostname: "vm-2".into(),
+            ..req()
+        }
+        .validate()
+        .unwrap();
+        let steps = plan(&d, &state(OLD_MAC, true, vec![]));
+        let deferred: Vec<_> = steps.iter().filter(|s| s.is_deferrable()).collect();
+        assert_eq!(
+            deferred,
+            vec![
+                &NetStep::GratuitousArp {
+                    mac: NEW_MAC,
+                    ip: NEW_IP
+                },
+                &NetStep::WriteResolvConf(vec!["10.0.0.1".parse().unwrap()]),
+                &NetStep::SetHostname("vm-2".into()),
+            ]
+        );
+        // Deferrable steps come last in a plan, so deferring keeps the order.
+        let first = steps.iter().position(NetStep::is_deferrable).unwrap();
+        assert!(steps[first..].iter().all(NetStep::is_deferrable));
+    }
+
+    #[test]
+    fn old_address_is_gone_before_the_mac_changes() {
+        // The link stays up during a live MAC change: the source's address
+        // must never be on the interface together with the fork's MAC.
+        let d = req().validate().unwrap();
+        let steps = plan(
+            &d,
+            &state(OLD_MAC, true, vec![(Ipv4Addr::new(10, 0, 0, 9), 24)]),
+        );
+        let pos = |want: &NetStep| steps.iter().position(|s| s == want).unwrap();
+        assert!(pos(&NetStep::FlushIpv4) < pos(&NetStep::SetMac(NEW_MAC)));
+        assert!(
+            !steps.contains(&NetStep::LinkUp),
+            "an up link is not bounced"
+        );
+    }
+
+    #[test]
+    fn assumed_state_plans_every_step_and_restores_the_hinted_gateway() {
+        let d = req().validate().unwrap();
+        let gw_mac = [0x02, 0xfd, 10, 0, 0, 1];
+        let hint = LinkHint {
+            interface: "eth0".into(),
+            index: 2,
+            gateway: Some((Ipv4Addr::new(10, 0, 0, 1), gw_mac)),
+        };
+        let steps = plan(&d, &LinkState::assumed(&hint));
+        assert_eq!(
+            steps,
+            vec![
+                NetStep::FlushIpv4,
+                NetStep::SetMac(NEW_MAC),
+                NetStep::AddAddress {
+                    addr: NEW_IP,
+                    prefix_len: 24
+                },
+                NetStep::LinkUp,
+                NetStep::ReplaceDefaultRoute(Ipv4Addr::new(10, 0, 0, 1)),
+                NetStep::FlushNeighbours,
+                NetStep::RestoreNeighbour {
+                    ip: Ipv4Addr::new(10, 0, 0, 1),
+                    mac: gw_mac
+                },
+                NetStep::GratuitousArp {
+                    mac: NEW_MAC,
+                    ip: NEW_IP
+                },
+                NetStep::WriteResolvConf(vec!["10.0.0.1".parse().unwrap()]),
+            ]
+        );
+        // A hint for another gateway is not used for this one.
+        let other = LinkHint {
+            gateway: Some((Ipv4Addr::new(10, 0, 0, 254), gw_mac)),
+            ..hint
+        };
+        let steps = plan(&d, &LinkState::assumed(&other));
+        assert!(steps.contains(&NetStep::ResolveNeighbour(Ipv4Addr::new(10, 0, 0, 1))));
+        assert!(
+            !steps
+                .iter()
+                .any(|s| matches!(s, NetStep::RestoreNeighbour { .. }))
+        );
+    }
+
+    #[test]
     fn mac_unchanged_means_no_link_down_or_set_mac() {
         let d = req().validate().unwrap();
         let steps = plan(&d, &state(NEW_MAC, true, vec![]));
-        assert!(!steps.contains(&NetStep::LinkDown));
         assert!(!steps.iter().any(|s| matches!(s, NetStep::SetMac(_))));
         // Nothing to flush, link already up.
         assert!(!steps.contains(&NetStep::FlushIpv4));
@@ -663,6 +1077,7 @@ mod tests {
             steps,
             vec![
                 NetStep::ReplaceDefaultRoute(Ipv4Addr::new(10, 0, 0, 1)),
+                NetStep::ResolveNeighbour(Ipv4Addr::new(10, 0, 0, 1)),
                 NetStep::WriteResolvConf(vec!["10.0.0.1".parse().unwrap()]),
                 NetStep::SetHostname("vm-2".into()),
             ]

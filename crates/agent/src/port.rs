@@ -28,6 +28,33 @@ use tracing::{debug, info, trace, warn};
 /// Fallback re-check period while waiting for a host (SIGIO is the fast path).
 const RECHECK: Duration = Duration::from_millis(200);
 
+/// Host connect/disconnect seen by the port code. A restored fork's first
+/// guest-visible event is its port's "host closed", so the resume watcher
+/// waits on this too rather than relying on SIGIO alone.
+static HOST_EVENT: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Notified on every host connect/disconnect the port code detects; a
+/// notification while nobody waits is kept (one permit).
+pub fn host_events() -> &'static tokio::sync::Notify {
+    &HOST_EVENT
+}
+
+/// `CLOCK_MONOTONIC` µs of the last host event (0 = none yet), for the
+/// resume watcher's log: how long the event took to reach it.
+static HOST_EVENT_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn last_host_event_us() -> u64 {
+    HOST_EVENT_US.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn host_event() {
+    let us = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| (t.tv_sec() as u64) * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0);
+    HOST_EVENT_US.store(us, std::sync::atomic::Ordering::Relaxed);
+    HOST_EVENT.notify_one();
+}
+
 /// Finds `/dev/<vportNpM>` for the port whose sysfs name is `name`.
 pub fn find_port(name: &str) -> io::Result<Option<PathBuf>> {
     find_port_in(
@@ -173,6 +200,9 @@ impl Port {
             }
             match self.probe()? {
                 Probe::Connected(data) if !data.is_empty() => {
+                    if self.carry.is_empty() {
+                        host_event();
+                    }
                     self.carry.extend_from_slice(&data);
                     continue;
                 }
@@ -376,6 +406,10 @@ impl PortConn {
                 .try_io(|fd| nix::unistd::read(fd.get_ref(), &mut tmp).map_err(io::Error::from))
             {
                 Ok(Ok(0)) => {
+                    if self.hup_since.is_none() {
+                        // A restored fork's first guest-visible event.
+                        host_event();
+                    }
                     let since = *self.hup_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= HUP_GRACE {
                         debug!("port EOF: host disconnected");

@@ -6,33 +6,39 @@
 //!
 //! Wake sources, cheapest first; each wake costs one volatile load of the
 //! page's state word unless it reads WRITTEN:
-//! * SIGIO: a restored QEMU's virtio-serial port raises it ("host
-//!   closed/connected") 14–21 ms after `cont`; it also fires on ordinary
-//!   port traffic.
+//! * a host connect/disconnect seen by the port code ([`crate::port::host_events`]):
+//!   a restored fork's port reports "host closed" 14–21 ms after `cont`.
+//!   Benchmarks showed the SIGIO stream alone never woke this loop in real
+//!   forks, while the port code reliably saw the EOF; followed by a short
+//!   bounded poll like the kmsg wake.
+//! * SIGIO: raised on port events and on ordinary port traffic.
 //! * `/dev/kmsg`: the kernel's `crng reseeded due to virtual machine fork`
 //!   (VMGenID) line, ~15 ms later; followed by a short bounded poll.
 //! * a 1 s periodic check, the last resort (it also re-checks the GPA).
 
 use std::fs::File;
+use std::io::IoSlice;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkvm_mailbox::{AckTarget, GuestReport, MacAddr, MailboxState, Payload, Seed};
+use forkvm_mailbox::{GuestReport, MailboxState, Payload, Seed};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::mailbox::{self, Mailbox, REJECT_APPLY_FAILED, REJECT_DUPLICATE_GENERATION};
-use crate::netconf::NetRequest;
+use crate::netconf::{self, LinkHint, NetRequest};
 use crate::rpc::AgentState;
 
 /// Boot env flag: arm and report the mailbox but never apply a payload (the
 /// host's "guest never acks" fallback test).
 pub const DISABLE_MAILBOX_ENV: &str = "FORKVM_AGENT_DISABLE_MAILBOX";
+/// How many payload-less wakes are remembered for the next payload's log.
+const MISSES_KEPT: usize = 4;
 /// Last-resort poll interval.
 pub const PERIODIC_CHECK: Duration = Duration::from_secs(1);
 /// After a VMGenID kmsg wake that found no payload yet: poll this often...
@@ -46,6 +52,9 @@ pub const REARM_DELAY: Duration = Duration::from_secs(1);
 /// the whole schedule is sent: the first frames on a fresh bridge port (or
 /// before ARP resolves) can be lost.
 pub const ACK_SCHEDULE_MS: [u64; 6] = [0, 10, 30, 100, 300, 1000];
+/// The link hint is re-read every this many periodic checks (the gateway's
+/// neighbour entry comes and goes with traffic).
+const HINT_REFRESH_TICKS: u32 = 10;
 /// The kernel's VMGenID reseed message (drivers/char/random.c).
 const VMGENID_LINE: &[u8] = b"crng reseeded due to virtual machine fork";
 
@@ -56,6 +65,7 @@ const RNDRESEEDCRNG: u64 = 0x5207;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Wake {
+    PortEvent,
     Sigio,
     Kmsg,
     Periodic,
@@ -75,8 +85,74 @@ fn us_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
+/// The interface a payload re-addresses and its gateway: the boot network's
+/// until a payload names others.
+#[derive(Clone, Debug)]
+pub struct Watched {
+    pub interface: String,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Keeps a [`LinkHint`] for the watched interface fresh while idle, so a
+/// payload's apply needs no link read on the fork's cold vCPU.
+struct HintKeeper {
+    watched: Option<Watched>,
+    hint: Option<LinkHint>,
+    ticks: u32,
+}
+
+impl HintKeeper {
+    async fn refresh(&mut self, handle: &rtnetlink::Handle) {
+        let Some(w) = &self.watched else { return };
+        match netconf::read_hint(handle, &w.interface, w.gateway, self.hint.as_ref()).await {
+            Ok(h) => self.hint = Some(h),
+            Err(e) => {
+                debug!(error = %e, interface = %w.interface, "link hint not read");
+                self.hint = None;
+            }
+        }
+    }
+
+    async fn tick(&mut self, handle: &rtnetlink::Handle) {
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks.is_multiple_of(HINT_REFRESH_TICKS) {
+            self.refresh(handle).await;
+        }
+    }
+}
+
+/// The socket acks leave from: made once at start, so every fork inherits it
+/// ready (a socket's creation and bind cost tens of ms on a cold TCG fork).
+/// Bound to the wildcard address; each datagram names its source address.
+fn ack_socket() -> std::io::Result<Arc<UdpSocket>> {
+    let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    s.set_nonblocking(true)?;
+    Ok(Arc::new(s))
+}
+
+/// One ack datagram from `from` (`IP_PKTINFO`) to `to`; never blocks.
+fn send_ack(sock: &UdpSocket, msg: &[u8], from: Ipv4Addr, to: SocketAddrV4) -> nix::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
+    let info = libc::in_pktinfo {
+        ipi_ifindex: 0,
+        ipi_spec_dst: libc::in_addr {
+            s_addr: u32::from(from).to_be(),
+        },
+        ipi_addr: libc::in_addr { s_addr: 0 },
+    };
+    let dest = SockaddrIn::from(to);
+    sendmsg(
+        sock.as_raw_fd(),
+        &[IoSlice::new(msg)],
+        &[ControlMessage::Ipv4PacketInfo(&info)],
+        MsgFlags::empty(),
+        Some(&dest),
+    )
+    .map(|_| ())
+}
+
 /// Runs forever: waits for wakes and handles WRITTEN pages.
-pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>) {
+pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>, watched: Option<Watched>) {
     let disabled = state.boot_env.get(DISABLE_MAILBOX_ENV).map(String::as_str) == Some("1");
     if disabled {
         info!("mailbox apply disabled by boot env; payloads will be left unapplied");
@@ -92,22 +168,40 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>) {
     let mut tick = tokio::time::interval(PERIODIC_CHECK);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut told_disabled = false;
+    let mut link = HintKeeper {
+        watched,
+        hint: None,
+        ticks: 0,
+    };
+    link.refresh(&state.netlink).await;
+    let mut ack_sock = ack_socket()
+        .inspect_err(|e| warn!(error = %e, "no ack socket yet; made when a payload comes"))
+        .ok();
+    // Recent wakes that found no payload (kind, µs, state word), logged with
+    // the next payload: shows which signal fired first and what it saw.
+    let mut misses: std::collections::VecDeque<(Wake, u64, u32)> =
+        std::collections::VecDeque::with_capacity(MISSES_KEPT);
     loop {
         let wake = tokio::select! {
+            // Fixed order so the logged wake is the earliest-class source.
+            biased;
+            () = crate::port::host_events().notified() => Wake::PortEvent,
             () = next_sigio(&mut sigio) => Wake::Sigio,
             () = next_kmsg(&mut kmsg) => Wake::Kmsg,
             _ = tick.tick() => Wake::Periodic,
         };
         let mut seen = Instant::now();
         let mut seen_us = monotonic_us();
-        if wake == Wake::Periodic
-            && let Err(e) = mb.check_gpa()
-        {
-            debug!(error = %e, "GPA re-check failed");
-        }
         let mut word = mb.state_word();
-        if wake == Wake::Kmsg && word != MailboxState::WRITTEN_WORD {
-            // VMGenID fired; a host patch may become visible a moment later.
+        if wake == Wake::Periodic && word != MailboxState::WRITTEN_WORD {
+            if let Err(e) = mb.check_gpa() {
+                debug!(error = %e, "GPA re-check failed");
+            }
+            link.tick(&state.netlink).await;
+        }
+        if matches!(wake, Wake::Kmsg | Wake::PortEvent) && word != MailboxState::WRITTEN_WORD {
+            // A resume-like event; a host patch may become visible a moment
+            // later. Bounded, and port events are once per host connection.
             let end = Instant::now() + KMSG_FOLLOWUP_FOR;
             while word != MailboxState::WRITTEN_WORD && Instant::now() < end {
                 tokio::time::sleep(KMSG_FOLLOWUP_EVERY).await;
@@ -122,7 +216,15 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>) {
             MailboxState::EMPTY_WORD
             | MailboxState::APPLIED_WORD
             | MailboxState::REJECTED_WORD
-            | 0 => continue,
+            | 0 => {
+                if wake != Wake::Periodic {
+                    if misses.len() == MISSES_KEPT {
+                        misses.pop_front();
+                    }
+                    misses.push_back((wake, seen_us, word));
+                }
+                continue;
+            }
             // Anything else is a clobbered page: decode rejects it below.
             _ => {}
         }
@@ -136,10 +238,29 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>) {
             }
             continue;
         }
-        info!(?wake, signal_seen_us = seen_us, "mailbox payload seen");
         state.crash_if_asked();
-        handle(&state, &mb, seen, seen_us).await;
+        // Logged by `handle` once the ack is out: nothing slow before it.
+        if ack_sock.is_none() {
+            ack_sock = ack_socket()
+                .inspect_err(|e| warn!(error = %e, "ack socket failed; no ack sent"))
+                .ok();
+        }
+        let seen = Seen {
+            wake,
+            at: seen,
+            us: seen_us,
+        };
+        if let Some(applied) = handle(&state, &mb, seen, link.hint.as_ref(), ack_sock.clone()).await
+        {
+            link.watched = Some(applied);
+        }
+        if !misses.is_empty() {
+            info!(?misses, "wakes before this payload that found none");
+            misses.clear();
+        }
         tokio::time::sleep(REARM_DELAY).await;
+        // The gateway is resolved by now (the ack went through it).
+        link.refresh(&state.netlink).await;
         match mb.rearm() {
             Ok((marker, gpa)) => info!(
                 marker = %mailbox::hex(&marker.0),
@@ -172,13 +293,35 @@ async fn next_kmsg(rx: &mut Option<mpsc::Receiver<()>>) {
     std::future::pending().await
 }
 
+/// When and how a payload was noticed.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    wake: Wake,
+    at: Instant,
+    /// Guest `CLOCK_MONOTONIC` µs (the page's guest report clock).
+    us: u64,
+}
+
 /// Validates and applies the WRITTEN page, recording the outcome in it.
-async fn handle(state: &AgentState, mb: &Mailbox, seen: Instant, seen_us: u64) {
+/// Returns the interface and gateway it applied, for the link hint.
+///
+/// Critical path, in order: decode, network (without the deferrable steps),
+/// outcome into the page, first ack. The RNG seed, the deferred steps
+/// (gratuitous ARP, resolv.conf, hostname), the clock and all logging follow
+/// the first ack. The kernel's VMGenID handler has already reseeded its RNG
+/// by the time the agent runs; the host's seed is mixed in on top.
+async fn handle(
+    state: &AgentState,
+    mb: &Mailbox,
+    seen: Seen,
+    hint: Option<&LinkHint>,
+    ack_sock: Option<Arc<UdpSocket>>,
+) -> Option<Watched> {
     let page_generation = mb.raw_generation();
     let reject = |code: u32| {
         let report = GuestReport {
-            signal_seen_us: seen_us,
-            applied_us: us_since(seen),
+            signal_seen_us: seen.us,
+            applied_us: us_since(seen.at),
             outcome_generation: page_generation,
             reject_code: code,
         };
@@ -189,16 +332,17 @@ async fn handle(state: &AgentState, mb: &Mailbox, seen: Instant, seen_us: u64) {
     let (generation, payload) = match mb.decode() {
         Ok(v) => v,
         Err(e) => {
-            warn!(error = %e, code = e.code(), generation = page_generation, "mailbox payload rejected");
+            warn!(error = %e, code = e.code(), generation = page_generation, wake = ?seen.wake, "mailbox payload rejected");
             reject(e.code());
-            return;
+            return None;
         }
     };
     if mb.already_applied(generation) {
         warn!(generation, "mailbox generation already applied; ignored");
         reject(REJECT_DUPLICATE_GENERATION);
-        return;
+        return None;
     }
+    let decoded_us = us_since(seen.at);
     let Payload {
         interface,
         mac,
@@ -211,11 +355,6 @@ async fn handle(state: &AgentState, mb: &Mailbox, seen: Instant, seen_us: u64) {
         mut rng_seed,
         ack,
     } = payload;
-
-    if let Err(e) = feed_rng(&rng_seed) {
-        warn!(error = %e, "feeding the RNG seed to the kernel failed");
-    }
-    rng_seed.0.fill(0);
 
     let request = NetRequest {
         interface,
@@ -232,68 +371,103 @@ async fn handle(state: &AgentState, mb: &Mailbox, seen: Instant, seen_us: u64) {
             // The mailbox validation is stricter; this would be a bug.
             warn!(error = %e, generation, "payload passed mailbox validation but not the net check");
             reject(REJECT_APPLY_FAILED);
-            return;
+            return None;
         }
     };
-    let report = match state.configure_network(&desired).await {
+    // Only what the new address needs; the rest runs after the first ack.
+    let mut report = match state.configure_network_part(&desired, hint).await {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, generation, "mailbox network apply failed");
             reject(REJECT_APPLY_FAILED);
-            return;
+            return None;
         }
     };
-    let applied_us = us_since(seen);
-
-    if let Err(e) = set_realtime(host_time_unix_ns) {
-        warn!(error = %e, "stepping the clock to the host time failed");
-    }
+    let applied_us = us_since(seen.at);
 
     // The outcome goes into the page before the first ack leaves: the host
     // reads the guest report as soon as the ack arrives.
     let outcome = GuestReport {
-        signal_seen_us: seen_us,
+        signal_seen_us: seen.us,
         applied_us,
         outcome_generation: generation,
         reject_code: 0,
     };
-    if let Err(e) = mb.mark_applied(&outcome) {
+    let mark_result = mb.mark_applied(&outcome);
+    let mut ack = ack;
+    let msg = forkvm_mailbox::ack_encode(&ack.key, generation, mac, ipv4);
+    ack.key.0.fill(0);
+    let to = SocketAddrV4::new(ack.ip, ack.port);
+    let first_ack = match &ack_sock {
+        Some(sock) => send_ack(sock, &msg, ipv4, to).map(|()| us_since(seen.at)),
+        None => Err(nix::errno::Errno::ENOTSOCK),
+    };
+
+    // Everything below is off the ack's critical path.
+    if let Some(sock) = ack_sock {
+        tokio::spawn(resend_acks(sock, msg, ipv4, to, generation));
+    }
+    let rng_result = feed_rng(&rng_seed);
+    rng_seed.0.fill(0);
+    if let Err(e) = state.finish_network(&mut report).await {
+        warn!(error = %e, generation, "mailbox ARP/resolv.conf/hostname apply failed");
+    }
+    if let Err(e) = set_realtime(host_time_unix_ns) {
+        warn!(error = %e, "stepping the clock to the host time failed");
+    }
+    if let Err(e) = mark_result {
         warn!(error = %e, "marking the mailbox APPLIED failed");
     }
+    if let Err(e) = rng_result {
+        warn!(error = %e, "feeding the RNG seed to the kernel failed");
+    }
+    if let Err(e) = &first_ack {
+        warn!(error = %e, %to, "first ack not sent; the later ones may be");
+    }
+    info!(
+        wake = ?seen.wake,
+        signal_seen_us = seen.us,
+        host_event_us = crate::port::last_host_event_us(),
+        "mailbox payload seen"
+    );
+    netconf::log_configured(&desired, &report);
     info!(
         generation,
+        decoded_us,
         applied_us,
+        first_ack_us = first_ack.ok(),
+        link_read = report.link_read,
         netlink_us = report.elapsed_us,
-        steps = report.steps.len(),
+        step_us = ?report.step_us,
+        steps = ?report.steps,
         ipv4 = %ipv4,
         mac = %mac,
         "mailbox identity applied"
     );
-    tokio::spawn(send_acks(ack, generation, mac, ipv4));
+    Some(Watched {
+        interface: desired.interface,
+        gateway: desired.gateway,
+    })
 }
 
-/// Sends the ack on [`ACK_SCHEDULE_MS`] from `(ip, 0)` to the ack target.
-async fn send_acks(mut ack: AckTarget, generation: u64, mac: MacAddr, ip: Ipv4Addr) {
-    let msg = forkvm_mailbox::ack_encode(&ack.key, generation, mac, ip);
-    ack.key.0.fill(0);
-    let sock = match tokio::net::UdpSocket::bind(SocketAddrV4::new(ip, 0)).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, %ip, "ack socket bind failed; no ack sent");
-            return;
-        }
-    };
-    let to = SocketAddrV4::new(ack.ip, ack.port);
+/// Sends the rest of [`ACK_SCHEDULE_MS`] (the first went out inline).
+async fn resend_acks(
+    sock: Arc<UdpSocket>,
+    msg: Vec<u8>,
+    from: Ipv4Addr,
+    to: SocketAddrV4,
+    generation: u64,
+) {
     let start = Instant::now();
     let mut sent = 0;
-    for ms in ACK_SCHEDULE_MS {
+    for ms in ACK_SCHEDULE_MS.into_iter().skip(1) {
         tokio::time::sleep_until(start + Duration::from_millis(ms)).await;
-        match sock.send_to(&msg, to).await {
-            Ok(_) => sent += 1,
+        match send_ack(&sock, &msg, from, to) {
+            Ok(()) => sent += 1,
             Err(e) => debug!(error = %e, at_ms = ms, "ack send failed"),
         }
     }
-    info!(generation, %to, sent, "ack schedule done");
+    info!(generation, %to, resent = sent, "ack schedule done");
 }
 
 /// Mixes the host's seed into the kernel RNG and forces a reseed, so this

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::exec::{self, ExecError, ExecEvent, ExecSpec, Reaper};
 use crate::mailbox::Mailbox;
-use crate::netconf::{self, ApplyReport, NetApplyError, NetDesired, NetRequest};
+use crate::netconf::{self, ApplyReport, LinkHint, NetApplyError, NetDesired, NetRequest};
 use crate::port::{MAX_FRAME_SIZE, Port};
 
 /// Boot env flag that makes ReconfigureNetwork answer `Unimplemented`, so hosts
@@ -80,6 +80,24 @@ impl AgentState {
     ) -> Result<ApplyReport, NetApplyError> {
         let _guard = self.net_lock.lock().await;
         netconf::configure(&self.netlink, desired).await
+    }
+
+    /// The mailbox's split of [`AgentState::configure_network`]: applies what
+    /// the new address needs and returns; the caller acks, then runs
+    /// [`AgentState::finish_network`] with the report.
+    pub async fn configure_network_part(
+        &self,
+        desired: &NetDesired,
+        hint: Option<&LinkHint>,
+    ) -> Result<ApplyReport, NetApplyError> {
+        let _guard = self.net_lock.lock().await;
+        netconf::configure_network_part(&self.netlink, desired, hint).await
+    }
+
+    /// Applies the steps [`AgentState::configure_network_part`] deferred.
+    pub async fn finish_network(&self, report: &mut ApplyReport) -> Result<(), NetApplyError> {
+        let _guard = self.net_lock.lock().await;
+        netconf::apply_deferred(&self.netlink, report).await
     }
 
     fn count(&self, method: &str) {
