@@ -147,7 +147,9 @@ async fn agent_main(pid1: bool) -> anyhow::Result<()> {
             interface: n.interface.clone(),
             gateway: n.gateway.parse().ok(),
         });
-        tokio::spawn(resume::run(state.clone(), mb, watched));
+        if let Err(e) = resume::spawn_watcher(state.clone(), mb, watched) {
+            warn!(error = %e, "no resume watcher thread; forks fall back to RPC");
+        }
     }
     if !cfg.entrypoint.is_empty() {
         start_entrypoint(&reaper, &cfg);

@@ -151,8 +151,66 @@ fn send_ack(sock: &UdpSocket, msg: &[u8], from: Ipv4Addr, to: SocketAddrV4) -> n
     .map(|_| ())
 }
 
-/// Runs forever: waits for wakes and handles WRITTEN pages.
-pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>, watched: Option<Watched>) {
+/// Real-time priority of the watcher thread (SCHED_FIFO, low end of 1..=99).
+const WATCHER_RT_PRIORITY: libc::c_int = 10;
+
+/// Starts the watcher on its own thread, with its own current-thread runtime
+/// and netlink socket, at real-time priority: on a freshly resumed fork the
+/// vCPU is busy with the restore's other work (the dead host connection's
+/// teardown, port events, inherited processes), and the handoff should not
+/// queue behind it. The thread sleeps between wakes, so the priority costs
+/// an idle VM nothing; the kernel's RT throttling bounds a runaway.
+pub fn spawn_watcher(
+    state: Arc<AgentState>,
+    mb: Arc<Mailbox>,
+    watched: Option<Watched>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("resume-watch".into())
+        .spawn(move || {
+            let param = libc::sched_param {
+                sched_priority: WATCHER_RT_PRIORITY,
+            };
+            // SAFETY: pid 0 = the calling thread; `param` is a valid sched_param.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &raw const param) } != 0 {
+                warn!(
+                    error = %std::io::Error::last_os_error(),
+                    "resume watcher stays at normal priority"
+                );
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "no runtime for the resume watcher; forks fall back to RPC");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match rtnetlink::new_connection() {
+                    Ok((conn, netlink, _)) => {
+                        tokio::spawn(conn);
+                        run(state, mb, watched, netlink).await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "no netlink socket for the resume watcher; forks fall back to RPC");
+                    }
+                }
+            });
+        })
+        .map(|_| ())
+}
+
+/// Runs forever: waits for wakes and handles WRITTEN pages. `netlink` is
+/// the watcher's own connection (see [`spawn_watcher`]).
+async fn run(
+    state: Arc<AgentState>,
+    mb: Arc<Mailbox>,
+    watched: Option<Watched>,
+    netlink: rtnetlink::Handle,
+) {
     let disabled = state.boot_env.get(DISABLE_MAILBOX_ENV).map(String::as_str) == Some("1");
     if disabled {
         info!("mailbox apply disabled by boot env; payloads will be left unapplied");
@@ -173,7 +231,7 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>, watched: Option<Watch
         hint: None,
         ticks: 0,
     };
-    link.refresh(&state.netlink).await;
+    link.refresh(&netlink).await;
     let mut ack_sock = ack_socket()
         .inspect_err(|e| warn!(error = %e, "no ack socket yet; made when a payload comes"))
         .ok();
@@ -197,7 +255,7 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>, watched: Option<Watch
             if let Err(e) = mb.check_gpa() {
                 debug!(error = %e, "GPA re-check failed");
             }
-            link.tick(&state.netlink).await;
+            link.tick(&netlink).await;
         }
         if matches!(wake, Wake::Kmsg | Wake::PortEvent) && word != MailboxState::WRITTEN_WORD {
             // A resume-like event; a host patch may become visible a moment
@@ -250,7 +308,15 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>, watched: Option<Watch
             at: seen,
             us: seen_us,
         };
-        if let Some(applied) = handle(&state, &mb, seen, link.hint.as_ref(), ack_sock.clone()).await
+        if let Some(applied) = handle(
+            &state,
+            &netlink,
+            &mb,
+            seen,
+            link.hint.as_ref(),
+            ack_sock.clone(),
+        )
+        .await
         {
             link.watched = Some(applied);
         }
@@ -260,7 +326,7 @@ pub async fn run(state: Arc<AgentState>, mb: Arc<Mailbox>, watched: Option<Watch
         }
         tokio::time::sleep(REARM_DELAY).await;
         // The gateway is resolved by now (the ack went through it).
-        link.refresh(&state.netlink).await;
+        link.refresh(&netlink).await;
         match mb.rearm() {
             Ok((marker, gpa)) => info!(
                 marker = %mailbox::hex(&marker.0),
@@ -312,6 +378,7 @@ struct Seen {
 /// by the time the agent runs; the host's seed is mixed in on top.
 async fn handle(
     state: &AgentState,
+    netlink: &rtnetlink::Handle,
     mb: &Mailbox,
     seen: Seen,
     hint: Option<&LinkHint>,
@@ -375,7 +442,7 @@ async fn handle(
         }
     };
     // Only what the new address needs; the rest runs after the first ack.
-    let mut report = match state.configure_network_part(&desired, hint).await {
+    let mut report = match state.configure_network_part(netlink, &desired, hint).await {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, generation, "mailbox network apply failed");
@@ -409,7 +476,7 @@ async fn handle(
     }
     let rng_result = feed_rng(&rng_seed);
     rng_seed.0.fill(0);
-    if let Err(e) = state.finish_network(&mut report).await {
+    if let Err(e) = state.finish_network(netlink, &mut report).await {
         warn!(error = %e, generation, "mailbox ARP/resolv.conf/hostname apply failed");
     }
     if let Err(e) = set_realtime(host_time_unix_ns) {

@@ -85,19 +85,25 @@ impl AgentState {
     /// The mailbox's split of [`AgentState::configure_network`]: applies what
     /// the new address needs and returns; the caller acks, then runs
     /// [`AgentState::finish_network`] with the report.
+    /// `netlink` is the caller's connection (the resume watcher has its own).
     pub async fn configure_network_part(
         &self,
+        netlink: &rtnetlink::Handle,
         desired: &NetDesired,
         hint: Option<&LinkHint>,
     ) -> Result<ApplyReport, NetApplyError> {
         let _guard = self.net_lock.lock().await;
-        netconf::configure_network_part(&self.netlink, desired, hint).await
+        netconf::configure_network_part(netlink, desired, hint).await
     }
 
     /// Applies the steps [`AgentState::configure_network_part`] deferred.
-    pub async fn finish_network(&self, report: &mut ApplyReport) -> Result<(), NetApplyError> {
+    pub async fn finish_network(
+        &self,
+        netlink: &rtnetlink::Handle,
+        report: &mut ApplyReport,
+    ) -> Result<(), NetApplyError> {
         let _guard = self.net_lock.lock().await;
-        netconf::apply_deferred(&self.netlink, report).await
+        netconf::apply_deferred(netlink, report).await
     }
 
     fn count(&self, method: &str) {
