@@ -1,20 +1,21 @@
 //! The resume watcher: notices that the host wrote a payload into the mailbox
 //! page (a fork was resumed), validates it and applies the new identity —
-//! RNG seed, network (through the same path as ReconfigureNetwork), clock —
-//! then records the outcome in the page, sends the authenticated ack from the
-//! new address and re-arms with a fresh marker.
+//! network (through the same plan as ReconfigureNetwork), RNG seed, clock —
+//! records the outcome in the page, sends the authenticated ack from the new
+//! address and re-arms with a fresh marker. It runs on its own real-time
+//! thread ([`spawn_watcher`]) so a resumed fork's other work doesn't delay it.
 //!
-//! Wake sources, cheapest first; each wake costs one volatile load of the
-//! page's state word unless it reads WRITTEN:
-//! * a host connect/disconnect seen by the port code ([`crate::port::host_events`]):
-//!   a restored fork's port reports "host closed" 14–21 ms after `cont`.
-//!   Benchmarks showed the SIGIO stream alone never woke this loop in real
-//!   forks, while the port code reliably saw the EOF; followed by a short
-//!   bounded poll like the kmsg wake.
-//! * SIGIO: raised on port events and on ordinary port traffic.
+//! Wake sources; each wake costs one volatile load of the page's state word
+//! unless it reads WRITTEN:
+//! * SIGIO: raised on port events and ordinary port traffic. On the watcher's
+//!   own thread this is the first wake of a restored fork, 20–100 ms before
+//!   the port event below reaches the main runtime.
+//! * a host connect/disconnect seen by the port code ([`crate::port::host_events`]);
+//!   followed by a short bounded poll.
 //! * `/dev/kmsg`: the kernel's `crng reseeded due to virtual machine fork`
-//!   (VMGenID) line, ~15 ms later; followed by a short bounded poll.
-//! * a 1 s periodic check, the last resort (it also re-checks the GPA).
+//!   (VMGenID) line; followed by a short bounded poll.
+//! * a 1 s periodic check, the last resort (it also re-checks the GPA and
+//!   keeps the link hint fresh).
 
 use std::fs::File;
 use std::io::IoSlice;
