@@ -298,7 +298,6 @@ async fn run(
             continue;
         }
         state.crash_if_asked();
-        // Logged by `handle` once the ack is out: nothing slow before it.
         if ack_sock.is_none() {
             ack_sock = ack_socket()
                 .inspect_err(|e| warn!(error = %e, "ack socket failed; no ack sent"))
@@ -309,6 +308,7 @@ async fn run(
             at: seen,
             us: seen_us,
         };
+        // `handle` logs the payload once the ack is out: nothing slow before it.
         if let Some(applied) = handle(
             &state,
             &netlink,
