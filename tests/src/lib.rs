@@ -10,7 +10,7 @@
 //! `$FORKVM_TEST_IMAGES`, default `/var/lib/forkvm/images`) and linked into
 //! each test's data directory.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::Value;
@@ -419,5 +419,40 @@ impl TestEnv {
             bail!("create -> {st}: {v}\n{}", self.daemon_log());
         }
         Ok(v)
+    }
+
+    /// Creates an instance with the agent's test hooks enabled and arms the
+    /// hook whose trigger file is `hook_file` (see docs/agent.md, "Test hooks").
+    pub async fn create_with_hook(&self, name: &str, hook_file: &str) -> Result<Value> {
+        let v = self
+            .create(serde_json::json!({"name": name, "env": {"FORKVM_AGENT_TEST_HOOKS": "1"}}))
+            .await?;
+        self.exec_ok(&s(&v, "id"), &["touch", hook_file]).await?;
+        Ok(v)
+    }
+
+    /// After failed forks of a single running source: the named forks have no
+    /// record, the namespace has the links it had, and only the source's QEMU
+    /// and memory file remain.
+    pub async fn check_only_source_left(
+        &self,
+        links_before: &[String],
+        failed: &[&str],
+    ) -> Result<()> {
+        for name in failed {
+            let (st, _) = self
+                .request("GET", &format!("/instances/{name}"), None)
+                .await?;
+            ensure!(st == 404, "failed fork {name} left a record");
+        }
+        ensure!(self.links()? == links_before, "TAPs changed");
+        ensure!(
+            self.qemu_pids().len() == 1,
+            "QEMU processes: {:?}",
+            self.qemu_pids()
+        );
+        let mem = self.mem_files();
+        ensure!(mem.len() == 1, "memory files: {mem:?}");
+        Ok(())
     }
 }

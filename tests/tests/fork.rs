@@ -434,13 +434,11 @@ async fn exec_fallback_when_agent_declines_reconfigure() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_agent_fails_the_fork_and_cleans_up() -> Result<()> {
     let env = TestEnv::start_env(&[("FORKVM_HANDOFF_TIMEOUT_MS", "6000")]).await?;
+    // Test hook: from now on this guest's agent accepts RPCs but never answers.
     let src = env
-        .create(json!({"name": "mute", "env": {"FORKVM_AGENT_TEST_HOOKS": "1"}}))
+        .create_with_hook("mute", "/run/forkvm-test-hang")
         .await?;
     let src_id = s(&src, "id");
-    // Test hook: from now on this guest's agent accepts RPCs but never answers.
-    env.exec_ok(&src_id, &["touch", "/run/forkvm-test-hang"])
-        .await?;
     let links_before = env.links()?;
     let (st, v) = env
         .request(
@@ -451,12 +449,8 @@ async fn unreachable_agent_fails_the_fork_and_cleans_up() -> Result<()> {
         .await?;
     assert!(st >= 500, "{st}: {v}");
     assert!(s(&v, "message").contains("did not answer"), "{v}");
-    let (st, _) = env.request("GET", "/instances/never", None).await?;
-    assert_eq!(st, 404, "failed fork left a record");
-    assert_eq!(env.links()?, links_before, "failed fork left a TAP");
-    assert_eq!(env.qemu_pids().len(), 1, "failed fork left a QEMU");
-    let leftovers = env.mem_files();
-    assert_eq!(leftovers.len(), 1, "memory files: {leftovers:?}");
+    env.check_only_source_left(&links_before, &["never"])
+        .await?;
     Ok(())
 }
 
