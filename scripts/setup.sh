@@ -10,21 +10,40 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 [ "$(id -u)" = 0 ] || { echo "setup.sh must run as root (it installs packages and creates network devices)" >&2; exit 1; }
 
-# 1. Debian packages
+# 1. Every external program forkvm, its scripts and its tests run, in one list:
+#    "command  Debian-package  who runs it". A command that is missing gets its
+#    package installed; `pkg:NAME` checks an installed package instead of a
+#    command (busybox must be the static build: it goes into the guest).
+TOOLS='
+qemu-system-x86_64 qemu-system-x86 daemon: runs every VM
+pkg:busybox-static busybox-static  guest image: the guest userland
+ip                 iproute2        daemon (netns), tests, demo
+ping               iputils-ping    tests, demo
+curl               curl            tests, demo, bench: HTTP to guests
+dpkg-deb           dpkg            image build: unpacks the kernel package
+apt-get            apt             image build: downloads the kernel package
+python3            python3         demo (JSON), tests (hypeman client venv)
+unshare            util-linux      agent VM tests: private network namespace
+strip              binutils        agent VM tests: strips the test agent
+cpio               cpio            tests: cross-check of the initramfs writer
+zstd               zstd            tests: zstd kernel payloads
+'
 need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
-command -v ip >/dev/null || need+=(iproute2)
-command -v ping >/dev/null || need+=(iputils-ping)
-command -v curl >/dev/null || need+=(curl)
-command -v dpkg-deb >/dev/null || need+=(dpkg)
-command -v python3 >/dev/null || need+=(python3)
+while read -r cmd pkg _; do
+  [ -n "$cmd" ] || continue
+  case "$cmd" in
+    pkg:*) dpkg -s "${cmd#pkg:}" >/dev/null 2>&1 || need+=("$pkg") ;;
+    *) command -v "$cmd" >/dev/null || need+=("$pkg") ;;
+  esac
+done <<<"$TOOLS"
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing Debian packages: ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# What apt cannot give: checked with a clear message.
+command -v cargo >/dev/null || { echo "setup.sh: cargo not found: install Rust (rustup) first" >&2; exit 1; }
 # apt-cache needs package lists to resolve the guest kernel package.
 if ! apt-cache depends linux-image-amd64 2>/dev/null | grep -q 'Depends: linux-image-'; then
   log "refreshing apt package lists"

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds the agent (and the VM test) statically linked, then boots it as /init
-# in QEMU and drives it over virtio-serial. Needs root, qemu, busybox-static,
-# cpio and the kernel at /var/tmp/kdev.
+# in QEMU and drives it over virtio-serial. Needs what scripts/setup.sh installs
+# and FORKVM_TEST_KERNEL_DIR (the extracted kernel; scripts/test.sh sets it).
 set -eu
 cd "$(dirname "$0")/../../.."
 export RUSTFLAGS="-C target-feature=+crt-static"

@@ -1,9 +1,10 @@
 //! Boots the static agent as /init in a real QEMU guest (TCG) and drives it
 //! over the virtio-serial unix socket with the forkvm-proto client.
 //!
-//! Needs root (mknod for dev/console), qemu-system-x86_64, busybox-static,
-//! cpio and the Debian kernel at /var/tmp/kdev. Ignored by default; run with
-//! `crates/agent/scripts/vm-test.sh`, which builds everything static.
+//! Needs qemu-system-x86_64, busybox-static, `unshare` (util-linux) and the
+//! extracted Debian kernel of the image cache (`FORKVM_TEST_KERNEL_DIR`; all set
+//! up by `scripts/setup.sh`). Ignored by default because the agent must be built
+//! static: run `crates/agent/scripts/vm-test.sh`, as `scripts/test.sh` does.
 //!
 //! Networking: QEMU runs in a fresh network namespace (`unshare --net`); the
 //! guest NIC's backend sends its frames as UDP datagrams over that
@@ -12,7 +13,6 @@
 //! so the gratuitous ARP can be checked.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -76,51 +76,52 @@ fn assert_static(bin: &Path) {
     }
 }
 
+/// The agent as `/init`, busybox, `dev/console` and the virtio modules, written
+/// with forkvm's own newc writer (no external `cpio`, no root needed for mknod).
 fn build_initramfs(dir: &Path) -> PathBuf {
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_forkvm-agent"));
     assert_static(&agent);
-    let root = dir.join("root");
-    for d in ["bin", "dev", "etc/forkvm", "proc", "sys", "tmp", "run"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
     // Debug info makes the binary ~90 MB; the guest has 256 MiB for both the
-    // compressed archive and the unpacked files.
+    // compressed archive and the unpacked files. `strip` is binutils, which the
+    // Rust toolchain's linker needs anyway.
+    let stripped = dir.join("init");
     let st = Command::new("strip")
         .arg("-o")
-        .arg(root.join("init"))
+        .arg(&stripped)
         .arg(&agent)
         .status()
-        .unwrap();
+        .expect("running strip (binutils)");
     assert!(st.success());
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for a in APPLETS {
-        symlink("busybox", root.join("bin").join(a)).unwrap();
+    let img = dir.join("initrd.cpio");
+    let file = std::io::BufWriter::new(std::fs::File::create(&img).unwrap());
+    let mut w = forkvm_cpio::CpioWriter::new(file);
+    for d in ["bin", "dev", "etc/forkvm", "proc", "sys", "tmp", "run"] {
+        w.dir(d, 0o755).unwrap();
     }
-    nix::sys::stat::mknod(
-        &root.join("dev/console"),
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        nix::sys::stat::makedev(5, 1),
+    w.file("init", 0o755, &std::fs::read(&stripped).unwrap())
+        .unwrap();
+    w.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read("/bin/busybox").unwrap(),
     )
     .unwrap();
-    let mdir = root.join("lib/modules").join(kver());
-    for m in MODULES {
-        let dst = mdir.join(m);
-        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-        std::fs::copy(kdir().join("modules").join(m), dst).unwrap();
+    for a in APPLETS {
+        w.symlink(&format!("bin/{a}"), "busybox").unwrap();
     }
-    std::fs::write(root.join("etc/forkvm/modules"), MODULES.join("\n") + "\n").unwrap();
-    let img = dir.join("initrd.cpio");
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "find . | cpio -o -H newc --quiet > {}",
-            img.display()
-        ))
-        .current_dir(&root)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    w.char_dev("dev/console", 0o600, 5, 1).unwrap();
+    let mdir = format!("lib/modules/{}", kver());
+    for m in MODULES {
+        let ko = std::fs::read(kdir().join("modules").join(m)).unwrap();
+        w.file(&format!("{mdir}/{m}"), 0o644, &ko).unwrap();
+    }
+    w.file(
+        "etc/forkvm/modules",
+        0o644,
+        (MODULES.join("\n") + "\n").as_bytes(),
+    )
+    .unwrap();
+    w.finish().unwrap();
     img
 }
 

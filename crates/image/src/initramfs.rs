@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use crate::cpio::CpioWriter;
 use crate::modules::SelectedModule;
+use forkvm_cpio::CpioWriter;
 
 /// Busybox applets users expect in a sandbox shell, plus what init scripts need.
 pub const APPLETS: &[&str] = &[

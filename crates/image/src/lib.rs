@@ -15,7 +15,6 @@
 //! format version) matches the existing manifest returns at once. See `docs/image.md`.
 
 mod apt;
-mod cpio;
 mod decompress;
 mod initramfs;
 mod modules;
