@@ -248,31 +248,11 @@ pub fn build_image(
     let kernel = ensure_kernel(&kernel_cache, &resolved, progress)?;
 
     progress.stage("assembling initramfs");
-    let applets = initramfs::available_applets(&inputs.busybox);
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".build-{name}-"))
         .tempdir_in(&images_dir)
         .map_err(|e| ImageError::io(&images_dir, e))?;
-    let initrd_tmp = tmp.path().join(INITRD_FILE);
-    let file = File::create(&initrd_tmp).map_err(|e| ImageError::io(&initrd_tmp, e))?;
-    let mut out = BufWriter::new(file);
-    let size = initramfs::write(
-        &mut out,
-        &initramfs::Contents {
-            init: &agent,
-            busybox: &busybox,
-            applets: &applets,
-            kernel_version: &kernel.kernel_version,
-            modules: &kernel.modules,
-        },
-    )
-    .map_err(|e| ImageError::io(&initrd_tmp, e))?;
-    let file = out
-        .into_inner()
-        .map_err(|e| ImageError::io(&initrd_tmp, e.into_error()))?;
-    file.sync_all()
-        .map_err(|e| ImageError::io(&initrd_tmp, e))?;
-    drop(file);
+    let size = write_initrd(&tmp.path().join(INITRD_FILE), inputs, &agent, &busybox, &kernel)?;
     progress.bytes(size, Some(size));
 
     progress.stage("installing kernel");
@@ -294,12 +274,7 @@ pub fn build_image(
         kernel_package: resolved.package.clone(),
         kernel_package_version: resolved.version.clone(),
     };
-    let json = serde_json::to_vec_pretty(&image).map_err(|e| ImageError::Manifest {
-        path: final_dir.join(MANIFEST),
-        source: e,
-    })?;
-    write_atomic(&tmp.path().join(MANIFEST), &json)
-        .map_err(|e| ImageError::io(tmp.path().join(MANIFEST), e))?;
+    write_manifest(tmp.path(), &final_dir, &image)?;
     install_dir(tmp.path(), &final_dir)?;
     // `tmp` now holds the previous image (or nothing); dropping it removes that.
     drop(tmp);
@@ -423,6 +398,80 @@ struct KernelMeta {
     modules: Vec<(String, String)>,
 }
 
+/// The initramfs (agent as `/init`, busybox, modules) at `path`, synced;
+/// returns its size.
+fn write_initrd(
+    path: &Path,
+    inputs: &ImageInputs,
+    agent: &[u8],
+    busybox: &[u8],
+    kernel: &KernelArtifacts,
+) -> Result<u64, ImageError> {
+    let applets = initramfs::available_applets(&inputs.busybox);
+    let file = File::create(path).map_err(|e| ImageError::io(path, e))?;
+    let mut out = BufWriter::new(file);
+    let size = initramfs::write(
+        &mut out,
+        &initramfs::Contents {
+            init: agent,
+            busybox,
+            applets: &applets,
+            kernel_version: &kernel.kernel_version,
+            modules: &kernel.modules,
+        },
+    )
+    .map_err(|e| ImageError::io(path, e))?;
+    let file = out
+        .into_inner()
+        .map_err(|e| ImageError::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| ImageError::io(path, e))?;
+    Ok(size)
+}
+
+/// The extracted kernel tree in `out`: vmlinux, optional extras (kept for
+/// debugging), the selected modules, and `kernel.json` written last (its
+/// presence marks a complete extraction).
+fn write_extraction(
+    out: &Path,
+    vmlinux: &[u8],
+    extras: &[(PathBuf, &str)],
+    selected: &[modules::SelectedModule],
+    meta: &KernelMeta,
+) -> Result<(), ImageError> {
+    let mods_out = out.join("modules");
+    fs::create_dir_all(&mods_out).map_err(|e| ImageError::io(&mods_out, e))?;
+    write_atomic(&out.join(KERNEL_FILE), vmlinux)
+        .map_err(|e| ImageError::io(out.join(KERNEL_FILE), e))?;
+    for (src, dst) in extras {
+        if src.exists() {
+            fs::copy(src, out.join(dst)).map_err(|e| ImageError::io(src, e))?;
+        }
+    }
+    for m in selected {
+        let p = mods_out.join(&m.rel_path);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).map_err(|e| ImageError::io(parent, e))?;
+        }
+        fs::write(&p, &m.data).map_err(|e| ImageError::io(&p, e))?;
+    }
+    let meta_path = out.join("kernel.json");
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| ImageError::Manifest {
+        path: meta_path.clone(),
+        source: e,
+    })?;
+    write_atomic(&meta_path, &json).map_err(|e| ImageError::io(&meta_path, e))
+}
+
+/// The image's manifest in the build directory `dir` (errors name its final
+/// place in `final_dir`).
+fn write_manifest(dir: &Path, final_dir: &Path, image: &GuestImage) -> Result<(), ImageError> {
+    let json = serde_json::to_vec_pretty(image).map_err(|e| ImageError::Manifest {
+        path: final_dir.join(MANIFEST),
+        source: e,
+    })?;
+    write_atomic(&dir.join(MANIFEST), &json).map_err(|e| ImageError::io(dir.join(MANIFEST), e))
+}
+
 /// Returns the cached extraction for `resolved`, downloading and unpacking if needed.
 fn ensure_kernel(
     kernel_cache: &Path,
@@ -467,26 +516,6 @@ fn ensure_kernel(
     let selected = modules::select_modules(&modules_dir, &wanted_refs)?;
 
     let out = work.path().join("extracted");
-    let mods_out = out.join("modules");
-    fs::create_dir_all(&mods_out).map_err(|e| ImageError::io(&mods_out, e))?;
-    write_atomic(&out.join(KERNEL_FILE), &vmlinux)
-        .map_err(|e| ImageError::io(out.join(KERNEL_FILE), e))?;
-    for (src, dst) in [
-        (boot.join(format!("config-{kernel_version}")), "config"),
-        (modules_dir.join("modules.builtin"), "modules.builtin"),
-    ] {
-        // Kept for debugging and for inspecting the kernel's options; not required.
-        if src.exists() {
-            fs::copy(&src, out.join(dst)).map_err(|e| ImageError::io(&src, e))?;
-        }
-    }
-    for m in &selected {
-        let p = mods_out.join(&m.rel_path);
-        if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent).map_err(|e| ImageError::io(parent, e))?;
-        }
-        fs::write(&p, &m.data).map_err(|e| ImageError::io(&p, e))?;
-    }
     let meta = KernelMeta {
         format: FORMAT_VERSION,
         package: resolved.package.clone(),
@@ -498,13 +527,11 @@ fn ensure_kernel(
             .map(|m| (m.name.clone(), m.rel_path.clone()))
             .collect(),
     };
-    let meta_path = out.join("kernel.json");
-    let json = serde_json::to_vec_pretty(&meta).map_err(|e| ImageError::Manifest {
-        path: meta_path.clone(),
-        source: e,
-    })?;
-    // Written last: its presence marks a complete extraction.
-    write_atomic(&meta_path, &json).map_err(|e| ImageError::io(&meta_path, e))?;
+    let extras = [
+        (boot.join(format!("config-{kernel_version}")), "config"),
+        (modules_dir.join("modules.builtin"), "modules.builtin"),
+    ];
+    write_extraction(&out, &vmlinux, &extras, &selected, &meta)?;
     install_dir(&out, &extracted)?;
     tracing::info!(
         kernel_version = %kernel_version,

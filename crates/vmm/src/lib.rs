@@ -17,7 +17,9 @@
 //! [`detect_accel`] picks KVM only where a real probe boot works, else TCG.
 
 mod accel;
+mod args;
 mod error;
+pub mod guest_ram;
 mod process;
 mod qemu;
 mod qmp;
@@ -34,7 +36,8 @@ pub use accel::{
 };
 pub use error::VmmError;
 pub use process::{is_qemu_for, qemu_name};
-pub use qemu::{AGENT_PORT_NAME, QemuHypervisor, build_qemu_args, qemu_log_path, stderr_log_path};
+pub use args::build_qemu_args;
+pub use qemu::{AGENT_PORT_NAME, QemuHypervisor, qemu_log_path, stderr_log_path};
 pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};
 
 /// CPU virtualisation backend for a VM.
@@ -102,6 +105,8 @@ pub struct VmHandle {
     pub pidfile: PathBuf,
     /// QEMU's runtime log ([`qemu_log_path`]), quoted in errors.
     pub qemu_log: PathBuf,
+    /// The guest RAM file the process maps (to find it in `/proc/<pid>/maps`).
+    pub mem_path: PathBuf,
 }
 
 impl VmHandle {
@@ -114,6 +119,7 @@ impl VmHandle {
             agent_socket: spec.agent_socket.clone(),
             pidfile: spec.pidfile.clone(),
             qemu_log: qemu_log_path(spec),
+            mem_path: spec.mem_path.clone(),
         }
     }
 }
@@ -191,6 +197,19 @@ pub trait Hypervisor: Send + Sync {
 
     /// Loads device state into a VM started with `incoming`; leaves it paused.
     fn load_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()>;
+
+    /// Where guest-physical address `gpa` lies in the RAM (file) of a VM
+    /// with `memory_mb` MiB on this backend's machine type; `None` if it is
+    /// not RAM.
+    fn ram_offset(&self, memory_mb: u32, gpa: u64) -> Option<u64>;
+
+    /// Reads `len` bytes of the VM's RAM at RAM offset `offset`, as the VM
+    /// sees it (its private copy-on-write pages included).
+    fn read_ram<'a>(&'a self, h: &'a VmHandle, offset: u64, len: usize) -> VmmFuture<'a, Vec<u8>>;
+
+    /// Writes into the VM's RAM at `offset`, into this VM's own mapping: a
+    /// base file it maps copy-on-write never changes. Meant for a paused VM.
+    fn write_ram<'a>(&'a self, h: &'a VmHandle, offset: u64, data: &'a [u8]) -> VmmFuture<'a, ()>;
 }
 
 /// Default grace period callers may use for [`Hypervisor::stop`].

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::error::VmmError;
-use crate::process::{PidFd, is_qemu_for, qemu_name};
+use crate::args::{build_qemu_args, invalid};
+use crate::process::{PidFd, is_qemu_for};
 use crate::qmp::QmpClient;
-use crate::{Accel, Hypervisor, RunState, VmHandle, VmSpec, VmmFuture};
+use crate::{Hypervisor, RunState, VmHandle, VmSpec, VmmFuture};
 
 /// Bound on QEMU's foreground process (init + daemonize) at start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,13 +25,6 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Bytes of QEMU's stderr quoted in start errors.
 const STDERR_TAIL: u64 = 2048;
-/// Unix socket paths longer than this don't fit `sockaddr_un.sun_path`.
-const MAX_SOCKET_PATH: usize = 107;
-
-// Fixed PCI slots on pcie.0 so a restore with the same device set matches the
-// saved one regardless of which optional devices are present.
-const NET_PCI_ADDR: &str = "0x2";
-const SERIAL_PCI_ADDR: &str = "0x3";
 
 /// The virtio-serial port name the guest agent looks for.
 pub const AGENT_PORT_NAME: &str = "forkvm.agent";
@@ -69,160 +63,6 @@ pub fn qemu_log_path(spec: &VmSpec) -> PathBuf {
     let mut s = spec.console_log.clone().into_os_string();
     s.push(".qemu-log");
     PathBuf::from(s)
-}
-
-fn invalid(msg: impl Into<String>) -> VmmError {
-    VmmError::InvalidSpec(msg.into())
-}
-
-/// A path as a QEMU option value: absolute, UTF-8, commas doubled (QEMU's
-/// option syntax escapes `,` as `,,`).
-fn opt_path(what: &str, p: &Path) -> Result<String, VmmError> {
-    if !p.is_absolute() {
-        return Err(invalid(format!(
-            "{what} must be an absolute path: {}",
-            p.display()
-        )));
-    }
-    let s = p
-        .to_str()
-        .ok_or_else(|| invalid(format!("{what} is not UTF-8: {}", p.display())))?;
-    Ok(s.replace(',', ",,"))
-}
-
-fn socket_path(what: &str, p: &Path) -> Result<String, VmmError> {
-    if p.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(invalid(format!(
-            "{what} is longer than {MAX_SOCKET_PATH} bytes: {}",
-            p.display()
-        )));
-    }
-    opt_path(what, p)
-}
-
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
-fn valid_mac(mac: &str) -> bool {
-    let parts: Vec<&str> = mac.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
-/// The full QEMU argument list for `spec` (without the binary).
-pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
-    if !valid_id(&spec.id) {
-        return Err(invalid(format!(
-            "id {:?} must be 1-64 chars of [A-Za-z0-9._-]",
-            spec.id
-        )));
-    }
-    if spec.vcpus == 0 || spec.vcpus > 255 {
-        return Err(invalid(format!(
-            "vcpus {} out of range 1..=255",
-            spec.vcpus
-        )));
-    }
-    if spec.memory_mb < 32 {
-        return Err(invalid(format!("memory_mb {} below 32", spec.memory_mb)));
-    }
-    let name = qemu_name(&spec.id);
-    let mem = opt_path("mem_path", &spec.mem_path)?;
-    let console = opt_path("console_log", &spec.console_log)?;
-    let agent = socket_path("agent_socket", &spec.agent_socket)?;
-    let qmp = socket_path("qmp_socket", &spec.qmp_socket)?;
-    let pidfile = opt_path("pidfile", &spec.pidfile)?;
-    let qemu_log = opt_path("console_log", &qemu_log_path(spec))?;
-    let kernel = opt_path("kernel", &spec.kernel)?;
-    let initrd = opt_path("initrd", &spec.initrd)?;
-
-    let mut a: Vec<String> = Vec::with_capacity(64);
-    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-    push(&["-name", &format!("{name},process={name}")]);
-    push(&["-M", "q35,memory-backend=mem"]);
-    match spec.accel {
-        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
-        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-    }
-    push(&["-m", &format!("{}M", spec.memory_mb)]);
-    push(&["-smp", &spec.vcpus.to_string()]);
-    push(&[
-        "-object",
-        &format!(
-            "memory-backend-file,id=mem,size={}M,mem-path={mem},share={}",
-            spec.memory_mb,
-            if spec.mem_share { "on" } else { "off" }
-        ),
-    ]);
-    push(&[
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-    ]);
-    // -kernel/-initrd/-append values are taken verbatim (no option parsing).
-    push(&[
-        "-kernel",
-        &kernel,
-        "-initrd",
-        &initrd,
-        "-append",
-        &spec.cmdline,
-    ]);
-    push(&["-device", "vmgenid,id=vmgenid0,guid=auto"]);
-    push(&["-chardev", &format!("file,id=con,path={console},append=on")]);
-    push(&["-serial", "chardev:con"]);
-    push(&[
-        "-device",
-        &format!("virtio-serial-pci,id=vser0,bus=pcie.0,addr={SERIAL_PCI_ADDR}"),
-    ]);
-    push(&[
-        "-chardev",
-        &format!("socket,id=agent,path={agent},server=on,wait=off"),
-    ]);
-    push(&[
-        "-device",
-        &format!("virtserialport,id=agent0,bus=vser0.0,nr=1,chardev=agent,name={AGENT_PORT_NAME}"),
-    ]);
-    if let Some(net) = &spec.net {
-        if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains([',', '/', ' ']) {
-            return Err(invalid(format!("bad tap name {:?}", net.tap)));
-        }
-        if !valid_mac(&net.mac) {
-            return Err(invalid(format!("bad mac {:?}", net.mac)));
-        }
-        push(&[
-            "-netdev",
-            &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
-        ]);
-        // romfile= (empty): no PXE ROM; we boot with -kernel and it would
-        // only add state to every snapshot.
-        push(&[
-            "-device",
-            &format!(
-                "virtio-net-pci,id=nic0,netdev=net0,mac={},bus=pcie.0,addr={NET_PCI_ADDR},romfile=",
-                net.mac
-            ),
-        ]);
-    }
-    push(&[
-        "-chardev",
-        &format!("socket,id=qmp,path={qmp},server=on,wait=off"),
-    ]);
-    push(&["-mon", "chardev=qmp,mode=control"]);
-    if spec.incoming {
-        push(&["-S", "-incoming", "defer"]);
-    }
-    push(&["-daemonize", "-pidfile", &pidfile, "-D", &qemu_log]);
-    Ok(a.into_iter().map(OsString::from).collect())
 }
 
 fn remove_if_exists(p: &Path) -> Result<(), VmmError> {
@@ -313,6 +153,25 @@ impl QemuHypervisor {
     async fn start_impl(&self, spec: &VmSpec) -> Result<VmHandle, VmmError> {
         let t0 = Instant::now();
         let args = build_qemu_args(spec)?;
+        self.check_start(spec)?;
+        let pid = self.launch(spec, &args).await?;
+        let h = VmHandle::for_spec(spec, pid);
+        let st = match self.status_on(&h).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Don't leak a QEMU we can't control.
+                let _ = self.stop_impl(&h, Duration::from_millis(500)).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(id = %spec.id, pid, status = ?st, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "qemu started");
+        Ok(h)
+    }
+
+    /// The files the VM needs exist, no QEMU of this VM runs, and the
+    /// leftovers of one that died without cleanup are gone.
+    fn check_start(&self, spec: &VmSpec) -> Result<(), VmmError> {
         check_exists("kernel", &spec.kernel)?;
         check_exists("initrd", &spec.initrd)?;
         if !spec.mem_share {
@@ -338,14 +197,17 @@ impl QemuHypervisor {
                 pid: h.pid,
             });
         }
-        // Leftovers of a VM that died without cleanup; QEMU would refuse to
-        // bind over a stale socket and we must not read a stale pid.
+        // QEMU would refuse to bind over a stale socket and we must not read
+        // a stale pid; the old run's log goes too, so start errors never
+        // quote a previous run.
         remove_if_exists(&spec.qmp_socket)?;
         remove_if_exists(&spec.agent_socket)?;
         remove_if_exists(&spec.pidfile)?;
-        // Also the old run's log, so start errors never quote a previous run.
-        remove_if_exists(&qemu_log_path(spec))?;
+        remove_if_exists(&qemu_log_path(spec))
+    }
 
+    /// Runs QEMU (daemonizing) and returns the VM's pid from its pidfile.
+    async fn launch(&self, spec: &VmSpec, args: &[OsString]) -> Result<u32, VmmError> {
         let err_path = stderr_log_path(spec);
         let err_file = File::create(&err_path).map_err(|e| VmmError::io("create", &err_path, e))?;
         let out_file = err_file
@@ -355,7 +217,7 @@ impl QemuHypervisor {
             mem_share = spec.mem_share, "starting qemu");
         tracing::debug!(id = %spec.id, args = ?args, "qemu command line");
         let mut child = tokio::process::Command::new(&self.qemu_bin)
-            .args(&args)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(out_file)
             .stderr(err_file)
@@ -392,21 +254,9 @@ impl QemuHypervisor {
                 stderr_tail: start_output_tail(spec),
             });
         }
-        let h = VmHandle::for_spec(spec, pid);
-        let st = match self.status_on(&h).await {
-            Ok(s) => s,
-            Err(e) => {
-                // Don't leak a QEMU we can't control.
-                let _ = self.stop_impl(&h, Duration::from_millis(500)).await;
-                return Err(e);
-            }
-        };
-        tracing::info!(id = %spec.id, pid, status = ?st, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
-            "qemu started");
-        Ok(h)
+        Ok(pid)
     }
 
-    /// After a start timeout: kill the daemon if it got as far as a pidfile.
     async fn kill_leftover(&self, spec: &VmSpec) {
         if let Ok(pid) = read_pidfile(&spec.pidfile)
             && is_qemu_for(&spec.id, pid)
@@ -632,118 +482,22 @@ impl Hypervisor for QemuHypervisor {
         Box::pin(self.save_impl(h, state_file))
     }
 
+    fn ram_offset(&self, memory_mb: u32, gpa: u64) -> Option<u64> {
+        // Every VM is a q35 machine (build_qemu_args).
+        crate::guest_ram::q35_ram_offset(memory_mb, gpa)
+    }
+
+    fn read_ram<'a>(&'a self, h: &'a VmHandle, offset: u64, len: usize) -> VmmFuture<'a, Vec<u8>> {
+        // A page at a time in practice (the mailbox): cheaper inline than a
+        // blocking-pool hop.
+        Box::pin(async move { crate::guest_ram::read(h.pid, &h.mem_path, offset, len) })
+    }
+
+    fn write_ram<'a>(&'a self, h: &'a VmHandle, offset: u64, data: &'a [u8]) -> VmmFuture<'a, ()> {
+        Box::pin(async move { crate::guest_ram::write(h.pid, &h.mem_path, offset, data) })
+    }
+
     fn load_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()> {
         Box::pin(self.load_impl(h, state_file))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec() -> VmSpec {
-        VmSpec {
-            id: "vm-1".into(),
-            vcpus: 1,
-            memory_mb: 256,
-            kernel: "/k/vmlinux".into(),
-            initrd: "/k/initrd".into(),
-            cmdline: "console=ttyS0 quiet".into(),
-            mem_path: "/dev/shm/a,b/mem".into(),
-            mem_share: true,
-            net: None,
-            agent_socket: "/run/x/agent.sock".into(),
-            qmp_socket: "/run/x/qmp.sock".into(),
-            console_log: "/run/x/console.log".into(),
-            pidfile: "/run/x/pid".into(),
-            accel: Accel::Tcg,
-            incoming: false,
-        }
-    }
-
-    fn joined(s: &VmSpec) -> String {
-        build_qemu_args(s)
-            .map(|a| {
-                a.iter()
-                    .map(|x| x.to_string_lossy().into_owned())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_else(|e| format!("ERR {e}"))
-    }
-
-    #[test]
-    fn args_basic() {
-        let j = joined(&spec());
-        assert!(j.contains("-name forkvm-vm-1,process=forkvm-vm-1"), "{j}");
-        assert!(
-            j.contains("mem-path=/dev/shm/a,,b/mem,share=on"),
-            "comma escaped: {j}"
-        );
-        assert!(j.contains("-accel tcg,thread=multi -cpu max"), "{j}");
-        assert!(j.contains("-append console=ttyS0 quiet"), "{j}");
-        assert!(j.contains("name=forkvm.agent"), "{j}");
-        assert!(j.contains("-daemonize -pidfile /run/x/pid"), "{j}");
-        assert!(!j.contains("-incoming"), "{j}");
-        assert!(!j.contains("virtio-net"), "{j}");
-    }
-
-    #[test]
-    fn args_variants() {
-        let mut s = spec();
-        s.accel = Accel::Kvm;
-        s.incoming = true;
-        s.mem_share = false;
-        s.net = Some(crate::NetSpec {
-            tap: "fvtap0".into(),
-            mac: "02:00:00:aa:bb:cc".into(),
-        });
-        let j = joined(&s);
-        assert!(j.contains("-accel kvm -cpu host"), "{j}");
-        assert!(j.contains("-S -incoming defer"), "{j}");
-        assert!(j.contains("share=off"), "{j}");
-        assert!(
-            j.contains("tap,id=net0,ifname=fvtap0,script=no,downscript=no"),
-            "{j}"
-        );
-        assert!(
-            j.contains("mac=02:00:00:aa:bb:cc,bus=pcie.0,addr=0x2"),
-            "{j}"
-        );
-    }
-
-    type Mutation = Box<dyn Fn(&mut VmSpec)>;
-
-    #[test]
-    fn args_rejects_bad_specs() {
-        let bad: Vec<Mutation> = vec![
-            Box::new(|s| s.id = "a,b".into()),
-            Box::new(|s| s.id = String::new()),
-            Box::new(|s| s.vcpus = 0),
-            Box::new(|s| s.memory_mb = 1),
-            Box::new(|s| s.qmp_socket = "relative.sock".into()),
-            Box::new(|s| s.qmp_socket = format!("/{}", "x".repeat(120)).into()),
-            Box::new(|s| {
-                s.net = Some(crate::NetSpec {
-                    tap: "t0".into(),
-                    mac: "zz:00:00:00:00:00".into(),
-                })
-            }),
-            Box::new(|s| {
-                s.net = Some(crate::NetSpec {
-                    tap: "t0,x".into(),
-                    mac: "02:00:00:00:00:01".into(),
-                })
-            }),
-        ];
-        for (i, f) in bad.iter().enumerate() {
-            let mut s = spec();
-            f(&mut s);
-            assert!(
-                matches!(build_qemu_args(&s), Err(VmmError::InvalidSpec(_))),
-                "case {i} accepted: {}",
-                joined(&s)
-            );
-        }
     }
 }

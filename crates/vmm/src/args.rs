@@ -1,0 +1,321 @@
+//! The QEMU command line of a [`VmSpec`]: checked values, one q35 machine
+//! layout for every boot and restore (device state only loads into the same
+//! layout), and QEMU's option syntax escaped.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::error::VmmError;
+use crate::process::qemu_name;
+use crate::qemu::{AGENT_PORT_NAME, qemu_log_path};
+use crate::{Accel, VmSpec};
+
+/// Unix socket paths longer than this don't fit `sockaddr_un.sun_path`.
+const MAX_SOCKET_PATH: usize = 107;
+// Fixed PCI slots on pcie.0 so a restore with the same device set matches the
+// saved one regardless of which optional devices are present.
+const NET_PCI_ADDR: &str = "0x2";
+const SERIAL_PCI_ADDR: &str = "0x3";
+
+pub(crate) fn invalid(msg: impl Into<String>) -> VmmError {
+    VmmError::InvalidSpec(msg.into())
+}
+
+/// A path as a QEMU option value: absolute, UTF-8, commas doubled (QEMU's
+/// option syntax escapes `,` as `,,`).
+fn opt_path(what: &str, p: &Path) -> Result<String, VmmError> {
+    if !p.is_absolute() {
+        return Err(invalid(format!(
+            "{what} must be an absolute path: {}",
+            p.display()
+        )));
+    }
+    let s = p
+        .to_str()
+        .ok_or_else(|| invalid(format!("{what} is not UTF-8: {}", p.display())))?;
+    Ok(s.replace(',', ",,"))
+}
+
+fn socket_path(what: &str, p: &Path) -> Result<String, VmmError> {
+    if p.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(invalid(format!(
+            "{what} is longer than {MAX_SOCKET_PATH} bytes: {}",
+            p.display()
+        )));
+    }
+    opt_path(what, p)
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// The spec's paths, checked and ready for QEMU's option syntax.
+struct ArgPaths {
+    mem: String,
+    console: String,
+    agent: String,
+    qmp: String,
+    pidfile: String,
+    qemu_log: String,
+    kernel: String,
+    initrd: String,
+}
+
+impl ArgPaths {
+    fn of(spec: &VmSpec) -> Result<Self, VmmError> {
+        Ok(Self {
+            mem: opt_path("mem_path", &spec.mem_path)?,
+            console: opt_path("console_log", &spec.console_log)?,
+            agent: socket_path("agent_socket", &spec.agent_socket)?,
+            qmp: socket_path("qmp_socket", &spec.qmp_socket)?,
+            pidfile: opt_path("pidfile", &spec.pidfile)?,
+            qemu_log: opt_path("console_log", &qemu_log_path(spec))?,
+            kernel: opt_path("kernel", &spec.kernel)?,
+            initrd: opt_path("initrd", &spec.initrd)?,
+        })
+    }
+}
+
+fn validate_spec(spec: &VmSpec) -> Result<(), VmmError> {
+    if !valid_id(&spec.id) {
+        return Err(invalid(format!(
+            "id {:?} must be 1-64 chars of [A-Za-z0-9._-]",
+            spec.id
+        )));
+    }
+    if spec.vcpus == 0 || spec.vcpus > 255 {
+        return Err(invalid(format!(
+            "vcpus {} out of range 1..=255",
+            spec.vcpus
+        )));
+    }
+    if spec.memory_mb < 32 {
+        return Err(invalid(format!("memory_mb {} below 32", spec.memory_mb)));
+    }
+    if let Some(net) = &spec.net {
+        if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains([',', '/', ' ']) {
+            return Err(invalid(format!("bad tap name {:?}", net.tap)));
+        }
+        if !valid_mac(&net.mac) {
+            return Err(invalid(format!("bad mac {:?}", net.mac)));
+        }
+    }
+    Ok(())
+}
+
+/// The full QEMU argument list for `spec` (without the binary).
+pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
+    validate_spec(spec)?;
+    let p = ArgPaths::of(spec)?;
+    let mut a: Vec<String> = Vec::with_capacity(64);
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    machine_args(spec, &p, &mut push);
+    device_args(spec, &p, &mut push);
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,path={},server=on,wait=off", p.qmp),
+    ]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
+    if spec.incoming {
+        push(&["-S", "-incoming", "defer"]);
+    }
+    push(&["-daemonize", "-pidfile", &p.pidfile, "-D", &p.qemu_log]);
+    Ok(a.into_iter().map(OsString::from).collect())
+}
+
+/// Name, machine, CPU, memory backend and kernel.
+fn machine_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
+    let name = qemu_name(&spec.id);
+    push(&["-name", &format!("{name},process={name}")]);
+    push(&["-M", "q35,memory-backend=mem"]);
+    match spec.accel {
+        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+    }
+    push(&["-m", &format!("{}M", spec.memory_mb)]);
+    push(&["-smp", &spec.vcpus.to_string()]);
+    push(&[
+        "-object",
+        &format!(
+            "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+            spec.memory_mb,
+            p.mem,
+            if spec.mem_share { "on" } else { "off" }
+        ),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    // -kernel/-initrd/-append values are taken verbatim (no option parsing).
+    push(&[
+        "-kernel",
+        &p.kernel,
+        "-initrd",
+        &p.initrd,
+        "-append",
+        &spec.cmdline,
+    ]);
+}
+
+/// vmgenid, the serial console, the agent's virtio-serial port and the NIC,
+/// at fixed PCI addresses (device state must load into the same layout).
+fn device_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
+    push(&["-device", "vmgenid,id=vmgenid0,guid=auto"]);
+    push(&["-chardev", &format!("file,id=con,path={},append=on", p.console)]);
+    push(&["-serial", "chardev:con"]);
+    push(&[
+        "-device",
+        &format!("virtio-serial-pci,id=vser0,bus=pcie.0,addr={SERIAL_PCI_ADDR}"),
+    ]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=agent,path={},server=on,wait=off", p.agent),
+    ]);
+    push(&[
+        "-device",
+        &format!("virtserialport,id=agent0,bus=vser0.0,nr=1,chardev=agent,name={AGENT_PORT_NAME}"),
+    ]);
+    if let Some(net) = &spec.net {
+        push(&[
+            "-netdev",
+            &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+        ]);
+        // romfile= (empty): no PXE ROM; we boot with -kernel and it would
+        // only add state to every snapshot.
+        push(&[
+            "-device",
+            &format!(
+                "virtio-net-pci,id=nic0,netdev=net0,mac={},bus=pcie.0,addr={NET_PCI_ADDR},romfile=",
+                net.mac
+            ),
+        ]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "vm-1".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            kernel: "/k/vmlinux".into(),
+            initrd: "/k/initrd".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            mem_path: "/dev/shm/a,b/mem".into(),
+            mem_share: true,
+            net: None,
+            agent_socket: "/run/x/agent.sock".into(),
+            qmp_socket: "/run/x/qmp.sock".into(),
+            console_log: "/run/x/console.log".into(),
+            pidfile: "/run/x/pid".into(),
+            accel: Accel::Tcg,
+            incoming: false,
+        }
+    }
+
+    fn joined(s: &VmSpec) -> String {
+        build_qemu_args(s)
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_else(|e| format!("ERR {e}"))
+    }
+
+    #[test]
+    fn args_basic() {
+        let j = joined(&spec());
+        assert!(j.contains("-name forkvm-vm-1,process=forkvm-vm-1"), "{j}");
+        assert!(
+            j.contains("mem-path=/dev/shm/a,,b/mem,share=on"),
+            "comma escaped: {j}"
+        );
+        assert!(j.contains("-accel tcg,thread=multi -cpu max"), "{j}");
+        assert!(j.contains("-append console=ttyS0 quiet"), "{j}");
+        assert!(j.contains("name=forkvm.agent"), "{j}");
+        assert!(j.contains("-daemonize -pidfile /run/x/pid"), "{j}");
+        assert!(!j.contains("-incoming"), "{j}");
+        assert!(!j.contains("virtio-net"), "{j}");
+    }
+
+    #[test]
+    fn args_variants() {
+        let mut s = spec();
+        s.accel = Accel::Kvm;
+        s.incoming = true;
+        s.mem_share = false;
+        s.net = Some(crate::NetSpec {
+            tap: "fvtap0".into(),
+            mac: "02:00:00:aa:bb:cc".into(),
+        });
+        let j = joined(&s);
+        assert!(j.contains("-accel kvm -cpu host"), "{j}");
+        assert!(j.contains("-S -incoming defer"), "{j}");
+        assert!(j.contains("share=off"), "{j}");
+        assert!(
+            j.contains("tap,id=net0,ifname=fvtap0,script=no,downscript=no"),
+            "{j}"
+        );
+        assert!(
+            j.contains("mac=02:00:00:aa:bb:cc,bus=pcie.0,addr=0x2"),
+            "{j}"
+        );
+    }
+
+    type Mutation = Box<dyn Fn(&mut VmSpec)>;
+
+    #[test]
+    fn args_rejects_bad_specs() {
+        let bad: Vec<Mutation> = vec![
+            Box::new(|s| s.id = "a,b".into()),
+            Box::new(|s| s.id = String::new()),
+            Box::new(|s| s.vcpus = 0),
+            Box::new(|s| s.memory_mb = 1),
+            Box::new(|s| s.qmp_socket = "relative.sock".into()),
+            Box::new(|s| s.qmp_socket = format!("/{}", "x".repeat(120)).into()),
+            Box::new(|s| {
+                s.net = Some(crate::NetSpec {
+                    tap: "t0".into(),
+                    mac: "zz:00:00:00:00:00".into(),
+                })
+            }),
+            Box::new(|s| {
+                s.net = Some(crate::NetSpec {
+                    tap: "t0,x".into(),
+                    mac: "02:00:00:00:00:01".into(),
+                })
+            }),
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut s = spec();
+            f(&mut s);
+            assert!(
+                matches!(build_qemu_args(&s), Err(VmmError::InvalidSpec(_))),
+                "case {i} accepted: {}",
+                joined(&s)
+            );
+        }
+    }
+}
