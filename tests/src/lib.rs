@@ -161,6 +161,8 @@ impl TestEnv {
             .arg(&self.data_dir)
             .args(["--bridge", &self.bridge, "--subnet", &self.subnet])
             .env("FORKVM_MEM_DIR", &self.mem_dir)
+            // Fault injection (FORKVM_TEST_* in daemon_env) needs the switch.
+            .env("FORKVM_TEST_HOOKS", "1")
             .env("RUST_LOG", "info,forkvm=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -5,7 +5,7 @@ use crate::wire::ErrorBody;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use forkvm_core::CoreError;
+use forkvm_core::{CoreError, ErrorKind};
 
 /// An error answer of the API.
 #[derive(Debug, thiserror::Error)]
@@ -45,17 +45,16 @@ impl ApiError {
 }
 
 impl From<CoreError> for ApiError {
+    /// The one place a core error becomes an HTTP status.
     fn from(e: CoreError) -> Self {
-        let status = match &e {
-            CoreError::Invalid(_) => StatusCode::BAD_REQUEST,
-            CoreError::NotFound(_) => StatusCode::NOT_FOUND,
-            CoreError::Conflict(_) => StatusCode::CONFLICT,
-            // 409 rather than 507: hypeman clients know 409, and it is the
-            // caller's request that cannot be satisfied right now.
-            CoreError::Exhausted(_) => StatusCode::CONFLICT,
-            CoreError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
-            CoreError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            CoreError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        let status = match e.kind() {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            // 409 rather than 507 for Exhausted: hypeman clients know 409,
+            // and it is the caller's request that cannot be satisfied now.
+            ErrorKind::Conflict | ErrorKind::Exhausted => StatusCode::CONFLICT,
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.code(), e.to_string())
     }

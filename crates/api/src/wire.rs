@@ -208,6 +208,14 @@ pub struct Handoff {
     #[serde(default)]
     #[schema(example = json!({"resume": 2.1, "network_ready": 18.4, "total": 96.0}))]
     pub stages_ms: BTreeMap<String, f64>,
+    /// Forged, stale or malformed ack datagrams the host ignored (forkvm
+    /// extra; left out when none came).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub forged_acks: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl From<&core::HandoffRecord> for Handoff {
@@ -216,7 +224,12 @@ impl From<&core::HandoffRecord> for Handoff {
             path: h.path.map(Into::into),
             fallback_reason: h.fallback_reason.clone(),
             error: h.error.clone(),
-            stages_ms: h.stages_ms.clone(),
+            stages_ms: h
+                .stages_ms
+                .iter()
+                .map(|(s, ms)| (s.as_str().to_string(), *ms))
+                .collect(),
+            forged_acks: h.forged_acks,
         }
     }
 }
@@ -240,11 +253,11 @@ impl From<&core::Instance> for Instance {
             has_snapshot: i.snapshot_id.is_some(),
             network: InstanceNetwork {
                 enabled: n.enabled,
-                ip: n.ip.clone(),
-                mac: n.mac.clone(),
+                ip: n.ip.map(|ip| ip.to_string()),
+                mac: n.mac.map(|m| m.to_string()),
                 name: n.enabled.then(|| "default".to_string()),
                 tap: n.tap.clone(),
-                gateway: n.gateway.clone(),
+                gateway: n.gateway.map(|ip| ip.to_string()),
                 prefix_len: n.prefix_len,
                 bridge: n.bridge.clone(),
             },
@@ -650,8 +663,8 @@ impl From<&core::Snapshot> for Snapshot {
             memory_mb: s.memory_mb,
             network: SnapshotNetwork {
                 enabled: s.network.enabled,
-                ip: s.network.ip.clone(),
-                mac: s.network.mac.clone(),
+                ip: s.network.ip.map(|ip| ip.to_string()),
+                mac: s.network.mac.map(|m| m.to_string()),
             },
             standby_of: s.standby_of.clone(),
         }
@@ -894,10 +907,10 @@ mod shape_tests {
             entrypoint: vec!["sleep".into(), "9".into()],
             network: core::NetworkInfo {
                 enabled: true,
-                ip: Some("10.88.0.2".into()),
-                mac: Some("02:fc:00:00:00:02".into()),
+                ip: "10.88.0.2".parse().ok(),
+                mac: "02:fc:00:00:00:02".parse().ok(),
                 tap: Some("fvtap0".into()),
-                gateway: Some("10.88.0.1".into()),
+                gateway: "10.88.0.1".parse().ok(),
                 prefix_len: Some(16),
                 bridge: Some("forkvm0".into()),
             },
@@ -1041,8 +1054,8 @@ mod shape_tests {
             cmdline: "console=ttyS0".into(),
             network: core::NetworkInfo {
                 enabled: true,
-                ip: Some("10.88.0.2".into()),
-                mac: Some("02:fc:00:00:00:02".into()),
+                ip: "10.88.0.2".parse().ok(),
+                mac: "02:fc:00:00:00:02".parse().ok(),
                 tap: Some("fvtap0".into()),
                 gateway: None,
                 prefix_len: None,

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use tower::ServiceExt;
 
 async fn manager(dir: &tempfile::TempDir) -> Arc<Manager> {
-    Manager::open(Config {
-        data_dir: dir.path().join("data"),
-        mem_dir: dir.path().join("mem"),
-        bridge: "fvt-none".into(),
-        subnet: "10.250.0.0/24".into(),
-        qemu_bin: "qemu-system-x86_64".into(),
-    })
+    Manager::open(Config::new(
+        dir.path().join("data"),
+        dir.path().join("mem"),
+        "fvt-none",
+        "10.250.0.0/24",
+        "qemu-system-x86_64",
+    ))
     .await
     .expect("open manager")
 }

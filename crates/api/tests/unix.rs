@@ -22,13 +22,13 @@ async fn http_get(path: &std::path::Path, uri: &str) -> String {
 async fn serve_on_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("run/sub/forkvm.sock");
-    let m = Manager::open(Config {
-        data_dir: dir.path().join("data"),
-        mem_dir: dir.path().join("mem"),
-        bridge: "fvt-none".into(),
-        subnet: "10.250.0.0/24".into(),
-        qemu_bin: "qemu-system-x86_64".into(),
-    })
+    let m = Manager::open(Config::new(
+        dir.path().join("data"),
+        dir.path().join("mem"),
+        "fvt-none",
+        "10.250.0.0/24",
+        "qemu-system-x86_64",
+    ))
     .await
     .unwrap();
 

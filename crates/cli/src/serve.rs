@@ -2,9 +2,10 @@
 //! optionally, on TCP with a bearer token, until SIGTERM/SIGINT.
 
 use anyhow::{Context, bail};
-use forkvm_core::{Config, Manager};
+use forkvm_core::{Config, Manager, TestHooks};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -33,6 +34,20 @@ pub struct ServeArgs {
     /// QEMU binary.
     #[arg(long, env = "FORKVM_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// Deadline for a fork to answer on its new address after resume (ms).
+    #[arg(long, env = "FORKVM_HANDOFF_TIMEOUT_MS", default_value_t = 30_000)]
+    pub handoff_timeout_ms: u64,
+    /// Deadline for a fork's mailbox ack before the RPC fallback (ms).
+    #[arg(long, env = "FORKVM_MAILBOX_ACK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub mailbox_ack_timeout_ms: u64,
+    /// Most guest memory (MiB) all VMs with a VMM may have together
+    /// [default: 90 % of host RAM].
+    #[arg(long, env = "FORKVM_MAX_GUEST_MEMORY_MB")]
+    pub max_guest_memory_mb: Option<u64>,
+    /// Log filter for the guest agents of VMs booted from now on (e.g.
+    /// `forkvm_agent=trace`); one plain env-filter token.
+    #[arg(long, env = "FORKVM_GUEST_AGENT_LOG", value_parser = forkvm_core::config::guest_agent_log_filter)]
+    pub guest_agent_log: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -62,11 +77,20 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
 pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let token = token_for(args.listen, std::env::var(TOKEN_ENV).ok())?;
     let cfg = Config {
-        data_dir: args.data_dir.clone(),
-        mem_dir: args.mem_dir.clone(),
-        bridge: args.bridge.clone(),
-        subnet: args.subnet.clone(),
-        qemu_bin: args.qemu.clone(),
+        handoff_timeout: Duration::from_millis(args.handoff_timeout_ms),
+        mailbox_ack_timeout: Duration::from_millis(args.mailbox_ack_timeout_ms),
+        memory_budget_mb: args.max_guest_memory_mb,
+        guest_agent_log: args.guest_agent_log.clone(),
+        test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())
+            .map_err(anyhow::Error::msg)
+            .context("test hooks")?,
+        ..Config::new(
+            args.data_dir.clone(),
+            args.mem_dir.clone(),
+            args.bridge.clone(),
+            args.subnet.clone(),
+            args.qemu.clone(),
+        )
     };
     tracing::info!(data_dir = %cfg.data_dir.display(), mem_dir = %cfg.mem_dir.display(),
         bridge = %cfg.bridge, subnet = %cfg.subnet, qemu = %cfg.qemu_bin.display(), "opening manager");

@@ -1,24 +1,31 @@
-//! One shared way to call the guest agent: a cached connection per instance
-//! and a retry/reconnect wrapper used by every RPC (health, exec, reconfigure).
+//! The guest agent as the core sees it: the [`GuestAgent`] trait (what the
+//! orchestration needs from an agent) and [`AgentLinks`], its implementation
+//! over gRPC on each VM's virtio-serial unix socket.
 //!
-//! QEMU accepts one client at a time on an agent socket, so the daemon keeps
-//! exactly one tonic channel per instance and multiplexes calls over it. When a
-//! call fails at the transport level (guest not serving yet, connection reset
-//! by a restore or a guest reboot, per-try timeout) the channel is dropped and
-//! the call is retried on a fresh connection until the deadline.
+//! QEMU accepts one client at a time on an agent socket, so `AgentLinks`
+//! keeps exactly one tonic channel per instance and multiplexes calls over it.
+//! When a call fails at the transport level (guest not serving yet,
+//! connection reset by a restore or a guest reboot, per-try timeout) the
+//! channel is dropped and the call is retried on a fresh connection until the
+//! deadline.
 
-use crate::error::{CoreError, Result};
+use crate::error::ErrorKind;
+use forkvm_proto::agent as pb;
 use forkvm_proto::agent::agent_client::AgentClient;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-pub type Client = AgentClient<Channel>;
+type Client = AgentClient<Channel>;
+
+/// Boxed future of a [`GuestAgent`] call (keeps the trait object-safe).
+pub type AgentFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, AgentError>> + Send + 'a>>;
 
 /// How one call may be retried.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +45,81 @@ impl CallPolicy {
     }
 }
 
+/// A call to the agent that did not succeed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    /// The agent does not offer this call (an older or foreign agent).
+    #[error("agent does not implement {op}: {message}")]
+    Unimplemented { op: &'static str, message: String },
+    /// The agent refused the request's content.
+    #[error("{op}: {message}")]
+    Rejected { op: &'static str, message: String },
+    /// The agent answered with a failure.
+    #[error("agent {op} failed: {message}")]
+    Failed { op: &'static str, message: String },
+    /// No answer before the deadline (`last`: the last transport error).
+    #[error("agent {op}: guest agent did not answer in time ({last})")]
+    Timeout { op: &'static str, last: String },
+}
+
+impl AgentError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Rejected { .. } => ErrorKind::Invalid,
+            Self::Timeout { .. } => ErrorKind::Timeout,
+            Self::Unimplemented { .. } | Self::Failed { .. } => ErrorKind::Failed,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unimplemented { .. } => "agent_unimplemented",
+            Self::Rejected { .. } => "invalid_request",
+            Self::Failed { .. } => "agent_error",
+            Self::Timeout { .. } => "timeout",
+        }
+    }
+}
+
+/// What the orchestration needs from a VM's guest agent. `id` names the
+/// instance (one cached connection each), `socket` is its agent socket.
+pub trait GuestAgent: Send + Sync {
+    fn health<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::HealthResponse>;
+
+    fn reconfigure_network<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        cfg: pb::NetworkConfig,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, ()>;
+
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        req: pb::ExecRequest,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::ExecResponse>;
+
+    fn set_clock<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        unix_time_ns: i64,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, ()>;
+
+    /// Drop the cached connection of an instance (stop, delete, restore).
+    fn forget(&self, id: &str);
+}
+
+/// [`GuestAgent`] over gRPC, one cached connection per instance.
 #[derive(Default)]
 pub struct AgentLinks {
     links: Mutex<HashMap<String, Client>>,
@@ -52,25 +134,16 @@ fn is_transport(status: &Status) -> bool {
     ) || (status.code() == Code::Internal && status.message().contains("h2"))
 }
 
-fn map_status(op: &str, status: Status) -> CoreError {
+fn map_status(op: &'static str, status: Status) -> AgentError {
+    let message = status.message().to_string();
     match status.code() {
-        Code::Unimplemented => CoreError::NotImplemented(format!(
-            "agent does not implement {op}: {}",
-            status.message()
-        )),
-        Code::InvalidArgument => CoreError::Invalid(format!("{op}: {}", status.message())),
-        _ => CoreError::Internal(format!("agent {op} failed: {}", status.message())),
+        Code::Unimplemented => AgentError::Unimplemented { op, message },
+        Code::InvalidArgument => AgentError::Rejected { op, message },
+        _ => AgentError::Failed { op, message },
     }
 }
 
 impl AgentLinks {
-    /// Drop the cached connection of an instance (stop, delete, restore).
-    pub fn forget(&self, id: &str) {
-        if let Ok(mut l) = self.links.lock() {
-            l.remove(id);
-        }
-    }
-
     fn cached(&self, id: &str) -> Option<Client> {
         self.links.lock().ok().and_then(|l| l.get(id).cloned())
     }
@@ -83,17 +156,17 @@ impl AgentLinks {
 
     /// Run `f` against the instance's agent, reconnecting and retrying
     /// transport failures until `policy.deadline`.
-    pub async fn call<T, F, Fut>(
+    async fn call<T, F, Fut>(
         &self,
         id: &str,
         socket: &Path,
-        op: &str,
+        op: &'static str,
         policy: CallPolicy,
         f: F,
-    ) -> Result<T>
+    ) -> Result<T, AgentError>
     where
         F: Fn(Client) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -110,7 +183,7 @@ impl AgentLinks {
                 };
                 f(client).await
             };
-            let last_err = match tokio::time::timeout(policy.per_try, attempt).await {
+            let last = match tokio::time::timeout(policy.per_try, attempt).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) if !is_transport(&status) => return Err(map_status(op, status)),
                 Ok(Err(status)) => format!("{}: {}", status.code(), status.message()),
@@ -118,13 +191,84 @@ impl AgentLinks {
             };
             self.forget(id);
             if Instant::now() + backoff >= policy.deadline {
-                return Err(CoreError::Timeout(format!(
-                    "agent {op}: guest agent did not answer in time ({last_err})"
-                )));
+                return Err(AgentError::Timeout { op, last });
             }
-            tracing::debug!(instance = id, op, error = %last_err, "agent call failed, retrying");
+            tracing::debug!(instance = id, op, error = %last, "agent call failed, retrying");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
     }
+}
+
+impl GuestAgent for AgentLinks {
+    fn health<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::HealthResponse> {
+        Box::pin(self.call(id, socket, "Health", policy, |mut c| async move {
+            c.health(pb::HealthRequest {}).await
+        }))
+    }
+
+    fn reconfigure_network<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        cfg: pb::NetworkConfig,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, ()> {
+        Box::pin(async move {
+            self.call(id, socket, "ReconfigureNetwork", policy, |mut c| {
+                let cfg = cfg.clone();
+                async move { c.reconfigure_network(cfg).await }
+            })
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn exec<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        req: pb::ExecRequest,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::ExecResponse> {
+        Box::pin(self.call(id, socket, "Exec", policy, move |mut c| {
+            let req = req.clone();
+            async move { c.exec(req).await }
+        }))
+    }
+
+    fn set_clock<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        unix_time_ns: i64,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, ()> {
+        Box::pin(async move {
+            self.call(id, socket, "SetClock", policy, |mut c| async move {
+                c.set_clock(pb::SetClockRequest { unix_time_ns }).await
+            })
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut l) = self.links.lock() {
+            l.remove(id);
+        }
+    }
+}
+
+/// The armed mailbox an agent reports in Health, if any.
+pub(crate) fn mailbox_of(h: &pb::HealthResponse) -> Option<crate::model::MailboxInfo> {
+    (h.mailbox_marker.len() == 16).then(|| crate::model::MailboxInfo {
+        marker: hex::encode(&h.mailbox_marker),
+        gpa: h.mailbox_gpa,
+    })
 }

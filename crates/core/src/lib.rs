@@ -1,20 +1,57 @@
 //! forkvm core: instances, their state machine and persistence, and the
-//! orchestration that ties the hypervisor, host networking and the guest agent
-//! together. The API and CLI crates are thin layers over [`Manager`].
+//! orchestration that ties the hypervisor, host networking and the guest
+//! agent together. The API and CLI crates are thin layers over [`Manager`].
+//!
+//! Where things live (`docs/architecture.md` has the whole map):
+//! - [`model`]: instances, snapshots, the handoff record and its [`Stage`]s;
+//!   every state change is an `Instance::to_*` transition.
+//! - [`manager`]: the façade; it owns the `Services` every operation uses.
+//! - one module per operation: `lifecycle` (create/start/stop/delete),
+//!   `standby`, `restore`, `snapshot`, `fork` (the fork pipeline), `guest`
+//!   (exec, logs, health), `adopt` (reconciliation after a restart, one
+//!   table), `reaper` (VMs that died on their own);
+//! - the steps they share: `capture` (pause → state → memory), `resume`
+//!   (TAP → VMM → state load → resume), `handoff` (mailbox → RPC → exec),
+//!   `teardown`, `capacity`;
+//! - the outside world behind narrow traits: [`forkvm_vmm::Hypervisor`],
+//!   [`netalloc::HostNetwork`], [`agent::GuestAgent`], [`clock::Clock`].
 
+mod adopt;
 pub mod agent;
+mod capacity;
+mod capture;
+pub mod clock;
+pub mod config;
 pub mod error;
 mod fork;
+mod guest;
 mod handoff;
+mod lifecycle;
 pub mod manager;
 pub mod memory;
 pub mod model;
 pub mod netalloc;
+mod orphans;
 pub mod paths;
+mod reaper;
+mod restore;
+mod resume;
+#[cfg(test)]
+mod scenarios;
+mod services;
+mod snapshot;
+mod standby;
 pub mod store;
+mod teardown;
+#[cfg(test)]
+mod testkit;
 
-pub use error::{CoreError, Result};
-pub use manager::{AgentHealth, Config, Manager};
+pub use config::{Config, TestHooks};
+pub use error::{CoreError, ErrorKind, Result};
+pub use fork::MAX_FORK_COUNT;
+pub use guest::AgentHealth;
+pub use handoff::{HandoffError, MailboxFallback};
+pub use manager::{Deps, Manager};
 pub use model::*;
 
 /// Instance names: lowercase letters, digits and dashes, not starting or

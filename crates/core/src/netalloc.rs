@@ -1,41 +1,184 @@
-//! Network identity allocation: IPv4 and MAC from the pool, claimed in the
-//! state store (whose keys make duplicates impossible), and the host side
-//! (bridge, TAP) through forkvm-net.
+//! Network identity: leases (IPv4, MAC, TAP name) claimed in the state store,
+//! whose keys make duplicates impossible, and the host side of each lease (a
+//! TAP port on the bridge) behind the [`HostNetwork`] trait.
 
 use crate::error::{CoreError, Result};
 use crate::model::NetworkInfo;
 use crate::store::{AllocKind, Store};
-use forkvm_net::{BridgeConfig, HostNet, IpPool, Ipv4Cidr, MacAddr};
+use forkvm_mailbox::MacAddr;
+use forkvm_net::{BridgeConfig, HostNet, IpPool, Ipv4Cidr};
+use forkvm_proto::agent as pb;
+use forkvm_proto::boot::BootNetwork;
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::Ipv4Addr;
+use std::pin::Pin;
+use std::sync::Arc;
 
-/// An instance's claimed identity.
-#[derive(Clone, Debug)]
+/// The guest's interface name in every identity forkvm hands out.
+pub const GUEST_INTERFACE: &str = "eth0";
+
+/// An instance's claimed network identity: the one typed form every other
+/// form (boot config, RPC message, mailbox payload, QEMU NIC) is made from.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
     pub ip: Ipv4Addr,
-    pub mac: String,
+    pub mac: MacAddr,
     pub tap: String,
     pub gateway: Ipv4Addr,
     pub prefix_len: u8,
 }
 
 impl Lease {
+    /// The full lease recorded on an instance, if it has one.
+    pub fn of(n: &NetworkInfo) -> Option<Self> {
+        Some(Self {
+            ip: n.ip?,
+            mac: n.mac?,
+            tap: n.tap.clone()?,
+            gateway: n.gateway?,
+            prefix_len: n.prefix_len?,
+        })
+    }
+
     pub fn info(&self, bridge: &str) -> NetworkInfo {
         NetworkInfo {
             enabled: true,
-            ip: Some(self.ip.to_string()),
-            mac: Some(self.mac.clone()),
+            ip: Some(self.ip),
+            mac: Some(self.mac),
             tap: Some(self.tap.clone()),
-            gateway: Some(self.gateway.to_string()),
+            gateway: Some(self.gateway),
             prefix_len: Some(self.prefix_len),
             bridge: Some(bridge.to_string()),
         }
     }
+
+    /// As the agent reads it from the kernel command line at boot.
+    pub fn boot_network(&self) -> BootNetwork {
+        BootNetwork {
+            interface: GUEST_INTERFACE.into(),
+            mac: self.mac.to_string(),
+            ipv4: self.ip.to_string(),
+            prefix_len: self.prefix_len,
+            gateway: self.gateway.to_string(),
+            dns: vec![],
+        }
+    }
+
+    /// As the agent's ReconfigureNetwork RPC takes it.
+    pub fn rpc_config(&self, hostname: &str) -> pb::NetworkConfig {
+        pb::NetworkConfig {
+            interface: GUEST_INTERFACE.into(),
+            mac: self.mac.to_string(),
+            ipv4: self.ip.to_string(),
+            prefix_len: u32::from(self.prefix_len),
+            gateway: self.gateway.to_string(),
+            dns: vec![],
+            hostname: hostname.to_string(),
+        }
+    }
+
+    /// The VM's NIC.
+    pub fn nic(&self) -> forkvm_vmm::NetSpec {
+        forkvm_vmm::NetSpec {
+            tap: self.tap.clone(),
+            mac: self.mac.to_string(),
+        }
+    }
 }
 
-pub struct NetAllocator {
+/// Boxed future of a [`HostNetwork`] call.
+pub type NetFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// The host side of instance networking: one bridge, one TAP port per VM.
+pub trait HostNetwork: Send + Sync {
+    /// The bridge exists with the gateway address (idempotent).
+    fn ensure_bridge(&self) -> NetFuture<'_, ()>;
+    /// TAP `tap` on the bridge, `mac` pinned to its port, and no stale
+    /// neighbour entry left for `ip` (another instance may have had it).
+    fn add_port<'a>(&'a self, tap: &'a str, mac: MacAddr, ip: Ipv4Addr) -> NetFuture<'a, ()>;
+    fn delete_port<'a>(&'a self, tap: &'a str) -> NetFuture<'a, ()>;
+    /// Ports of the bridge; empty when it does not exist yet.
+    fn ports(&self) -> NetFuture<'_, Vec<String>>;
+}
+
+/// [`HostNetwork`] on the real bridge, through netlink in the daemon's
+/// network namespace.
+pub struct BridgeHost {
     host: HostNet,
-    bridge_cfg: BridgeConfig,
+    cfg: BridgeConfig,
+}
+
+impl BridgeHost {
+    pub async fn new(cfg: BridgeConfig) -> Result<Self> {
+        let host = HostNet::new().await.map_err(CoreError::net("netlink"))?;
+        Ok(Self { host, cfg })
+    }
+}
+
+impl HostNetwork for BridgeHost {
+    fn ensure_bridge(&self) -> NetFuture<'_, ()> {
+        Box::pin(async move {
+            self.host
+                .ensure_bridge(&self.cfg)
+                .await
+                .map_err(CoreError::net(format!(
+                    "setting up bridge {}",
+                    self.cfg.name
+                )))
+        })
+    }
+
+    fn add_port<'a>(&'a self, tap: &'a str, mac: MacAddr, ip: Ipv4Addr) -> NetFuture<'a, ()> {
+        Box::pin(async move {
+            let bridge = &self.cfg.name;
+            self.host
+                .create_tap(tap, bridge)
+                .await
+                .map_err(CoreError::net(format!("creating TAP {tap}")))?;
+            self.host
+                .pin_mac(tap, forkvm_net::MacAddr(mac.0))
+                .await
+                .map_err(CoreError::net(format!("pinning MAC on {tap}")))?;
+            self.host
+                .forget_neighbour(bridge, ip)
+                .await
+                .map_err(CoreError::net("flushing neighbour entry"))
+        })
+    }
+
+    fn delete_port<'a>(&'a self, tap: &'a str) -> NetFuture<'a, ()> {
+        Box::pin(async move {
+            self.host
+                .delete_tap(tap)
+                .await
+                .map_err(CoreError::net(format!("deleting TAP {tap}")))
+        })
+    }
+
+    fn ports(&self) -> NetFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let bridge = &self.cfg.name;
+            if !self
+                .host
+                .tap_exists(bridge)
+                .await
+                .map_err(CoreError::net("netlink"))?
+            {
+                return Ok(vec![]);
+            }
+            self.host
+                .list_bridge_ports(bridge)
+                .await
+                .map_err(CoreError::net("listing bridge ports"))
+        })
+    }
+}
+
+/// Leases from the instance subnet, claimed in the store, with their ports
+/// on the host.
+pub struct NetAllocator {
+    host: Arc<dyn HostNetwork>,
     /// The bridge is created on first use, so opening a manager (e.g. in API
     /// tests) never touches the host's network.
     bridge_ready: tokio::sync::OnceCell<()>,
@@ -48,73 +191,70 @@ pub struct NetAllocator {
 /// Bound on claim retries when another allocation wins the race.
 const CLAIM_ATTEMPTS: usize = 64;
 
+/// The subnet and bridge configuration for `subnet`, validated.
+pub fn bridge_config(bridge: &str, subnet: &str) -> Result<BridgeConfig> {
+    let cidr: Ipv4Cidr = subnet
+        .parse()
+        .map_err(|e| CoreError::Invalid(format!("subnet {subnet:?}: {e}")))?;
+    Ok(BridgeConfig::new(bridge, cidr))
+}
+
 impl NetAllocator {
-    pub async fn new(bridge: &str, subnet: &str) -> Result<Self> {
-        let cidr: Ipv4Cidr = subnet
-            .parse()
-            .map_err(|e| CoreError::Invalid(format!("subnet {subnet:?}: {e}")))?;
-        let cfg = BridgeConfig::new(bridge, cidr);
-        let gateway = cfg.gateway;
+    pub fn new(cfg: &BridgeConfig, host: Arc<dyn HostNetwork>) -> Result<Self> {
         let pool = cfg
             .pool()
             .map_err(|e| CoreError::Invalid(format!("bridge configuration: {e}")))?;
-        let host = HostNet::new()
-            .await
-            .map_err(|e| CoreError::internal("netlink", e))?;
         Ok(Self {
             host,
-            bridge_cfg: cfg,
             bridge_ready: tokio::sync::OnceCell::new(),
             pool,
-            cidr,
-            gateway,
-            bridge: bridge.to_string(),
+            cidr: cfg.subnet,
+            gateway: cfg.gateway,
+            bridge: cfg.name.clone(),
         })
     }
 
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    pub fn subnet(&self) -> Ipv4Cidr {
+        self.cidr
+    }
+
     /// The instance's existing claims, or new ones (preferring the previous
-    /// identity when it is still free).
-    pub async fn ensure_lease(
+    /// identity when it is still free). Nothing stays claimed on failure.
+    pub fn ensure_lease(
         &self,
         store: &Store,
         id: &str,
         previous: Option<&NetworkInfo>,
     ) -> Result<Lease> {
         let held = store.allocations_of(id)?;
-        let get = |k: &str| {
+        let get = |k: AllocKind| {
             held.iter()
-                .find(|(kind, _)| kind == k)
+                .find(|(kind, _)| kind == k.as_str())
                 .map(|(_, v)| v.clone())
         };
-        let ip = match get("ip").and_then(|v| v.parse().ok()) {
+        let ip = match get(AllocKind::Ip).and_then(|v| v.parse().ok()) {
             Some(ip) => ip,
-            None => {
-                let pref = previous
-                    .and_then(|p| p.ip.as_deref())
-                    .and_then(|s| s.parse().ok());
-                self.claim_ip(store, id, pref)?
-            }
+            None => self.claim_ip(store, id, previous.and_then(|p| p.ip))?,
         };
-        let mac = match get("mac") {
+        let claimed = get(AllocKind::Mac).and_then(|m| m.parse().ok());
+        let mac = match claimed {
             Some(m) => m,
-            None => {
-                let pref = previous.and_then(|p| p.mac.clone());
-                match self.claim_mac(store, id, pref) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        store.release(AllocKind::Ip, id)?;
-                        return Err(e);
-                    }
-                }
-            }
+            None => self
+                .claim_mac(store, id, previous.and_then(|p| p.mac))
+                .inspect_err(|_| {
+                    let _ = store.release(AllocKind::Ip, id);
+                })?,
         };
-        let tap = match get("tap") {
+        let tap = match get(AllocKind::Tap) {
             Some(t) => t,
             None => {
                 let t = forkvm_net::tap_name_for(id);
                 if !store.try_allocate(AllocKind::Tap, &t, id)? {
-                    store.release(AllocKind::Ip, id)?;
-                    store.release(AllocKind::Mac, id)?;
+                    self.release(store, id)?;
                     return Err(CoreError::Conflict(format!("TAP name {t} is taken")));
                 }
                 t
@@ -153,13 +293,13 @@ impl NetAllocator {
         ))
     }
 
-    fn claim_mac(&self, store: &Store, id: &str, preferred: Option<String>) -> Result<String> {
-        let mut candidate = preferred.filter(|m| m.parse::<MacAddr>().is_ok());
+    fn claim_mac(&self, store: &Store, id: &str, preferred: Option<MacAddr>) -> Result<MacAddr> {
+        let mut candidate = preferred;
         for _ in 0..CLAIM_ATTEMPTS {
             let mac = candidate
                 .take()
-                .unwrap_or_else(|| forkvm_net::random_mac().to_string());
-            if store.try_allocate(AllocKind::Mac, &mac, id)? {
+                .unwrap_or_else(|| MacAddr(forkvm_net::random_mac().0));
+            if store.try_allocate(AllocKind::Mac, &mac.to_string(), id)? {
                 return Ok(mac);
             }
         }
@@ -187,59 +327,27 @@ impl NetAllocator {
         Ok(())
     }
 
-    /// The instance's port: its TAP on the bridge, its MAC pinned to that
-    /// port, and no stale neighbour entry left for its address (another
-    /// instance may have had it before).
+    /// Release the address and TAP name, keeping the MAC (a stopped
+    /// instance keeps its MAC; start claims an address again).
+    pub fn release_address(&self, store: &Store, id: &str) -> Result<()> {
+        store.release(AllocKind::Ip, id)?;
+        store.release(AllocKind::Tap, id)?;
+        Ok(())
+    }
+
+    /// The lease's port on the bridge (the bridge is made on first use).
     pub async fn create_tap(&self, lease: &Lease) -> Result<()> {
         self.bridge_ready
-            .get_or_try_init(|| async {
-                self.host
-                    .ensure_bridge(&self.bridge_cfg)
-                    .await
-                    .map_err(|e| {
-                        CoreError::internal(&format!("setting up bridge {}", self.bridge), e)
-                    })
-            })
+            .get_or_try_init(|| self.host.ensure_bridge())
             .await?;
-        let tap = &lease.tap;
-        self.host
-            .create_tap(tap, &self.bridge)
-            .await
-            .map_err(|e| CoreError::internal(&format!("creating TAP {tap}"), e))?;
-        let mac: MacAddr = lease
-            .mac
-            .parse()
-            .map_err(|e| CoreError::Internal(format!("bad MAC in lease: {e}")))?;
-        self.host
-            .pin_mac(tap, mac)
-            .await
-            .map_err(|e| CoreError::internal(&format!("pinning MAC on {tap}"), e))?;
-        self.host
-            .forget_neighbour(&self.bridge, lease.ip)
-            .await
-            .map_err(|e| CoreError::internal("flushing neighbour entry", e))
+        self.host.add_port(&lease.tap, lease.mac, lease.ip).await
     }
 
     pub async fn delete_tap(&self, tap: &str) -> Result<()> {
-        self.host
-            .delete_tap(tap)
-            .await
-            .map_err(|e| CoreError::internal(&format!("deleting TAP {tap}"), e))
+        self.host.delete_port(tap).await
     }
 
-    /// Ports of our bridge; empty when the bridge does not exist yet.
     pub async fn bridge_ports(&self) -> Result<Vec<String>> {
-        if !self
-            .host
-            .tap_exists(&self.bridge)
-            .await
-            .map_err(|e| CoreError::internal("netlink", e))?
-        {
-            return Ok(vec![]);
-        }
-        self.host
-            .list_bridge_ports(&self.bridge)
-            .await
-            .map_err(|e| CoreError::internal("listing bridge ports", e))
+        self.host.ports().await
     }
 }

@@ -39,12 +39,13 @@ impl InstancePaths {
             agent_socket: self.agent_socket.clone(),
             pidfile: self.pidfile.clone(),
             qemu_log: log.into(),
+            mem_path: self.mem.clone(),
         }
     }
 
     pub fn prepare(&self) -> Result<()> {
         std::fs::create_dir_all(&self.dir)
-            .map_err(|e| CoreError::internal(&format!("create {}", self.dir.display()), e))
+            .map_err(CoreError::io(format!("create {}", self.dir.display())))
     }
 
     pub fn read_pid(&self) -> Option<u32> {
@@ -78,5 +79,47 @@ impl InstancePaths {
                 lines[lines.len().saturating_sub(n)..].join("\n")
             })
             .unwrap_or_default()
+    }
+}
+
+/// Where a snapshot's files live.
+pub struct SnapshotPaths {
+    pub dir: PathBuf,
+    /// Device state written by QEMU's migration.
+    pub state: PathBuf,
+    /// Immutable copy of guest memory (on the tmpfs memory directory).
+    pub mem: PathBuf,
+}
+
+impl SnapshotPaths {
+    pub fn new(data_dir: &Path, mem_dir: &Path, sid: &str) -> Self {
+        let dir = data_dir.join("snapshots").join(sid);
+        Self {
+            state: dir.join("state.bin"),
+            mem: mem_dir.join("snapshots").join(format!("{sid}.mem")),
+            dir,
+        }
+    }
+
+    /// Both directories exist.
+    pub fn prepare(&self) -> Result<()> {
+        for d in [Some(self.dir.as_path()), self.mem.parent()]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::create_dir_all(d).map_err(CoreError::io(format!("create {}", d.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the files (no record, no checks).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.mem);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Bytes the snapshot really occupies on the host.
+    pub fn size_bytes(&self) -> u64 {
+        crate::memory::allocated_bytes(&self.mem) + crate::memory::allocated_bytes(&self.state)
     }
 }

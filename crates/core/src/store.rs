@@ -6,7 +6,7 @@
 //! impossible even under concurrent allocation; releasing is a DELETE, so it
 //! happens exactly once.
 
-use crate::error::{CoreError, Result};
+use crate::error::{CoreError, Result, StoreError};
 use crate::model::{Instance, Snapshot};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -21,7 +21,7 @@ pub enum AllocKind {
 }
 
 impl AllocKind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Ip => "ip",
             Self::Mac => "mac",
@@ -37,7 +37,11 @@ pub struct Store {
 }
 
 fn db_err(e: rusqlite::Error) -> CoreError {
-    CoreError::internal("state store", e)
+    CoreError::Store(StoreError::Db(e))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| CoreError::Store(StoreError::Encode(e)))
 }
 
 impl Store {
@@ -72,21 +76,21 @@ impl Store {
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
-        let conn = self
-            .conn
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.conn
             .lock()
-            .map_err(|_| CoreError::Internal("state store lock poisoned".into()))?;
+            .map_err(|_| CoreError::Store(StoreError::Poisoned))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self.lock()?;
         f(&conn).map_err(db_err)
     }
 
     /// Insert a new instance; a taken name is a Conflict.
     pub fn insert_instance(&self, inst: &Instance) -> Result<()> {
-        let doc = serde_json::to_string(inst).map_err(|e| CoreError::internal("encode", e))?;
-        let conn = self
-            .conn
-            .lock()
-            .map_err(|_| CoreError::Internal("state store lock poisoned".into()))?;
+        let doc = encode(inst)?;
+        let conn = self.lock()?;
         match conn.execute(
             "INSERT INTO instances (id, name, doc) VALUES (?1, ?2, ?3)",
             params![inst.id, inst.name, doc],
@@ -105,7 +109,7 @@ impl Store {
     }
 
     pub fn update_instance(&self, inst: &Instance) -> Result<()> {
-        let doc = serde_json::to_string(inst).map_err(|e| CoreError::internal("encode", e))?;
+        let doc = encode(inst)?;
         let n = self.with(|c| {
             c.execute(
                 "UPDATE instances SET doc = ?2 WHERE id = ?1",
@@ -143,7 +147,7 @@ impl Store {
             )
             .optional()
         })?;
-        doc.map(|d| decode(&d)).transpose()
+        doc.map(|d| decode(&d, "instance")).transpose()
     }
 
     pub fn list_instances(&self) -> Result<Vec<Instance>> {
@@ -152,7 +156,7 @@ impl Store {
             let rows = st.query_map([], |r| r.get(0))?;
             rows.collect()
         })?;
-        docs.iter().map(|d| decode(d)).collect()
+        docs.iter().map(|d| decode(d, "instance")).collect()
     }
 
     /// Claim `value` of `kind` for `instance_id`. Returns false if another
@@ -197,11 +201,8 @@ impl Store {
 
 impl Store {
     pub fn insert_snapshot(&self, snap: &Snapshot) -> Result<()> {
-        let doc = serde_json::to_string(snap).map_err(|e| CoreError::internal("encode", e))?;
-        let conn = self
-            .conn
-            .lock()
-            .map_err(|_| CoreError::Internal("state store lock poisoned".into()))?;
+        let doc = encode(snap)?;
+        let conn = self.lock()?;
         match conn.execute(
             "INSERT INTO snapshots (id, name, doc) VALUES (?1, ?2, ?3)",
             params![snap.id, snap.name, doc],
@@ -222,12 +223,9 @@ impl Store {
     /// Records a standby in one transaction: the snapshot and the instance
     /// that now points at it.
     pub fn commit_standby(&self, snap: &Snapshot, inst: &Instance) -> Result<()> {
-        let snap_doc = serde_json::to_string(snap).map_err(|e| CoreError::internal("encode", e))?;
-        let inst_doc = serde_json::to_string(inst).map_err(|e| CoreError::internal("encode", e))?;
-        let mut conn = self
-            .conn
-            .lock()
-            .map_err(|_| CoreError::Internal("state store lock poisoned".into()))?;
+        let snap_doc = encode(snap)?;
+        let inst_doc = encode(inst)?;
+        let mut conn = self.lock()?;
         let tx = conn.transaction().map_err(db_err)?;
         tx.execute(
             "INSERT INTO snapshots (id, name, doc) VALUES (?1, ?2, ?3)",
@@ -264,10 +262,7 @@ impl Store {
             )
             .optional()
         })?;
-        doc.map(|d| {
-            serde_json::from_str(&d).map_err(|e| CoreError::internal("corrupt snapshot record", e))
-        })
-        .transpose()
+        doc.map(|d| decode(&d, "snapshot")).transpose()
     }
 
     pub fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
@@ -276,17 +271,13 @@ impl Store {
             let rows = st.query_map([], |r| r.get(0))?;
             rows.collect()
         })?;
-        docs.iter()
-            .map(|d| {
-                serde_json::from_str(d)
-                    .map_err(|e| CoreError::internal("corrupt snapshot record", e))
-            })
-            .collect()
+        docs.iter().map(|d| decode(d, "snapshot")).collect()
     }
 }
 
-fn decode(doc: &str) -> Result<Instance> {
-    serde_json::from_str(doc).map_err(|e| CoreError::internal("corrupt instance record", e))
+fn decode<T: serde::de::DeserializeOwned>(doc: &str, what: &'static str) -> Result<T> {
+    serde_json::from_str(doc)
+        .map_err(|source| CoreError::Store(StoreError::Corrupt { what, source }))
 }
 
 #[cfg(test)]
@@ -296,7 +287,14 @@ mod tests {
     use std::sync::Arc;
 
     fn inst(id: &str, name: &str) -> Instance {
-        Instance::created(id.into(), name.into(), "default".into(), 1, 256)
+        Instance::created(
+            id.into(),
+            name.into(),
+            "default".into(),
+            1,
+            256,
+            chrono::Utc::now(),
+        )
     }
 
     #[test]

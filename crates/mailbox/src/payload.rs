@@ -81,7 +81,9 @@ impl Serialize for MacAddr {
 
 impl<'de> Deserialize<'de> for MacAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <&str>::deserialize(d)?;
+        // Owned, not borrowed: also readable from a `serde_json::Value` or
+        // a string with escapes.
+        let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
     }
 }

@@ -1,0 +1,145 @@
+//! Talking to a running guest on a user's behalf: exec, the serial console,
+//! and what the agent reports about itself.
+
+use crate::agent::{CallPolicy, mailbox_of};
+use crate::error::{CoreError, Result};
+use crate::model::{ExecRequest, ExecResult, Instance, InstanceState, MailboxInfo};
+use crate::services::Services;
+use forkvm_proto::agent as pb;
+use std::time::Duration;
+
+fn require_running(inst: &Instance, what: &str) -> Result<()> {
+    if inst.state == InstanceState::Running {
+        return Ok(());
+    }
+    Err(CoreError::Conflict(format!(
+        "instance {} is {}; {what}",
+        inst.name,
+        inst.state.as_str()
+    )))
+}
+
+pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> Result<ExecResult> {
+    let inst = svc.find(id_or_name)?;
+    require_running(&inst, "exec needs a Running instance")?;
+    if req.command.first().is_none_or(|p| p.is_empty()) {
+        return Err(CoreError::Invalid("command must name a program".into()));
+    }
+    let timeout_s = req.timeout_s.unwrap_or(0);
+    let per_try = if timeout_s == 0 {
+        Duration::from_secs(24 * 3600)
+    } else {
+        Duration::from_secs(u64::from(timeout_s) + 10)
+    };
+    let msg = pb::ExecRequest {
+        argv: req.command,
+        env: req.env.into_iter().collect(),
+        stdin: req.stdin.unwrap_or_default().into_bytes(),
+        timeout_ms: timeout_s.saturating_mul(1000),
+        cwd: String::new(),
+    };
+    let t0 = std::time::Instant::now();
+    let resp = svc
+        .agent
+        .exec(
+            &inst.id,
+            &svc.paths(&inst.id).agent_socket,
+            msg,
+            CallPolicy::within(per_try, per_try),
+        )
+        .await?;
+    Ok(ExecResult {
+        exit_code: resp.exit_code,
+        stdout: String::from_utf8_lossy(&resp.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&resp.stderr).into_owned(),
+        timed_out: resp.timed_out,
+        duration_ms: t0.elapsed().as_millis() as u64,
+    })
+}
+
+/// Serial console output; `tail` = last N lines.
+pub(crate) fn logs(svc: &Services, id_or_name: &str, tail: Option<usize>) -> Result<String> {
+    let inst = svc.find(id_or_name)?;
+    let path = svc.paths(&inst.id).console_log;
+    let text = match std::fs::read(&path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(CoreError::io("reading console log")(e)),
+    };
+    Ok(match tail {
+        Some(n) => last_lines(&text, n),
+        None => text,
+    })
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let mut out = lines[start..].join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out
+}
+
+/// What the guest agent says about itself (forkvm extra, for operators and
+/// tests: RPC counters prove which handoff path a fork took).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct AgentHealth {
+    pub version: String,
+    pub boot_id: String,
+    pub uptime_ms: u64,
+    pub hostname: String,
+    pub rpc_counts: std::collections::BTreeMap<String, u64>,
+    pub mailbox: Option<MailboxInfo>,
+    pub mailbox_applied: u64,
+    pub mailbox_rejected: u64,
+    pub mailbox_applied_generation: u64,
+}
+
+pub(crate) async fn agent_health(svc: &Services, id_or_name: &str) -> Result<AgentHealth> {
+    let inst = svc.find(id_or_name)?;
+    require_running(&inst, "its agent is not reachable")?;
+    let h = svc
+        .agent
+        .health(
+            &inst.id,
+            &svc.paths(&inst.id).agent_socket,
+            CallPolicy::within(Duration::from_secs(10), Duration::from_secs(3)),
+        )
+        .await?;
+    Ok(AgentHealth {
+        mailbox: mailbox_of(&h),
+        version: h.version,
+        boot_id: h.boot_id,
+        uptime_ms: h.uptime_ms,
+        hostname: h.hostname,
+        rpc_counts: h.rpc_counts.into_iter().collect(),
+        mailbox_applied: h.mailbox_applied,
+        mailbox_rejected: h.mailbox_rejected,
+        mailbox_applied_generation: h.mailbox_applied_generation,
+    })
+}
+
+/// Step the guest clock to the host's (a restored guest resumes at snapshot
+/// time). Best effort: a guest without the RPC keeps running.
+pub(crate) async fn set_clock(svc: &Services, inst: &Instance) {
+    let now = svc.now().timestamp_nanos_opt().unwrap_or_default();
+    let policy = CallPolicy::within(Duration::from_secs(5), Duration::from_secs(2));
+    let socket = svc.paths(&inst.id).agent_socket;
+    if let Err(e) = svc.agent.set_clock(&inst.id, &socket, now, policy).await {
+        tracing::warn!(instance = %inst.id, error = %e, "setting the guest clock failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_lines;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(last_lines("a\nb", 5), "a\nb\n");
+        assert_eq!(last_lines("", 3), "");
+    }
+}

@@ -1,0 +1,14 @@
+//! The domain model: instances, their network identity, snapshots and the
+//! handoff record, as stored and as returned to API clients.
+
+mod handoff;
+mod instance;
+mod requests;
+mod snapshot;
+mod state;
+
+pub use handoff::{HandoffPath, HandoffRecord, Stage};
+pub use instance::{Instance, MailboxInfo, NetworkInfo};
+pub use requests::{CreateRequest, ExecRequest, ExecResult, ForkRequest};
+pub use snapshot::Snapshot;
+pub use state::InstanceState;

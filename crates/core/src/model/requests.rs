@@ -1,0 +1,54 @@
+//! What clients ask for: create, fork and exec requests, and exec results.
+
+use super::{HandoffPath, InstanceState};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What a client asks for when forking.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ForkRequest {
+    pub name: String,
+    pub from_running: bool,
+    pub target_state: Option<InstanceState>,
+    /// `None` = one fork named `name`; `Some(n)` = forks `name-1..n`.
+    pub count: Option<u32>,
+    /// Default true: return once the fork answers on its new address.
+    pub wait_for_network: Option<bool>,
+    /// Fastest handoff path to try (default mailbox: mailbox → rpc → exec).
+    /// `rpc` skips the mailbox, `exec` goes straight to the shell path
+    /// (benchmarks compare the paths with it).
+    #[serde(default)]
+    pub handoff: Option<HandoffPath>,
+}
+
+/// What a client asks for when creating an instance.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CreateRequest {
+    pub name: String,
+    /// Guest image name; `None` or "default" = the built default image.
+    pub image: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mb: Option<u32>,
+    pub env: BTreeMap<String, String>,
+    pub entrypoint: Vec<String>,
+    /// Default true.
+    pub network_enabled: Option<bool>,
+}
+
+/// A command to run in an instance through the agent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub stdin: Option<String>,
+    pub timeout_s: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}

@@ -1,0 +1,33 @@
+//! Snapshots: device state plus guest memory, enough to rebuild the machine.
+
+use super::{MailboxInfo, NetworkInfo};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A VM snapshot: device state plus an immutable copy of guest memory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: Option<String>,
+    pub source_instance_id: String,
+    pub source_instance_name: String,
+    pub created_at: DateTime<Utc>,
+    /// What a restore needs to rebuild an identical machine.
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub env: BTreeMap<String, String>,
+    pub entrypoint: Vec<String>,
+    /// The kernel command line the source booted with (kept identical).
+    pub cmdline: String,
+    /// The source's network identity at snapshot time.
+    pub network: NetworkInfo,
+    /// Bytes actually used on the host (state file + allocated memory blocks).
+    pub size_bytes: u64,
+    /// Owned by an instance in Standby (deleted when it is restored).
+    pub standby_of: Option<String>,
+    /// The source's mailbox at capture time (forks patch it before resume).
+    #[serde(default)]
+    pub mailbox: Option<MailboxInfo>,
+}

@@ -1,0 +1,152 @@
+//! Restore: a Standby instance back to Running on its own address.
+//!
+//! memory back from the snapshot → TAP → VMM → state load → (a standby
+//! fork: mailbox write) → resume → ready (agent + clock, or a fork's
+//! handoff) → commit (snapshot consumed). A failure before the guest ran
+//! returns the instance to Standby with nothing lost; after it, the
+//! snapshot is spent and the instance is Stopped.
+
+use crate::capacity::{self, Demand};
+use crate::error::{CoreError, Result};
+use crate::handoff;
+use crate::model::{HandoffPath, HandoffRecord, Instance, InstanceState, Snapshot, Stage};
+use crate::paths::SnapshotPaths;
+use crate::services::Services;
+use crate::{resume, teardown};
+use std::time::Instant;
+use tracing::{info, warn};
+
+/// A restore that failed, and whether the guest ran before it did.
+struct RestoreFailure {
+    error: CoreError,
+    guest_ran: bool,
+}
+
+pub(crate) async fn restore(svc: &Services, id_or_name: &str) -> Result<Instance> {
+    let (_guard, mut inst) = svc.lock_instance(id_or_name).await?;
+    if inst.state == InstanceState::Running {
+        return Ok(inst);
+    }
+    let Some(sid) = inst
+        .snapshot_id
+        .clone()
+        .filter(|_| inst.state == InstanceState::Standby)
+    else {
+        return Err(CoreError::Conflict(format!(
+            "instance {} is {}; only a Standby instance can be restored",
+            inst.name,
+            inst.state.as_str()
+        )));
+    };
+    let snap = svc.find_snapshot(&sid)?;
+    capacity::check(
+        svc,
+        Demand {
+            vms: 1,
+            memory_mb: inst.memory_mb,
+            addresses: 0,
+        },
+    )?;
+    let sp = svc.snapshot_paths(&sid);
+    let ip = svc.paths(&inst.id);
+    ip.prepare()?;
+    // The snapshot's memory becomes the instance's again (same tmpfs).
+    std::fs::rename(&sp.mem, &ip.mem)
+        .map_err(CoreError::io("moving guest memory out of the snapshot"))?;
+    let mut rec = HandoffRecord::default();
+    let t = Instant::now();
+    match bring_back(svc, &mut inst, &snap, &sp, &mut rec).await {
+        Ok(()) => {
+            rec.record(Stage::Total, t);
+            inst.snapshot_id = None;
+            if rec.path.is_some() {
+                inst.handoff = Some(rec);
+            }
+            svc.store.update_instance(&inst)?;
+            crate::snapshot::remove(svc, &sid);
+            info!(instance = %inst.id, "instance restored");
+            Ok(inst)
+        }
+        Err(f) if f.guest_ran => spent(svc, &inst, &sid, f.error).await,
+        Err(f) => back_to_standby(svc, &inst, &sp, f.error).await,
+    }
+}
+
+async fn bring_back(
+    svc: &Services,
+    inst: &mut Instance,
+    snap: &Snapshot,
+    sp: &SnapshotPaths,
+    rec: &mut HandoffRecord,
+) -> std::result::Result<(), RestoreFailure> {
+    let before = |error| RestoreFailure {
+        error,
+        guest_ran: false,
+    };
+    let vm = resume::start_paused(svc, inst, rec, &snap.cmdline, &sp.state)
+        .await
+        .map_err(before)?;
+    // A standby fork still carries its source's identity: its restore is
+    // its handoff.
+    let prepared = match inst.pending_handoff {
+        true => Some(
+            handoff::prepare(
+                svc,
+                inst,
+                &vm,
+                snap.mailbox.as_ref(),
+                HandoffPath::Mailbox,
+                rec,
+            )
+            .await,
+        ),
+        false => None,
+    };
+    let resumed_at = resume::resume(svc, &vm, rec).await.map_err(before)?;
+    let after = |error| RestoreFailure {
+        error,
+        guest_ran: true,
+    };
+    match prepared {
+        Some(p) => handoff::complete(svc, inst, rec, p, resumed_at)
+            .await
+            .map_err(after),
+        None => resume::ready_same_identity(svc, inst).await.map_err(after),
+    }
+}
+
+/// The guest ran after the snapshot was taken: its memory no longer matches
+/// the saved device state, so the snapshot is spent. Stopped (a clean boot
+/// on start) beats a standby that would resume into inconsistent memory.
+async fn spent(svc: &Services, inst: &Instance, sid: &str, e: CoreError) -> Result<Instance> {
+    warn!(instance = %inst.id, error = %e, "restore failed after resume; stopping");
+    teardown::stop_vmm(svc, inst).await;
+    crate::snapshot::remove(svc, sid);
+    let mut back = svc.find(&inst.id)?;
+    back.snapshot_id = None;
+    back.to_stopped(
+        Some(format!(
+            "restore failed after the guest resumed (its standby snapshot is spent): {e}"
+        )),
+        svc.now(),
+    );
+    svc.store.update_instance(&back)?;
+    Err(e)
+}
+
+/// Nothing ran: the memory goes back into the snapshot, the instance back
+/// to Standby.
+async fn back_to_standby(
+    svc: &Services,
+    inst: &Instance,
+    sp: &SnapshotPaths,
+    e: CoreError,
+) -> Result<Instance> {
+    warn!(instance = %inst.id, error = %e, "restore failed; back to standby");
+    teardown::stop_vmm_keep_memory(svc, inst).await;
+    let _ = std::fs::rename(svc.paths(&inst.id).mem, &sp.mem);
+    let mut back = svc.find(&inst.id)?;
+    back.back_to_standby(e.to_string());
+    svc.store.update_instance(&back)?;
+    Err(e)
+}

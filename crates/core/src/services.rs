@@ -1,0 +1,153 @@
+//! What every operation works with: the configuration, the store and the
+//! narrow interfaces to the outside (hypervisor, host network, guest agent,
+//! clock), plus the per-instance operation locks. The [`crate::Manager`]
+//! owns one `Services` and hands it to each operation.
+
+use crate::agent::GuestAgent;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{CoreError, Result};
+use crate::model::{Instance, Snapshot};
+use crate::netalloc::NetAllocator;
+use crate::paths::{InstancePaths, SnapshotPaths};
+use crate::store::Store;
+use chrono::{DateTime, Utc};
+use forkvm_vmm::{Accel, Hypervisor, VmHandle, VmSpec};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::OwnedMutexGuard;
+
+pub(crate) struct Services {
+    pub cfg: Config,
+    pub store: Store,
+    pub hv: Arc<dyn Hypervisor>,
+    pub net: NetAllocator,
+    pub agent: Arc<dyn GuestAgent>,
+    pub clock: Arc<dyn Clock>,
+    pub accel: Accel,
+    /// Most guest memory (MiB) all VMs with a VMM may have together.
+    pub memory_budget_mb: u64,
+    pub locks: Locks,
+}
+
+/// Per-instance (and per-snapshot) operation locks: operations on one
+/// instance serialise, different instances proceed in parallel.
+#[derive(Default)]
+pub(crate) struct Locks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Locks {
+    pub async fn acquire(&self, id: &str) -> OwnedMutexGuard<()> {
+        self.of(id).lock_owned().await
+    }
+
+    /// The lock if nobody holds it (background checks skip busy instances).
+    pub fn try_acquire(&self, id: &str) -> Option<OwnedMutexGuard<()>> {
+        self.of(id).try_lock_owned().ok()
+    }
+
+    pub fn forget(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    fn of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        l.entry(id.to_string()).or_default().clone()
+    }
+}
+
+impl Services {
+    pub fn paths(&self, id: &str) -> InstancePaths {
+        InstancePaths::new(&self.cfg.data_dir, &self.cfg.mem_dir, id)
+    }
+
+    pub fn snapshot_paths(&self, sid: &str) -> SnapshotPaths {
+        SnapshotPaths::new(&self.cfg.data_dir, &self.cfg.mem_dir, sid)
+    }
+
+    /// The hypervisor handle of the instance's VMM `pid`.
+    pub fn handle(&self, id: &str, pid: u32) -> VmHandle {
+        self.paths(id).handle(id, pid)
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    pub fn accel_name(&self) -> &'static str {
+        match self.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    /// By id or by name.
+    pub fn find(&self, id_or_name: &str) -> Result<Instance> {
+        self.store
+            .find_instance(id_or_name)?
+            .ok_or_else(|| CoreError::NotFound(format!("instance {id_or_name:?} not found")))
+    }
+
+    pub fn find_snapshot(&self, id_or_name: &str) -> Result<Snapshot> {
+        self.store
+            .find_snapshot(id_or_name)?
+            .ok_or_else(|| CoreError::NotFound(format!("snapshot {id_or_name:?} not found")))
+    }
+
+    /// Finds the instance, takes its lock and reads it again under the lock
+    /// (another operation may have changed it meanwhile).
+    pub async fn lock_instance(&self, id_or_name: &str) -> Result<(OwnedMutexGuard<()>, Instance)> {
+        let id = self.find(id_or_name)?.id;
+        let guard = self.locks.acquire(&id).await;
+        Ok((guard, self.find(&id)?))
+    }
+
+    pub fn load_image(&self, name: &str) -> Result<forkvm_image::GuestImage> {
+        forkvm_image::load_image(&self.cfg.data_dir, name).map_err(|e| match e {
+            forkvm_image::ImageError::NotFound { .. } => CoreError::NotFound(format!(
+                "image {name:?} not found: build it with `forkvm image build`"
+            )),
+            forkvm_image::ImageError::InvalidName(_) => {
+                CoreError::Invalid(format!("invalid image name {name:?}"))
+            }
+            e => CoreError::Image(Box::new(e)),
+        })
+    }
+
+    /// The QEMU machine of an instance: identical for a fresh boot and for
+    /// every restore of its snapshots (only `incoming` differs), which is
+    /// what loading device state requires.
+    pub fn vm_spec(
+        &self,
+        inst: &Instance,
+        image: &forkvm_image::GuestImage,
+        cmdline: &str,
+        incoming: bool,
+    ) -> VmSpec {
+        let paths = self.paths(&inst.id);
+        VmSpec {
+            id: inst.id.clone(),
+            vcpus: inst.vcpus,
+            memory_mb: inst.memory_mb,
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            cmdline: cmdline.to_string(),
+            mem_path: paths.mem,
+            mem_share: true,
+            net: crate::netalloc::Lease::of(&inst.network)
+                .filter(|_| inst.network.enabled)
+                .map(|l| l.nic()),
+            agent_socket: paths.agent_socket,
+            qmp_socket: paths.qmp_socket,
+            console_log: paths.console_log,
+            pidfile: paths.pidfile,
+            accel: self.accel,
+            incoming,
+        }
+    }
+}
+
+/// 16 hex digits: short enough for socket paths and TAP names, random enough
+/// (64 bits) never to collide in practice; the store's primary key decides.
+pub(crate) fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

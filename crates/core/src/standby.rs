@@ -1,0 +1,71 @@
+//! Standby: capture → commit (snapshot + Standby in one transaction) → stop
+//! the VMM and move its memory into the snapshot.
+
+use crate::capture::{CaptureMode, capture};
+use crate::error::{CoreError, Result};
+use crate::model::{Instance, InstanceState};
+use crate::services::Services;
+use crate::teardown;
+use tracing::{info, warn};
+
+/// Pause a Running instance, write its snapshot and stop its VMM.
+pub(crate) async fn standby(svc: &Services, id_or_name: &str) -> Result<Instance> {
+    let (_guard, mut inst) = svc.lock_instance(id_or_name).await?;
+    match inst.state {
+        InstanceState::Running => {}
+        InstanceState::Standby => return Ok(inst),
+        s => {
+            return Err(CoreError::Conflict(format!(
+                "instance {} is {}; only a Running instance can go to Standby",
+                inst.name,
+                s.as_str()
+            )));
+        }
+    }
+    let snap = capture(svc, &inst, None, CaptureMode::Standby).await?.snap;
+    // The commit point: snapshot record and Standby state in one
+    // transaction, while the paused VM and its memory file still exist. A
+    // crash before it leaves a paused Running VM (adoption resumes it);
+    // after it, adoption finishes the standby.
+    let running = inst.clone();
+    inst.to_standby(snap.id.clone(), svc.now());
+    if let Err(e) = svc.store.commit_standby(&snap, &inst) {
+        abandon(svc, &running, &snap.id).await;
+        return Err(e);
+    }
+    svc.cfg.test_hooks.crash_point("standby:committed");
+    finish(svc, &mut inst).await?;
+    info!(instance = %inst.id, snapshot = %snap.id, "instance in standby");
+    Ok(inst)
+}
+
+/// The recorded standby's second half: stop the VMM (keeping the memory
+/// file) and move the memory into the snapshot. Idempotent, so adoption can
+/// finish a standby the daemon died in.
+pub(crate) async fn finish(svc: &Services, inst: &mut Instance) -> Result<()> {
+    let Some(sid) = inst.snapshot_id.clone() else {
+        return Ok(());
+    };
+    let mem = svc.paths(&inst.id).mem;
+    teardown::stop_vmm_keep_memory(svc, inst).await;
+    if mem.exists() {
+        std::fs::rename(&mem, &svc.snapshot_paths(&sid).mem)
+            .map_err(CoreError::io("moving guest memory into the snapshot"))?;
+    }
+    if inst.pid.is_some() {
+        // The TAP is gone with the VMM; the record keeps the claim.
+        inst.vmm_exited();
+        svc.store.update_instance(inst)?;
+    }
+    Ok(())
+}
+
+/// A standby capture that could not be recorded: the VM runs on.
+async fn abandon(svc: &Services, inst: &Instance, sid: &str) {
+    if let Some(pid) = inst.pid
+        && let Err(e) = svc.hv.resume(&svc.handle(&inst.id, pid)).await
+    {
+        warn!(instance = %inst.id, error = %e, "resuming after a failed standby failed");
+    }
+    crate::snapshot::remove(svc, sid);
+}
