@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
+use forkvm_mailbox::MacAddr;
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
@@ -35,7 +36,7 @@ pub struct NetRequest {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetDesired {
     pub interface: String,
-    pub mac: Option<[u8; 6]>,
+    pub mac: Option<MacAddr>,
     pub ipv4: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Option<Ipv4Addr>,
@@ -47,11 +48,11 @@ pub struct NetDesired {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkState {
     pub index: u32,
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
     pub up: bool,
     pub ipv4: Vec<(Ipv4Addr, u8)>,
     /// Resolved IPv4 neighbours on this interface (address, link-layer address).
-    pub neighbours: Vec<(Ipv4Addr, [u8; 6])>,
+    pub neighbours: Vec<(Ipv4Addr, MacAddr)>,
 }
 
 /// What the agent last saw of an interface, kept between forks so the
@@ -62,7 +63,7 @@ pub struct LinkHint {
     pub interface: String,
     pub index: u32,
     /// The gateway and its link-layer address when last resolved.
-    pub gateway: Option<(Ipv4Addr, [u8; 6])>,
+    pub gateway: Option<(Ipv4Addr, MacAddr)>,
 }
 
 impl LinkState {
@@ -72,7 +73,7 @@ impl LinkState {
     pub fn assumed(hint: &LinkHint) -> LinkState {
         LinkState {
             index: hint.index,
-            mac: [0; 6],
+            mac: MacAddr([0; 6]),
             up: false,
             ipv4: vec![(Ipv4Addr::UNSPECIFIED, 0)],
             neighbours: hint.gateway.into_iter().collect(),
@@ -106,7 +107,7 @@ pub async fn read_hint(
 pub enum NetStep {
     /// Live MAC change on an UP link (virtio-net: `IFF_LIVE_ADDR_CHANGE`);
     /// [`apply`] falls back to down/set/up when the driver answers EBUSY.
-    SetMac([u8; 6]),
+    SetMac(MacAddr),
     FlushIpv4,
     AddAddress {
         addr: Ipv4Addr,
@@ -120,13 +121,13 @@ pub enum NetStep {
     /// kernel still re-confirms a STALE entry on use.
     RestoreNeighbour {
         ip: Ipv4Addr,
-        mac: [u8; 6],
+        mac: MacAddr,
     },
     /// Starts ARP for an unresolved gateway now (`NTF_USE`), so the entry is
     /// in place before it is needed — and in every later fork's snapshot.
     ResolveNeighbour(Ipv4Addr),
     GratuitousArp {
-        mac: [u8; 6],
+        mac: MacAddr,
         ip: Ipv4Addr,
     },
     WriteResolvConf(Vec<IpAddr>),
@@ -184,7 +185,12 @@ impl NetRequest {
         let mac = if self.mac.is_empty() {
             None
         } else {
-            Some(parse_mac(&self.mac).ok_or_else(|| NetConfigError::Mac(self.mac.clone()))?)
+            let mac = self
+                .mac
+                .parse::<MacAddr>()
+                .ok()
+                .filter(MacAddr::is_usable_interface_address);
+            Some(mac.ok_or_else(|| NetConfigError::Mac(self.mac.clone()))?)
         };
         let ipv4: Ipv4Addr = self
             .ipv4
@@ -275,30 +281,6 @@ pub fn valid_hostname(h: &str) -> bool {
         })
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`; rejects multicast (and so broadcast) and all-zero.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in out.iter_mut() {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    if parts.next().is_some() || out[0] & 1 == 1 || out == [0; 6] {
-        return None;
-    }
-    Some(out)
-}
-
-pub fn format_mac(m: &[u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
-}
-
 /// Computes the steps that take `current` to `desired`. Pure: no I/O.
 pub fn plan(desired: &NetDesired, current: &LinkState) -> Vec<NetStep> {
     let mut steps = Vec::new();
@@ -381,12 +363,12 @@ pub async fn link_state(handle: &Handle, name: &str) -> Result<LinkState, NetApp
         }
         Err(e) => return Err(nl("get link")(e)),
     };
-    let mut mac = [0u8; 6];
+    let mut mac = MacAddr([0; 6]);
     for attr in &link.attributes {
         if let LinkAttribute::Address(a) = attr
-            && a.len() == 6
+            && let Ok(octets) = <[u8; 6]>::try_from(a.as_slice())
         {
-            mac.copy_from_slice(a);
+            mac = MacAddr(octets);
         }
     }
     let index = link.header.index;
@@ -422,7 +404,7 @@ pub async fn link_state(handle: &Handle, name: &str) -> Result<LinkState, NetApp
 async fn resolved_neighbours(
     handle: &Handle,
     index: u32,
-) -> Result<Vec<(Ipv4Addr, [u8; 6])>, NetApplyError> {
+) -> Result<Vec<(Ipv4Addr, MacAddr)>, NetApplyError> {
     let mut dump = handle
         .neighbours()
         .get()
@@ -443,10 +425,10 @@ async fn resolved_neighbours(
         for attr in &msg.attributes {
             match attr {
                 NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
-                NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
-                    let mut m = [0u8; 6];
-                    m.copy_from_slice(l);
-                    lladdr = Some(m);
+                NeighbourAttribute::LinkLayerAddress(l) => {
+                    if let Ok(octets) = <[u8; 6]>::try_from(l.as_slice()) {
+                        lladdr = Some(MacAddr(octets));
+                    }
                 }
                 _ => {}
             }
@@ -567,7 +549,7 @@ fn us_since(t: Instant) -> u64 {
 pub fn log_configured(desired: &NetDesired, report: &ApplyReport) {
     info!(
         interface = %desired.interface,
-        mac = desired.mac.as_ref().map(format_mac),
+        mac = desired.mac.map(tracing::field::display),
         ipv4 = %desired.ipv4,
         prefix_len = desired.prefix_len,
         steps = report.steps.len(),
@@ -591,7 +573,7 @@ async fn apply_timed(
     for step in steps {
         let t = Instant::now();
         match step {
-            NetStep::SetMac(mac) => set_mac(handle, index, mac).await?,
+            NetStep::SetMac(mac) => set_mac(handle, index, *mac).await?,
             NetStep::FlushIpv4 => {
                 let mut addrs = handle
                     .address()
@@ -645,7 +627,7 @@ async fn apply_timed(
                 if let Err(e) = handle
                     .neighbours()
                     .add(index, IpAddr::V4(*ip))
-                    .link_layer_address(mac)
+                    .link_layer_address(&mac.octets())
                     .state(NeighbourState::Stale)
                     .replace()
                     .execute()
@@ -670,7 +652,7 @@ async fn apply_timed(
             }
             NetStep::GratuitousArp { mac, ip } => {
                 // Best effort: a lost announcement only delays peers' caches.
-                if let Err(e) = send_gratuitous_arp(index, mac, *ip) {
+                if let Err(e) = send_gratuitous_arp(index, *mac, *ip) {
                     warn!(error = %e, "gratuitous ARP failed");
                 }
             }
@@ -697,13 +679,13 @@ async fn apply_timed(
 
 /// Live MAC change; if the driver refuses it on a running link (EBUSY: no
 /// `IFF_LIVE_ADDR_CHANGE`), bounces the link around the change.
-async fn set_mac(handle: &Handle, index: u32, mac: &[u8; 6]) -> Result<(), NetApplyError> {
+async fn set_mac(handle: &Handle, index: u32, mac: MacAddr) -> Result<(), NetApplyError> {
     let set = || {
         handle
             .link()
             .set(
                 LinkUnspec::new_with_index(index)
-                    .address(mac.to_vec())
+                    .address(mac.octets().to_vec())
                     .build(),
             )
             .execute()
@@ -773,17 +755,17 @@ fn write_resolv_conf(dns: &[IpAddr]) -> std::io::Result<()> {
 
 /// Builds a gratuitous ARP request (sender = target = `ip`) as a 60-byte
 /// Ethernet frame (minimum frame size without FCS).
-pub fn gratuitous_arp_frame(mac: &[u8; 6], ip: Ipv4Addr) -> [u8; 60] {
+pub fn gratuitous_arp_frame(mac: MacAddr, ip: Ipv4Addr) -> [u8; 60] {
     let mut f = [0u8; 60];
     f[0..6].copy_from_slice(&[0xff; 6]); // broadcast destination
-    f[6..12].copy_from_slice(mac);
+    f[6..12].copy_from_slice(&mac.octets());
     f[12..14].copy_from_slice(&0x0806u16.to_be_bytes()); // ARP
     f[14..16].copy_from_slice(&1u16.to_be_bytes()); // htype Ethernet
     f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // ptype IPv4
     f[18] = 6;
     f[19] = 4;
     f[20..22].copy_from_slice(&1u16.to_be_bytes()); // request
-    f[22..28].copy_from_slice(mac);
+    f[22..28].copy_from_slice(&mac.octets());
     f[28..32].copy_from_slice(&ip.octets());
     // target hardware address stays zero
     f[38..42].copy_from_slice(&ip.octets());
@@ -792,7 +774,7 @@ pub fn gratuitous_arp_frame(mac: &[u8; 6], ip: Ipv4Addr) -> [u8; 60] {
 
 /// Sends one gratuitous ARP on interface `index` through an AF_PACKET socket.
 /// Hand-built because no dependency in the tree offers raw ARP.
-pub fn send_gratuitous_arp(index: u32, mac: &[u8; 6], ip: Ipv4Addr) -> std::io::Result<()> {
+pub fn send_gratuitous_arp(index: u32, mac: MacAddr, ip: Ipv4Addr) -> std::io::Result<()> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let frame = gratuitous_arp_frame(mac, ip);
     // SAFETY: plain socket(2) call; the result is checked before use.
@@ -842,7 +824,7 @@ mod tests {
         }
     }
 
-    fn state(mac: [u8; 6], up: bool, ipv4: Vec<(Ipv4Addr, u8)>) -> LinkState {
+    fn state(mac: MacAddr, up: bool, ipv4: Vec<(Ipv4Addr, u8)>) -> LinkState {
         LinkState {
             index: 2,
             mac,
@@ -852,8 +834,8 @@ mod tests {
         }
     }
 
-    const NEW_MAC: [u8; 6] = [0x02, 0xfc, 0, 0, 0, 2];
-    const OLD_MAC: [u8; 6] = [0x02, 0xfc, 0, 0, 0, 1];
+    const NEW_MAC: MacAddr = MacAddr([0x02, 0xfc, 0, 0, 0, 2]);
+    const OLD_MAC: MacAddr = MacAddr([0x02, 0xfc, 0, 0, 0, 1]);
     const NEW_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 
     #[test]
@@ -888,10 +870,13 @@ mod tests {
     #[test]
     fn gateway_neighbour_is_restored_after_the_flush_others_are_not() {
         let d = req().validate().unwrap();
-        let gw_mac = [0x02, 0xfd, 10, 0, 0, 1];
+        let gw_mac = MacAddr([0x02, 0xfd, 10, 0, 0, 1]);
         let mut cur = state(OLD_MAC, true, vec![(Ipv4Addr::new(10, 0, 0, 9), 24)]);
         cur.neighbours = vec![
-            (Ipv4Addr::new(10, 0, 0, 7), [0x02, 0xfc, 0, 0, 0, 7]),
+            (
+                Ipv4Addr::new(10, 0, 0, 7),
+                MacAddr([0x02, 0xfc, 0, 0, 0, 7]),
+            ),
             (Ipv4Addr::new(10, 0, 0, 1), gw_mac),
         ];
         let steps = plan(&d, &cur);
@@ -967,7 +952,7 @@ mod tests {
     #[test]
     fn assumed_state_plans_every_step_and_restores_the_hinted_gateway() {
         let d = req().validate().unwrap();
-        let gw_mac = [0x02, 0xfd, 10, 0, 0, 1];
+        let gw_mac = MacAddr([0x02, 0xfd, 10, 0, 0, 1]);
         let hint = LinkHint {
             interface: "eth0".into(),
             index: 2,
@@ -1178,23 +1163,37 @@ mod tests {
     }
 
     #[test]
-    fn mac_format_round_trip() {
-        assert_eq!(
-            format_mac(&parse_mac("02:AB:cd:00:10:ff").unwrap()),
-            "02:ab:cd:00:10:ff"
-        );
-        assert_eq!(parse_mac("00:00:00:00:00:00"), None);
-        assert_eq!(parse_mac("02:00:00:00:00:01:02"), None);
+    fn mac_rules() {
+        let d = NetRequest {
+            mac: "02:AB:cd:00:10:ff".into(),
+            ..req()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(d.mac, Some(MacAddr([0x02, 0xab, 0xcd, 0x00, 0x10, 0xff])));
+        assert_eq!(d.mac.unwrap().to_string(), "02:ab:cd:00:10:ff");
+        for bad in [
+            "00:00:00:00:00:00",
+            "02:00:00:00:00:01:02",
+            "ff:ff:ff:ff:ff:ff",
+            "02-00-00-00-00-01",
+        ] {
+            let r = NetRequest {
+                mac: bad.into(),
+                ..req()
+            };
+            assert_eq!(r.validate(), Err(NetConfigError::Mac(bad.into())));
+        }
     }
 
     #[test]
     fn garp_frame_layout() {
-        let f = gratuitous_arp_frame(&NEW_MAC, NEW_IP);
+        let f = gratuitous_arp_frame(NEW_MAC, NEW_IP);
         assert_eq!(&f[0..6], &[0xff; 6]);
-        assert_eq!(&f[6..12], &NEW_MAC);
+        assert_eq!(&f[6..12], &NEW_MAC.octets());
         assert_eq!(&f[12..14], &[0x08, 0x06]);
         assert_eq!(&f[14..22], &[0, 1, 8, 0, 6, 4, 0, 1]);
-        assert_eq!(&f[22..28], &NEW_MAC);
+        assert_eq!(&f[22..28], &NEW_MAC.octets());
         assert_eq!(&f[28..32], &[10, 0, 0, 2]);
         assert_eq!(&f[32..38], &[0; 6]);
         assert_eq!(&f[38..42], &[10, 0, 0, 2]);
