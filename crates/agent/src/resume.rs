@@ -32,7 +32,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::mailbox::{self, Mailbox, REJECT_APPLY_FAILED, REJECT_DUPLICATE_GENERATION};
-use crate::netconf::{self, LinkHint, NetRequest};
+use crate::netconf::{self, LinkHint, NetDesired};
 use crate::rpc::AgentState;
 
 /// Boot env flag: arm and report the mailbox but never apply a payload (the
@@ -411,29 +411,9 @@ async fn handle(
         return None;
     }
     let decoded_us = us_since(seen.at);
-    let Payload {
-        interface,
-        mac,
-        ipv4,
-        prefix_len,
-        gateway,
-        dns,
-        hostname,
-        host_time_unix_ns,
-        mut rng_seed,
-        ack,
-    } = payload;
-
-    let request = NetRequest {
-        interface,
-        mac: mac.to_string(),
-        ipv4: ipv4.to_string(),
-        prefix_len: u32::from(prefix_len),
-        gateway: gateway.to_string(),
-        dns: dns.iter().map(ToString::to_string).collect(),
-        hostname,
-    };
-    let desired = match request.validate() {
+    // Typed all the way: the decoder already parsed and validated the
+    // payload; the agent's own rules are re-checked on the typed fields.
+    let desired = match NetDesired::from_payload(&payload) {
         Ok(d) => d,
         Err(e) => {
             // The mailbox validation is stricter; this would be a bug.
@@ -442,6 +422,15 @@ async fn handle(
             return None;
         }
     };
+    // The network fields now live in `desired`; the rest is for after it.
+    let Payload {
+        mac,
+        ipv4,
+        host_time_unix_ns,
+        mut rng_seed,
+        ack,
+        ..
+    } = payload;
     // Only what the new address needs; the rest runs after the first ack.
     let mut report = match state.configure_network_part(netlink, &desired, hint).await {
         Ok(r) => r,

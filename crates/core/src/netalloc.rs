@@ -137,7 +137,7 @@ impl HostNetwork for BridgeHost {
                 .await
                 .map_err(CoreError::net(format!("creating TAP {tap}")))?;
             self.host
-                .pin_mac(tap, forkvm_net::MacAddr(mac.0))
+                .pin_mac(tap, mac)
                 .await
                 .map_err(CoreError::net(format!("pinning MAC on {tap}")))?;
             self.host
@@ -296,9 +296,7 @@ impl NetAllocator {
     fn claim_mac(&self, store: &Store, id: &str, preferred: Option<MacAddr>) -> Result<MacAddr> {
         let mut candidate = preferred;
         for _ in 0..CLAIM_ATTEMPTS {
-            let mac = candidate
-                .take()
-                .unwrap_or_else(|| MacAddr(forkvm_net::random_mac().0));
+            let mac = candidate.take().unwrap_or_else(forkvm_net::random_mac);
             if store.try_allocate(AllocKind::Mac, &mac.to_string(), id)? {
                 return Ok(mac);
             }

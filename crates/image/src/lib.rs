@@ -252,7 +252,13 @@ pub fn build_image(
         .prefix(&format!(".build-{name}-"))
         .tempdir_in(&images_dir)
         .map_err(|e| ImageError::io(&images_dir, e))?;
-    let size = write_initrd(&tmp.path().join(INITRD_FILE), inputs, &agent, &busybox, &kernel)?;
+    let size = write_initrd(
+        &tmp.path().join(INITRD_FILE),
+        inputs,
+        &agent,
+        &busybox,
+        &kernel,
+    )?;
     progress.bytes(size, Some(size));
 
     progress.stage("installing kernel");

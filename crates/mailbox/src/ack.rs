@@ -16,7 +16,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::AckError;
-use crate::payload::{AckKey, MacAddr};
+use crate::mac::MacAddr;
+use crate::payload::AckKey;
 
 pub const ACK_MAGIC: [u8; 8] = *b"FVMACK\0\x01";
 /// Bytes covered by the tag.

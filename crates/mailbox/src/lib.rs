@@ -61,6 +61,7 @@ mod ack;
 mod error;
 mod layout;
 mod locate;
+mod mac;
 mod payload;
 
 pub use ack::{ACK_LEN, ACK_MAGIC, ACK_SIGNED_LEN, Ack, ack_encode, ack_verify};
@@ -74,7 +75,7 @@ pub use layout::{
     write_guest_report,
 };
 pub use locate::{locate_at, scan, scan_file};
+pub use mac::{MacAddr, MacParseError};
 pub use payload::{
-    AckKey, AckTarget, MAX_DNS_SERVERS, MAX_HOSTNAME_LEN, MAX_IFNAME_LEN, MacAddr, MacParseError,
-    Payload, Seed,
+    AckKey, AckTarget, MAX_DNS_SERVERS, MAX_HOSTNAME_LEN, MAX_IFNAME_LEN, Payload, Seed,
 };

@@ -2,11 +2,11 @@
 
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::FieldError;
+use crate::mac::{MacAddr, hex_val};
 
 /// Longest Linux interface name (IFNAMSIZ − 1).
 pub const MAX_IFNAME_LEN: usize = 15;
@@ -14,88 +14,6 @@ pub const MAX_IFNAME_LEN: usize = 15;
 pub const MAX_DNS_SERVERS: usize = 3;
 /// Longest hostname the kernel accepts (HOST_NAME_MAX).
 pub const MAX_HOSTNAME_LEN: usize = 64;
-
-/// An Ethernet MAC address; JSON form `"02:00:00:00:00:01"` (lowercase on output,
-/// either case accepted on input, exactly six colon-separated pairs).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    /// True when the group bit is clear (so also not broadcast).
-    pub fn is_unicast(&self) -> bool {
-        self.0[0] & 0x01 == 0
-    }
-    pub fn is_zero(&self) -> bool {
-        self.0 == [0; 6]
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl fmt::Debug for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MacAddr({self})")
-    }
-}
-
-/// Error parsing a [`MacAddr`] from text.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("MAC address must be six colon-separated hex pairs")]
-pub struct MacParseError;
-
-impl FromStr for MacAddr {
-    type Err = MacParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let b = s.as_bytes();
-        if b.len() != 17 {
-            return Err(MacParseError);
-        }
-        let mut out = [0u8; 6];
-        for (i, byte) in out.iter_mut().enumerate() {
-            let at = i * 3;
-            if i > 0 && b[at - 1] != b':' {
-                return Err(MacParseError);
-            }
-            let hi = hex_val(b[at]).ok_or(MacParseError)?;
-            let lo = hex_val(b[at + 1]).ok_or(MacParseError)?;
-            *byte = (hi << 4) | lo;
-        }
-        Ok(MacAddr(out))
-    }
-}
-
-impl Serialize for MacAddr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for MacAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Owned, not borrowed: also readable from a `serde_json::Value` or
-        // a string with escapes.
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
 
 // Hand-rolled 32-byte hex codec: two tiny functions instead of another
 // dependency (the crate's allowed dependency list is fixed).
@@ -570,21 +488,5 @@ mod tests {
         let s = format!("{:?}", ok());
         assert!(!s.contains("0707") && !s.contains("[7, 7"), "{s}");
         assert!(s.contains("AckKey(<redacted>)"));
-    }
-
-    #[test]
-    fn mac_parse() {
-        assert_eq!(
-            "AA:bb:0c:dd:ee:0f".parse::<MacAddr>(),
-            Ok(MacAddr([0xaa, 0xbb, 0x0c, 0xdd, 0xee, 0x0f]))
-        );
-        for bad in [
-            "aa:bb:cc:dd:ee",
-            "aa:bb:cc:dd:ee:fg",
-            "aa-bb-cc-dd-ee-ff",
-            "aa:bb:cc:dd:ee:ff:",
-        ] {
-            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
-        }
     }
 }

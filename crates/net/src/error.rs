@@ -73,9 +73,15 @@ pub enum NetError {
     #[error("invalid IPv4 CIDR {0:?}")]
     InvalidCidr(String),
 
-    /// A MAC address string did not parse.
-    #[error("invalid MAC address {0:?}")]
-    InvalidMac(String),
+    /// A MAC address string did not parse (the rules are
+    /// [`forkvm_mailbox::MacAddr`]'s; this wraps its parse error for callers
+    /// that report net errors).
+    #[error("invalid MAC address {text:?}")]
+    InvalidMac {
+        text: String,
+        #[source]
+        source: forkvm_mailbox::MacParseError,
+    },
 
     /// A bridge or pool configuration is inconsistent.
     #[error("invalid network configuration: {0}")]

@@ -178,7 +178,10 @@ fn machine_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
 /// at fixed PCI addresses (device state must load into the same layout).
 fn device_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
     push(&["-device", "vmgenid,id=vmgenid0,guid=auto"]);
-    push(&["-chardev", &format!("file,id=con,path={},append=on", p.console)]);
+    push(&[
+        "-chardev",
+        &format!("file,id=con,path={},append=on", p.console),
+    ]);
     push(&["-serial", "chardev:con"]);
     push(&[
         "-device",

@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 pub use accel::{
     ACCEL_ENV, PROBE_MARKER, PROBE_TIMEOUT, detect_accel, detect_accel_with, probe_boot,
 };
+pub use args::build_qemu_args;
 pub use error::VmmError;
 pub use process::{is_qemu_for, qemu_name};
-pub use args::build_qemu_args;
 pub use qemu::{AGENT_PORT_NAME, QemuHypervisor, qemu_log_path, stderr_log_path};
 pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};
 

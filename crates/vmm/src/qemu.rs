@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::error::VmmError;
 use crate::args::{build_qemu_args, invalid};
+use crate::error::VmmError;
 use crate::process::{PidFd, is_qemu_for};
 use crate::qmp::QmpClient;
 use crate::{Hypervisor, RunState, VmHandle, VmSpec, VmmFuture};
