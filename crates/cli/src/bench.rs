@@ -1364,4 +1364,149 @@ mod tests {
         v.sort_by_key(|s| stage_rank(s));
         assert_eq!(v, ["snapshot", "resume", "network_ready", "total", "zzz"]);
     }
+
+    /// A report with every kind of row: two measured paths and one without
+    /// samples, stages the display order knows and one it does not, a
+    /// fan-out, two memory sizes and a failure.
+    fn fixture_report() -> Report {
+        let sum = |n, median: f64| {
+            Some(Summary {
+                n,
+                min: median / 2.0,
+                median,
+                p90: median * 1.5,
+                max: median * 2.0,
+            })
+        };
+        let path = |path, n, ready: f64, stages: &[(&str, f64)]| PathResult {
+            path,
+            api_ms: sum(n, ready + 100.0),
+            request_to_ready_ms: sum(n, ready + 50.0),
+            resume_to_ready_ms: sum(n, ready),
+            stage_medians_ms: stages.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            agent_rpc_counts: None,
+            samples: vec![],
+        };
+        let mut mailbox = path(
+            "mailbox",
+            2,
+            7.25,
+            &[
+                ("total", 90.0),
+                ("zzz_new", 1.0),
+                ("snapshot", 30.5),
+                ("resume", 2.0),
+            ],
+        );
+        mailbox.agent_rpc_counts = Some(BTreeMap::from([("Health".to_string(), 3)]));
+        mailbox.samples.push(fake("mailbox", 7.25, 90.0));
+        let mem = |size_mb, t: f64, b: f64| MemoryResult {
+            size_mb,
+            source_boot_ms: 1500.0,
+            forks: 3,
+            median_total_ms: Some(t),
+            median_request_to_ready_ms: Some(t + 10.0),
+            median_mem_file_bytes: Some(b),
+            median_qemu_private_bytes: (size_mb < 1024).then_some(b / 2.0),
+            source_mem_file_bytes: Some(b * 4.0),
+            fork_time_ratio: None,
+            request_to_ready_ratio: None,
+            mem_file_ratio: None,
+            qemu_private_ratio: None,
+        };
+        let mut memory = vec![
+            mem(256, 120.0, 8.0 * 1048576.0),
+            mem(1024, 150.0, 9.5 * 1048576.0),
+        ];
+        memory_ratios(&mut memory);
+        Report {
+            machine: Machine {
+                date: "2026-01-01T00:00:00Z".into(),
+                cores: 2,
+                cpu: "Test CPU".into(),
+                accel: Some("kvm".into()),
+                qemu_version: "QEMU emulator version 7.2.0".into(),
+                host_kernel: "6.1.0".into(),
+                guest_kernel: None,
+            },
+            reps: 2,
+            source_boot_ms: 1234.5,
+            paths: vec![
+                mailbox,
+                path("rpc", 1, 55.0, &[("total", 140.0), ("network_ready", 55.0)]),
+                PathResult {
+                    api_ms: None,
+                    request_to_ready_ms: None,
+                    resume_to_ready_ms: None,
+                    ..path("exec", 0, 0.0, &[])
+                },
+            ],
+            ratios: BTreeMap::from([
+                ("mailbox_over_rpc".to_string(), Some(0.1318)),
+                ("mailbox_over_exec".to_string(), None),
+                ("request_rpc_over_exec".to_string(), Some(12.0)),
+            ]),
+            fanout: vec![FanoutResult {
+                k: 4,
+                ok: 3,
+                request_ms: 480.0,
+                snapshot_ms: Some(25.0),
+                resume_to_ready_ms: sum(3, 9.0),
+                total_ms: None,
+                request_to_ready_ms: sum(3, 300.0),
+                verified: 2,
+            }],
+            memory,
+            failures: vec!["fo4-4: no free address".into()],
+            wall_s: 61.4,
+        }
+    }
+
+    /// What [`render`] prints for [`fixture_report`].
+    const FIXTURE_TEXT: &str = "\
+forkvm bench fork — 2026-01-01T00:00:00Z
+machine: 2 cores (Test CPU), accel kvm, QEMU emulator version 7.2.0, host kernel 6.1.0, guest kernel ?
+source boot (256 MiB, create → Running): 1234 ms; wall time 61 s
+
+Handoff paths (2 rounds, one fork per path per round, interleaved; ms)
+path     metric          n  median  p90   max
+mailbox  api round trip  2  107     161   214
+         request→ready   2  57.2    85.9  114
+         resume→ready    2  7.25    10.9  14.5
+rpc      api round trip  1  155     232   310
+         request→ready   1  105     158   210
+         resume→ready    1  55.0    82.5  110
+exec     api round trip  0  -       -     -
+         request→ready   0  -       -     -
+         resume→ready    0  -       -     -
+
+Stage medians (ms)
+stage          mailbox  rpc   exec
+snapshot       30.5     -     -
+resume         2.00     -     -
+network_ready  -        55.0  -
+total          90.0     140   -
+zzz_new        1.00     -     -
+
+Ratios of medians
+  resume→ready:   mailbox/rpc 0.13x  mailbox/exec n/a  rpc/exec n/a
+  request→ready:  mailbox/rpc n/a  mailbox/exec n/a  rpc/exec 12.0x
+
+Fan-out (one request, count k, default path; ms; per-fork med/p90/max)
+k  ok  request  snapshot  resume→ready    fork total  request→ready  http ok
+4  3   480      25.0      9.00/13.5/18.0  -           300/450/600    2
+
+Memory scaling (3 forks per size, one request; medians; ratios vs the smallest size)
+size      boot     fork total  request→ready  mem file/fork  QEMU private/fork  source mem file  time ratio  mem ratio (file/private)
+256 MiB   1500 ms  120 ms      130 ms         8.0 MiB        4.0 MiB            32.0 MiB         1.00x       1.00x/1.00x
+1024 MiB  1500 ms  150 ms      160 ms         9.5 MiB        -                  38.0 MiB         1.25x       1.19x/n/a
+
+Failures (1):
+  - fo4-4: no free address
+";
+
+    #[test]
+    fn report_text_layout() {
+        assert_eq!(render(&fixture_report()), FIXTURE_TEXT);
+    }
 }
