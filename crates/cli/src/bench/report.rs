@@ -229,8 +229,9 @@ fn render_failures(r: &Report) -> String {
 
 /// Fork stage names in pipeline order, for display (stages not listed sort
 /// after these, by name). Mirrors the names `forkvm_core`'s fork pipeline
-/// records in `handoff.stages_ms`; to be replaced by the core's typed stage
-/// list once it has one.
+/// records in `handoff.stages_ms` (`crates/core/src/fork.rs`). When the core
+/// has a typed stage enum, this line becomes its ordered list of names:
+/// [`stage_rank`] only needs a `&[&str]`.
 const STAGE_ORDER: &[&str] = &[
     "snapshot",
     "allocate",
@@ -256,6 +257,7 @@ fn stage_rank(s: &str) -> (usize, String) {
     )
 }
 
+/// Rows as left-aligned columns two spaces apart, trailing spaces trimmed.
 fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0; cols];
@@ -277,6 +279,7 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The n, median, p90 and max cells of a summary; "0" and dashes without one.
 fn summary_cells(s: &Option<Summary>) -> [String; 4] {
     match s {
         Some(s) => [
