@@ -1,0 +1,225 @@
+//! Snapshots: the snapshot as returned by the API, the create and list
+//! parameters, and the compression options snapshot and standby requests
+//! accept.
+
+use crate::error::ApiError;
+use chrono::{DateTime, Utc};
+use forkvm_core as core;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::{IntoParams, ToSchema};
+
+/// Snapshot kind (hypeman's SnapshotKind). forkvm snapshots are always
+/// `Standby` (memory and device state of a running VM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum SnapshotKind {
+    Standby,
+    Stopped,
+}
+
+/// `POST /instances/{id}/snapshots` body (hypeman's SnapshotCreateParams).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotCreateParams {
+    /// Only `Standby` is supported; `Stopped` is answered with 400 `unsupported`.
+    pub kind: SnapshotKind,
+    /// Lowercase letters, digits and dashes; ≤ 63.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Not supported yet: non-empty tags are answered with 501.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<BTreeMap<String, String>>,
+    /// Not supported: `{"enabled": true}` is answered with 400 `unsupported`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub compression: Option<serde_json::Value>,
+}
+
+impl SnapshotCreateParams {
+    /// Validate; returns the snapshot name to pass to the core.
+    pub fn validate(self) -> Result<Option<String>, ApiError> {
+        if let Some(n) = &self.name {
+            core::validate_name(n)?;
+        }
+        if self.kind == SnapshotKind::Stopped {
+            return Err(ApiError::unsupported(
+                "\"Stopped\" snapshots (disk only) are not supported yet: use kind \"Standby\"",
+            ));
+        }
+        if self.tags.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::unsupported("snapshot tags are not supported yet"));
+        }
+        reject_compression(self.compression.as_ref())?;
+        Ok(self.name)
+    }
+}
+
+/// Snapshot compression (hypeman's SnapshotCompressionConfig) is accepted
+/// when it asks for nothing; enabling it gets a 400 `unsupported` rather than
+/// being ignored.
+pub fn reject_compression(c: Option<&serde_json::Value>) -> Result<(), ApiError> {
+    if c.and_then(|c| c.get("enabled"))
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+    {
+        return Err(ApiError::unsupported(
+            "snapshot compression is not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// Optional body of `POST /instances/{id}/standby` (hypeman's
+/// InstanceStandbyParams; its client always sends at least `{}`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct InstanceStandbyParams {
+    /// Not supported: `{"enabled": true}` is answered with 400 `unsupported`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub compression: Option<serde_json::Value>,
+    /// Accepted and ignored (there is no compression to delay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression_delay: Option<String>,
+}
+
+/// forkvm: the network identity a snapshot carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotNetwork {
+    pub enabled: bool,
+    pub ip: Option<String>,
+    pub mac: Option<String>,
+}
+
+/// A snapshot as returned by the API (hypeman's Snapshot plus forkvm extras).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub id: String,
+    pub created_at: DateTime<Utc>,
+    /// Always `Standby`: memory and device state of a running VM.
+    pub kind: SnapshotKind,
+    /// Bytes used on the host (device state plus allocated memory blocks).
+    pub size_bytes: u64,
+    /// Always "qemu".
+    #[schema(example = "qemu")]
+    pub source_hypervisor: String,
+    pub source_instance_id: String,
+    pub source_instance_name: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// forkvm: guest image of the source.
+    #[serde(default)]
+    pub image: String,
+    /// forkvm: vCPUs of the source (forks get the same).
+    #[serde(default)]
+    pub vcpus: u32,
+    /// forkvm: memory of the source in MiB (forks get the same).
+    #[serde(default)]
+    pub memory_mb: u32,
+    /// forkvm: the source's network identity at snapshot time.
+    #[serde(default)]
+    pub network: SnapshotNetwork,
+    /// forkvm: set when this is the state of an instance in Standby (it
+    /// goes away when that instance is restored or deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_of: Option<String>,
+}
+
+impl From<&core::Snapshot> for Snapshot {
+    fn from(s: &core::Snapshot) -> Self {
+        Self {
+            id: s.id.clone(),
+            created_at: s.created_at,
+            kind: SnapshotKind::Standby,
+            size_bytes: s.size_bytes,
+            source_hypervisor: "qemu".into(),
+            source_instance_id: s.source_instance_id.clone(),
+            source_instance_name: s.source_instance_name.clone(),
+            name: s.name.clone(),
+            image: s.image.clone(),
+            vcpus: s.vcpus,
+            memory_mb: s.memory_mb,
+            network: SnapshotNetwork {
+                enabled: s.network.enabled,
+                ip: s.network.ip.map(|ip| ip.to_string()),
+                mac: s.network.mac.map(|m| m.to_string()),
+            },
+            standby_of: s.standby_of.clone(),
+        }
+    }
+}
+
+/// Query of `GET /snapshots` (hypeman's SnapshotListParams; `tags` is ignored).
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SnapshotListQuery {
+    /// Only snapshots of this kind.
+    pub kind: Option<SnapshotKind>,
+    /// Only snapshots with this name.
+    pub name: Option<String>,
+    /// Only snapshots of this source instance (id).
+    pub source_instance_id: Option<String>,
+}
+
+impl SnapshotListQuery {
+    pub fn matches(&self, s: &Snapshot) -> bool {
+        self.kind.is_none_or(|k| k == s.kind)
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|n| s.name.as_ref() == Some(n))
+            && self
+                .source_instance_id
+                .as_ref()
+                .is_none_or(|id| *id == s.source_instance_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_shape_parses_as_hypeman_snapshot() {
+        let core_snap = core::Snapshot {
+            id: "s-1".into(),
+            name: Some("warm".into()),
+            source_instance_id: "i-1".into(),
+            source_instance_name: "web-1".into(),
+            created_at: DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
+            image: "default".into(),
+            vcpus: 1,
+            memory_mb: 256,
+            env: Default::default(),
+            entrypoint: vec![],
+            cmdline: "console=ttyS0".into(),
+            network: core::NetworkInfo {
+                enabled: true,
+                ip: "10.88.0.2".parse().ok(),
+                mac: "02:fc:00:00:00:02".parse().ok(),
+                tap: Some("fvtap0".into()),
+                gateway: None,
+                prefix_len: None,
+                bridge: None,
+            },
+            size_bytes: 4096,
+            standby_of: None,
+            mailbox: None,
+        };
+        let v = serde_json::to_value(Snapshot::from(&core_snap)).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(
+            r#"{"id":"s-1","created_at":"2026-01-01T00:00:00Z","kind":"Standby","size_bytes":4096,
+                "source_hypervisor":"qemu","source_instance_id":"i-1","source_instance_name":"web-1",
+                "name":"warm","image":"default","vcpus":1,"memory_mb":256,
+                "network":{"enabled":true,"ip":"10.88.0.2","mac":"02:fc:00:00:00:02"}}"#,
+        )
+        .unwrap();
+        assert_eq!(v, expected);
+        let q = SnapshotListQuery {
+            source_instance_id: Some("i-9".into()),
+            ..Default::default()
+        };
+        assert!(!q.matches(&Snapshot::from(&core_snap)));
+        assert!(SnapshotListQuery::default().matches(&Snapshot::from(&core_snap)));
+    }
+}
