@@ -29,7 +29,7 @@ impl From<ForkTargetState> for core::InstanceState {
 }
 
 /// Most forks one request may ask for.
-pub const MAX_FORK_COUNT: u32 = 64;
+pub use forkvm_core::MAX_FORK_COUNT;
 
 /// `POST /instances/{id}/fork` body: hypeman's InstanceForkParams plus the
 /// forkvm extras `count` and `wait_for_network`.
