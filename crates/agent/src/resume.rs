@@ -17,6 +17,7 @@
 //! * a 1 s periodic check, the last resort (it also re-checks the GPA and
 //!   keeps the link hint fresh).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::IoSlice;
 use std::io::{Read, Seek, SeekFrom};
@@ -216,47 +217,113 @@ async fn run(
     if disabled {
         info!("mailbox apply disabled by boot env; payloads will be left unapplied");
     }
-    let mut sigio = match signal(SignalKind::io()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(error = %e, "no SIGIO stream; resume watcher relies on kmsg and polling");
-            None
-        }
-    };
-    let mut kmsg = spawn_kmsg_reader();
-    let mut tick = tokio::time::interval(PERIODIC_CHECK);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut told_disabled = false;
-    let mut link = HintKeeper {
-        watched,
-        hint: None,
-        ticks: 0,
-    };
-    link.refresh(&netlink).await;
-    let mut ack_sock = ack_socket()
-        .inspect_err(|e| warn!(error = %e, "no ack socket yet; made when a payload comes"))
-        .ok();
-    // Recent wakes that found no payload (kind, µs, state word), logged with
-    // the next payload: shows which signal fired first and what it saw.
-    let mut misses: std::collections::VecDeque<(Wake, u64, u32)> =
-        std::collections::VecDeque::with_capacity(MISSES_KEPT);
+    let mut wakes = WakeSources::new();
+    let mut watcher = Watcher::start(state, mb, watched, netlink, disabled).await;
     loop {
-        let wake = tokio::select! {
+        let wake = wakes.next().await;
+        let Some(seen) = watcher.look(wake).await else {
+            continue;
+        };
+        if watcher.ignore_if_disabled(wake) {
+            continue;
+        }
+        watcher.take(seen).await;
+        watcher.rearm_later().await;
+    }
+}
+
+/// What wakes the watcher; a source that fails is dropped (logged).
+struct WakeSources {
+    sigio: Option<Signal>,
+    kmsg: Option<mpsc::Receiver<()>>,
+    tick: tokio::time::Interval,
+}
+
+impl WakeSources {
+    fn new() -> Self {
+        let sigio = match signal(SignalKind::io()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "no SIGIO stream; resume watcher relies on kmsg and polling");
+                None
+            }
+        };
+        let kmsg = spawn_kmsg_reader();
+        let mut tick = tokio::time::interval(PERIODIC_CHECK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self { sigio, kmsg, tick }
+    }
+
+    async fn next(&mut self) -> Wake {
+        tokio::select! {
             // Fixed order so the logged wake is the earliest-class source.
             biased;
             () = crate::port::host_events().notified() => Wake::PortEvent,
-            () = next_sigio(&mut sigio) => Wake::Sigio,
-            () = next_kmsg(&mut kmsg) => Wake::Kmsg,
-            _ = tick.tick() => Wake::Periodic,
+            () = next_sigio(&mut self.sigio) => Wake::Sigio,
+            () = next_kmsg(&mut self.kmsg) => Wake::Kmsg,
+            _ = self.tick.tick() => Wake::Periodic,
+        }
+    }
+}
+
+/// The watcher's state between wakes.
+struct Watcher {
+    state: Arc<AgentState>,
+    mb: Arc<Mailbox>,
+    netlink: rtnetlink::Handle,
+    /// [`DISABLE_MAILBOX_ENV`]: payloads are seen but left unapplied.
+    disabled: bool,
+    told_disabled: bool,
+    link: HintKeeper,
+    ack_sock: Option<Arc<UdpSocket>>,
+    /// Recent wakes that found no payload (kind, µs, state word), logged with
+    /// the next payload: shows which signal fired first and what it saw.
+    misses: VecDeque<(Wake, u64, u32)>,
+}
+
+impl Watcher {
+    /// Reads the link hint and makes the ack socket, before any payload.
+    async fn start(
+        state: Arc<AgentState>,
+        mb: Arc<Mailbox>,
+        watched: Option<Watched>,
+        netlink: rtnetlink::Handle,
+        disabled: bool,
+    ) -> Self {
+        let mut link = HintKeeper {
+            watched,
+            hint: None,
+            ticks: 0,
         };
+        link.refresh(&netlink).await;
+        let ack_sock = ack_socket()
+            .inspect_err(|e| warn!(error = %e, "no ack socket yet; made when a payload comes"))
+            .ok();
+        Self {
+            state,
+            mb,
+            netlink,
+            disabled,
+            told_disabled: false,
+            link,
+            ack_sock,
+            misses: VecDeque::with_capacity(MISSES_KEPT),
+        }
+    }
+
+    /// Reads the page's state word at a wake. `Some` when there is a payload
+    /// to handle (WRITTEN, or a clobbered page that decode will reject).
+    /// Without one, a periodic wake does the idle upkeep and a kmsg or port
+    /// wake polls briefly; other wakes that still find none are remembered.
+    async fn look(&mut self, wake: Wake) -> Option<Seen> {
         let mut seen = Instant::now();
         let mut seen_us = monotonic_us();
-        let mut word = mb.state_word();
+        let mut word = self.mb.state_word();
         if wake == Wake::Periodic && word != MailboxState::WRITTEN_WORD {
-            if let Err(e) = mb.check_gpa() {
+            if let Err(e) = self.mb.check_gpa() {
                 debug!(error = %e, "GPA re-check failed");
             }
-            link.tick(&netlink).await;
+            self.link.tick(&self.netlink).await;
         }
         if matches!(wake, Wake::Kmsg | Wake::PortEvent) && word != MailboxState::WRITTEN_WORD {
             // A resume-like event; a host patch may become visible a moment
@@ -264,7 +331,7 @@ async fn run(
             let end = Instant::now() + KMSG_FOLLOWUP_FOR;
             while word != MailboxState::WRITTEN_WORD && Instant::now() < end {
                 tokio::time::sleep(KMSG_FOLLOWUP_EVERY).await;
-                word = mb.state_word();
+                word = self.mb.state_word();
             }
             seen = Instant::now();
             seen_us = monotonic_us();
@@ -277,58 +344,68 @@ async fn run(
             | MailboxState::REJECTED_WORD
             | 0 => {
                 if wake != Wake::Periodic {
-                    if misses.len() == MISSES_KEPT {
-                        misses.pop_front();
+                    if self.misses.len() == MISSES_KEPT {
+                        self.misses.pop_front();
                     }
-                    misses.push_back((wake, seen_us, word));
+                    self.misses.push_back((wake, seen_us, word));
                 }
-                continue;
+                return None;
             }
             // Anything else is a clobbered page: decode rejects it below.
             _ => {}
         }
-        if disabled {
-            if !told_disabled {
-                info!(
-                    ?wake,
-                    "mailbox payload seen but apply is disabled; ignoring"
-                );
-                told_disabled = true;
-            }
-            continue;
-        }
-        state.crash_if_asked();
-        if ack_sock.is_none() {
-            ack_sock = ack_socket()
-                .inspect_err(|e| warn!(error = %e, "ack socket failed; no ack sent"))
-                .ok();
-        }
-        let seen = Seen {
+        Some(Seen {
             wake,
             at: seen,
             us: seen_us,
-        };
+        })
+    }
+
+    /// True (and said once) when apply is disabled: the payload stays WRITTEN.
+    fn ignore_if_disabled(&mut self, wake: Wake) -> bool {
+        if self.disabled && !self.told_disabled {
+            info!(
+                ?wake,
+                "mailbox payload seen but apply is disabled; ignoring"
+            );
+            self.told_disabled = true;
+        }
+        self.disabled
+    }
+
+    /// Handles the payload and updates the interface the link hint follows.
+    async fn take(&mut self, seen: Seen) {
+        self.state.crash_if_asked();
+        if self.ack_sock.is_none() {
+            self.ack_sock = ack_socket()
+                .inspect_err(|e| warn!(error = %e, "ack socket failed; no ack sent"))
+                .ok();
+        }
         // `handle` logs the payload once the ack is out: nothing slow before it.
         if let Some(applied) = handle(
-            &state,
-            &netlink,
-            &mb,
+            &self.state,
+            &self.netlink,
+            &self.mb,
             seen,
-            link.hint.as_ref(),
-            ack_sock.clone(),
+            self.link.hint.as_ref(),
+            self.ack_sock.clone(),
         )
         .await
         {
-            link.watched = Some(applied);
+            self.link.watched = Some(applied);
         }
-        if !misses.is_empty() {
-            info!(?misses, "wakes before this payload that found none");
-            misses.clear();
+        if !self.misses.is_empty() {
+            info!(misses = ?self.misses, "wakes before this payload that found none");
+            self.misses.clear();
         }
+    }
+
+    /// Leaves the outcome on the page for [`REARM_DELAY`], then re-arms.
+    async fn rearm_later(&mut self) {
         tokio::time::sleep(REARM_DELAY).await;
         // The gateway is resolved by now (the ack went through it).
-        link.refresh(&netlink).await;
-        match mb.rearm() {
+        self.link.refresh(&self.netlink).await;
+        match self.mb.rearm() {
             Ok((marker, gpa)) => info!(
                 marker = %mailbox::hex(&marker.0),
                 gpa = format_args!("{gpa:#x}"),
