@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -198,7 +198,42 @@ pub async fn run(
     out: mpsc::Sender<ExecEvent>,
 ) -> Result<ExecOutcome, ExecError> {
     let program = spec.argv.first().ok_or(ExecError::EmptyArgv)?.clone();
-    let mut cmd = Command::new(&program);
+    let mut cmd = command(&program, &spec);
+    let (mut child, exit_rx) = reaper.spawn(&mut cmd).map_err(|source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = Pid::from_raw(child.id() as i32);
+    debug!(pid = pid.as_raw(), %program, "exec started");
+
+    let stdout = child.stdout.take().map(pipe_rx).transpose()?;
+    let stderr = child.stderr.take().map(pipe_rx).transpose()?;
+    if let Some(stdin) = child.stdin.take() {
+        feed_stdin(stdin, spec.stdin)?;
+    }
+    let running = Running {
+        pid,
+        program,
+        stdout,
+        stderr,
+        exit_rx: Some(exit_rx),
+    };
+    let deadline = spec.timeout.map(|t| Instant::now() + t);
+    let outcome = running.wait(deadline, &out).await?;
+    debug!(
+        pid = pid.as_raw(),
+        code = outcome.exit.code,
+        signal = outcome.exit.signal,
+        timed_out = outcome.timed_out,
+        "exec finished"
+    );
+    Ok(outcome)
+}
+
+/// The command for `spec`: only the given environment, output piped, and its
+/// own process group, so a timeout kills `sh -c` *and* what it started.
+fn command(program: &str, spec: &ExecSpec) -> Command {
+    let mut cmd = Command::new(program);
     cmd.args(&spec.argv[1..])
         .env_clear()
         .envs(&spec.env)
@@ -209,103 +244,105 @@ pub async fn run(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Own process group, so a timeout kills `sh -c` *and* what it started.
         .process_group(0);
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
-    let (mut child, exit_rx) = reaper.spawn(&mut cmd).map_err(|source| ExecError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
-    let pid = Pid::from_raw(child.id() as i32);
-    let kill_group = || {
-        if let Err(e) = killpg(pid, Signal::SIGKILL)
-            && e != Errno::ESRCH
-        {
-            warn!(pid = pid.as_raw(), error = %e, "killpg failed");
-        }
-    };
-    debug!(pid = pid.as_raw(), %program, "exec started");
+    cmd
+}
 
-    let mut stdout = match child.stdout.take() {
-        Some(s) => Some(pipe_rx(s)?),
-        None => None,
-    };
-    let mut stderr = match child.stderr.take() {
-        Some(s) => Some(pipe_rx(s)?),
-        None => None,
-    };
-    if let Some(stdin) = child.stdin.take() {
-        let mut tx = pipe::Sender::from_owned_fd(stdin.into()).map_err(ExecError::Pipe)?;
-        let data = spec.stdin;
-        tokio::spawn(async move {
-            // EPIPE is normal when the child does not read all of its input.
-            let _ = tx.write_all(&data).await;
-        });
+/// Writes `data` to the child's stdin from a task, then closes it.
+fn feed_stdin(stdin: ChildStdin, data: Vec<u8>) -> Result<(), ExecError> {
+    let mut tx = pipe::Sender::from_owned_fd(stdin.into()).map_err(ExecError::Pipe)?;
+    tokio::spawn(async move {
+        // EPIPE is normal when the child does not read all of its input.
+        let _ = tx.write_all(&data).await;
+    });
+    Ok(())
+}
+
+/// SIGKILL to the child's process group (already gone is fine).
+fn kill_group(pid: Pid) {
+    if let Err(e) = killpg(pid, Signal::SIGKILL)
+        && e != Errno::ESRCH
+    {
+        warn!(pid = pid.as_raw(), error = %e, "killpg failed");
     }
+}
 
-    let deadline = spec.timeout.map(|t| Instant::now() + t);
-    let mut timed_out = false;
-    let mut exit: Option<ExitInfo> = None;
-    let mut exit_rx = Some(exit_rx);
-    let mut drain_until: Option<Instant> = None;
-    let mut obuf = vec![0u8; 64 << 10];
-    let mut ebuf = vec![0u8; 64 << 10];
-    let mut out_open = true;
+/// A spawned child as [`run`] waits on it: its output pipes (`None` once at
+/// EOF) and its exit status from the [`Reaper`] (`None` once received).
+struct Running {
+    pid: Pid,
+    program: String,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+    exit_rx: Option<oneshot::Receiver<ExitInfo>>,
+}
 
-    loop {
-        if exit.is_some() && stdout.is_none() && stderr.is_none() {
-            break;
-        }
-        let timeout_at = deadline.filter(|_| !timed_out && exit.is_none());
-        tokio::select! {
-            Some(chunk) = read_chunk(&mut stdout, &mut obuf), if stdout.is_some() => {
-                if out_open && out.send(ExecEvent::Stdout(chunk)).await.is_err() {
-                    out_open = false;
-                    kill_group();
-                }
-            }
-            Some(chunk) = read_chunk(&mut stderr, &mut ebuf), if stderr.is_some() => {
-                if out_open && out.send(ExecEvent::Stderr(chunk)).await.is_err() {
-                    out_open = false;
-                    kill_group();
-                }
-            }
-            st = async {
-                match exit_rx.as_mut() {
-                    Some(rx) => rx.await,
-                    None => std::future::pending().await,
-                }
-            }, if exit_rx.is_some() => {
-                exit_rx = None;
-                exit = Some(st.map_err(|_| ExecError::StatusLost)?);
-                drain_until = Some(Instant::now() + DRAIN_GRACE);
-            }
-            _ = tokio::time::sleep_until(timeout_at.unwrap_or_else(Instant::now)), if timeout_at.is_some() => {
-                info!(pid = pid.as_raw(), %program, "exec timed out; killing process group");
-                timed_out = true;
-                kill_group();
-            }
-            _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => {
-                debug!(pid = pid.as_raw(), "output still open after exit; not waiting for it");
+impl Running {
+    /// Forwards output to `out` until the child has exited and its pipes are
+    /// closed (or [`DRAIN_GRACE`] after the exit); kills the process group at
+    /// `deadline` or when `out` closes.
+    async fn wait(
+        mut self,
+        deadline: Option<Instant>,
+        out: &mpsc::Sender<ExecEvent>,
+    ) -> Result<ExecOutcome, ExecError> {
+        let pid = self.pid;
+        let mut timed_out = false;
+        let mut exit: Option<ExitInfo> = None;
+        let mut drain_until: Option<Instant> = None;
+        let mut obuf = vec![0u8; 64 << 10];
+        let mut ebuf = vec![0u8; 64 << 10];
+        let mut out_open = true;
+
+        loop {
+            if exit.is_some() && self.stdout.is_none() && self.stderr.is_none() {
                 break;
             }
-            _ = out.closed(), if out_open => {
-                out_open = false;
-                kill_group();
+            let timeout_at = deadline.filter(|_| !timed_out && exit.is_none());
+            tokio::select! {
+                Some(chunk) = read_chunk(&mut self.stdout, &mut obuf), if self.stdout.is_some() => {
+                    if out_open && out.send(ExecEvent::Stdout(chunk)).await.is_err() {
+                        out_open = false;
+                        kill_group(pid);
+                    }
+                }
+                Some(chunk) = read_chunk(&mut self.stderr, &mut ebuf), if self.stderr.is_some() => {
+                    if out_open && out.send(ExecEvent::Stderr(chunk)).await.is_err() {
+                        out_open = false;
+                        kill_group(pid);
+                    }
+                }
+                st = async {
+                    match self.exit_rx.as_mut() {
+                        Some(rx) => rx.await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.exit_rx.is_some() => {
+                    self.exit_rx = None;
+                    exit = Some(st.map_err(|_| ExecError::StatusLost)?);
+                    drain_until = Some(Instant::now() + DRAIN_GRACE);
+                }
+                _ = tokio::time::sleep_until(timeout_at.unwrap_or_else(Instant::now)), if timeout_at.is_some() => {
+                    info!(pid = pid.as_raw(), program = %self.program, "exec timed out; killing process group");
+                    timed_out = true;
+                    kill_group(pid);
+                }
+                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => {
+                    debug!(pid = pid.as_raw(), "output still open after exit; not waiting for it");
+                    break;
+                }
+                _ = out.closed(), if out_open => {
+                    out_open = false;
+                    kill_group(pid);
+                }
             }
         }
+        let exit = exit.ok_or(ExecError::StatusLost)?;
+        Ok(ExecOutcome { exit, timed_out })
     }
-    let exit = exit.ok_or(ExecError::StatusLost)?;
-    debug!(
-        pid = pid.as_raw(),
-        code = exit.code,
-        signal = exit.signal,
-        timed_out,
-        "exec finished"
-    );
-    Ok(ExecOutcome { exit, timed_out })
 }
 
 /// Collected output of [`run_collect`].

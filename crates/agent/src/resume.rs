@@ -17,6 +17,7 @@
 //! * a 1 s periodic check, the last resort (it also re-checks the GPA and
 //!   keeps the link hint fresh).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::IoSlice;
 use std::io::{Read, Seek, SeekFrom};
@@ -25,14 +26,14 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use forkvm_mailbox::{GuestReport, MailboxState, Payload, Seed};
+use forkvm_mailbox::{AckTarget, GuestReport, MacAddr, MailboxError, MailboxState, Payload, Seed};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::mailbox::{self, Mailbox, REJECT_APPLY_FAILED, REJECT_DUPLICATE_GENERATION};
-use crate::netconf::{self, LinkHint, NetDesired};
+use crate::netconf::{self, ApplyReport, LinkHint, NetDesired};
 use crate::rpc::AgentState;
 
 /// Boot env flag: arm and report the mailbox but never apply a payload (the
@@ -216,47 +217,113 @@ async fn run(
     if disabled {
         info!("mailbox apply disabled by boot env; payloads will be left unapplied");
     }
-    let mut sigio = match signal(SignalKind::io()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            warn!(error = %e, "no SIGIO stream; resume watcher relies on kmsg and polling");
-            None
-        }
-    };
-    let mut kmsg = spawn_kmsg_reader();
-    let mut tick = tokio::time::interval(PERIODIC_CHECK);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut told_disabled = false;
-    let mut link = HintKeeper {
-        watched,
-        hint: None,
-        ticks: 0,
-    };
-    link.refresh(&netlink).await;
-    let mut ack_sock = ack_socket()
-        .inspect_err(|e| warn!(error = %e, "no ack socket yet; made when a payload comes"))
-        .ok();
-    // Recent wakes that found no payload (kind, µs, state word), logged with
-    // the next payload: shows which signal fired first and what it saw.
-    let mut misses: std::collections::VecDeque<(Wake, u64, u32)> =
-        std::collections::VecDeque::with_capacity(MISSES_KEPT);
+    let mut wakes = WakeSources::new();
+    let mut watcher = Watcher::start(state, mb, watched, netlink, disabled).await;
     loop {
-        let wake = tokio::select! {
+        let wake = wakes.next().await;
+        let Some(seen) = watcher.look(wake).await else {
+            continue;
+        };
+        if watcher.ignore_if_disabled(wake) {
+            continue;
+        }
+        watcher.take(seen).await;
+        watcher.rearm_later().await;
+    }
+}
+
+/// What wakes the watcher; a source that fails is dropped (logged).
+struct WakeSources {
+    sigio: Option<Signal>,
+    kmsg: Option<mpsc::Receiver<()>>,
+    tick: tokio::time::Interval,
+}
+
+impl WakeSources {
+    fn new() -> Self {
+        let sigio = match signal(SignalKind::io()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "no SIGIO stream; resume watcher relies on kmsg and polling");
+                None
+            }
+        };
+        let kmsg = spawn_kmsg_reader();
+        let mut tick = tokio::time::interval(PERIODIC_CHECK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self { sigio, kmsg, tick }
+    }
+
+    async fn next(&mut self) -> Wake {
+        tokio::select! {
             // Fixed order so the logged wake is the earliest-class source.
             biased;
             () = crate::port::host_events().notified() => Wake::PortEvent,
-            () = next_sigio(&mut sigio) => Wake::Sigio,
-            () = next_kmsg(&mut kmsg) => Wake::Kmsg,
-            _ = tick.tick() => Wake::Periodic,
+            () = next_sigio(&mut self.sigio) => Wake::Sigio,
+            () = next_kmsg(&mut self.kmsg) => Wake::Kmsg,
+            _ = self.tick.tick() => Wake::Periodic,
+        }
+    }
+}
+
+/// The watcher's state between wakes.
+struct Watcher {
+    state: Arc<AgentState>,
+    mb: Arc<Mailbox>,
+    netlink: rtnetlink::Handle,
+    /// [`DISABLE_MAILBOX_ENV`]: payloads are seen but left unapplied.
+    disabled: bool,
+    told_disabled: bool,
+    link: HintKeeper,
+    ack_sock: Option<Arc<UdpSocket>>,
+    /// Recent wakes that found no payload (kind, µs, state word), logged with
+    /// the next payload: shows which signal fired first and what it saw.
+    misses: VecDeque<(Wake, u64, u32)>,
+}
+
+impl Watcher {
+    /// Reads the link hint and makes the ack socket, before any payload.
+    async fn start(
+        state: Arc<AgentState>,
+        mb: Arc<Mailbox>,
+        watched: Option<Watched>,
+        netlink: rtnetlink::Handle,
+        disabled: bool,
+    ) -> Self {
+        let mut link = HintKeeper {
+            watched,
+            hint: None,
+            ticks: 0,
         };
+        link.refresh(&netlink).await;
+        let ack_sock = ack_socket()
+            .inspect_err(|e| warn!(error = %e, "no ack socket yet; made when a payload comes"))
+            .ok();
+        Self {
+            state,
+            mb,
+            netlink,
+            disabled,
+            told_disabled: false,
+            link,
+            ack_sock,
+            misses: VecDeque::with_capacity(MISSES_KEPT),
+        }
+    }
+
+    /// Reads the page's state word at a wake. `Some` when there is a payload
+    /// to handle (WRITTEN, or a clobbered page that decode will reject).
+    /// Without one, a periodic wake does the idle upkeep and a kmsg or port
+    /// wake polls briefly; other wakes that still find none are remembered.
+    async fn look(&mut self, wake: Wake) -> Option<Seen> {
         let mut seen = Instant::now();
         let mut seen_us = monotonic_us();
-        let mut word = mb.state_word();
+        let mut word = self.mb.state_word();
         if wake == Wake::Periodic && word != MailboxState::WRITTEN_WORD {
-            if let Err(e) = mb.check_gpa() {
+            if let Err(e) = self.mb.check_gpa() {
                 debug!(error = %e, "GPA re-check failed");
             }
-            link.tick(&netlink).await;
+            self.link.tick(&self.netlink).await;
         }
         if matches!(wake, Wake::Kmsg | Wake::PortEvent) && word != MailboxState::WRITTEN_WORD {
             // A resume-like event; a host patch may become visible a moment
@@ -264,7 +331,7 @@ async fn run(
             let end = Instant::now() + KMSG_FOLLOWUP_FOR;
             while word != MailboxState::WRITTEN_WORD && Instant::now() < end {
                 tokio::time::sleep(KMSG_FOLLOWUP_EVERY).await;
-                word = mb.state_word();
+                word = self.mb.state_word();
             }
             seen = Instant::now();
             seen_us = monotonic_us();
@@ -277,58 +344,68 @@ async fn run(
             | MailboxState::REJECTED_WORD
             | 0 => {
                 if wake != Wake::Periodic {
-                    if misses.len() == MISSES_KEPT {
-                        misses.pop_front();
+                    if self.misses.len() == MISSES_KEPT {
+                        self.misses.pop_front();
                     }
-                    misses.push_back((wake, seen_us, word));
+                    self.misses.push_back((wake, seen_us, word));
                 }
-                continue;
+                return None;
             }
             // Anything else is a clobbered page: decode rejects it below.
             _ => {}
         }
-        if disabled {
-            if !told_disabled {
-                info!(
-                    ?wake,
-                    "mailbox payload seen but apply is disabled; ignoring"
-                );
-                told_disabled = true;
-            }
-            continue;
-        }
-        state.crash_if_asked();
-        if ack_sock.is_none() {
-            ack_sock = ack_socket()
-                .inspect_err(|e| warn!(error = %e, "ack socket failed; no ack sent"))
-                .ok();
-        }
-        let seen = Seen {
+        Some(Seen {
             wake,
             at: seen,
             us: seen_us,
-        };
+        })
+    }
+
+    /// True (and said once) when apply is disabled: the payload stays WRITTEN.
+    fn ignore_if_disabled(&mut self, wake: Wake) -> bool {
+        if self.disabled && !self.told_disabled {
+            info!(
+                ?wake,
+                "mailbox payload seen but apply is disabled; ignoring"
+            );
+            self.told_disabled = true;
+        }
+        self.disabled
+    }
+
+    /// Handles the payload and updates the interface the link hint follows.
+    async fn take(&mut self, seen: Seen) {
+        self.state.crash_if_asked();
+        if self.ack_sock.is_none() {
+            self.ack_sock = ack_socket()
+                .inspect_err(|e| warn!(error = %e, "ack socket failed; no ack sent"))
+                .ok();
+        }
         // `handle` logs the payload once the ack is out: nothing slow before it.
         if let Some(applied) = handle(
-            &state,
-            &netlink,
-            &mb,
+            &self.state,
+            &self.netlink,
+            &self.mb,
             seen,
-            link.hint.as_ref(),
-            ack_sock.clone(),
+            self.link.hint.as_ref(),
+            self.ack_sock.clone(),
         )
         .await
         {
-            link.watched = Some(applied);
+            self.link.watched = Some(applied);
         }
-        if !misses.is_empty() {
-            info!(?misses, "wakes before this payload that found none");
-            misses.clear();
+        if !self.misses.is_empty() {
+            info!(misses = ?self.misses, "wakes before this payload that found none");
+            self.misses.clear();
         }
+    }
+
+    /// Leaves the outcome on the page for [`REARM_DELAY`], then re-arms.
+    async fn rearm_later(&mut self) {
         tokio::time::sleep(REARM_DELAY).await;
         // The gateway is resolved by now (the ack went through it).
-        link.refresh(&netlink).await;
-        match mb.rearm() {
+        self.link.refresh(&self.netlink).await;
+        match self.mb.rearm() {
             Ok((marker, gpa)) => info!(
                 marker = %mailbox::hex(&marker.0),
                 gpa = format_args!("{gpa:#x}"),
@@ -385,58 +462,28 @@ async fn handle(
     hint: Option<&LinkHint>,
     ack_sock: Option<Arc<UdpSocket>>,
 ) -> Option<Watched> {
-    let page_generation = mb.raw_generation();
-    let reject = |code: u32| {
-        let report = GuestReport {
-            signal_seen_us: seen.us,
-            applied_us: us_since(seen.at),
-            outcome_generation: page_generation,
-            reject_code: code,
-        };
-        if let Err(e) = mb.mark_rejected(&report) {
-            warn!(error = %e, "marking the mailbox REJECTED failed");
-        }
-    };
-    let (generation, payload) = match mb.decode() {
-        Ok(v) => v,
-        Err(e) => {
-            warn!(error = %e, code = e.code(), generation = page_generation, wake = ?seen.wake, "mailbox payload rejected");
-            reject(e.code());
-            return None;
-        }
-    };
-    if mb.already_applied(generation) {
-        warn!(generation, "mailbox generation already applied; ignored");
-        reject(REJECT_DUPLICATE_GENERATION);
-        return None;
-    }
-    let decoded_us = us_since(seen.at);
-    // Typed all the way: the decoder already parsed and validated the
-    // payload; the agent's own rules are re-checked on the typed fields.
-    let desired = match NetDesired::from_payload(&payload) {
-        Ok(d) => d,
-        Err(e) => {
-            // The mailbox validation is stricter; this would be a bug.
-            warn!(error = %e, generation, "payload passed mailbox validation but not the net check");
-            reject(REJECT_APPLY_FAILED);
-            return None;
-        }
-    };
+    let page = Handoff::new(mb, seen);
+    let Accepted {
+        generation,
+        payload,
+        desired,
+        decoded_us,
+    } = page.accept()?;
     // The network fields now live in `desired`; the rest is for after it.
     let Payload {
         mac,
         ipv4,
         host_time_unix_ns,
-        mut rng_seed,
+        rng_seed,
         ack,
         ..
     } = payload;
     // Only what the new address needs; the rest runs after the first ack.
-    let mut report = match state.configure_network_part(netlink, &desired, hint).await {
+    let report = match state.configure_network_part(netlink, &desired, hint).await {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, generation, "mailbox network apply failed");
-            reject(REJECT_APPLY_FAILED);
+            page.reject(REJECT_APPLY_FAILED);
             return None;
         }
     };
@@ -444,67 +491,219 @@ async fn handle(
 
     // The outcome goes into the page before the first ack leaves: the host
     // reads the guest report as soon as the ack arrives.
-    let outcome = GuestReport {
-        signal_seen_us: seen.us,
-        applied_us,
-        outcome_generation: generation,
-        reject_code: 0,
-    };
-    let mark_result = mb.mark_applied(&outcome);
-    let mut ack = ack;
-    let msg = forkvm_mailbox::ack_encode(&ack.key, generation, mac, ipv4);
-    ack.key.0.fill(0);
-    let to = SocketAddrV4::new(ack.ip, ack.port);
-    let first_ack = match &ack_sock {
-        Some(sock) => send_ack(sock, &msg, ipv4, to).map(|()| us_since(seen.at)),
-        None => Err(nix::errno::Errno::ENOTSOCK),
-    };
+    let marked = page.mark_applied(generation, applied_us);
+    let first_ack = page.send_first_ack(ack, generation, mac, ipv4, ack_sock.as_deref());
 
     // Everything below is off the ack's critical path.
-    if let Some(sock) = ack_sock {
-        tokio::spawn(resend_acks(sock, msg, ipv4, to, generation));
-    }
-    let rng_result = feed_rng(&rng_seed);
-    rng_seed.0.fill(0);
-    if let Err(e) = state.finish_network(netlink, &mut report).await {
-        warn!(error = %e, generation, "mailbox ARP/resolv.conf/hostname apply failed");
-    }
-    if let Err(e) = set_realtime(host_time_unix_ns) {
-        warn!(error = %e, "stepping the clock to the host time failed");
-    }
-    if let Err(e) = mark_result {
-        warn!(error = %e, "marking the mailbox APPLIED failed");
-    }
-    if let Err(e) = rng_result {
-        warn!(error = %e, "feeding the RNG seed to the kernel failed");
-    }
-    if let Err(e) = &first_ack {
-        warn!(error = %e, %to, "first ack not sent; the later ones may be");
-    }
-    info!(
-        wake = ?seen.wake,
-        signal_seen_us = seen.us,
-        host_event_us = crate::port::last_host_event_us(),
-        "mailbox payload seen"
-    );
-    netconf::log_configured(&desired, &report);
-    info!(
+    let applied = Applied {
+        seen,
         generation,
+        mac,
+        ipv4,
+        host_time_unix_ns,
+        rng_seed,
         decoded_us,
         applied_us,
-        first_ack_us = first_ack.ok(),
-        link_read = report.link_read,
-        netlink_us = report.elapsed_us,
-        step_us = ?report.step_us,
-        steps = ?report.steps,
-        ipv4 = %ipv4,
-        mac = %mac,
-        "mailbox identity applied"
-    );
-    Some(Watched {
-        interface: desired.interface,
-        gateway: desired.gateway,
-    })
+        desired,
+        report,
+        marked,
+    };
+    Some(applied.finish(state, netlink, first_ack, ack_sock).await)
+}
+
+/// The WRITTEN page [`handle`] works on: when it was seen, and the generation
+/// field it carried before decoding (what a rejection reports).
+struct Handoff<'a> {
+    mb: &'a Mailbox,
+    seen: Seen,
+    page_generation: u64,
+}
+
+/// A payload that passed every check.
+struct Accepted {
+    generation: u64,
+    payload: Payload,
+    /// The payload's network fields, as the planner takes them.
+    desired: NetDesired,
+    /// µs from the wake to the end of decoding.
+    decoded_us: u64,
+}
+
+/// The first ack as it left (or did not): the resends reuse its datagram.
+struct FirstAck {
+    msg: Vec<u8>,
+    to: SocketAddrV4,
+    /// µs from the wake to the send.
+    sent_us: nix::Result<u64>,
+}
+
+impl<'a> Handoff<'a> {
+    fn new(mb: &'a Mailbox, seen: Seen) -> Self {
+        Self {
+            mb,
+            seen,
+            page_generation: mb.raw_generation(),
+        }
+    }
+
+    /// Marks the page REJECTED with `code`; the network is left untouched.
+    fn reject(&self, code: u32) {
+        let report = GuestReport {
+            signal_seen_us: self.seen.us,
+            applied_us: us_since(self.seen.at),
+            outcome_generation: self.page_generation,
+            reject_code: code,
+        };
+        if let Err(e) = self.mb.mark_rejected(&report) {
+            warn!(error = %e, "marking the mailbox REJECTED failed");
+        }
+    }
+
+    /// Decodes the page against the current marker and checks the payload
+    /// (new generation, the agent's own network rules); rejects it if not.
+    fn accept(&self) -> Option<Accepted> {
+        let (generation, payload) = match self.mb.decode() {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, code = e.code(), generation = self.page_generation, wake = ?self.seen.wake, "mailbox payload rejected");
+                self.reject(e.code());
+                return None;
+            }
+        };
+        if self.mb.already_applied(generation) {
+            warn!(generation, "mailbox generation already applied; ignored");
+            self.reject(REJECT_DUPLICATE_GENERATION);
+            return None;
+        }
+        let decoded_us = us_since(self.seen.at);
+        // Typed all the way: the decoder already parsed and validated the
+        // payload; the agent's own rules are re-checked on the typed fields.
+        let desired = match NetDesired::from_payload(&payload) {
+            Ok(d) => d,
+            Err(e) => {
+                // The mailbox validation is stricter; this would be a bug.
+                warn!(error = %e, generation, "payload passed mailbox validation but not the net check");
+                self.reject(REJECT_APPLY_FAILED);
+                return None;
+            }
+        };
+        Some(Accepted {
+            generation,
+            payload,
+            desired,
+            decoded_us,
+        })
+    }
+
+    /// Marks the page APPLIED with the guest report; the result is logged
+    /// after the first ack.
+    fn mark_applied(&self, generation: u64, applied_us: u64) -> Result<(), MailboxError> {
+        let outcome = GuestReport {
+            signal_seen_us: self.seen.us,
+            applied_us,
+            outcome_generation: generation,
+            reject_code: 0,
+        };
+        self.mb.mark_applied(&outcome)
+    }
+
+    /// Sends the first ack from the new address, inline; zeroes the key copy.
+    fn send_first_ack(
+        &self,
+        mut ack: AckTarget,
+        generation: u64,
+        mac: MacAddr,
+        ipv4: Ipv4Addr,
+        sock: Option<&UdpSocket>,
+    ) -> FirstAck {
+        let msg = forkvm_mailbox::ack_encode(&ack.key, generation, mac, ipv4);
+        ack.key.0.fill(0);
+        let to = SocketAddrV4::new(ack.ip, ack.port);
+        let sent_us = match sock {
+            Some(sock) => send_ack(sock, &msg, ipv4, to).map(|()| us_since(self.seen.at)),
+            None => Err(nix::errno::Errno::ENOTSOCK),
+        };
+        FirstAck { msg, to, sent_us }
+    }
+}
+
+/// An applied payload after its first ack: what the rest of [`handle`] does
+/// and logs.
+struct Applied {
+    seen: Seen,
+    generation: u64,
+    mac: MacAddr,
+    ipv4: Ipv4Addr,
+    host_time_unix_ns: u64,
+    rng_seed: Seed,
+    decoded_us: u64,
+    applied_us: u64,
+    desired: NetDesired,
+    report: ApplyReport,
+    /// Marking the page APPLIED, reported here rather than before the ack.
+    marked: Result<(), MailboxError>,
+}
+
+impl Applied {
+    /// The steps off the ack's critical path: the ack resends, the RNG seed,
+    /// the deferred network steps, the clock, then the log lines.
+    async fn finish(
+        mut self,
+        state: &AgentState,
+        netlink: &rtnetlink::Handle,
+        first_ack: FirstAck,
+        ack_sock: Option<Arc<UdpSocket>>,
+    ) -> Watched {
+        let FirstAck { msg, to, sent_us } = first_ack;
+        if let Some(sock) = ack_sock {
+            tokio::spawn(resend_acks(sock, msg, self.ipv4, to, self.generation));
+        }
+        let rng_result = feed_rng(&self.rng_seed);
+        self.rng_seed.0.fill(0);
+        if let Err(e) = state.finish_network(netlink, &mut self.report).await {
+            warn!(error = %e, generation = self.generation, "mailbox ARP/resolv.conf/hostname apply failed");
+        }
+        if let Err(e) = set_realtime(self.host_time_unix_ns) {
+            warn!(error = %e, "stepping the clock to the host time failed");
+        }
+        if let Err(e) = &self.marked {
+            warn!(error = %e, "marking the mailbox APPLIED failed");
+        }
+        if let Err(e) = rng_result {
+            warn!(error = %e, "feeding the RNG seed to the kernel failed");
+        }
+        if let Err(e) = &sent_us {
+            warn!(error = %e, %to, "first ack not sent; the later ones may be");
+        }
+        self.log(sent_us.ok());
+        Watched {
+            interface: self.desired.interface,
+            gateway: self.desired.gateway,
+        }
+    }
+
+    fn log(&self, first_ack_us: Option<u64>) {
+        info!(
+            wake = ?self.seen.wake,
+            signal_seen_us = self.seen.us,
+            host_event_us = crate::port::last_host_event_us(),
+            "mailbox payload seen"
+        );
+        netconf::log_configured(&self.desired, &self.report);
+        info!(
+            generation = self.generation,
+            decoded_us = self.decoded_us,
+            applied_us = self.applied_us,
+            first_ack_us,
+            link_read = self.report.link_read,
+            netlink_us = self.report.elapsed_us,
+            step_us = ?self.report.step_us,
+            steps = ?self.report.steps,
+            ipv4 = %self.ipv4,
+            mac = %self.mac,
+            "mailbox identity applied"
+        );
+    }
 }
 
 /// Sends the rest of [`ACK_SCHEDULE_MS`] (the first went out inline).
