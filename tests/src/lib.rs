@@ -294,10 +294,11 @@ impl TestEnv {
             .collect())
     }
 
-    /// Guest memory files (`*.mem`) of this env: instances and snapshots.
+    /// Guest memory files (`*.mem`) of this env: instances' own files and
+    /// bases (snapshots' memory, shared copy-on-write by forks).
     pub fn mem_files(&self) -> Vec<String> {
         let mut out = vec![];
-        for dir in [self.mem_dir.clone(), self.mem_dir.join("snapshots")] {
+        for dir in [self.mem_dir.clone(), self.mem_dir.join("bases")] {
             if let Ok(rd) = std::fs::read_dir(&dir) {
                 out.extend(
                     rd.flatten()

@@ -79,19 +79,38 @@ async fn crash_during_fork_at(point: &str) -> Result<()> {
         .filter(|l| l.starts_with("fvm"))
         .collect();
     ensure!(ports == taps, "ports {ports:?} vs TAPs {taps:?}");
+    // Own memory files for instances with their own memory, one base per
+    // base a fork maps, nothing else.
     let mems = std::fs::read_dir(&env.mem_dir)?
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().ends_with(".mem"))
         .count();
+    let own = list.iter().filter(|i| i.get("base").is_none()).count();
     ensure!(
-        mems == list.len(),
-        "memory files {mems} vs instances {}",
-        list.len()
+        mems == own,
+        "memory files {mems} vs instances with their own {own}"
     );
-    let snap_mems = std::fs::read_dir(env.mem_dir.join("snapshots"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    ensure!(snap_mems == 0, "{snap_mems} snapshot memory files left");
+    let mapped: HashSet<String> = list
+        .iter()
+        .map(|i| s(i, "base"))
+        .filter(|b| !b.is_empty())
+        .collect();
+    let bases: HashSet<String> = std::fs::read_dir(env.mem_dir.join("bases"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .trim_end_matches(".mem")
+                        .to_string()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(
+        bases == mapped,
+        "base files {bases:?} vs bases forks map {mapped:?}"
+    );
     let snap_dirs = std::fs::read_dir(env.data_dir.join("snapshots"))
         .map(|d| d.count())
         .unwrap_or(0);

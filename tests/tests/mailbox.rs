@@ -175,8 +175,8 @@ async fn overwritten_marker_falls_back_to_rpc() -> Result<()> {
     // memory would): the host must not write anywhere.
     let mem = env
         .mem_dir
-        .join("snapshots")
-        .join(format!("{}.mem", s(&snap, "id")));
+        .join("bases")
+        .join(format!("{}.mem", s(&snap, "base_id")));
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&mem)?;

@@ -44,6 +44,11 @@ pub struct ServeArgs {
     /// [default: 90 % of host RAM].
     #[arg(long, env = "FORKVM_MAX_GUEST_MEMORY_MB")]
     pub max_guest_memory_mb: Option<u64>,
+    /// Share of its size (percent) a copy-on-write fork is charged against
+    /// the memory budget: what it may write privately.
+    #[arg(long, env = "FORKVM_COW_RESERVE_PERCENT", default_value_t = forkvm_core::config::DEFAULT_COW_RESERVE_PERCENT,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub cow_reserve_percent: u32,
     /// Log filter for the guest agents of VMs booted from now on (e.g.
     /// `forkvm_agent=trace`); one plain env-filter token.
     #[arg(long, env = "FORKVM_GUEST_AGENT_LOG", value_parser = forkvm_core::config::guest_agent_log_filter)]
@@ -80,6 +85,7 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         handoff_timeout: Duration::from_millis(args.handoff_timeout_ms),
         mailbox_ack_timeout: Duration::from_millis(args.mailbox_ack_timeout_ms),
         memory_budget_mb: args.max_guest_memory_mb,
+        cow_reserve_percent: args.cow_reserve_percent,
         guest_agent_log: args.guest_agent_log.clone(),
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())
             .map_err(anyhow::Error::msg)

@@ -1,32 +1,55 @@
-//! Capturing a running VM: pause → device state → memory → resume (or stay
-//! paused for a standby). The base of snapshots, standbys and forks from a
+//! Capturing a running VM into a snapshot: its device state plus a new base
+//! holding its memory. The base of snapshots, standbys and forks from a
 //! running source.
+//!
+//! How the memory becomes a base depends on where it lives:
+//! - **own file** (`Memory::Own`): pause → device state → the file is copied
+//!   sparsely into the base (`Copy`) or, for a standby, becomes the base by a
+//!   rename once the VMM is stopped (O(1));
+//! - **copy-on-write** (`Memory::Cow`): its RAM is the base it maps plus
+//!   pages private to its QEMU, so QEMU must move it: a live migration into a
+//!   helper VM whose RAM is the new base file (the source keeps running; its
+//!   vCPUs stop only for the last round), then the helper's device state is
+//!   saved and the helper discarded.
 
 use crate::agent::{CallPolicy, mailbox_of};
+use crate::bases;
 use crate::error::{CoreError, Result};
 use crate::memory::sparse_copy;
-use crate::model::{Instance, MailboxInfo, Snapshot};
+use crate::model::{Base, Instance, MailboxInfo, Memory, Snapshot};
 use crate::paths::SnapshotPaths;
 use crate::services::{Services, new_id};
+use forkvm_vmm::{NetBackend, VmHandle};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
-/// What happens to the VM and its memory after the device state is saved.
+/// What happens to the VM after its state is captured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CaptureMode {
-    /// The memory is copied into the snapshot and the VM resumes.
+    /// The VM runs on.
     Copy,
-    /// The VM stays paused; the standby moves its memory file afterwards.
+    /// The VM stays paused; the standby stops it (and, for its own file,
+    /// renames the file into the base) once the standby is recorded.
     Standby,
 }
 
 pub(crate) struct Captured {
     pub snap: Snapshot,
+    pub base: Base,
     pub paths: SnapshotPaths,
 }
 
-/// Pause a Running VM and write its device state; then, per `mode`, copy
-/// its memory and resume it, or leave it paused. Any failure resumes the VM.
+impl Captured {
+    /// Removes what the capture made (before it was recorded).
+    pub fn discard(&self, svc: &Services) {
+        self.paths.remove();
+        let _ = std::fs::remove_file(bases::path(svc, &self.base.id));
+    }
+}
+
+/// Capture a Running VM per `mode`. Any failure leaves the VM running and
+/// nothing of the snapshot behind.
 pub(crate) async fn capture(
     svc: &Services,
     inst: &Instance,
@@ -36,52 +59,173 @@ pub(crate) async fn capture(
     let pid = inst
         .pid
         .ok_or_else(|| CoreError::Conflict(format!("instance {} has no VMM", inst.name)))?;
-    let vm = svc.handle(&inst.id, pid);
+    let vm = svc.handle_of(inst, pid);
     let sid = new_id();
     let sp = svc.snapshot_paths(&sid);
     sp.prepare()?;
+    let (bid, base_file) = bases::allocate(svc)?;
     // The agent re-arms with a new marker after every handoff: ask for the
     // current one before pausing (no mailbox if it doesn't answer).
     let mailbox = current_mailbox(svc, inst).await;
     let t = Instant::now();
+    let made = match &inst.memory {
+        Memory::Own => own_file(svc, inst, &vm, &sp, &base_file, mode).await,
+        Memory::Cow { base } => {
+            let r = copy_on_write(svc, inst, &vm, &sp, &base_file, mode).await;
+            if r.is_ok() {
+                // Migrating read every page of the source's base.
+                bases::trim(bases::path(svc, base)).await;
+            }
+            r
+        }
+    };
+    if let Err(e) = made {
+        sp.remove();
+        let _ = std::fs::remove_file(&base_file);
+        return Err(e);
+    }
+    let base = match (mode, &inst.memory) {
+        // The file becomes the base after the commit; its size is known now.
+        (CaptureMode::Standby, Memory::Own) => bases::record(svc, &bid, &svc.paths(&inst.id).mem),
+        _ => bases::record(svc, &bid, &base_file),
+    };
+    let snap = snapshot_of(svc, inst, sid, name, &sp, &base, mailbox, mode);
+    info!(instance = %inst.id, snapshot = %snap.id, base = %bid, ?mode,
+          took_ms = t.elapsed().as_secs_f64() * 1000.0, size_bytes = snap.size_bytes,
+          "snapshot captured");
+    Ok(Captured {
+        snap,
+        base,
+        paths: sp,
+    })
+}
+
+/// Own file: pause → device state → (Copy) sparse copy into the base and
+/// resume. Standby leaves the VM paused.
+async fn own_file(
+    svc: &Services,
+    inst: &Instance,
+    vm: &VmHandle,
+    sp: &SnapshotPaths,
+    base_file: &Path,
+    mode: CaptureMode,
+) -> Result<()> {
     svc.hv
-        .pause(&vm)
+        .pause(vm)
         .await
         .map_err(CoreError::vmm("pausing the VM"))?;
     let saved = async {
         svc.hv
-            .save_state(&vm, &sp.state)
+            .save_state(vm, &sp.state)
             .await
             .map_err(CoreError::vmm("saving device state"))?;
         if mode == CaptureMode::Copy {
-            copy_memory(&svc.paths(&inst.id).mem, &sp.mem).await?;
+            copy_memory(&svc.paths(&inst.id).mem, base_file).await?;
         }
         Ok(())
     }
     .await;
     if mode == CaptureMode::Copy || saved.is_err() {
-        // The source keeps running whatever happened to the capture.
-        if let Err(e) = svc.hv.resume(&vm).await {
-            warn!(instance = %inst.id, error = %e, "resuming the source after capture failed");
-        }
+        resume_source(svc, inst, vm).await;
     }
-    if let Err(e) = saved {
-        sp.remove();
-        return Err(e);
-    }
-    let pause_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let snap = snapshot_of(svc, inst, sid, name, &sp, mailbox, mode);
-    info!(instance = %inst.id, snapshot = %snap.id, ?mode, pause_ms,
-          size_bytes = snap.size_bytes, "snapshot captured");
-    Ok(Captured { snap, paths: sp })
+    saved
 }
 
+/// Copy-on-write: live-migrate into a helper VM whose RAM is the new base,
+/// then save the helper's device state. The source is resumed (Copy) or
+/// left paused (Standby); on failure it is resumed.
+async fn copy_on_write(
+    svc: &Services,
+    inst: &Instance,
+    vm: &VmHandle,
+    sp: &SnapshotPaths,
+    base_file: &Path,
+    mode: CaptureMode,
+) -> Result<()> {
+    let helper = start_helper(svc, inst, sp, base_file).await?;
+    let moved = async {
+        let r = svc
+            .hv
+            .migrate(vm, &helper)
+            .await
+            .map_err(CoreError::vmm("migrating the VM into its new base"))?;
+        info!(instance = %inst.id, downtime_ms = r.downtime_ms, total_ms = r.total_ms,
+              "memory moved into a new base");
+        Ok::<(), CoreError>(())
+    }
+    .await;
+    if mode == CaptureMode::Copy || moved.is_err() {
+        resume_source(svc, inst, vm).await;
+    }
+    let saved = match moved {
+        Ok(()) => svc
+            .hv
+            .save_state(&helper, &sp.state)
+            .await
+            .map_err(CoreError::vmm("saving device state")),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = svc.hv.stop(&helper, Duration::from_secs(2)).await {
+        warn!(instance = %inst.id, error = %e, "stopping the capture helper failed");
+    }
+    let _ = std::fs::remove_dir_all(helper_dir(sp));
+    saved?;
+    // Loading wrote every zero page into the new file: give them back.
+    bases::trim(base_file.to_path_buf()).await;
+    Ok(())
+}
+
+fn helper_dir(sp: &SnapshotPaths) -> PathBuf {
+    sp.dir.join("helper")
+}
+
+/// A VM like `inst`'s, waiting for incoming state, whose RAM is `base_file`
+/// (shared, so its device state can later be saved without the RAM) and
+/// whose NIC reaches nothing: it never runs.
+async fn start_helper(
+    svc: &Services,
+    inst: &Instance,
+    sp: &SnapshotPaths,
+    base_file: &Path,
+) -> Result<VmHandle> {
+    let image = svc.load_image(&inst.image)?;
+    let cmdline = inst.cmdline.clone().unwrap_or_default();
+    let dir = helper_dir(sp);
+    std::fs::create_dir_all(&dir).map_err(CoreError::io(format!("create {}", dir.display())))?;
+    let mut spec = svc.vm_spec(inst, &image, &cmdline, true);
+    spec.id = format!("{}-capture", inst.id);
+    spec.mem_path = base_file.to_path_buf();
+    spec.mem_share = true;
+    if let Some(net) = spec.net.as_mut() {
+        // A TAP of its own that QEMU makes and removes, on no bridge: the
+        // NIC's saved state needs a backend with vnet headers, and the
+        // source keeps its TAP.
+        net.backend = NetBackend::Tap(format!("fvh{:012x}", rand::random::<u64>() >> 16));
+    }
+    spec.agent_socket = dir.join("agent.sock");
+    spec.qmp_socket = dir.join("qmp.sock");
+    spec.console_log = dir.join("console.log");
+    spec.pidfile = dir.join("qemu.pid");
+    svc.hv
+        .start(&spec)
+        .await
+        .map_err(CoreError::vmm("starting the capture helper"))
+}
+
+async fn resume_source(svc: &Services, inst: &Instance, vm: &VmHandle) {
+    if let Err(e) = svc.hv.resume(vm).await {
+        warn!(instance = %inst.id, error = %e, "resuming the source after capture failed");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn snapshot_of(
     svc: &Services,
     inst: &Instance,
     id: String,
     name: Option<String>,
     sp: &SnapshotPaths,
+    base: &Base,
     mailbox: Option<MailboxInfo>,
     mode: CaptureMode,
 ) -> Snapshot {
@@ -98,14 +242,15 @@ fn snapshot_of(
         entrypoint: inst.entrypoint.clone(),
         cmdline: inst.cmdline.clone().unwrap_or_default(),
         network: inst.network.clone(),
-        size_bytes: sp.size_bytes(),
+        size_bytes: sp.state_bytes() + base.size_bytes,
         standby_of: (mode == CaptureMode::Standby).then(|| inst.id.clone()),
         mailbox,
+        base_id: Some(base.id.clone()),
     }
 }
 
 /// A sparse copy of a memory file, off the async runtime.
-pub(crate) async fn copy_memory(src: &std::path::Path, dst: &std::path::Path) -> Result<()> {
+pub(crate) async fn copy_memory(src: &Path, dst: &Path) -> Result<()> {
     let (s, d) = (src.to_path_buf(), dst.to_path_buf());
     tokio::task::spawn_blocking(move || sparse_copy(&s, &d))
         .await

@@ -12,6 +12,9 @@ pub const DEFAULT_HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default deadline for the mailbox ack before falling back to the RPC path.
 pub const DEFAULT_MAILBOX_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Default share of a copy-on-write VM's size charged to the budget.
+pub const DEFAULT_COW_RESERVE_PERCENT: u32 = 25;
+
 /// Daemon configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -30,6 +33,9 @@ pub struct Config {
     /// Most guest memory (MiB) all VMs with a VMM may have together;
     /// `None` = 90 % of the host's RAM.
     pub memory_budget_mb: Option<u64>,
+    /// Share of its size (percent) a copy-on-write VM is charged against the
+    /// memory budget: what it may write privately.
+    pub cow_reserve_percent: u32,
     /// Log filter for the agents of VMs booted from now on (e.g. `debug`),
     /// passed on the kernel command line; forks inherit their source's.
     /// Checked by [`guest_agent_log_filter`].
@@ -55,6 +61,7 @@ impl Config {
             handoff_timeout: DEFAULT_HANDOFF_TIMEOUT,
             mailbox_ack_timeout: DEFAULT_MAILBOX_ACK_TIMEOUT,
             memory_budget_mb: None,
+            cow_reserve_percent: DEFAULT_COW_RESERVE_PERCENT,
             guest_agent_log: None,
             test_hooks: TestHooks::default(),
         }

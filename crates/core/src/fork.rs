@@ -7,18 +7,20 @@
 //!    snapshot, or a transient one captured from a Running source (paused
 //!    only for the capture);
 //! 3. per fork, two at a time ([`fork_one`], all or nothing): [`allocate`]
-//!    (record, IPv4, MAC) → [`prepare_memory`] → for a Running target:
+//!    (record, IPv4, MAC; its memory: a copy-on-write mapping of the base) →
+//!    [`prepare_memory`] (no copy: the instance directory) → for a Running target:
 //!    [`resume::start_paused`] (TAP, VMM, state load) → [`handoff::prepare`]
 //!    (mailbox write into the paused fork) → [`resume::resume`] →
 //!    [`handoff::complete`] (the fork answers on its own address) → commit;
 //!    Standby and Stopped targets park the fork instead of running it;
-//! 4. a transient base is removed once every fork has its memory.
+//! 4. a transient snapshot's record is removed once every fork exists; its
+//!    base lives on while forks map it (`bases::collect`).
 //!
 //! A fork that fails leaves nothing behind: its VMM, TAP, allocations, files
 //! and record are removed and its slot in the result carries the error.
 
 use crate::capacity::{self, Demand};
-use crate::capture::{CaptureMode, capture, copy_memory};
+use crate::capture::{CaptureMode, capture};
 use crate::error::{CoreError, Result};
 use crate::model::*;
 use crate::paths::SnapshotPaths;
@@ -39,6 +41,8 @@ struct Plan {
     target: InstanceState,
     wait: bool,
     prefer: HandoffPath,
+    /// The request's share of the capacity, until it finished.
+    _reserved: capacity::Reservation,
 }
 
 /// The snapshot forks start from.
@@ -51,6 +55,8 @@ struct Base {
     forked_from: String,
     /// Time to obtain the base (the source's pause for a transient one).
     snapshot_ms: f64,
+    /// Keeps a transient snapshot's base until the forks refer to it.
+    _pin: Option<crate::services::Pin>,
 }
 
 /// Fork an instance. One result per fork.
@@ -60,7 +66,19 @@ pub(crate) async fn fork_instance(
     req: ForkRequest,
 ) -> Result<Vec<Result<Instance>>> {
     let src = svc.find(id_or_name)?;
-    let plan = plan(svc, &req, src.memory_mb, src.network.enabled)?;
+    let source = Source {
+        memory_mb: src.memory_mb,
+        network: src.network.enabled,
+        new_base_mb: match (req.from_running, &src.memory) {
+            (false, _) => 0,
+            // The copy is as big as what the guest has touched.
+            (true, Memory::Own) => {
+                crate::memory::allocated_bytes(&svc.paths(&src.id).mem).div_ceil(1 << 20)
+            }
+            (true, Memory::Cow { .. }) => u64::from(src.memory_mb),
+        },
+    };
+    let plan = plan(svc, &req, source)?;
     let (_guard, src) = svc.lock_instance(&src.id).await?;
     let t = Instant::now();
     let mut base = base_of_instance(svc, &src, req.from_running).await?;
@@ -68,8 +86,10 @@ pub(crate) async fn fork_instance(
     svc.cfg.test_hooks.crash_point("fork:snapshot");
     let results = fork_all(svc, &base, &plan).await;
     if base.transient {
-        crate::snapshot::remove(svc, &base.snap.id);
+        base.paths.remove();
     }
+    drop(base);
+    crate::bases::collect(svc);
     Ok(results)
 }
 
@@ -80,7 +100,12 @@ pub(crate) async fn fork_snapshot(
     req: ForkRequest,
 ) -> Result<Vec<Result<Instance>>> {
     let snap = svc.find_snapshot(id_or_name)?;
-    let plan = plan(svc, &req, snap.memory_mb, snap.network.enabled)?;
+    let source = Source {
+        memory_mb: snap.memory_mb,
+        network: snap.network.enabled,
+        new_base_mb: 0,
+    };
+    let plan = plan(svc, &req, source)?;
     // A Standby instance's own snapshot is guarded by the instance lock.
     let _guard = svc
         .locks
@@ -93,13 +118,22 @@ pub(crate) async fn fork_snapshot(
         snap,
         transient: false,
         snapshot_ms: 0.0,
+        _pin: None,
     };
     Ok(fork_all(svc, &base, &plan).await)
 }
 
 /// Step 1: names validated and free, the target state, and the capacity for
 /// all of them.
-fn plan(svc: &Services, req: &ForkRequest, memory_mb: u32, network: bool) -> Result<Plan> {
+/// What the forks' source brings to the plan.
+struct Source {
+    memory_mb: u32,
+    network: bool,
+    /// MiB a capture of a running source adds as a new base.
+    new_base_mb: u64,
+}
+
+fn plan(svc: &Services, req: &ForkRequest, src: Source) -> Result<Plan> {
     let names = match req.count {
         None => vec![req.name.clone()],
         Some(n) if (1..=MAX_FORK_COUNT).contains(&n) => {
@@ -129,12 +163,14 @@ fn plan(svc: &Services, req: &ForkRequest, memory_mb: u32, network: bool) -> Res
         }
     };
     let n = names.len() as u32;
-    capacity::check(
+    let reserved = capacity::reserve(
         svc,
         Demand {
-            vms: n * u32::from(target == InstanceState::Running),
-            memory_mb,
-            addresses: n * u32::from(network),
+            cow_vms: n * u32::from(target == InstanceState::Running),
+            memory_mb: src.memory_mb,
+            base_mb: src.new_base_mb,
+            addresses: n * u32::from(src.network),
+            ..Demand::default()
         },
     )?;
     Ok(Plan {
@@ -142,6 +178,7 @@ fn plan(svc: &Services, req: &ForkRequest, memory_mb: u32, network: bool) -> Res
         target,
         wait: req.wait_for_network.unwrap_or(true),
         prefer: req.handoff.unwrap_or(HandoffPath::Mailbox),
+        _reserved: reserved,
     })
 }
 
@@ -153,11 +190,21 @@ async fn base_of_instance(svc: &Services, src: &Instance, from_running: bool) ->
         transient,
         forked_from: src.id.clone(),
         snapshot_ms: 0.0,
+        _pin: None,
     };
     match src.state {
         InstanceState::Running if from_running => {
             let c = capture(svc, src, None, CaptureMode::Copy).await?;
-            Ok(base(c.snap, c.paths, true))
+            // The snapshot is never recorded; the base is, pinned until the
+            // forks that map it are recorded (a crash meanwhile leaves an
+            // unreferenced base, collected at start-up).
+            let pin = svc.pins.pin(&c.base.id);
+            svc.store
+                .insert_base(&c.base)
+                .inspect_err(|_| c.discard(svc))?;
+            let mut b = base(c.snap, c.paths, true);
+            b._pin = Some(pin);
+            Ok(b)
         }
         InstanceState::Running => Err(CoreError::Conflict(format!(
             "instance {} is Running; set from_running to fork it while it runs, or put it in standby first",
@@ -239,6 +286,9 @@ fn allocate(svc: &Services, base: &Base, name: &str) -> Result<Instance> {
         forked_from: Some(base.forked_from.clone()),
         pending_handoff: s.network.enabled,
         cmdline: Some(s.cmdline.clone()),
+        memory: Memory::Cow {
+            base: s.base().to_string(),
+        },
         ..Instance::created(
             new_id(),
             name.to_string(),
@@ -273,7 +323,7 @@ async fn land(
     rec: &mut HandoffRecord,
 ) -> Result<()> {
     let t = Instant::now();
-    prepare_memory(svc, base, inst).await?;
+    prepare_memory(svc, inst)?;
     rec.record(Stage::MemoryPrepare, t);
     match plan.target {
         InstanceState::Stopped => park_stopped(svc, inst),
@@ -282,11 +332,10 @@ async fn land(
     }
 }
 
-/// The fork's own copy of the base memory.
-async fn prepare_memory(svc: &Services, base: &Base, inst: &Instance) -> Result<()> {
-    let paths = svc.paths(&inst.id);
-    paths.prepare()?;
-    copy_memory(&base.paths.mem, &paths.mem).await
+/// The fork's memory is the base, mapped copy-on-write: nothing to copy,
+/// only its directory to make.
+fn prepare_memory(svc: &Services, inst: &Instance) -> Result<()> {
+    svc.paths(&inst.id).prepare()
 }
 
 /// A Running target: start paused → mailbox → resume → handoff.
@@ -315,37 +364,24 @@ async fn run(
 
 /// `target_state: Stopped`: keep the identity, boot fresh on start.
 fn park_stopped(svc: &Services, inst: &mut Instance) -> Result<()> {
-    let _ = std::fs::remove_file(svc.paths(&inst.id).mem);
+    inst.memory = Memory::Own;
     inst.to_stopped(None, svc.now());
     svc.store.update_instance(inst)
 }
 
-/// `target_state: Standby`: the fork gets its own snapshot; its restore
-/// performs the handoff.
+/// `target_state: Standby`: the fork gets its own snapshot of the base's
+/// machine state (same base, no copy); its restore performs the handoff.
 fn park_standby(svc: &Services, base: &Base, inst: &mut Instance) -> Result<()> {
-    let sid = new_id();
-    let sp = svc.snapshot_paths(&sid);
-    let filed = (|| {
-        sp.prepare()?;
-        std::fs::copy(&base.paths.state, &sp.state)
-            .map_err(CoreError::io("copying device state"))?;
-        std::fs::rename(svc.paths(&inst.id).mem, &sp.mem)
-            .map_err(CoreError::io("moving memory into the snapshot"))?;
-        svc.store.insert_snapshot(&Snapshot {
-            id: sid.clone(),
-            name: None,
-            source_instance_id: inst.id.clone(),
-            source_instance_name: inst.name.clone(),
-            created_at: svc.now(),
-            size_bytes: sp.size_bytes(),
-            standby_of: Some(inst.id.clone()),
-            ..base.snap.clone()
-        })
-    })();
-    if let Err(e) = filed {
-        sp.remove();
-        return Err(e);
-    }
-    inst.to_standby(sid, svc.now());
+    let snap = crate::snapshot::share(svc, &base.snap, |id| Snapshot {
+        id,
+        name: None,
+        source_instance_id: inst.id.clone(),
+        source_instance_name: inst.name.clone(),
+        created_at: svc.now(),
+        standby_of: Some(inst.id.clone()),
+        base_id: Some(base.snap.base().to_string()),
+        ..base.snap.clone()
+    })?;
+    inst.to_standby(snap.id, svc.now());
     svc.store.update_instance(inst)
 }

@@ -18,6 +18,7 @@
 
 mod adopt;
 pub mod agent;
+mod bases;
 mod capacity;
 mod capture;
 pub mod clock;

@@ -53,12 +53,13 @@ pub(crate) async fn create(svc: &Services, req: CreateRequest) -> Result<Instanc
     // Fail before creating anything when the image is missing.
     svc.load_image(&image)?;
     let network = req.network_enabled.unwrap_or(true);
-    capacity::check(
+    let _reserved = capacity::reserve(
         svc,
         Demand {
-            vms: 1,
+            own_vms: 1,
             memory_mb,
             addresses: u32::from(network),
+            ..Demand::default()
         },
     )?;
     let id = new_id();
@@ -95,15 +96,16 @@ pub(crate) async fn start(svc: &Services, id_or_name: &str) -> Result<Instance> 
         }
     }
     let previous = inst.network.clone();
-    capacity::check(
+    let _reserved = capacity::reserve(
         svc,
         Demand {
-            vms: 1,
+            own_vms: 1,
             memory_mb: inst.memory_mb,
-            addresses: 0,
+            ..Demand::default()
         },
     )?;
     inst.state_error = None;
+    inst.memory = crate::model::Memory::Own;
     match boot(svc, &mut inst, Some(previous)).await {
         Ok(()) => Ok(inst),
         Err(e) => {

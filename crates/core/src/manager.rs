@@ -80,8 +80,12 @@ impl Manager {
             clock: deps.clock,
             accel: deps.accel,
             locks: Locks::default(),
+            pins: Default::default(),
+            ledger: Default::default(),
         });
+        crate::bases::reconcile(&svc)?;
         crate::adopt::adopt_all(&svc).await?;
+        crate::bases::collect(&svc);
         let weak = Arc::downgrade(&svc);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(VM_WATCH_PERIOD);
@@ -89,10 +93,18 @@ impl Manager {
             loop {
                 tick.tick().await;
                 let Some(svc) = weak.upgrade() else { return };
-                crate::reaper::reap_dead_vms(&svc).await;
+                if crate::reaper::reap_dead_vms(&svc).await > 0 {
+                    crate::bases::collect(&svc);
+                }
             }
         });
         Ok(Arc::new(Self { svc }))
+    }
+
+    /// Bases an operation left without referents go (whatever its outcome).
+    fn collecting<T>(&self, r: T) -> T {
+        crate::bases::collect(&self.svc);
+        r
     }
 
     pub async fn list(&self) -> Result<Vec<Instance>> {
@@ -106,7 +118,7 @@ impl Manager {
 
     /// Boot a new instance; returns once its agent answers.
     pub async fn create(&self, req: CreateRequest) -> Result<Instance> {
-        crate::lifecycle::create(&self.svc, req).await
+        self.collecting(crate::lifecycle::create(&self.svc, req).await)
     }
 
     pub async fn start(&self, id_or_name: &str) -> Result<Instance> {
@@ -114,11 +126,11 @@ impl Manager {
     }
 
     pub async fn stop(&self, id_or_name: &str) -> Result<Instance> {
-        crate::lifecycle::stop(&self.svc, id_or_name).await
+        self.collecting(crate::lifecycle::stop(&self.svc, id_or_name).await)
     }
 
     pub async fn delete(&self, id_or_name: &str) -> Result<()> {
-        crate::lifecycle::delete(&self.svc, id_or_name).await
+        self.collecting(crate::lifecycle::delete(&self.svc, id_or_name).await)
     }
 
     pub async fn exec(&self, id_or_name: &str, req: ExecRequest) -> Result<ExecResult> {
@@ -137,19 +149,19 @@ impl Manager {
 
     /// Pause a Running instance, write its snapshot and stop its VMM.
     pub async fn standby(&self, id_or_name: &str) -> Result<Instance> {
-        crate::standby::standby(&self.svc, id_or_name).await
+        self.collecting(crate::standby::standby(&self.svc, id_or_name).await)
     }
 
     /// Bring a Standby instance back to Running on the same address.
     pub async fn restore(&self, id_or_name: &str) -> Result<Instance> {
-        crate::restore::restore(&self.svc, id_or_name).await
+        self.collecting(crate::restore::restore(&self.svc, id_or_name).await)
     }
 
     /// Fork an instance. One result per fork: `count: None` gives one fork
     /// named `name`; `count: Some(n)` gives `name-1..n`, each succeeding or
     /// failing on its own.
     pub async fn fork(&self, id_or_name: &str, req: ForkRequest) -> Result<Vec<Result<Instance>>> {
-        crate::fork::fork_instance(&self.svc, id_or_name, req).await
+        self.collecting(crate::fork::fork_instance(&self.svc, id_or_name, req).await)
     }
 
     /// Fork from a stored snapshot.
@@ -158,7 +170,7 @@ impl Manager {
         id_or_name: &str,
         req: ForkRequest,
     ) -> Result<Vec<Result<Instance>>> {
-        crate::fork::fork_snapshot(&self.svc, id_or_name, req).await
+        self.collecting(crate::fork::fork_snapshot(&self.svc, id_or_name, req).await)
     }
 
     /// Snapshot a Running (paused briefly) or Standby instance.
@@ -167,7 +179,7 @@ impl Manager {
         id_or_name: &str,
         name: Option<String>,
     ) -> Result<Snapshot> {
-        crate::snapshot::create(&self.svc, id_or_name, name).await
+        self.collecting(crate::snapshot::create(&self.svc, id_or_name, name).await)
     }
 
     pub async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
@@ -181,7 +193,7 @@ impl Manager {
     /// Delete a snapshot; a Standby instance's own snapshot can't be deleted
     /// (delete or restore the instance instead).
     pub async fn delete_snapshot(&self, id_or_name: &str) -> Result<()> {
-        crate::snapshot::delete(&self.svc, id_or_name).await
+        self.collecting(crate::snapshot::delete(&self.svc, id_or_name).await)
     }
 
     /// The parts every operation uses (for the crate's own tests).
@@ -192,7 +204,8 @@ impl Manager {
 
     /// One pass of the VMM watch (it also runs every second on its own).
     pub async fn reap_dead_vms(&self) {
-        crate::reaper::reap_dead_vms(&self.svc).await
+        crate::reaper::reap_dead_vms(&self.svc).await;
+        crate::bases::collect(&self.svc);
     }
 }
 

@@ -81,7 +81,7 @@ impl Lease {
     /// The VM's NIC.
     pub fn nic(&self) -> forkvm_vmm::NetSpec {
         forkvm_vmm::NetSpec {
-            tap: self.tap.clone(),
+            backend: forkvm_vmm::NetBackend::Tap(self.tap.clone()),
             mac: self.mac.to_string(),
         }
     }

@@ -28,8 +28,10 @@ pub(crate) async fn remove_orphans(svc: &Services) {
         Err(e) => warn!(error = %e, "listing bridge ports failed"),
     }
     // Snapshot files without a record: a capture or fork interrupted by a
-    // crash (transient fork snapshots are never recorded).
+    // crash (transient fork snapshots are never recorded); and the helper
+    // VM of an interrupted copy-on-write capture.
     for sid in dir_names(&svc.cfg.data_dir.join("snapshots")) {
+        kill_capture_helper(&svc.snapshot_paths(&sid).dir.join("helper"));
         if matches!(svc.store.find_snapshot(&sid), Ok(None)) {
             warn!(snapshot = %sid, "removing orphan snapshot files");
             svc.snapshot_paths(&sid).remove();
@@ -52,6 +54,29 @@ pub(crate) async fn remove_orphans(svc: &Services) {
         warn!(instance = %id, "removing orphan instance directory");
         paths.remove_all();
     }
+}
+
+/// A capture helper's QEMU still running from before a crash: killed (it
+/// only ever waited or held a copy), its directory removed.
+fn kill_capture_helper(dir: &std::path::Path) {
+    if !dir.exists() {
+        return;
+    }
+    let pid = std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok());
+    if let Some(pid) = pid {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        // Only a process started for this very directory (pid reuse guard).
+        if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+            warn!(pid, dir = %dir.display(), "killing a capture helper left by a crash");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn dir_names(dir: &std::path::Path) -> Vec<String> {

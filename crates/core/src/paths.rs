@@ -82,13 +82,14 @@ impl InstancePaths {
     }
 }
 
-/// Where a snapshot's files live.
+/// Where a snapshot's files live (its memory is a base: `bases.rs`).
 pub struct SnapshotPaths {
     pub dir: PathBuf,
     /// Device state written by QEMU's migration.
     pub state: PathBuf,
-    /// Immutable copy of guest memory (on the tmpfs memory directory).
-    pub mem: PathBuf,
+    /// Where snapshots kept their memory before bases existed (upgraded at
+    /// start-up).
+    pub legacy_mem: PathBuf,
 }
 
 impl SnapshotPaths {
@@ -96,30 +97,25 @@ impl SnapshotPaths {
         let dir = data_dir.join("snapshots").join(sid);
         Self {
             state: dir.join("state.bin"),
-            mem: mem_dir.join("snapshots").join(format!("{sid}.mem")),
+            legacy_mem: mem_dir.join("snapshots").join(format!("{sid}.mem")),
             dir,
         }
     }
 
-    /// Both directories exist.
     pub fn prepare(&self) -> Result<()> {
-        for d in [Some(self.dir.as_path()), self.mem.parent()]
-            .into_iter()
-            .flatten()
-        {
-            std::fs::create_dir_all(d).map_err(CoreError::io(format!("create {}", d.display())))?;
-        }
-        Ok(())
+        std::fs::create_dir_all(&self.dir)
+            .map_err(CoreError::io(format!("create {}", self.dir.display())))
     }
 
-    /// Removes the files (no record, no checks).
+    /// Removes the files (no record, no checks; its base is collected
+    /// separately).
     pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.mem);
+        let _ = std::fs::remove_file(&self.legacy_mem);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
-    /// Bytes the snapshot really occupies on the host.
-    pub fn size_bytes(&self) -> u64 {
-        crate::memory::allocated_bytes(&self.mem) + crate::memory::allocated_bytes(&self.state)
+    /// Bytes of the device state on the host.
+    pub fn state_bytes(&self) -> u64 {
+        crate::memory::allocated_bytes(&self.state)
     }
 }

@@ -7,11 +7,13 @@ use crate::services::Services;
 use crate::teardown::{console_hint, mark_vm_gone};
 use tracing::warn;
 
-/// One pass. Instances busy with an operation are left to it.
-pub(crate) async fn reap_dead_vms(svc: &Services) {
+/// One pass; returns how many instances it stopped. Instances busy with an
+/// operation are left to it.
+pub(crate) async fn reap_dead_vms(svc: &Services) -> usize {
     let Ok(all) = svc.store.list_instances() else {
-        return;
+        return 0;
     };
+    let mut reaped = 0;
     let dead = |i: &crate::model::Instance| {
         i.state == InstanceState::Running
             && !i.pending_handoff
@@ -33,8 +35,10 @@ pub(crate) async fn reap_dead_vms(svc: &Services) {
             None => "the VM exited unexpectedly".to_string(),
         };
         warn!(instance = %inst.id, name = %inst.name, %reason, "VMM gone; marking Stopped");
-        if let Err(e) = mark_vm_gone(svc, &mut inst, reason).await {
-            warn!(instance = %inst.id, error = %e, "recording a gone VM failed");
+        match mark_vm_gone(svc, &mut inst, reason).await {
+            Ok(()) => reaped += 1,
+            Err(e) => warn!(instance = %inst.id, error = %e, "recording a gone VM failed"),
         }
     }
+    reaped
 }

@@ -9,7 +9,7 @@
 use crate::capacity::{self, Demand};
 use crate::error::{CoreError, Result};
 use crate::handoff;
-use crate::model::{HandoffPath, HandoffRecord, Instance, InstanceState, Snapshot, Stage};
+use crate::model::{HandoffPath, HandoffRecord, Instance, InstanceState, Memory, Snapshot, Stage};
 use crate::paths::SnapshotPaths;
 use crate::services::Services;
 use crate::{resume, teardown};
@@ -39,20 +39,19 @@ pub(crate) async fn restore(svc: &Services, id_or_name: &str) -> Result<Instance
         )));
     };
     let snap = svc.find_snapshot(&sid)?;
-    capacity::check(
+    let shared = crate::bases::shared_beyond(svc, snap.base(), &snap.id)?;
+    let _reserved = capacity::reserve(
         svc,
         Demand {
-            vms: 1,
+            own_vms: u32::from(!shared),
+            cow_vms: u32::from(shared),
             memory_mb: inst.memory_mb,
-            addresses: 0,
+            ..Demand::default()
         },
     )?;
     let sp = svc.snapshot_paths(&sid);
-    let ip = svc.paths(&inst.id);
-    ip.prepare()?;
-    // The snapshot's memory becomes the instance's again (same tmpfs).
-    std::fs::rename(&sp.mem, &ip.mem)
-        .map_err(CoreError::io("moving guest memory out of the snapshot"))?;
+    svc.paths(&inst.id).prepare()?;
+    inst.memory = take_memory(svc, &inst, &snap, shared)?;
     let mut rec = HandoffRecord::default();
     let t = Instant::now();
     match bring_back(svc, &mut inst, &snap, &sp, &mut rec).await {
@@ -68,8 +67,24 @@ pub(crate) async fn restore(svc: &Services, id_or_name: &str) -> Result<Instance
             Ok(inst)
         }
         Err(f) if f.guest_ran => spent(svc, &inst, &sid, f.error).await,
-        Err(f) => back_to_standby(svc, &inst, &sp, f.error).await,
+        Err(f) => back_to_standby(svc, &inst, &snap, f.error).await,
     }
+}
+
+/// The restored VM's memory: the snapshot's base itself when nothing else
+/// refers to it (renamed into the instance's own file, O(1)), else a
+/// copy-on-write mapping of it — a base other VMs map never changes.
+fn take_memory(svc: &Services, inst: &Instance, snap: &Snapshot, shared: bool) -> Result<Memory> {
+    let base = snap.base();
+    if shared {
+        return Ok(Memory::Cow {
+            base: base.to_string(),
+        });
+    }
+    std::fs::rename(crate::bases::path(svc, base), svc.paths(&inst.id).mem).map_err(
+        CoreError::io("moving guest memory out of the snapshot's base"),
+    )?;
+    Ok(Memory::Own)
 }
 
 async fn bring_back(
@@ -134,17 +149,22 @@ async fn spent(svc: &Services, inst: &Instance, sid: &str, e: CoreError) -> Resu
     Err(e)
 }
 
-/// Nothing ran: the memory goes back into the snapshot, the instance back
-/// to Standby.
+/// Nothing ran: the memory goes back into the snapshot's base (if it was
+/// taken), the instance back to Standby.
 async fn back_to_standby(
     svc: &Services,
     inst: &Instance,
-    sp: &SnapshotPaths,
+    snap: &Snapshot,
     e: CoreError,
 ) -> Result<Instance> {
     warn!(instance = %inst.id, error = %e, "restore failed; back to standby");
     teardown::stop_vmm_keep_memory(svc, inst).await;
-    let _ = std::fs::rename(svc.paths(&inst.id).mem, &sp.mem);
+    if inst.memory == Memory::Own {
+        let _ = std::fs::rename(
+            svc.paths(&inst.id).mem,
+            crate::bases::path(svc, snap.base()),
+        );
+    }
     let mut back = svc.find(&inst.id)?;
     back.back_to_standby(e.to_string());
     svc.store.update_instance(&back)?;

@@ -28,6 +28,55 @@ pub(crate) struct Services {
     /// Most guest memory (MiB) all VMs with a VMM may have together.
     pub memory_budget_mb: u64,
     pub locks: Locks,
+    /// Bases in-flight operations use before any record refers to them.
+    pub pins: Arc<Pins>,
+    /// Capacity reserved by requests in flight.
+    pub ledger: Arc<crate::capacity::Ledger>,
+}
+
+/// Bases pinned by operations in flight: [`crate::bases::collect`] leaves
+/// them alone. In memory only: after a crash nothing is in flight.
+#[derive(Default)]
+pub(crate) struct Pins(Mutex<HashMap<String, usize>>);
+
+impl Pins {
+    pub fn pin(self: &Arc<Self>, base: &str) -> Pin {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(base.to_string())
+            .or_default() += 1;
+        Pin {
+            pins: self.clone(),
+            base: base.to_string(),
+        }
+    }
+
+    pub fn is_pinned(&self, base: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(base)
+    }
+}
+
+/// A base kept from collection while this lives.
+pub(crate) struct Pin {
+    pins: Arc<Pins>,
+    base: String,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut m = self.pins.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.base) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.base);
+            }
+        }
+    }
 }
 
 /// Per-instance (and per-snapshot) operation locks: operations on one
@@ -64,9 +113,26 @@ impl Services {
         SnapshotPaths::new(&self.cfg.data_dir, &self.cfg.mem_dir, sid)
     }
 
-    /// The hypervisor handle of the instance's VMM `pid`.
+    /// The hypervisor handle of instance `id`'s VMM `pid`, for control
+    /// (its RAM may be elsewhere: [`Services::handle_of`]).
     pub fn handle(&self, id: &str, pid: u32) -> VmHandle {
         self.paths(id).handle(id, pid)
+    }
+
+    /// The handle of `inst`'s VMM `pid`, with the RAM file it maps.
+    pub fn handle_of(&self, inst: &Instance, pid: u32) -> VmHandle {
+        VmHandle {
+            mem_path: self.mem_file(inst).0,
+            ..self.handle(&inst.id, pid)
+        }
+    }
+
+    /// The file behind `inst`'s guest RAM and whether it is mapped shared.
+    pub fn mem_file(&self, inst: &Instance) -> (std::path::PathBuf, bool) {
+        match &inst.memory {
+            crate::model::Memory::Own => (self.paths(&inst.id).mem, true),
+            crate::model::Memory::Cow { base } => (crate::bases::path(self, base), false),
+        }
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -124,6 +190,7 @@ impl Services {
         incoming: bool,
     ) -> VmSpec {
         let paths = self.paths(&inst.id);
+        let (mem_path, mem_share) = self.mem_file(inst);
         VmSpec {
             id: inst.id.clone(),
             vcpus: inst.vcpus,
@@ -131,8 +198,8 @@ impl Services {
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
             cmdline: cmdline.to_string(),
-            mem_path: paths.mem,
-            mem_share: true,
+            mem_path,
+            mem_share,
             net: crate::netalloc::Lease::of(&inst.network)
                 .filter(|_| inst.network.enabled)
                 .map(|l| l.nic()),

@@ -1,13 +1,14 @@
 //! Stored snapshots: taking one of a Running or Standby instance, deleting,
 //! and removing a snapshot's files with its record.
 
-use crate::capture::{CaptureMode, capture, copy_memory};
+use crate::capture::{CaptureMode, capture};
 use crate::error::{CoreError, Result};
 use crate::model::{InstanceState, Snapshot};
 use crate::services::{Services, new_id};
 use tracing::warn;
 
-/// Remove a snapshot's files and record (no checks).
+/// Remove a snapshot's files and record (no checks). Its base goes when
+/// nothing else refers to it ([`crate::bases::collect`]).
 pub(crate) fn remove(svc: &Services, sid: &str) {
     svc.snapshot_paths(sid).remove();
     if let Err(e) = svc.store.delete_snapshot(sid) {
@@ -34,13 +35,13 @@ pub(crate) async fn create(
         InstanceState::Running => {
             let c = capture(svc, &inst, name, CaptureMode::Copy).await?;
             svc.store
-                .insert_snapshot(&c.snap)
-                .inspect_err(|_| c.paths.remove())?;
+                .insert_snapshot_with_base(&c.snap, Some(&c.base))
+                .inspect_err(|_| c.discard(svc))?;
             Ok(c.snap)
         }
         InstanceState::Standby => {
             let own = svc.find_snapshot(inst.snapshot_id.as_deref().unwrap_or_default())?;
-            copy_of(svc, own, name).await
+            copy_of(svc, own, name)
         }
         s => Err(CoreError::Conflict(format!(
             "instance {} is {}; only Running or Standby instances can be snapshotted",
@@ -50,34 +51,39 @@ pub(crate) async fn create(
     }
 }
 
-/// An independent copy of a snapshot (a Standby instance's own, which it
-/// consumes when restored).
-async fn copy_of(svc: &Services, own: Snapshot, name: Option<String>) -> Result<Snapshot> {
-    let from = svc.snapshot_paths(&own.id);
+/// A second snapshot of the same machine state (a Standby instance's own
+/// snapshot is consumed when it is restored): its own copy of the device
+/// state, the same base — no memory is copied.
+pub(crate) fn share(
+    svc: &Services,
+    of: &Snapshot,
+    make: impl FnOnce(String) -> Snapshot,
+) -> Result<Snapshot> {
+    let from = svc.snapshot_paths(&of.id);
     let sid = new_id();
     let sp = svc.snapshot_paths(&sid);
-    let copied = async {
+    let snap = make(sid);
+    let filed = (|| {
         sp.prepare()?;
         std::fs::copy(&from.state, &sp.state).map_err(CoreError::io("copying device state"))?;
-        copy_memory(&from.mem, &sp.mem).await
-    }
-    .await;
-    if let Err(e) = copied {
+        svc.store.insert_snapshot(&snap)
+    })();
+    if let Err(e) = filed {
         sp.remove();
         return Err(e);
     }
-    let snap = Snapshot {
-        id: sid,
+    Ok(snap)
+}
+
+fn copy_of(svc: &Services, own: Snapshot, name: Option<String>) -> Result<Snapshot> {
+    share(svc, &own, |id| Snapshot {
+        id,
         name,
         created_at: svc.now(),
-        size_bytes: sp.size_bytes(),
         standby_of: None,
-        ..own
-    };
-    svc.store
-        .insert_snapshot(&snap)
-        .inspect_err(|_| sp.remove())?;
-    Ok(snap)
+        base_id: Some(own.base().to_string()),
+        ..own.clone()
+    })
 }
 
 /// Delete a snapshot; a Standby instance's own snapshot can't be deleted

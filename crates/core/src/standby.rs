@@ -22,15 +22,16 @@ pub(crate) async fn standby(svc: &Services, id_or_name: &str) -> Result<Instance
             )));
         }
     }
-    let snap = capture(svc, &inst, None, CaptureMode::Standby).await?.snap;
-    // The commit point: snapshot record and Standby state in one
-    // transaction, while the paused VM and its memory file still exist. A
-    // crash before it leaves a paused Running VM (adoption resumes it);
-    // after it, adoption finishes the standby.
+    let c = capture(svc, &inst, None, CaptureMode::Standby).await?;
+    let snap = &c.snap;
+    // The commit point: snapshot, base and Standby state in one
+    // transaction, while the paused VM and its memory still exist. A crash
+    // before it leaves a paused Running VM (adoption resumes it); after it,
+    // adoption finishes the standby.
     let running = inst.clone();
     inst.to_standby(snap.id.clone(), svc.now());
-    if let Err(e) = svc.store.commit_standby(&snap, &inst) {
-        abandon(svc, &running, &snap.id).await;
+    if let Err(e) = svc.store.commit_standby(snap, &c.base, &inst) {
+        abandon(svc, &running, &c).await;
         return Err(e);
     }
     svc.cfg.test_hooks.crash_point("standby:committed");
@@ -39,18 +40,21 @@ pub(crate) async fn standby(svc: &Services, id_or_name: &str) -> Result<Instance
     Ok(inst)
 }
 
-/// The recorded standby's second half: stop the VMM (keeping the memory
-/// file) and move the memory into the snapshot. Idempotent, so adoption can
-/// finish a standby the daemon died in.
+/// The recorded standby's second half: stop the VMM (keeping its memory
+/// file) and, when the instance had its own file, rename it into the
+/// snapshot's base. Idempotent, so adoption can finish a standby the daemon
+/// died in.
 pub(crate) async fn finish(svc: &Services, inst: &mut Instance) -> Result<()> {
     let Some(sid) = inst.snapshot_id.clone() else {
         return Ok(());
     };
+    let base = crate::bases::path(svc, svc.find_snapshot(&sid)?.base());
     let mem = svc.paths(&inst.id).mem;
     teardown::stop_vmm_keep_memory(svc, inst).await;
     if mem.exists() {
-        std::fs::rename(&mem, &svc.snapshot_paths(&sid).mem)
-            .map_err(CoreError::io("moving guest memory into the snapshot"))?;
+        std::fs::rename(&mem, &base).map_err(CoreError::io(
+            "moving guest memory into the snapshot's base",
+        ))?;
     }
     if inst.pid.is_some() {
         // The TAP is gone with the VMM; the record keeps the claim.
@@ -61,11 +65,11 @@ pub(crate) async fn finish(svc: &Services, inst: &mut Instance) -> Result<()> {
 }
 
 /// A standby capture that could not be recorded: the VM runs on.
-async fn abandon(svc: &Services, inst: &Instance, sid: &str) {
+async fn abandon(svc: &Services, inst: &Instance, c: &crate::capture::Captured) {
     if let Some(pid) = inst.pid
         && let Err(e) = svc.hv.resume(&svc.handle(&inst.id, pid)).await
     {
         warn!(instance = %inst.id, error = %e, "resuming after a failed standby failed");
     }
-    crate::snapshot::remove(svc, sid);
+    c.discard(svc);
 }

@@ -7,7 +7,7 @@
 //! happens exactly once.
 
 use crate::error::{CoreError, Result, StoreError};
-use crate::model::{Instance, Snapshot};
+use crate::model::{Base, Instance, Snapshot};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
@@ -68,6 +68,10 @@ impl Store {
                  id   TEXT PRIMARY KEY,
                  name TEXT UNIQUE,
                  doc  TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS bases (
+                 id  TEXT PRIMARY KEY,
+                 doc TEXT NOT NULL
              );",
         )
         .map_err(db_err)?;
@@ -201,37 +205,29 @@ impl Store {
 
 impl Store {
     pub fn insert_snapshot(&self, snap: &Snapshot) -> Result<()> {
-        let doc = encode(snap)?;
-        let conn = self.lock()?;
-        match conn.execute(
-            "INSERT INTO snapshots (id, name, doc) VALUES (?1, ?2, ?3)",
-            params![snap.id, snap.name, doc],
-        ) {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                Err(CoreError::Conflict(format!(
-                    "a snapshot named {:?} already exists",
-                    snap.name.as_deref().unwrap_or_default()
-                )))
-            }
-            Err(e) => Err(db_err(e)),
-        }
+        self.insert_snapshot_with_base(snap, None)
     }
 
-    /// Records a standby in one transaction: the snapshot and the instance
-    /// that now points at it.
-    pub fn commit_standby(&self, snap: &Snapshot, inst: &Instance) -> Result<()> {
-        let snap_doc = encode(snap)?;
+    /// A snapshot and the new base that holds its memory, in one
+    /// transaction: a base never exists without something referring to it.
+    pub fn insert_snapshot_with_base(&self, snap: &Snapshot, base: Option<&Base>) -> Result<()> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction().map_err(db_err)?;
+        insert_snapshot_in(&tx, snap)?;
+        if let Some(b) = base {
+            insert_base_in(&tx, b)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Records a standby in one transaction: the snapshot, its new base and
+    /// the instance that now points at it.
+    pub fn commit_standby(&self, snap: &Snapshot, base: &Base, inst: &Instance) -> Result<()> {
         let inst_doc = encode(inst)?;
         let mut conn = self.lock()?;
         let tx = conn.transaction().map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO snapshots (id, name, doc) VALUES (?1, ?2, ?3)",
-            params![snap.id, snap.name, snap_doc],
-        )
-        .map_err(db_err)?;
+        insert_snapshot_in(&tx, snap)?;
+        insert_base_in(&tx, base)?;
         let n = tx
             .execute(
                 "UPDATE instances SET doc = ?2 WHERE id = ?1",
@@ -245,6 +241,26 @@ impl Store {
             )));
         }
         tx.commit().map_err(db_err)
+    }
+
+    /// A base known before (an upgraded legacy snapshot's memory).
+    pub fn insert_base(&self, base: &Base) -> Result<()> {
+        let conn = self.lock()?;
+        insert_base_in(&conn, base)
+    }
+
+    pub fn delete_base(&self, id: &str) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM bases WHERE id = ?1", params![id]))?;
+        Ok(())
+    }
+
+    pub fn list_bases(&self) -> Result<Vec<Base>> {
+        let docs: Vec<String> = self.with(|c| {
+            let mut st = c.prepare("SELECT doc FROM bases ORDER BY rowid")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        docs.iter().map(|d| decode(d, "base")).collect()
     }
 
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
@@ -273,6 +289,35 @@ impl Store {
         })?;
         docs.iter().map(|d| decode(d, "snapshot")).collect()
     }
+}
+
+fn insert_snapshot_in(c: &Connection, snap: &Snapshot) -> Result<()> {
+    let doc = encode(snap)?;
+    match c.execute(
+        "INSERT INTO snapshots (id, name, doc) VALUES (?1, ?2, ?3)",
+        params![snap.id, snap.name, doc],
+    ) {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Err(CoreError::Conflict(format!(
+                "a snapshot named {:?} already exists",
+                snap.name.as_deref().unwrap_or_default()
+            )))
+        }
+        Err(e) => Err(db_err(e)),
+    }
+}
+
+fn insert_base_in(c: &Connection, base: &Base) -> Result<()> {
+    let doc = encode(base)?;
+    c.execute(
+        "INSERT INTO bases (id, doc) VALUES (?1, ?2)",
+        params![base.id, doc],
+    )
+    .map_err(db_err)?;
+    Ok(())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(doc: &str, what: &'static str) -> Result<T> {

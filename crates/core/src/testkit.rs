@@ -13,7 +13,9 @@ use crate::model::{CreateRequest, Instance, InstanceState};
 use crate::netalloc::{HostNetwork, NetFuture};
 use forkvm_mailbox::MacAddr;
 use forkvm_proto::agent as pb;
-use forkvm_vmm::{Accel, Hypervisor, RunState, VmHandle, VmSpec, VmmError, VmmFuture};
+use forkvm_vmm::{
+    Accel, Hypervisor, MigrationReport, RunState, VmHandle, VmSpec, VmmError, VmmFuture,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::FileExt;
@@ -29,6 +31,7 @@ pub(crate) enum HvOp {
     Resume,
     Save,
     Load,
+    Migrate,
 }
 
 /// What the fake guest of a VM restored from a snapshot (a fork, a
@@ -40,6 +43,29 @@ pub(crate) struct FakeVm {
     pub id: String,
     pub spec: VmSpec,
     pub state: RunState,
+    /// Pages this VM wrote into a `share=off` mapping: its own, never the
+    /// file's (offset → bytes written there).
+    pub private: BTreeMap<u64, Vec<u8>>,
+}
+
+impl FakeVm {
+    /// `len` bytes of RAM at `offset` as this VM sees them.
+    pub fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let f = std::fs::File::open(&self.spec.mem_path)?;
+        let size = f.metadata()?.len();
+        let avail = size.saturating_sub(offset).min(len as u64) as usize;
+        f.read_exact_at(&mut buf[..avail], offset)?;
+        for (at, bytes) in &self.private {
+            for (i, b) in bytes.iter().enumerate() {
+                let p = at + i as u64;
+                if p >= offset && p < offset + len as u64 {
+                    buf[(p - offset) as usize] = *b;
+                }
+            }
+        }
+        Ok(buf)
+    }
 }
 
 #[derive(Default)]
@@ -115,6 +141,22 @@ impl FakeHypervisor {
         self.st().vms.retain(|_, v| v.id != id);
     }
 
+    /// Writes into VM `id`'s RAM as its guest would: into its private
+    /// pages when it maps its file copy-on-write.
+    pub fn poke(&self, id: &str, offset: u64, data: &[u8]) {
+        let mut st = self.st();
+        let vm = st.vms.values_mut().find(|v| v.id == id).expect("live VM");
+        if vm.spec.mem_share {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&vm.spec.mem_path)
+                .unwrap();
+            f.write_all_at(data, offset).unwrap();
+        } else {
+            vm.private.insert(offset, data.to_vec());
+        }
+    }
+
     pub fn set_state(&self, id: &str, state: RunState) {
         for v in self.st().vms.values_mut().filter(|v| v.id == id) {
             v.state = state.clone();
@@ -149,6 +191,7 @@ impl FakeHypervisor {
             id: spec.id.clone(),
             spec: spec.clone(),
             state: RunState::Running,
+            private: BTreeMap::new(),
         };
         st.vms.insert(pid, vm);
         VmHandle::for_spec(&spec, pid)
@@ -177,6 +220,10 @@ impl FakeHypervisor {
 
     fn start_sync(&self, spec: &VmSpec) -> std::result::Result<VmHandle, VmmError> {
         self.check(HvOp::Start)?;
+        if !spec.mem_share && !spec.mem_path.exists() {
+            // As QEMU's backend: share=off maps an existing base.
+            return Err(vmm_err("share=off needs an existing base"));
+        }
         if spec.mem_share && !spec.mem_path.exists() {
             let f = std::fs::File::create(&spec.mem_path).map_err(|e| vmm_err(&e.to_string()))?;
             f.set_len(u64::from(spec.memory_mb) << 20)
@@ -198,6 +245,7 @@ impl FakeHypervisor {
                 id: spec.id.clone(),
                 spec: spec.clone(),
                 state,
+                private: BTreeMap::new(),
             },
         );
         Ok(VmHandle::for_spec(spec, pid))
@@ -277,24 +325,55 @@ impl Hypervisor for FakeHypervisor {
 
     fn read_ram<'a>(&'a self, h: &'a VmHandle, offset: u64, len: usize) -> VmmFuture<'a, Vec<u8>> {
         Box::pin(async move {
-            let vm = self.vm(h.pid)?;
-            let f = std::fs::File::open(&vm.spec.mem_path).map_err(|e| vmm_err(&e.to_string()))?;
-            let mut buf = vec![0u8; len];
-            f.read_exact_at(&mut buf, offset)
-                .map_err(|e| vmm_err(&e.to_string()))?;
-            Ok(buf)
+            self.vm(h.pid)?
+                .read(offset, len)
+                .map_err(|e| vmm_err(&e.to_string()))
         })
     }
 
     fn write_ram<'a>(&'a self, h: &'a VmHandle, offset: u64, data: &'a [u8]) -> VmmFuture<'a, ()> {
         Box::pin(async move {
             let vm = self.vm(h.pid)?;
+            if vm.spec.mem_share {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&vm.spec.mem_path)
+                    .map_err(|e| vmm_err(&e.to_string()))?;
+                return f
+                    .write_all_at(data, offset)
+                    .map_err(|e| vmm_err(&e.to_string()));
+            }
+            let mut st = self.st();
+            if let Some(v) = st.vms.get_mut(&h.pid) {
+                v.private.insert(offset, data.to_vec());
+            }
+            Ok(())
+        })
+    }
+
+    fn migrate<'a>(
+        &'a self,
+        from: &'a VmHandle,
+        to: &'a VmHandle,
+    ) -> VmmFuture<'a, MigrationReport> {
+        Box::pin(async move {
+            self.check(HvOp::Migrate)?;
+            let src = self.vm(from.pid)?;
+            let dst = self.vm(to.pid)?;
+            // All of the source's RAM: its file, then its private pages.
+            crate::memory::sparse_copy(&src.spec.mem_path, &dst.spec.mem_path)
+                .map_err(|e| vmm_err(&e.to_string()))?;
             let f = std::fs::OpenOptions::new()
                 .write(true)
-                .open(&vm.spec.mem_path)
+                .open(&dst.spec.mem_path)
                 .map_err(|e| vmm_err(&e.to_string()))?;
-            f.write_all_at(data, offset)
-                .map_err(|e| vmm_err(&e.to_string()))
+            for (at, bytes) in &src.private {
+                f.write_all_at(bytes, *at)
+                    .map_err(|e| vmm_err(&e.to_string()))?;
+            }
+            self.set(from.pid, RunState::PostMigrate)?;
+            self.set(to.pid, RunState::Paused)?;
+            Ok(MigrationReport::default())
         })
     }
 }
@@ -622,6 +701,18 @@ impl World {
         self.cfg.mem_dir.join(format!("{id}.mem"))
     }
 
+    /// The file of the base holding snapshot `sid`'s memory.
+    pub fn base_file(&self, sid: &str) -> PathBuf {
+        let snap = self
+            .mgr
+            .services()
+            .store
+            .find_snapshot(sid)
+            .unwrap()
+            .unwrap();
+        crate::bases::path(self.mgr.services(), snap.base())
+    }
+
     /// Nothing exists but what the instances named `names` own: records,
     /// allocations, TAP ports, VMs, memory files, instance directories and
     /// snapshots (of Standby instances only).
@@ -675,9 +766,25 @@ impl World {
                 "stray snapshot"
             );
         }
-        let snap_mem = self.cfg.mem_dir.join("snapshots");
-        let snaps = self.mgr.list_snapshots().await.unwrap().len();
-        let files = std::fs::read_dir(&snap_mem).map(|d| d.count()).unwrap_or(0);
-        assert_eq!(files, snaps, "snapshot memory files vs records");
+        // Bases: one file per record, each referred to by something.
+        let bases = self.mgr.services().store.list_bases().unwrap();
+        let refs = crate::bases::referenced(self.mgr.services()).unwrap();
+        for b in &bases {
+            assert!(refs.contains(&b.id), "base {} left without referents", b.id);
+        }
+        let files: Vec<String> = std::fs::read_dir(self.cfg.mem_dir.join("bases"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for f in &files {
+            let id = f.strip_suffix(".mem").unwrap_or(f);
+            assert!(
+                bases.iter().any(|b| b.id == id),
+                "base file {f} without a record: {bases:?}"
+            );
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use crate::error::VmmError;
 use crate::process::qemu_name;
 use crate::qemu::{AGENT_PORT_NAME, qemu_log_path};
-use crate::{Accel, VmSpec};
+use crate::{Accel, NetBackend, VmSpec};
 
 /// Unix socket paths longer than this don't fit `sockaddr_un.sun_path`.
 const MAX_SOCKET_PATH: usize = 107;
@@ -106,8 +106,10 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmmError> {
         return Err(invalid(format!("memory_mb {} below 32", spec.memory_mb)));
     }
     if let Some(net) = &spec.net {
-        if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains([',', '/', ' ']) {
-            return Err(invalid(format!("bad tap name {:?}", net.tap)));
+        if let NetBackend::Tap(tap) = &net.backend
+            && (tap.is_empty() || tap.len() > 15 || tap.contains([',', '/', ' ']))
+        {
+            return Err(invalid(format!("bad tap name {tap:?}")));
         }
         if !valid_mac(&net.mac) {
             return Err(invalid(format!("bad mac {:?}", net.mac)));
@@ -196,9 +198,10 @@ fn device_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
         &format!("virtserialport,id=agent0,bus=vser0.0,nr=1,chardev=agent,name={AGENT_PORT_NAME}"),
     ]);
     if let Some(net) = &spec.net {
+        let NetBackend::Tap(tap) = &net.backend;
         push(&[
             "-netdev",
-            &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+            &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
         ]);
         // romfile= (empty): no PXE ROM; we boot with -kernel and it would
         // only add state to every snapshot.
@@ -270,7 +273,7 @@ mod tests {
         s.incoming = true;
         s.mem_share = false;
         s.net = Some(crate::NetSpec {
-            tap: "fvtap0".into(),
+            backend: NetBackend::Tap("fvtap0".into()),
             mac: "02:00:00:aa:bb:cc".into(),
         });
         let j = joined(&s);
@@ -300,13 +303,13 @@ mod tests {
             Box::new(|s| s.qmp_socket = format!("/{}", "x".repeat(120)).into()),
             Box::new(|s| {
                 s.net = Some(crate::NetSpec {
-                    tap: "t0".into(),
+                    backend: NetBackend::Tap("t0".into()),
                     mac: "zz:00:00:00:00:00".into(),
                 })
             }),
             Box::new(|s| {
                 s.net = Some(crate::NetSpec {
-                    tap: "t0,x".into(),
+                    backend: NetBackend::Tap("t0,x".into()),
                     mac: "02:00:00:00:00:01".into(),
                 })
             }),

@@ -50,13 +50,31 @@ pub enum Accel {
     Tcg,
 }
 
-/// A TAP-backed virtio-net NIC.
+/// A virtio-net NIC and where its frames go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetSpec {
-    /// Name of an existing TAP device (created by the caller).
-    pub tap: String,
+    pub backend: NetBackend,
     /// `xx:xx:xx:xx:xx:xx`.
     pub mac: String,
+}
+
+/// The host side of a NIC. Only the NIC is migrated state, so VMs that load
+/// one snapshot may differ here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetBackend {
+    /// A TAP device by name: an existing one (created by the caller), or a
+    /// new one QEMU creates for itself and removes when it exits (a VM that
+    /// never runs: the device state needs a backend with vnet headers).
+    Tap(String),
+}
+
+/// What a [`Hypervisor::migrate`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub total_ms: f64,
+    /// The last phase, with the source's vCPUs stopped.
+    pub downtime_ms: f64,
+    pub transferred_bytes: u64,
 }
 
 /// Everything needed to launch one QEMU process.
@@ -197,6 +215,16 @@ pub trait Hypervisor: Send + Sync {
 
     /// Loads device state into a VM started with `incoming`; leaves it paused.
     fn load_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()>;
+
+    /// Live-migrates `from` (running or paused) into `to`, a VM started with
+    /// `incoming` over RAM of its own: all guest RAM and the device state
+    /// travel (no `x-ignore-shared`). `from` ends paused (resume it to go
+    /// on); `to` ends paused holding the whole machine.
+    fn migrate<'a>(
+        &'a self,
+        from: &'a VmHandle,
+        to: &'a VmHandle,
+    ) -> VmmFuture<'a, MigrationReport>;
 
     /// Where guest-physical address `gpa` lies in the RAM (file) of a VM
     /// with `memory_mb` MiB on this backend's machine type; `None` if it is

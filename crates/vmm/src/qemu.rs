@@ -13,7 +13,7 @@ use crate::args::{build_qemu_args, invalid};
 use crate::error::VmmError;
 use crate::process::{PidFd, is_qemu_for};
 use crate::qmp::QmpClient;
-use crate::{Hypervisor, RunState, VmHandle, VmSpec, VmmFuture};
+use crate::{Hypervisor, MigrationReport, RunState, VmHandle, VmSpec, VmmFuture};
 
 /// Bound on QEMU's foreground process (init + daemonize) at start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -345,32 +345,7 @@ impl QemuHypervisor {
         drop(f);
         q.execute("migrate", Some(json!({ "uri": "fd:forkvm-save" })))
             .await?;
-        let deadline = Instant::now() + MIGRATION_TIMEOUT;
-        loop {
-            let m = q.execute("query-migrate", None).await?;
-            match m.get("status").and_then(Value::as_str).unwrap_or("") {
-                "completed" => break,
-                "failed" | "cancelled" => {
-                    return Err(VmmError::Migration(format!(
-                        "save of {} failed: {}",
-                        h.id,
-                        m.get("error-desc")
-                            .and_then(Value::as_str)
-                            .unwrap_or("no reason given")
-                    )));
-                }
-                _ => {}
-            }
-            if Instant::now() > deadline {
-                let _ = q.execute("migrate_cancel", None).await;
-                return Err(VmmError::Timeout {
-                    what: format!("saving state of {}", h.id),
-                    timeout: MIGRATION_TIMEOUT,
-                });
-            }
-            // QEMU 7.2 has no blocking "wait for migration" command; poll.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_migration(&mut q, &h.id).await?;
         let size = std::fs::metadata(state_file).map(|m| m.len()).unwrap_or(0);
         tracing::info!(id = %h.id, state_bytes = size, stop_ms = t_stopped.as_secs_f64() * 1e3,
             total_ms = t0.elapsed().as_secs_f64() * 1e3, "device state saved");
@@ -395,41 +370,130 @@ impl QemuHypervisor {
         drop(f);
         q.execute("migrate-incoming", Some(json!({ "uri": "fd:forkvm-load" })))
             .await?;
-        let deadline = Instant::now() + MIGRATION_TIMEOUT;
-        loop {
-            // QEMU 7.2 exits if loading fails, which shows up here as a
-            // closed QMP connection.
-            let st = match query_status(&mut q).await {
-                Ok(s) => s,
-                Err(e) => {
-                    return Err(VmmError::Migration(format!(
-                        "load of {} failed: {e}; qemu log: {}",
-                        h.id,
-                        file_tail(&h.qemu_log)
-                    )));
-                }
-            };
-            match st {
-                RunState::Paused => break,
-                RunState::InMigrate => {}
-                other => {
-                    return Err(VmmError::Migration(format!(
-                        "load of {} ended in state {other:?}; qemu log: {}",
-                        h.id,
-                        file_tail(&h.qemu_log)
-                    )));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(VmmError::Timeout {
-                    what: format!("loading state of {}", h.id),
-                    timeout: MIGRATION_TIMEOUT,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        wait_loaded(&mut q, h).await?;
         tracing::info!(id = %h.id, total_ms = t0.elapsed().as_secs_f64() * 1e3, "device state loaded");
         Ok(())
+    }
+}
+
+/// Parameters of a local live migration: no bandwidth cap (QEMU's default
+/// throttles to 128 MiB/s) and a short final stop.
+fn local_migration_params() -> Value {
+    json!({ "max-bandwidth": 64u64 << 30, "downtime-limit": 20 })
+}
+
+fn caps_full_ram() -> Value {
+    json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": false } ] })
+}
+
+impl QemuHypervisor {
+    async fn migrate_impl(
+        &self,
+        from: &VmHandle,
+        to: &VmHandle,
+    ) -> Result<MigrationReport, VmmError> {
+        let mut qt = self.qmp(to).await?;
+        let st = query_status(&mut qt).await?;
+        if st != RunState::InMigrate {
+            return Err(VmmError::Migration(format!(
+                "vm {} is {st:?}, not waiting for incoming state",
+                to.id
+            )));
+        }
+        let sock = to
+            .qmp_socket
+            .parent()
+            .map(|d| d.join(format!("{}.migrate.sock", to.id)))
+            .ok_or_else(|| invalid("qmp socket path has no directory"))?;
+        remove_if_exists(&sock)?;
+        let uri = format!("unix:{}", sock.display());
+        qt.execute("migrate-set-capabilities", Some(caps_full_ram()))
+            .await?;
+        qt.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        let mut qf = self.qmp(from).await?;
+        qf.execute("migrate-set-capabilities", Some(caps_full_ram()))
+            .await?;
+        qf.execute("migrate-set-parameters", Some(local_migration_params()))
+            .await?;
+        qf.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        let done = wait_migration(&mut qf, &from.id).await;
+        let _ = std::fs::remove_file(&sock);
+        let m = done?;
+        wait_loaded(&mut qt, to).await?;
+        let report = MigrationReport {
+            total_ms: m.get("total-time").and_then(Value::as_f64).unwrap_or(0.0),
+            downtime_ms: m.get("downtime").and_then(Value::as_f64).unwrap_or(0.0),
+            transferred_bytes: m
+                .pointer("/ram/transferred")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        };
+        tracing::info!(from = %from.id, to = %to.id, ?report, "live migration done");
+        Ok(report)
+    }
+}
+
+/// Polls `query-migrate` on the sending side until the migration ends;
+/// returns its final status object.
+async fn wait_migration(q: &mut QmpClient, id: &str) -> Result<Value, VmmError> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let m = q.execute("query-migrate", None).await?;
+        match m.get("status").and_then(Value::as_str).unwrap_or("") {
+            "completed" => return Ok(m),
+            "failed" | "cancelled" => {
+                return Err(VmmError::Migration(format!(
+                    "migration of {id} failed: {}",
+                    m.get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given")
+                )));
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            let _ = q.execute("migrate_cancel", None).await;
+            return Err(VmmError::Timeout {
+                what: format!("migrating {id}"),
+                timeout: MIGRATION_TIMEOUT,
+            });
+        }
+        // QEMU 7.2 has no blocking "wait for migration" command; poll.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Polls the receiving side until it holds the loaded machine, paused.
+async fn wait_loaded(q: &mut QmpClient, h: &VmHandle) -> Result<(), VmmError> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        // QEMU 7.2 exits if loading fails: a closed QMP connection here.
+        let st = query_status(q).await.map_err(|e| {
+            VmmError::Migration(format!(
+                "load of {} failed: {e}; qemu log: {}",
+                h.id,
+                file_tail(&h.qemu_log)
+            ))
+        })?;
+        match st {
+            RunState::Paused => return Ok(()),
+            RunState::InMigrate => {}
+            other => {
+                return Err(VmmError::Migration(format!(
+                    "load of {} ended in state {other:?}; qemu log: {}",
+                    h.id,
+                    file_tail(&h.qemu_log)
+                )));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(VmmError::Timeout {
+                what: format!("loading state of {}", h.id),
+                timeout: MIGRATION_TIMEOUT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -480,6 +544,14 @@ impl Hypervisor for QemuHypervisor {
 
     fn save_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()> {
         Box::pin(self.save_impl(h, state_file))
+    }
+
+    fn migrate<'a>(
+        &'a self,
+        from: &'a VmHandle,
+        to: &'a VmHandle,
+    ) -> VmmFuture<'a, MigrationReport> {
+        Box::pin(self.migrate_impl(from, to))
     }
 
     fn ram_offset(&self, memory_mb: u32, gpa: u64) -> Option<u64> {

@@ -1,8 +1,8 @@
 //! Boots real QEMU (TCG) guests: start/pause/resume/stop, adoption, start
 //! errors, save/restore (including copy-on-write forks), and the accel probe.
 //!
-//! Needs qemu-system-x86_64, busybox-static and a PVH vmlinux (default
-//! /var/tmp/kdev/vmlinux, override with FORKVM_TEST_KERNEL). No network device
+//! Needs qemu-system-x86_64, busybox-static and a PVH vmlinux
+//! (FORKVM_TEST_KERNEL; scripts/test.sh points it at the image cache). No network device
 //! is attached, so nothing here touches networking.
 
 use std::path::{Path, PathBuf};
@@ -19,65 +19,9 @@ const BOOT_DEADLINE: Duration = Duration::from_secs(60);
 fn kernel() -> PathBuf {
     let k = std::env::var_os("FORKVM_TEST_KERNEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/kdev/vmlinux"));
-    assert!(
-        k.exists(),
-        "test kernel {} missing (set FORKVM_TEST_KERNEL)",
-        k.display()
-    );
+        .expect("FORKVM_TEST_KERNEL: a PVH vmlinux (scripts/test.sh sets it)");
+    assert!(k.exists(), "test kernel {} missing", k.display());
     k
-}
-
-/// Minimal cpio "newc" writer; the format is a fixed ASCII header per entry,
-/// simpler than depending on the cpio CLI being installed.
-struct Cpio {
-    buf: Vec<u8>,
-    ino: u32,
-}
-
-impl Cpio {
-    fn new() -> Self {
-        Cpio {
-            buf: Vec::new(),
-            ino: 1,
-        }
-    }
-    fn pad4(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
-        }
-    }
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
-        let fields = [
-            self.ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() as u32 + 1,
-            0,
-        ];
-        self.ino += 1;
-        self.buf.extend_from_slice(b"070701");
-        for f in fields {
-            self.buf.extend_from_slice(format!("{f:08x}").as_bytes());
-        }
-        self.buf.extend_from_slice(name.as_bytes());
-        self.buf.push(0);
-        self.pad4();
-        self.buf.extend_from_slice(data);
-        self.pad4();
-    }
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[]);
-        self.buf
-    }
 }
 
 /// An initramfs whose /init prints MARKER, then "tick N" every 200 ms forever.
@@ -86,14 +30,12 @@ fn build_initrd(dir: &Path) -> PathBuf {
     let init = format!(
         "#!/bin/busybox sh\necho {MARKER}\ni=0\nwhile true; do i=$((i+1)); echo \"tick $i\"; /bin/busybox sleep 0.2; done\n"
     );
-    let mut c = Cpio::new();
-    c.entry("dev", 0o040755, (0, 0), &[]);
-    c.entry("dev/console", 0o020600, (5, 1), &[]);
-    c.entry("bin", 0o040755, (0, 0), &[]);
-    c.entry("bin/busybox", 0o100755, (0, 0), &busybox);
-    c.entry("init", 0o100755, (0, 0), init.as_bytes());
+    let mut c = forkvm_cpio::CpioWriter::new(Vec::new());
+    c.char_dev("dev/console", 0o600, 5, 1).unwrap();
+    c.file("bin/busybox", 0o755, &busybox).unwrap();
+    c.file("init", 0o755, init.as_bytes()).unwrap();
     let p = dir.join("initrd.cpio");
-    std::fs::write(&p, c.finish()).expect("write initrd");
+    std::fs::write(&p, c.finish().unwrap().0).expect("write initrd");
     p
 }
 

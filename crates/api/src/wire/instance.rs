@@ -137,6 +137,10 @@ pub struct Instance {
     /// fork or restore, with per-stage timings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<Handoff>,
+    /// forkvm: the immutable base its memory maps copy-on-write (a fork);
+    /// absent when it has its own memory file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 impl From<&core::Instance> for Instance {
@@ -173,6 +177,11 @@ impl From<&core::Instance> for Instance {
             snapshot_id: i.snapshot_id.clone(),
             forked_from: i.forked_from.clone(),
             handoff: i.handoff.as_ref().map(Handoff::from),
+            base: i
+                .state
+                .has_vmm()
+                .then(|| i.memory.base().map(str::to_string))
+                .flatten(),
         }
     }
 }
@@ -353,6 +362,7 @@ mod tests {
             handoff: None,
             cmdline: None,
             mailbox: None,
+            memory: core::Memory::Own,
         };
         let v = serde_json::to_value(Instance::from(&core_inst)).unwrap();
         let expected: serde_json::Value = serde_json::from_str(

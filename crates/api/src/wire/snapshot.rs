@@ -121,6 +121,10 @@ pub struct Snapshot {
     /// goes away when that instance is restored or deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby_of: Option<String>,
+    /// forkvm: the immutable base holding its memory (shared with forks
+    /// and other snapshots of the same state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_id: Option<String>,
 }
 
 impl From<&core::Snapshot> for Snapshot {
@@ -143,6 +147,7 @@ impl From<&core::Snapshot> for Snapshot {
                 mac: s.network.mac.map(|m| m.to_string()),
             },
             standby_of: s.standby_of.clone(),
+            base_id: Some(s.base().to_string()),
         }
     }
 }
@@ -205,13 +210,15 @@ mod tests {
             size_bytes: 4096,
             standby_of: None,
             mailbox: None,
+            base_id: None,
         };
         let v = serde_json::to_value(Snapshot::from(&core_snap)).unwrap();
         let expected: serde_json::Value = serde_json::from_str(
             r#"{"id":"s-1","created_at":"2026-01-01T00:00:00Z","kind":"Standby","size_bytes":4096,
                 "source_hypervisor":"qemu","source_instance_id":"i-1","source_instance_name":"web-1",
                 "name":"warm","image":"default","vcpus":1,"memory_mb":256,
-                "network":{"enabled":true,"ip":"10.88.0.2","mac":"02:fc:00:00:00:02"}}"#,
+                "network":{"enabled":true,"ip":"10.88.0.2","mac":"02:fc:00:00:00:02"},
+                "base_id":"s-1"}"#,
         )
         .unwrap();
         assert_eq!(v, expected);

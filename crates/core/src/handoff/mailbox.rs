@@ -25,7 +25,8 @@ pub(crate) struct MailboxPlan<'a> {
     pub lease: &'a Lease,
     pub hostname: &'a str,
     pub memory_mb: u32,
-    /// The fork's memory file, scanned when the page is not where reported.
+    /// The file behind the fork's RAM (its base when copy-on-write), scanned
+    /// when the page is not where reported.
     pub mem_file: &'a Path,
     pub ack_timeout: Duration,
     /// Test hooks: bind the listener elsewhere, write a forged payload.

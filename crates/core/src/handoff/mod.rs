@@ -125,7 +125,7 @@ pub(crate) async fn prepare(
                 lease,
                 hostname: &inst.name,
                 memory_mb: inst.memory_mb,
-                mem_file: &svc.paths(&inst.id).mem,
+                mem_file: &vm.mem_path,
                 ack_timeout: svc.cfg.mailbox_ack_timeout,
                 ack_bind: svc.cfg.test_hooks.ack_bind_addr,
                 forgery: svc.cfg.test_hooks.next_forgery(),
@@ -320,6 +320,7 @@ async fn handoff_failed(svc: &Services, inst: &mut Instance, mut rec: HandoffRec
     if let Err(e) = svc.store.update_instance(inst) {
         warn!(instance = %inst.id, error = %e, "recording the failed handoff failed");
     }
+    crate::bases::collect(svc);
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! the store) stay with the callers; these methods only keep the record
 //! consistent.
 
-use super::{HandoffRecord, InstanceState};
+use super::{HandoffRecord, InstanceState, Memory};
 use chrono::{DateTime, Utc};
 use forkvm_mailbox::MacAddr;
 use serde::{Deserialize, Serialize};
@@ -104,6 +104,9 @@ pub struct Instance {
     /// The guest agent's armed mailbox page, as last reported.
     #[serde(default)]
     pub mailbox: Option<MailboxInfo>,
+    /// Where the guest RAM of its VMM lives (meaningful while it has one).
+    #[serde(default)]
+    pub memory: Memory,
 }
 
 impl Instance {
@@ -138,6 +141,7 @@ impl Instance {
             handoff: None,
             cmdline: None,
             mailbox: None,
+            memory: Memory::Own,
         }
     }
 

@@ -3,12 +3,14 @@
 
 mod handoff;
 mod instance;
+mod memory;
 mod requests;
 mod snapshot;
 mod state;
 
 pub use handoff::{HandoffPath, HandoffRecord, Stage};
 pub use instance::{Instance, MailboxInfo, NetworkInfo};
+pub use memory::{Base, Memory};
 pub use requests::{CreateRequest, ExecRequest, ExecResult, ForkRequest};
 pub use snapshot::Snapshot;
 pub use state::InstanceState;

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// A VM snapshot: device state plus an immutable copy of guest memory.
+/// A VM snapshot: device state plus the immutable base holding its memory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub id: String,
@@ -30,4 +30,16 @@ pub struct Snapshot {
     /// The source's mailbox at capture time (forks patch it before resume).
     #[serde(default)]
     pub mailbox: Option<MailboxInfo>,
+    /// The base holding its guest memory. `None` only in records written
+    /// before bases existed (their memory file is upgraded into a base of
+    /// the snapshot's own id at start-up): use [`Snapshot::base`].
+    #[serde(default)]
+    pub base_id: Option<String>,
+}
+
+impl Snapshot {
+    /// The id of the base holding its memory.
+    pub fn base(&self) -> &str {
+        self.base_id.as_deref().unwrap_or(&self.id)
+    }
 }

@@ -104,11 +104,7 @@ async fn a_restore_interrupted_before_resume_returns_to_standby() {
     let sid = sb.snapshot_id.clone().unwrap();
     // The restore had moved the memory out of the snapshot and recorded
     // the new VMM's state, then the daemon died before any VMM ran.
-    std::fs::rename(
-        w.cfg.mem_dir.join("snapshots").join(format!("{sid}.mem")),
-        w.mem_file(&sb.id),
-    )
-    .unwrap();
+    std::fs::rename(w.base_file(&sid), w.mem_file(&sb.id)).unwrap();
     edit(&w, "web", |i| i.state = InstanceState::Initializing);
     w.restart().await;
     let back = w.mgr.get("web").await.unwrap();
@@ -148,11 +144,7 @@ async fn a_standby_cut_short_after_its_commit_is_finished() {
     let sb = w.mgr.standby("web").await.unwrap();
     let sid = sb.snapshot_id.clone().unwrap();
     // The commit was recorded but the memory not yet moved.
-    std::fs::rename(
-        w.cfg.mem_dir.join("snapshots").join(format!("{sid}.mem")),
-        w.mem_file(&sb.id),
-    )
-    .unwrap();
+    std::fs::rename(w.base_file(&sid), w.mem_file(&sb.id)).unwrap();
     w.restart().await;
     assert!(!w.mem_file(&sb.id).exists());
     w.assert_only(&["web"]).await;

@@ -26,10 +26,22 @@ async fn armed_source(w: &World) -> Instance {
 }
 
 fn page_of(vm: &FakeVm) -> Vec<u8> {
-    let f = std::fs::File::open(&vm.spec.mem_path).unwrap();
-    let mut page = vec![0u8; mbx::PAGE_SIZE];
-    f.read_exact_at(&mut page, GPA).unwrap();
-    page
+    vm.read(GPA, mbx::PAGE_SIZE).unwrap()
+}
+
+/// A guest hook that rewrites the fork's page with `f`, as its agent would.
+fn guest_edits(
+    w: &World,
+    f: impl Fn(&mut Vec<u8>) + Send + Sync + 'static,
+) -> crate::testkit::OnResume {
+    let hv = Arc::downgrade(&w.hv);
+    Arc::new(move |vm: &FakeVm| {
+        let mut page = page_of(vm);
+        f(&mut page);
+        if let Some(hv) = hv.upgrade() {
+            hv.poke(&vm.id, GPA, &page);
+        }
+    })
 }
 
 fn fallback(i: &Instance) -> String {
@@ -161,21 +173,15 @@ async fn the_payload_goes_into_the_fork_never_the_source() {
 async fn a_guest_that_rejects_the_payload_falls_back_at_once() {
     let w = World::new().await;
     armed_source(&w).await;
-    w.hv.on_resume(Arc::new(|vm: &FakeVm| {
-        let mut page = page_of(vm);
-        mbx::mark(&mut page, mbx::MailboxState::Rejected).unwrap();
+    w.hv.on_resume(guest_edits(&w, |page| {
+        mbx::mark(page, mbx::MailboxState::Rejected).unwrap();
         let report = mbx::GuestReport {
             signal_seen_us: 1,
             applied_us: 2,
             outcome_generation: 0,
             reject_code: 11,
         };
-        mbx::write_guest_report(&mut page, &report).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&vm.spec.mem_path)
-            .unwrap();
-        f.write_all_at(&page, GPA).unwrap();
+        mbx::write_guest_report(page, &report).unwrap();
     }));
     let f = fork_one(&w, "src", from_running("f", None)).await.unwrap();
     assert_eq!(f.handoff.as_ref().unwrap().path, Some(HandoffPath::Rpc));
@@ -199,14 +205,8 @@ async fn an_applied_payload_without_an_ack_is_not_trusted() {
     armed_source(&w).await;
     // The guest says "applied" in the page but no authenticated datagram
     // arrives from the new address: the page alone proves nothing.
-    w.hv.on_resume(Arc::new(|vm: &FakeVm| {
-        let mut page = page_of(vm);
-        mbx::mark(&mut page, mbx::MailboxState::Applied).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&vm.spec.mem_path)
-            .unwrap();
-        f.write_all_at(&page, GPA).unwrap();
+    w.hv.on_resume(guest_edits(&w, |page| {
+        mbx::mark(page, mbx::MailboxState::Applied).unwrap();
     }));
     let f = fork_one(&w, "src", from_running("f", None)).await.unwrap();
     assert_eq!(f.handoff.as_ref().unwrap().path, Some(HandoffPath::Rpc));

@@ -1,0 +1,154 @@
+//! Copy-on-write memory: forks map their source's memory as an immutable
+//! base; what one VM writes no other sees; the base never changes and goes
+//! away with the last VM or snapshot that uses it.
+
+use anyhow::{Context, Result, ensure};
+use forkvm_e2e::{TestEnv, s};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+
+/// The base files of this env (`<mem_dir>/bases/*.mem`).
+fn base_files(env: &TestEnv) -> Vec<PathBuf> {
+    std::fs::read_dir(env.mem_dir.join("bases"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+fn sha256(p: &PathBuf) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut f = std::fs::File::open(p).with_context(|| format!("open {}", p.display()))?;
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// md5 of the guest's /root/pattern.
+async fn pattern(env: &TestEnv, id: &str) -> Result<String> {
+    let out = env.exec_ok(id, &["md5sum", "/root/pattern"]).await?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Overwrites the pattern's first MiB with the guest's own random bytes.
+async fn scribble(env: &TestEnv, id: &str) -> Result<String> {
+    env.exec_ok(
+        id,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/urandom of=/root/pattern bs=1M count=1 conv=notrunc 2>/dev/null",
+        ],
+    )
+    .await?;
+    pattern(env, id).await
+}
+
+async fn fork(env: &TestEnv, id: &str, body: Value) -> Result<Vec<Value>> {
+    let (st, v) = env
+        .request("POST", &format!("/instances/{id}/fork"), Some(body))
+        .await?;
+    ensure!(st == 201, "fork -> {st}: {v}\n{}", env.daemon_log());
+    let forks = match v {
+        Value::Array(a) => a,
+        one => vec![one],
+    };
+    for f in &forks {
+        ensure!(s(f, "state") == "Running", "{f}");
+    }
+    Ok(forks)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forks_share_the_base_copy_on_write_and_stay_isolated() -> Result<()> {
+    let env = TestEnv::start().await?;
+    let src = env.create(json!({"name": "src"})).await?;
+    let src_id = s(&src, "id");
+    // 48 MiB of random data in guest RAM (the guest's root is in RAM).
+    env.exec_ok(
+        &src_id,
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/urandom of=/root/pattern bs=1M count=48 2>/dev/null",
+        ],
+    )
+    .await?;
+    let original = pattern(&env, &src_id).await?;
+
+    let forks = fork(
+        &env,
+        &src_id,
+        json!({"name": "f", "from_running": true, "count": 3}),
+    )
+    .await?;
+    let bases = base_files(&env);
+    ensure!(bases.len() == 1, "one base for the three forks: {bases:?}");
+    let base_sum = sha256(&bases[0])?;
+
+    // Every fork reads the source's pattern, then writes its own.
+    let mut own = vec![];
+    for f in &forks {
+        let id = s(f, "id");
+        ensure!(
+            pattern(&env, &id).await? == original,
+            "fork {id} lost the pattern"
+        );
+        let mine = scribble(&env, &id).await?;
+        ensure!(mine != original, "fork {id} could not write");
+        own.push((id, mine));
+    }
+    // Isolation both ways: the source and each fork read only their own.
+    env.exec_ok(&src_id, &["sh", "-c", "echo src > /root/src-only"])
+        .await?;
+    ensure!(
+        pattern(&env, &src_id).await? == original,
+        "the source saw a fork's write"
+    );
+    for (id, mine) in &own {
+        ensure!(
+            &pattern(&env, id).await? == mine,
+            "fork {id} saw another VM's write"
+        );
+        env.exec_ok(id, &["sh", "-c", "test ! -e /root/src-only"])
+            .await
+            .context("a fork saw the source's new file")?;
+    }
+    ensure!(
+        sha256(&bases[0])? == base_sum,
+        "the base changed while forks ran"
+    );
+
+    // A fork of a fork (copy-on-write source) reads its parent's pattern.
+    let (f1, f1_sum) = &own[0];
+    let grand = fork(&env, f1, json!({"name": "g", "from_running": true})).await?;
+    ensure!(&pattern(&env, &s(&grand[0], "id")).await? == f1_sum);
+    // Standby and restore of a fork keep what it wrote.
+    let (f2, f2_sum) = &own[1];
+    let (st, v) = env
+        .request("POST", &format!("/instances/{f2}/standby"), None)
+        .await?;
+    ensure!(st == 200 && s(&v, "state") == "Standby", "{v}");
+    let (st, v) = env
+        .request("POST", &format!("/instances/{f2}/restore"), None)
+        .await?;
+    ensure!(st == 200 && s(&v, "state") == "Running", "{v}");
+    ensure!(
+        &pattern(&env, f2).await? == f2_sum,
+        "restore lost the fork's data"
+    );
+    ensure!(sha256(&bases[0])? == base_sum, "the base changed");
+
+    // The first base goes with the last VM that maps it.
+    for (id, _) in &own {
+        let (st, _) = env
+            .request("DELETE", &format!("/instances/{id}"), None)
+            .await?;
+        ensure!(st == 204, "delete {id} -> {st}");
+    }
+    ensure!(!bases[0].exists(), "a base nobody maps was kept");
+    ensure!(pattern(&env, &src_id).await? == original);
+    Ok(())
+}
