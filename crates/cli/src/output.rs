@@ -292,6 +292,7 @@ mod tests {
             snapshot_id: None,
             forked_from: None,
             handoff: None,
+            base: None,
         }
     }
 
