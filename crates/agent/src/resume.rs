@@ -47,8 +47,8 @@ pub const PERIODIC_CHECK: Duration = Duration::from_secs(1);
 const KMSG_FOLLOWUP_EVERY: Duration = Duration::from_millis(2);
 /// ...for at most this long.
 const KMSG_FOLLOWUP_FOR: Duration = Duration::from_millis(50);
-/// How long an outcome stays on the page (for the host to read the guest
-/// report) before the agent re-arms with a new marker.
+/// How long a rejection stays on the page (the host polls for it) before the
+/// agent re-arms with a new marker. An applied payload re-arms at once.
 pub const REARM_DELAY: Duration = Duration::from_secs(1);
 /// Ack send times after the identity is applied. No reply channel exists, so
 /// the whole schedule is sent: the first frames on a fresh bridge port (or
@@ -227,8 +227,9 @@ async fn run(
         if watcher.ignore_if_disabled(wake) {
             continue;
         }
-        watcher.take(seen).await;
-        watcher.rearm_later().await;
+        if !watcher.take(seen).await {
+            watcher.rearm_later().await;
+        }
     }
 }
 
@@ -374,7 +375,9 @@ impl Watcher {
     }
 
     /// Handles the payload and updates the interface the link hint follows.
-    async fn take(&mut self, seen: Seen) {
+    /// Handles a WRITTEN page; true when the identity was applied (and the
+    /// page re-armed at once).
+    async fn take(&mut self, seen: Seen) -> bool {
         self.state.crash_if_asked();
         if self.ack_sock.is_none() {
             self.ack_sock = ack_socket()
@@ -382,7 +385,7 @@ impl Watcher {
                 .ok();
         }
         // `handle` logs the payload once the ack is out: nothing slow before it.
-        if let Some(applied) = handle(
+        let applied = handle(
             &self.state,
             &self.netlink,
             &self.mb,
@@ -390,17 +393,23 @@ impl Watcher {
             self.link.hint.as_ref(),
             self.ack_sock.clone(),
         )
-        .await
-        {
-            self.link.watched = Some(applied);
-        }
+        .await;
         if !self.misses.is_empty() {
             info!(misses = ?self.misses, "wakes before this payload that found none");
             self.misses.clear();
         }
+        match applied {
+            Some(watched) => {
+                self.link.watched = Some(watched);
+                true
+            }
+            None => false,
+        }
     }
 
-    /// Leaves the outcome on the page for [`REARM_DELAY`], then re-arms.
+    /// After a rejected or ignored payload: leaves the outcome on the page
+    /// for [`REARM_DELAY`] (the host watches for the rejection), then
+    /// re-arms.
     async fn rearm_later(&mut self) {
         tokio::time::sleep(REARM_DELAY).await;
         // The gateway is resolved by now (the ack went through it).
@@ -493,6 +502,17 @@ async fn handle(
     // reads the guest report as soon as the ack arrives.
     let marked = page.mark_applied(generation, applied_us);
     let first_ack = page.send_first_ack(ack, generation, mac, ipv4, ack_sock.as_deref());
+    // Re-armed before the host can act on the ack, so this VM is forkable
+    // through the mailbox the moment its fork call returns (the guest
+    // report stays on the page for the host).
+    match mb.rearm() {
+        Ok((marker, gpa)) => info!(
+            marker = %mailbox::hex(&marker.0),
+            gpa = format_args!("{gpa:#x}"),
+            "mailbox re-armed"
+        ),
+        Err(e) => warn!(error = %e, "mailbox re-arm failed; running without a mailbox"),
+    }
 
     // Everything below is off the ack's critical path.
     let applied = Applied {

@@ -188,8 +188,10 @@ fn store_state(page: &mut [u8], state: MailboxState) {
     fence(Ordering::SeqCst);
 }
 
-/// Guest: arm a fresh mailbox with `marker`. Zeroes the whole page, writes an
-/// EMPTY header (generation 0, no payload) with a valid header CRC.
+/// Guest: arm a fresh mailbox with `marker`. Writes an EMPTY header
+/// (generation 0, no payload) with a valid header CRC and zeroes the
+/// payload area; the guest report (64..128) is left as it was (the host
+/// reads it by generation after an ack; a fresh page is zero anyway).
 ///
 /// The page must be page-aligned guest RAM that stays resident (the agent
 /// allocates and `mlock`s it); this function can't check that.
@@ -210,8 +212,11 @@ pub fn arm(page: &mut [u8], marker: MarkerId) -> Result<(), MailboxError> {
     page[OFF_MAGIC..OFF_MAGIC + 8].fill(0);
     fence(Ordering::SeqCst);
     page[OFF_MARKER..OFF_STATE].copy_from_slice(&hdr[OFF_MARKER..OFF_STATE]);
-    page[OFF_GENERATION..HEADER_SIZE].copy_from_slice(&hdr[OFF_GENERATION..]);
-    page[HEADER_SIZE..].fill(0);
+    // The guest report (64..128) stays: the host matches it by generation,
+    // and a re-arm right after an ack must not erase what the host reads
+    // next. The payload, with its secrets, goes.
+    page[OFF_GENERATION..OFF_GUEST_AREA].copy_from_slice(&hdr[OFF_GENERATION..OFF_GUEST_AREA]);
+    page[OFF_PAYLOAD..].fill(0);
     store_state(page, MailboxState::Empty);
     // Magic last: a page without magic is never mistaken for a mailbox.
     page[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC);

@@ -23,6 +23,33 @@ fn arm_writes_documented_empty_header() {
     assert_eq!((h.generation, h.payload_len, h.marker), (0, 0, MARKER));
 }
 
+/// A re-arm right after an ack leaves the guest report (64..128) for the
+/// host and removes the payload with its secrets.
+#[test]
+fn rearm_keeps_the_guest_report_and_clears_the_payload() {
+    let mut page = patched(42, &payload());
+    let report = GuestReport {
+        signal_seen_us: 7,
+        applied_us: 1234,
+        outcome_generation: 42,
+        reject_code: 0,
+    };
+    write_guest_report(&mut page, &report).unwrap();
+    mark(&mut page, MailboxState::Applied).unwrap();
+    let next = MarkerId([0x5C; 16]);
+    arm(&mut page, next).unwrap();
+    let h = read_header(&page).unwrap();
+    assert_eq!(
+        (h.state, h.marker, h.generation),
+        (MailboxState::Empty, next, 0)
+    );
+    assert_eq!(h.guest, report);
+    assert!(
+        page[128..].iter().all(|&b| b == 0),
+        "payload left after re-arm"
+    );
+}
+
 #[test]
 fn patch_decode_round_trip_and_documented_layout() {
     let p = payload();
