@@ -152,3 +152,57 @@ async fn forks_share_the_base_copy_on_write_and_stay_isolated() -> Result<()> {
     ensure!(pattern(&env, &src_id).await? == original);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_base_outlives_a_daemon_crash_while_forks_map_it() -> Result<()> {
+    let mut env = TestEnv::start().await?;
+    let src = env.create(json!({"name": "src"})).await?;
+    let src_id = s(&src, "id");
+    let forks = fork(
+        &env,
+        &src_id,
+        json!({"name": "f", "from_running": true, "count": 2}),
+    )
+    .await?;
+    let bases = base_files(&env);
+    ensure!(bases.len() == 1, "{bases:?}");
+    let sum = sha256(&bases[0])?;
+
+    env.kill_daemon()?;
+    env.spawn_daemon()?;
+    env.wait_ready().await?;
+    // Adopted as they were: running on the same base, which was kept.
+    for f in &forks {
+        let (st, v) = env
+            .request("GET", &format!("/instances/{}", s(f, "id")), None)
+            .await?;
+        ensure!(st == 200 && s(&v, "state") == "Running", "{v}");
+        ensure!(s(&v, "base") == s(f, "base"), "{v}");
+        env.exec_ok(&s(f, "id"), &["true"]).await?;
+    }
+    ensure!(
+        bases[0].exists() && sha256(&bases[0])? == sum,
+        "base lost or changed"
+    );
+
+    // Deleted after its last user.
+    let (st, _) = env
+        .request(
+            "DELETE",
+            &format!("/instances/{}", s(&forks[0], "id")),
+            None,
+        )
+        .await?;
+    ensure!(st == 204);
+    ensure!(bases[0].exists(), "base removed while a fork maps it");
+    let (st, _) = env
+        .request(
+            "DELETE",
+            &format!("/instances/{}", s(&forks[1], "id")),
+            None,
+        )
+        .await?;
+    ensure!(st == 204);
+    ensure!(!bases[0].exists(), "base kept after its last user");
+    Ok(())
+}
