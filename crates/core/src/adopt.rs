@@ -103,9 +103,9 @@ pub(crate) fn classify(r: Recorded, vm: VmFound) -> Action {
 /// Reconcile every instance, then remove orphans.
 pub(crate) async fn adopt_all(svc: &Services) -> Result<()> {
     for mut inst in svc.store.list_instances()? {
-        let paths = svc.paths(&inst.id);
+        let paths = svc.paths(&inst);
         let pid = inst.pid.or_else(|| paths.read_pid());
-        let vm = inspect(svc, &inst.id, pid).await;
+        let vm = inspect(svc, &inst, pid).await;
         let recorded = Recorded {
             state: inst.state,
             has_snapshot: inst.snapshot_id.is_some(),
@@ -126,11 +126,11 @@ pub(crate) async fn adopt_all(svc: &Services) -> Result<()> {
     Ok(())
 }
 
-async fn inspect(svc: &Services, id: &str, pid: Option<u32>) -> VmFound {
-    let Some(pid) = pid.filter(|p| svc.hv.is_alive(id, *p)) else {
+async fn inspect(svc: &Services, inst: &Instance, pid: Option<u32>) -> VmFound {
+    let Some(pid) = pid.filter(|p| svc.hv.is_alive(&inst.id, *p)) else {
         return VmFound::Gone;
     };
-    match svc.hv.status(&svc.handle(id, pid)).await {
+    match svc.hv.status(&svc.handle(inst, pid)).await {
         Ok(RunState::Running) => VmFound::Running,
         Ok(
             RunState::Paused
@@ -165,7 +165,7 @@ async fn execute(svc: &Services, inst: &mut Instance, action: Action) -> Result<
         }
         Action::Resume => {
             if let Some(pid) = inst.pid
-                && let Err(e) = svc.hv.resume(&svc.handle(&inst.id, pid)).await
+                && let Err(e) = svc.hv.resume(&svc.handle(inst, pid)).await
             {
                 warn!(instance = %inst.id, error = %e, "resume failed");
             }

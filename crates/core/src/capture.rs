@@ -59,7 +59,7 @@ pub(crate) async fn capture(
     let pid = inst
         .pid
         .ok_or_else(|| CoreError::Conflict(format!("instance {} has no VMM", inst.name)))?;
-    let vm = svc.handle_of(inst, pid);
+    let vm = svc.handle(inst, pid);
     let sid = new_id();
     let sp = svc.snapshot_paths(&sid);
     sp.prepare()?;
@@ -86,7 +86,7 @@ pub(crate) async fn capture(
     }
     let base = match (mode, &inst.memory) {
         // The file becomes the base after the commit; its size is known now.
-        (CaptureMode::Standby, Memory::Own) => bases::record(svc, &bid, &svc.paths(&inst.id).mem),
+        (CaptureMode::Standby, Memory::Own) => bases::record(svc, &bid, &svc.paths(inst).mem),
         _ => bases::record(svc, &bid, &base_file),
     };
     let snap = snapshot_of(svc, inst, sid, name, &sp, &base, mailbox, mode);
@@ -120,7 +120,7 @@ async fn own_file(
             .await
             .map_err(CoreError::vmm("saving device state"))?;
         if mode == CaptureMode::Copy {
-            copy_memory(&svc.paths(&inst.id).mem, base_file).await?;
+            copy_memory(&svc.paths(inst).mem, base_file).await?;
         }
         Ok(())
     }
@@ -261,7 +261,7 @@ pub(crate) async fn copy_memory(src: &Path, dst: &Path) -> Result<()> {
 
 async fn current_mailbox(svc: &Services, inst: &Instance) -> Option<MailboxInfo> {
     let policy = CallPolicy::within(Duration::from_secs(3), Duration::from_secs(2));
-    let socket = svc.paths(&inst.id).agent_socket;
+    let socket = svc.paths(inst).agent_socket;
     match svc.agent.health(&inst.id, &socket, policy).await {
         Ok(h) => mailbox_of(&h),
         Err(e) => {

@@ -73,7 +73,7 @@ pub(crate) async fn fork_instance(
             (false, _) => 0,
             // The copy is as big as what the guest has touched.
             (true, Memory::Own) => {
-                crate::memory::allocated_bytes(&svc.paths(&src.id).mem).div_ceil(1 << 20)
+                crate::memory::allocated_bytes(&svc.paths(&src).mem).div_ceil(1 << 20)
             }
             (true, Memory::Cow { .. }) => u64::from(src.memory_mb),
         },
@@ -335,7 +335,7 @@ async fn land(
 /// The fork's memory is the base, mapped copy-on-write: nothing to copy,
 /// only its directory to make.
 fn prepare_memory(svc: &Services, inst: &Instance) -> Result<()> {
-    svc.paths(&inst.id).prepare()
+    svc.paths(inst).prepare()
 }
 
 /// A Running target: start paused → mailbox → resume → handoff.

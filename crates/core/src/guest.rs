@@ -43,7 +43,7 @@ pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> 
         .agent
         .exec(
             &inst.id,
-            &svc.paths(&inst.id).agent_socket,
+            &svc.paths(&inst).agent_socket,
             msg,
             CallPolicy::within(per_try, per_try),
         )
@@ -60,7 +60,7 @@ pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> 
 /// Serial console output; `tail` = last N lines.
 pub(crate) fn logs(svc: &Services, id_or_name: &str, tail: Option<usize>) -> Result<String> {
     let inst = svc.find(id_or_name)?;
-    let path = svc.paths(&inst.id).console_log;
+    let path = svc.paths(&inst).console_log;
     let text = match std::fs::read(&path) {
         Ok(b) => String::from_utf8_lossy(&b).into_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -104,7 +104,7 @@ pub(crate) async fn agent_health(svc: &Services, id_or_name: &str) -> Result<Age
         .agent
         .health(
             &inst.id,
-            &svc.paths(&inst.id).agent_socket,
+            &svc.paths(&inst).agent_socket,
             CallPolicy::within(Duration::from_secs(10), Duration::from_secs(3)),
         )
         .await?;
@@ -126,7 +126,7 @@ pub(crate) async fn agent_health(svc: &Services, id_or_name: &str) -> Result<Age
 pub(crate) async fn set_clock(svc: &Services, inst: &Instance) {
     let now = svc.now().timestamp_nanos_opt().unwrap_or_default();
     let policy = CallPolicy::within(Duration::from_secs(5), Duration::from_secs(2));
-    let socket = svc.paths(&inst.id).agent_socket;
+    let socket = svc.paths(&inst).agent_socket;
     if let Err(e) = svc.agent.set_clock(&inst.id, &socket, now, policy).await {
         tracing::warn!(instance = %inst.id, error = %e, "setting the guest clock failed");
     }

@@ -134,7 +134,7 @@ fn boot_cmdline(svc: &Services, boot: &BootConfig) -> Result<String> {
 /// Lease (if networked) → TAP → QEMU → the agent answers.
 async fn boot(svc: &Services, inst: &mut Instance, previous: Option<NetworkInfo>) -> Result<()> {
     let image = svc.load_image(&inst.image)?;
-    let paths = svc.paths(&inst.id);
+    let paths = svc.paths(inst);
     paths.prepare()?;
     let boot_net = if inst.network.enabled {
         let lease = svc
@@ -182,7 +182,7 @@ pub(crate) async fn wait_agent(
     inst: &Instance,
     total: Duration,
 ) -> Result<pb::HealthResponse> {
-    let paths = svc.paths(&inst.id);
+    let paths = svc.paths(inst);
     // Long tries: a request on a connection the guest isn't serving yet stays
     // buffered and is answered once the agent starts. Short tries abandoned a
     // connection per few seconds of a slow (TCG, loaded) boot; the guest

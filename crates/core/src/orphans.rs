@@ -41,14 +41,14 @@ pub(crate) async fn remove_orphans(svc: &Services) {
         if known.contains(&id) {
             continue;
         }
-        let paths = svc.paths(&id);
+        let paths = svc.paths_of_id(&id);
         if let Some(pid) = paths.read_pid()
             && svc.hv.is_alive(&id, pid)
         {
             warn!(instance = %id, pid, "killing orphan QEMU");
             let _ = svc
                 .hv
-                .stop(&svc.handle(&id, pid), Duration::from_secs(2))
+                .stop(&paths.handle(&id, pid), Duration::from_secs(2))
                 .await;
         }
         warn!(instance = %id, "removing orphan instance directory");

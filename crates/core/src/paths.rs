@@ -16,13 +16,21 @@ pub struct InstancePaths {
 }
 
 impl InstancePaths {
-    pub fn new(data_dir: &Path, mem_dir: &Path, id: &str) -> Self {
+    /// The paths of instance `id`'s VMM generation `generation`. A handover starts
+    /// the next generation beside the running one, so their sockets and
+    /// pidfiles differ (generation 0 keeps the plain names).
+    pub fn new(data_dir: &Path, mem_dir: &Path, id: &str, generation: u32) -> Self {
         let dir = data_dir.join("instances").join(id);
+        let g = if generation == 0 {
+            String::new()
+        } else {
+            format!("-{generation}")
+        };
         Self {
-            agent_socket: dir.join("agent.sock"),
-            qmp_socket: dir.join("qmp.sock"),
+            agent_socket: dir.join(format!("agent{g}.sock")),
+            qmp_socket: dir.join(format!("qmp{g}.sock")),
             console_log: dir.join("console.log"),
-            pidfile: dir.join("qemu.pid"),
+            pidfile: dir.join(format!("qemu{g}.pid")),
             mem: mem_dir.join(format!("{id}.mem")),
             dir,
         }
@@ -54,15 +62,18 @@ impl InstancePaths {
             .and_then(|s| s.trim().parse().ok())
     }
 
-    /// Files that only make sense while a VMM runs.
+    /// Files that only make sense while a VMM runs: the memory file and
+    /// the sockets and pidfiles of every generation.
     pub fn remove_runtime(&self) {
-        for p in [
-            &self.agent_socket,
-            &self.qmp_socket,
-            &self.pidfile,
-            &self.mem,
-        ] {
-            let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(&self.mem);
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.ends_with(".sock") || n.ends_with(".pid") {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 

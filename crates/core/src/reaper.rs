@@ -30,7 +30,7 @@ pub(crate) async fn reap_dead_vms(svc: &Services) -> usize {
         if !dead(&inst) {
             continue;
         }
-        let reason = match console_hint(&svc.paths(&inst.id).console_tail(200)) {
+        let reason = match console_hint(&svc.paths(&inst).console_tail(200)) {
             Some(line) => format!("the VM exited unexpectedly; console: {line}"),
             None => "the VM exited unexpectedly".to_string(),
         };

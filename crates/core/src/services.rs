@@ -105,32 +105,37 @@ impl Locks {
 }
 
 impl Services {
-    pub fn paths(&self, id: &str) -> InstancePaths {
-        InstancePaths::new(&self.cfg.data_dir, &self.cfg.mem_dir, id)
+    /// The paths of `inst`'s current VMM generation.
+    pub fn paths(&self, inst: &Instance) -> InstancePaths {
+        InstancePaths::new(
+            &self.cfg.data_dir,
+            &self.cfg.mem_dir,
+            &inst.id,
+            inst.vmm_gen,
+        )
+    }
+
+    /// The paths of generation 0 of an instance known only by id (orphans).
+    pub fn paths_of_id(&self, id: &str) -> InstancePaths {
+        InstancePaths::new(&self.cfg.data_dir, &self.cfg.mem_dir, id, 0)
     }
 
     pub fn snapshot_paths(&self, sid: &str) -> SnapshotPaths {
         SnapshotPaths::new(&self.cfg.data_dir, &self.cfg.mem_dir, sid)
     }
 
-    /// The hypervisor handle of instance `id`'s VMM `pid`, for control
-    /// (its RAM may be elsewhere: [`Services::handle_of`]).
-    pub fn handle(&self, id: &str, pid: u32) -> VmHandle {
-        self.paths(id).handle(id, pid)
-    }
-
     /// The handle of `inst`'s VMM `pid`, with the RAM file it maps.
-    pub fn handle_of(&self, inst: &Instance, pid: u32) -> VmHandle {
+    pub fn handle(&self, inst: &Instance, pid: u32) -> VmHandle {
         VmHandle {
             mem_path: self.mem_file(inst).0,
-            ..self.handle(&inst.id, pid)
+            ..self.paths(inst).handle(&inst.id, pid)
         }
     }
 
     /// The file behind `inst`'s guest RAM and whether it is mapped shared.
     pub fn mem_file(&self, inst: &Instance) -> (std::path::PathBuf, bool) {
         match &inst.memory {
-            crate::model::Memory::Own => (self.paths(&inst.id).mem, true),
+            crate::model::Memory::Own => (self.paths(inst).mem, true),
             crate::model::Memory::Cow { base } => (crate::bases::path(self, base), false),
         }
     }
@@ -189,7 +194,7 @@ impl Services {
         cmdline: &str,
         incoming: bool,
     ) -> VmSpec {
-        let paths = self.paths(&inst.id);
+        let paths = self.paths(inst);
         let (mem_path, mem_share) = self.mem_file(inst);
         VmSpec {
             id: inst.id.clone(),

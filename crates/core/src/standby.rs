@@ -49,7 +49,7 @@ pub(crate) async fn finish(svc: &Services, inst: &mut Instance) -> Result<()> {
         return Ok(());
     };
     let base = crate::bases::path(svc, svc.find_snapshot(&sid)?.base());
-    let mem = svc.paths(&inst.id).mem;
+    let mem = svc.paths(inst).mem;
     teardown::stop_vmm_keep_memory(svc, inst).await;
     if mem.exists() {
         std::fs::rename(&mem, &base).map_err(CoreError::io(
@@ -67,7 +67,7 @@ pub(crate) async fn finish(svc: &Services, inst: &mut Instance) -> Result<()> {
 /// A standby capture that could not be recorded: the VM runs on.
 async fn abandon(svc: &Services, inst: &Instance, c: &crate::capture::Captured) {
     if let Some(pid) = inst.pid
-        && let Err(e) = svc.hv.resume(&svc.handle(&inst.id, pid)).await
+        && let Err(e) = svc.hv.resume(&svc.handle(inst, pid)).await
     {
         warn!(instance = %inst.id, error = %e, "resuming after a failed standby failed");
     }

@@ -16,11 +16,11 @@ const EXIT_POLL: Duration = Duration::from_millis(200);
 /// stopped instance keeps its identity).
 pub(crate) async fn stop_vmm(svc: &Services, inst: &Instance) {
     svc.agent.forget(&inst.id);
-    let paths = svc.paths(&inst.id);
+    let paths = svc.paths(inst);
     let pid = inst.pid.or_else(|| paths.read_pid());
     if let Some(pid) = pid
         && svc.hv.is_alive(&inst.id, pid)
-        && let Err(e) = svc.hv.stop(&svc.handle(&inst.id, pid), STOP_GRACE).await
+        && let Err(e) = svc.hv.stop(&svc.handle(inst, pid), STOP_GRACE).await
     {
         warn!(instance = %inst.id, error = %e, "stopping QEMU failed");
     }
@@ -35,7 +35,7 @@ pub(crate) async fn stop_vmm(svc: &Services, inst: &Instance) {
 /// [`stop_vmm`], leaving the memory file in place (standby, a restore that
 /// goes back to standby).
 pub(crate) async fn stop_vmm_keep_memory(svc: &Services, inst: &Instance) {
-    let p = svc.paths(&inst.id);
+    let p = svc.paths(inst);
     let keep = p.mem.with_extension("keep");
     let _ = std::fs::rename(&p.mem, &keep);
     stop_vmm(svc, inst).await;
@@ -52,7 +52,7 @@ pub(crate) async fn remove_instance_resources(svc: &Services, inst: &Instance) {
     if let Err(e) = svc.net.release(&svc.store, &inst.id) {
         warn!(instance = %inst.id, error = %e, "releasing network failed");
     }
-    svc.paths(&inst.id).remove_all();
+    svc.paths(inst).remove_all();
 }
 
 /// [`remove_instance_resources`] and the record.
@@ -90,7 +90,7 @@ pub(crate) async fn vmm_exit(svc: &Services, id: &str, pid: Option<u32>, during:
         if !svc.hv.is_alive(id, pid) {
             return VmExited {
                 during: during.to_string(),
-                console: console_hint(&svc.paths(id).console_tail(200)),
+                console: console_hint(&svc.paths_of_id(id).console_tail(200)),
             };
         }
     }

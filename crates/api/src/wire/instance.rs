@@ -363,6 +363,7 @@ mod tests {
             cmdline: None,
             mailbox: None,
             memory: core::Memory::Own,
+            vmm_gen: 0,
         };
         let v = serde_json::to_value(Instance::from(&core_inst)).unwrap();
         let expected: serde_json::Value = serde_json::from_str(

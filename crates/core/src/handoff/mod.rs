@@ -224,7 +224,7 @@ impl HostPaths<'_> {
     }
 
     async fn via_rpc(&self) -> std::result::Result<(), HandoffError> {
-        let socket = self.svc.paths(&self.inst.id).agent_socket;
+        let socket = self.svc.paths(self.inst).agent_socket;
         let cfg = self.lease.rpc_config(&self.inst.name);
         self.svc
             .agent
@@ -245,7 +245,7 @@ impl HostPaths<'_> {
             timeout_ms: 20_000,
             cwd: String::new(),
         };
-        let socket = self.svc.paths(&self.inst.id).agent_socket;
+        let socket = self.svc.paths(self.inst).agent_socket;
         let out = self
             .svc
             .agent
@@ -313,7 +313,7 @@ async fn handoff_failed(svc: &Services, inst: &mut Instance, mut rec: HandoffRec
     if let Err(e) = svc.net.release(&svc.store, &inst.id) {
         warn!(instance = %inst.id, error = %e, "releasing network failed");
     }
-    svc.paths(&inst.id).remove_runtime();
+    svc.paths(inst).remove_runtime();
     inst.network.forget_lease();
     inst.handoff = Some(rec);
     inst.to_stopped(Some(format!("network handoff failed: {e}")), svc.now());

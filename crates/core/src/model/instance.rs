@@ -107,6 +107,10 @@ pub struct Instance {
     /// Where the guest RAM of its VMM lives (meaningful while it has one).
     #[serde(default)]
     pub memory: Memory,
+    /// Generation of its VMM: a handover starts a new QEMU beside the old
+    /// one, with its own sockets and pidfile (`paths::InstancePaths`).
+    #[serde(default)]
+    pub vmm_gen: u32,
 }
 
 impl Instance {
@@ -142,6 +146,7 @@ impl Instance {
             cmdline: None,
             mailbox: None,
             memory: Memory::Own,
+            vmm_gen: 0,
         }
     }
 
