@@ -126,7 +126,7 @@ pub(crate) async fn agent_health(svc: &Services, id_or_name: &str) -> Result<Age
 pub(crate) async fn set_clock(svc: &Services, inst: &Instance) {
     let now = svc.now().timestamp_nanos_opt().unwrap_or_default();
     let policy = CallPolicy::within(Duration::from_secs(5), Duration::from_secs(2));
-    let socket = svc.paths(&inst).agent_socket;
+    let socket = svc.paths(inst).agent_socket;
     if let Err(e) = svc.agent.set_clock(&inst.id, &socket, now, policy).await {
         tracing::warn!(instance = %inst.id, error = %e, "setting the guest clock failed");
     }

@@ -81,7 +81,7 @@ fn take_memory(svc: &Services, inst: &Instance, snap: &Snapshot, shared: bool) -
             base: base.to_string(),
         });
     }
-    std::fs::rename(crate::bases::path(svc, base), svc.paths(&inst).mem).map_err(CoreError::io(
+    std::fs::rename(crate::bases::path(svc, base), svc.paths(inst).mem).map_err(CoreError::io(
         "moving guest memory out of the snapshot's base",
     ))?;
     Ok(Memory::Own)
@@ -160,7 +160,7 @@ async fn back_to_standby(
     warn!(instance = %inst.id, error = %e, "restore failed; back to standby");
     teardown::stop_vmm_keep_memory(svc, inst).await;
     if inst.memory == Memory::Own {
-        let _ = std::fs::rename(svc.paths(&inst).mem, crate::bases::path(svc, snap.base()));
+        let _ = std::fs::rename(svc.paths(inst).mem, crate::bases::path(svc, snap.base()));
     }
     let mut back = svc.find(&inst.id)?;
     back.back_to_standby(e.to_string());
