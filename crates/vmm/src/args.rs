@@ -144,7 +144,11 @@ fn machine_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
     push(&["-name", &format!("{name},process={name}")]);
     push(&["-M", "q35,memory-backend=mem"]);
     match spec.accel {
-        Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        // tb-size caps the translation cache per VMM (QEMU's default is
+        // 1 GiB here): a fork's working set is ~14 MiB and nothing flushed at
+        // 64 MiB, while code churn grew a default-sized cache past 500 MiB
+        // (docs/vmm.md has the measurement).
+        Accel::Tcg => push(&["-accel", "tcg,thread=multi,tb-size=64", "-cpu", "max"]),
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
     }
     push(&["-m", &format!("{}M", spec.memory_mb)]);
@@ -258,7 +262,7 @@ mod tests {
             j.contains("mem-path=/dev/shm/a,,b/mem,share=on"),
             "comma escaped: {j}"
         );
-        assert!(j.contains("-accel tcg,thread=multi -cpu max"), "{j}");
+        assert!(j.contains("-accel tcg,thread=multi,tb-size=64 -cpu max"), "{j}");
         assert!(j.contains("-append console=ttyS0 quiet"), "{j}");
         assert!(j.contains("name=forkvm.agent"), "{j}");
         assert!(j.contains("-daemonize -pidfile /run/x/pid"), "{j}");

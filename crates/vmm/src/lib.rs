@@ -46,7 +46,7 @@ pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};
 pub enum Accel {
     /// Hardware virtualisation; QEMU runs with `-accel kvm -cpu host`.
     Kvm,
-    /// Software emulation; QEMU runs with `-accel tcg,thread=multi -cpu max`.
+    /// Software emulation; QEMU runs with `-accel tcg,thread=multi,tb-size=64 -cpu max`.
     Tcg,
 }
 
