@@ -206,3 +206,63 @@ async fn a_base_outlives_a_daemon_crash_while_forks_map_it() -> Result<()> {
     ensure!(!bases[0].exists(), "base kept after its last user");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_handed_over_keeps_running_on_its_address() -> Result<()> {
+    // Every capture of an own-memory source is a handover here.
+    let env = TestEnv::start_env(&[("FORKVM_HANDOVER_MIN_MIB", "0")]).await?;
+    let src = env.create(json!({"name": "src"})).await?;
+    let src_id = s(&src, "id");
+    env.exec_ok(
+        &src_id,
+        &["sh", "-c", "mkdir -p /var/www && echo still-me > /var/www/index.html && httpd -p 80 -h /var/www && echo 7 > /root/n"],
+    )
+    .await?;
+    let url = format!("http://{}/", forkvm_e2e::ip(&src));
+    let f = fork(&env, &src_id, json!({"name": "f", "from_running": true})).await?;
+    let pause = f[0]["handoff"]["stages_ms"]["snapshot"]
+        .as_f64()
+        .unwrap_or(0.0);
+    println!("handover: snapshot stage {pause:.1} ms");
+
+    // The source now runs copy-on-write of its old memory, which the fork
+    // maps too, in a new QEMU that took over its TAP: same address, same
+    // processes, same files.
+    let (_, now) = env
+        .request("GET", &format!("/instances/{src_id}"), None)
+        .await?;
+    ensure!(
+        !s(&now, "base").is_empty() && s(&now, "base") == s(&f[0], "base"),
+        "{now}"
+    );
+    ensure!(
+        now["pid"] != src["pid"],
+        "the same QEMU still runs the source: {now}"
+    );
+    ensure!(
+        env.http_get(&url).is_some_and(|b| b.contains("still-me")),
+        "the source's web server no longer answers on its address"
+    );
+    ensure!(env.exec_ok(&src_id, &["cat", "/root/n"]).await?.trim() == "7");
+    ensure!(
+        env.qemu_pids().len() == 2,
+        "QEMU processes: {:?}",
+        env.qemu_pids()
+    );
+    ensure!(
+        !env.mem_dir.join(format!("{src_id}.mem")).exists(),
+        "own file left"
+    );
+
+    // Forking it again moves its memory into a new base; both forks answer.
+    let g = fork(&env, &src_id, json!({"name": "g", "from_running": true})).await?;
+    for v in [&f[0], &g[0]] {
+        let u = format!("http://{}/", forkvm_e2e::ip(v));
+        ensure!(
+            env.http_get(&u).is_some_and(|b| b.contains("still-me")),
+            "{v}"
+        );
+    }
+    ensure!(env.http_get(&url).is_some_and(|b| b.contains("still-me")));
+    Ok(())
+}

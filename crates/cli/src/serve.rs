@@ -49,6 +49,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FORKVM_COW_RESERVE_PERCENT", default_value_t = forkvm_core::config::DEFAULT_COW_RESERVE_PERCENT,
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub cow_reserve_percent: u32,
+    /// A running VM whose own memory holds at least this many MiB is handed
+    /// over to a copy-on-write VMM when forked from running (pause
+    /// independent of its memory); smaller ones are copied while paused.
+    #[arg(long, env = "FORKVM_HANDOVER_MIN_MIB", default_value_t = forkvm_core::config::DEFAULT_HANDOVER_MIN_MIB)]
+    pub handover_min_mib: u64,
     /// Log filter for the guest agents of VMs booted from now on (e.g.
     /// `forkvm_agent=trace`); one plain env-filter token.
     #[arg(long, env = "FORKVM_GUEST_AGENT_LOG", value_parser = forkvm_core::config::guest_agent_log_filter)]
@@ -86,6 +91,7 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         mailbox_ack_timeout: Duration::from_millis(args.mailbox_ack_timeout_ms),
         memory_budget_mb: args.max_guest_memory_mb,
         cow_reserve_percent: args.cow_reserve_percent,
+        handover_min_mib: args.handover_min_mib,
         guest_agent_log: args.guest_agent_log.clone(),
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())
             .map_err(anyhow::Error::msg)

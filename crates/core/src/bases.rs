@@ -115,7 +115,15 @@ pub(crate) fn reconcile(svc: &Services) -> Result<()> {
         svc.store.insert_base(&record(svc, &snap.id, &to))?;
         info!(snapshot = %snap.id, "snapshot memory upgraded to a base");
     }
-    let known: HashSet<String> = svc.store.list_bases()?.into_iter().map(|b| b.id).collect();
+    let mut known: HashSet<String> = svc.store.list_bases()?.into_iter().map(|b| b.id).collect();
+    // A handover cut short holds its VM's memory under a base name that has
+    // no record yet: adoption finishes or undoes it.
+    known.extend(
+        svc.store
+            .list_instances()?
+            .into_iter()
+            .filter_map(|i| i.handover),
+    );
     if let Ok(rd) = std::fs::read_dir(dir(svc)) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();

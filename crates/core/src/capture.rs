@@ -38,13 +38,21 @@ pub(crate) struct Captured {
     pub snap: Snapshot,
     pub base: Base,
     pub paths: SnapshotPaths,
+    /// The base is already in the store (a handover records it with the
+    /// instance that now maps it).
+    pub base_recorded: bool,
+    /// How long the source's vCPUs were stopped.
+    pub pause_ms: f64,
 }
 
 impl Captured {
-    /// Removes what the capture made (before it was recorded).
+    /// Removes what the capture made (before it was recorded). A handed-over
+    /// base stays: the VM maps it (collection removes it when unused).
     pub fn discard(&self, svc: &Services) {
         self.paths.remove();
-        let _ = std::fs::remove_file(bases::path(svc, &self.base.id));
+        if !self.base_recorded {
+            let _ = std::fs::remove_file(bases::path(svc, &self.base.id));
+        }
     }
 }
 
@@ -68,10 +76,50 @@ pub(crate) async fn capture(
     // current one before pausing (no mailbox if it doesn't answer).
     let mailbox = current_mailbox(svc, inst).await;
     let t = Instant::now();
-    let made = match &inst.memory {
-        Memory::Own => own_file(svc, inst, &vm, &sp, &base_file, mode).await,
+    let (base, pause_ms, base_recorded) =
+        match memory_into_base(svc, inst, &vm, &sp, (&bid, &base_file), mode).await {
+            Ok(m) => m,
+            Err(e) => {
+                sp.remove();
+                return Err(e);
+            }
+        };
+    let snap = snapshot_of(svc, inst, sid, name, &sp, &base, mailbox, mode);
+    info!(instance = %inst.id, snapshot = %snap.id, base = %bid, ?mode, pause_ms,
+          took_ms = t.elapsed().as_secs_f64() * 1000.0, size_bytes = snap.size_bytes,
+          "snapshot captured");
+    Ok(Captured {
+        snap,
+        base,
+        paths: sp,
+        base_recorded,
+        pause_ms,
+    })
+}
+
+/// The VM's memory into base `bid` by the cheapest way its memory allows;
+/// returns the base record, how long the VM was paused, and whether the
+/// base is already recorded. On error nothing of the base is left.
+async fn memory_into_base(
+    svc: &Services,
+    inst: &Instance,
+    vm: &VmHandle,
+    sp: &SnapshotPaths,
+    (bid, base_file): (&str, &Path),
+    mode: CaptureMode,
+) -> Result<(Base, f64, bool)> {
+    let own = svc.paths(inst).mem;
+    let handover = inst.memory == Memory::Own
+        && mode == CaptureMode::Copy
+        && crate::memory::allocated_bytes(&own) >= svc.cfg.handover_min_mib << 20;
+    if handover {
+        let (base, pause) = crate::handover::hand_over(svc, inst, vm, sp, bid, base_file).await?;
+        return Ok((base, pause, true));
+    }
+    let paused = match &inst.memory {
+        Memory::Own => own_file(svc, inst, vm, sp, base_file, mode).await,
         Memory::Cow { base } => {
-            let r = copy_on_write(svc, inst, &vm, &sp, &base_file, mode).await;
+            let r = copy_on_write(svc, inst, vm, sp, base_file, mode).await;
             if r.is_ok() {
                 // Migrating read every page of the source's base.
                 bases::trim(bases::path(svc, base)).await;
@@ -79,29 +127,21 @@ pub(crate) async fn capture(
             r
         }
     };
-    if let Err(e) = made {
-        sp.remove();
-        let _ = std::fs::remove_file(&base_file);
-        return Err(e);
-    }
-    let base = match (mode, &inst.memory) {
-        // The file becomes the base after the commit; its size is known now.
-        (CaptureMode::Standby, Memory::Own) => bases::record(svc, &bid, &svc.paths(inst).mem),
-        _ => bases::record(svc, &bid, &base_file),
+    let pause = paused.inspect_err(|_| {
+        let _ = std::fs::remove_file(base_file);
+    })?;
+    // A standby's own file becomes the base after the commit; its size is
+    // known now.
+    let sized = match (mode, &inst.memory) {
+        (CaptureMode::Standby, Memory::Own) => own.as_path(),
+        _ => base_file,
     };
-    let snap = snapshot_of(svc, inst, sid, name, &sp, &base, mailbox, mode);
-    info!(instance = %inst.id, snapshot = %snap.id, base = %bid, ?mode,
-          took_ms = t.elapsed().as_secs_f64() * 1000.0, size_bytes = snap.size_bytes,
-          "snapshot captured");
-    Ok(Captured {
-        snap,
-        base,
-        paths: sp,
-    })
+    Ok((bases::record(svc, bid, sized), pause, false))
 }
 
 /// Own file: pause → device state → (Copy) sparse copy into the base and
-/// resume. Standby leaves the VM paused.
+/// resume; returns how long the VM was paused (Copy). Standby leaves the VM
+/// paused.
 async fn own_file(
     svc: &Services,
     inst: &Instance,
@@ -109,7 +149,8 @@ async fn own_file(
     sp: &SnapshotPaths,
     base_file: &Path,
     mode: CaptureMode,
-) -> Result<()> {
+) -> Result<f64> {
+    let t = Instant::now();
     svc.hv
         .pause(vm)
         .await
@@ -128,12 +169,13 @@ async fn own_file(
     if mode == CaptureMode::Copy || saved.is_err() {
         resume_source(svc, inst, vm).await;
     }
-    saved
+    saved.map(|()| t.elapsed().as_secs_f64() * 1000.0)
 }
 
 /// Copy-on-write: live-migrate into a helper VM whose RAM is the new base,
-/// then save the helper's device state. The source is resumed (Copy) or
-/// left paused (Standby); on failure it is resumed.
+/// then save the helper's device state; returns the source's downtime. The
+/// source is resumed (Copy) or left paused (Standby); on failure it is
+/// resumed.
 async fn copy_on_write(
     svc: &Services,
     inst: &Instance,
@@ -141,7 +183,7 @@ async fn copy_on_write(
     sp: &SnapshotPaths,
     base_file: &Path,
     mode: CaptureMode,
-) -> Result<()> {
+) -> Result<f64> {
     let helper = start_helper(svc, inst, sp, base_file).await?;
     let moved = async {
         let r = svc
@@ -151,17 +193,18 @@ async fn copy_on_write(
             .map_err(CoreError::vmm("migrating the VM into its new base"))?;
         info!(instance = %inst.id, downtime_ms = r.downtime_ms, total_ms = r.total_ms,
               "memory moved into a new base");
-        Ok::<(), CoreError>(())
+        Ok::<f64, CoreError>(r.downtime_ms)
     }
     .await;
     if mode == CaptureMode::Copy || moved.is_err() {
         resume_source(svc, inst, vm).await;
     }
     let saved = match moved {
-        Ok(()) => svc
+        Ok(downtime) => svc
             .hv
             .save_state(&helper, &sp.state)
             .await
+            .map(|()| downtime)
             .map_err(CoreError::vmm("saving device state")),
         Err(e) => Err(e),
     };
@@ -169,10 +212,10 @@ async fn copy_on_write(
         warn!(instance = %inst.id, error = %e, "stopping the capture helper failed");
     }
     let _ = std::fs::remove_dir_all(helper_dir(sp));
-    saved?;
+    let downtime = saved?;
     // Loading wrote every zero page into the new file: give them back.
     bases::trim(base_file.to_path_buf()).await;
-    Ok(())
+    Ok(downtime)
 }
 
 fn helper_dir(sp: &SnapshotPaths) -> PathBuf {

@@ -15,6 +15,9 @@ pub const DEFAULT_MAILBOX_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default share of a copy-on-write VM's size charged to the budget.
 pub const DEFAULT_COW_RESERVE_PERCENT: u32 = 25;
 
+/// Default size from which a captured VM is handed over instead of copied.
+pub const DEFAULT_HANDOVER_MIN_MIB: u64 = 256;
+
 /// Daemon configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -36,6 +39,11 @@ pub struct Config {
     /// Share of its size (percent) a copy-on-write VM is charged against the
     /// memory budget: what it may write privately.
     pub cow_reserve_percent: u32,
+    /// A running VM whose own memory file holds at least this many MiB is
+    /// handed over to a copy-on-write VMM when captured (pause independent
+    /// of its memory; it stays copy-on-write afterwards); smaller ones are
+    /// copied while paused and keep their own file.
+    pub handover_min_mib: u64,
     /// Log filter for the agents of VMs booted from now on (e.g. `debug`),
     /// passed on the kernel command line; forks inherit their source's.
     /// Checked by [`guest_agent_log_filter`].
@@ -62,6 +70,7 @@ impl Config {
             mailbox_ack_timeout: DEFAULT_MAILBOX_ACK_TIMEOUT,
             memory_budget_mb: None,
             cow_reserve_percent: DEFAULT_COW_RESERVE_PERCENT,
+            handover_min_mib: DEFAULT_HANDOVER_MIN_MIB,
             guest_agent_log: None,
             test_hooks: TestHooks::default(),
         }

@@ -53,8 +53,10 @@ struct Base {
     transient: bool,
     /// The instance or snapshot the forks record as their origin.
     forked_from: String,
-    /// Time to obtain the base (the source's pause for a transient one).
+    /// Time to obtain the base (the capture, for a transient one).
     snapshot_ms: f64,
+    /// How long the source's vCPUs were stopped for the capture.
+    pause_ms: Option<f64>,
     /// Keeps a transient snapshot's base until the forks refer to it.
     _pin: Option<crate::services::Pin>,
 }
@@ -118,6 +120,7 @@ pub(crate) async fn fork_snapshot(
         snap,
         transient: false,
         snapshot_ms: 0.0,
+        pause_ms: None,
         _pin: None,
     };
     Ok(fork_all(svc, &base, &plan).await)
@@ -190,6 +193,7 @@ async fn base_of_instance(svc: &Services, src: &Instance, from_running: bool) ->
         transient,
         forked_from: src.id.clone(),
         snapshot_ms: 0.0,
+        pause_ms: None,
         _pin: None,
     };
     match src.state {
@@ -199,11 +203,14 @@ async fn base_of_instance(svc: &Services, src: &Instance, from_running: bool) ->
             // forks that map it are recorded (a crash meanwhile leaves an
             // unreferenced base, collected at start-up).
             let pin = svc.pins.pin(&c.base.id);
-            svc.store
-                .insert_base(&c.base)
-                .inspect_err(|_| c.discard(svc))?;
+            if !c.base_recorded {
+                svc.store
+                    .insert_base(&c.base)
+                    .inspect_err(|_| c.discard(svc))?;
+            }
             let mut b = base(c.snap, c.paths, true);
             b._pin = Some(pin);
+            b.pause_ms = Some(c.pause_ms);
             Ok(b)
         }
         InstanceState::Running => Err(CoreError::Conflict(format!(
@@ -247,6 +254,9 @@ async fn fork_one(svc: &Arc<Services>, base: &Base, name: &str, plan: &Plan) -> 
     let t_total = Instant::now();
     let mut rec = HandoffRecord::default();
     rec.set(Stage::Snapshot, base.snapshot_ms);
+    if let Some(p) = base.pause_ms {
+        rec.set(Stage::SourcePause, p);
+    }
     let t = Instant::now();
     let mut inst = allocate(svc, base, name)?;
     rec.record(Stage::Allocate, t);

@@ -27,6 +27,7 @@ pub mod error;
 mod fork;
 mod guest;
 mod handoff;
+mod handover;
 mod lifecycle;
 pub mod manager;
 pub mod memory;

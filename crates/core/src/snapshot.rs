@@ -34,8 +34,9 @@ pub(crate) async fn create(
     match inst.state {
         InstanceState::Running => {
             let c = capture(svc, &inst, name, CaptureMode::Copy).await?;
+            let new_base = (!c.base_recorded).then_some(&c.base);
             svc.store
-                .insert_snapshot_with_base(&c.snap, Some(&c.base))
+                .insert_snapshot_with_base(&c.snap, new_base)
                 .inspect_err(|_| c.discard(svc))?;
             Ok(c.snap)
         }

@@ -243,6 +243,21 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
+    /// A finished handover in one transaction: the instance on its new VMM
+    /// (copy-on-write of its old file) and that file's base record.
+    pub fn commit_handover(&self, inst: &Instance, base: &Base) -> Result<()> {
+        let inst_doc = encode(inst)?;
+        let mut conn = self.lock()?;
+        let tx = conn.transaction().map_err(db_err)?;
+        insert_base_in(&tx, base)?;
+        tx.execute(
+            "UPDATE instances SET doc = ?2 WHERE id = ?1",
+            params![inst.id, inst_doc],
+        )
+        .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
     /// A base known before (an upgraded legacy snapshot's memory).
     pub fn insert_base(&self, base: &Base) -> Result<()> {
         let conn = self.lock()?;

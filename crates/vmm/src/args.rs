@@ -15,6 +15,8 @@ const MAX_SOCKET_PATH: usize = 107;
 // Fixed PCI slots on pcie.0 so a restore with the same device set matches the
 // saved one regardless of which optional devices are present.
 const NET_PCI_ADDR: &str = "0x2";
+/// The fd number a taken-over TAP has in the new QEMU.
+pub(crate) const TAKEOVER_FD: i32 = 3;
 const SERIAL_PCI_ADDR: &str = "0x3";
 
 pub(crate) fn invalid(msg: impl Into<String>) -> VmmError {
@@ -106,9 +108,8 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmmError> {
         return Err(invalid(format!("memory_mb {} below 32", spec.memory_mb)));
     }
     if let Some(net) = &spec.net {
-        if let NetBackend::Tap(tap) = &net.backend
-            && (tap.is_empty() || tap.len() > 15 || tap.contains([',', '/', ' ']))
-        {
+        let (NetBackend::Tap(tap) | NetBackend::TakeOver { tap, .. }) = &net.backend;
+        if tap.is_empty() || tap.len() > 15 || tap.contains([',', '/', ' ']) {
             return Err(invalid(format!("bad tap name {tap:?}")));
         }
         if !valid_mac(&net.mac) {
@@ -202,11 +203,12 @@ fn device_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
         &format!("virtserialport,id=agent0,bus=vser0.0,nr=1,chardev=agent,name={AGENT_PORT_NAME}"),
     ]);
     if let Some(net) = &spec.net {
-        let NetBackend::Tap(tap) = &net.backend;
-        push(&[
-            "-netdev",
-            &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
-        ]);
+        let netdev = match &net.backend {
+            NetBackend::Tap(tap) => format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+            // The launcher puts the taken-over TAP's fd there.
+            NetBackend::TakeOver { .. } => format!("tap,id=net0,fd={TAKEOVER_FD}"),
+        };
+        push(&["-netdev", &netdev]);
         // romfile= (empty): no PXE ROM; we boot with -kernel and it would
         // only add state to every snapshot.
         push(&[
@@ -262,7 +264,10 @@ mod tests {
             j.contains("mem-path=/dev/shm/a,,b/mem,share=on"),
             "comma escaped: {j}"
         );
-        assert!(j.contains("-accel tcg,thread=multi,tb-size=64 -cpu max"), "{j}");
+        assert!(
+            j.contains("-accel tcg,thread=multi,tb-size=64 -cpu max"),
+            "{j}"
+        );
         assert!(j.contains("-append console=ttyS0 quiet"), "{j}");
         assert!(j.contains("name=forkvm.agent"), "{j}");
         assert!(j.contains("-daemonize -pidfile /run/x/pid"), "{j}");
@@ -283,6 +288,19 @@ mod tests {
         let j = joined(&s);
         assert!(j.contains("-accel kvm -cpu host"), "{j}");
         assert!(j.contains("-S -incoming defer"), "{j}");
+        let mut t = s.clone();
+        t.net = Some(crate::NetSpec {
+            backend: NetBackend::TakeOver {
+                tap: "fvtap0".into(),
+                from_pid: 42,
+            },
+            mac: "02:00:00:aa:bb:cc".into(),
+        });
+        assert!(
+            joined(&t).contains("-netdev tap,id=net0,fd=3 "),
+            "{}",
+            joined(&t)
+        );
         assert!(j.contains("share=off"), "{j}");
         assert!(
             j.contains("tap,id=net0,ifname=fvtap0,script=no,downscript=no"),

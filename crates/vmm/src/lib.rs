@@ -36,7 +36,7 @@ pub use accel::{
 };
 pub use args::build_qemu_args;
 pub use error::VmmError;
-pub use process::{is_qemu_for, qemu_name};
+pub use process::{is_qemu_for, qemu_name, take_tap_fd};
 pub use qemu::{AGENT_PORT_NAME, QemuHypervisor, qemu_log_path, stderr_log_path};
 pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};
 
@@ -66,6 +66,9 @@ pub enum NetBackend {
     /// new one QEMU creates for itself and removes when it exits (a VM that
     /// never runs: the device state needs a backend with vnet headers).
     Tap(String),
+    /// The TAP `tap` that the running QEMU `from_pid` holds: its fd is
+    /// duplicated into the new QEMU (a handover; the TAP admits one opener).
+    TakeOver { tap: String, from_pid: u32 },
 }
 
 /// What a [`Hypervisor::migrate`] took.

@@ -73,6 +73,8 @@ impl PidFd {
     pub(crate) fn open(pid: u32) -> std::io::Result<Self> {
         // Hand-rolled syscall: neither nix 0.32 nor std expose pidfd_open for
         // non-child processes.
+        // SAFETY: a plain syscall with integer arguments; on success it
+        // returns a new fd that nothing else owns.
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if raw < 0 {
             return Err(std::io::Error::last_os_error());
@@ -156,5 +158,59 @@ mod tests {
     fn own_process_is_not_a_vm() {
         assert!(!is_qemu_for("x", std::process::id()));
         assert!(!is_qemu_for("x", 0));
+    }
+}
+
+/// A duplicate, in this process, of process `pid`'s file descriptor for TAP
+/// device `tap` (the tun fd whose `/proc/<pid>/fdinfo` names it), taken with
+/// `pidfd_getfd`: a TAP without multi-queue admits one opener, so a VMM that
+/// takes over from another gets the other's fd instead of opening it.
+pub fn take_tap_fd(pid: u32, tap: &str) -> std::io::Result<OwnedFd> {
+    let want = format!("iff:\t{tap}");
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<RawFd>() else {
+            continue;
+        };
+        let Ok(info) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        if info.lines().any(|l| l.trim_end() == want) {
+            return pidfd_getfd(pid, fd);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("process {pid} holds no fd of TAP {tap}"),
+    ))
+}
+
+fn pidfd_getfd(pid: u32, fd: RawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: a plain syscall with integer arguments; on success it returns a
+    // new fd that nothing else owns.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: integer arguments only; the result is a new close-on-exec fd
+    // in our table (needs ptrace rights over `pid`: root here).
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above, a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
+#[cfg(test)]
+mod takeover_tests {
+    use super::*;
+
+    #[test]
+    fn a_process_without_that_tap_is_an_error() {
+        let e = take_tap_fd(std::process::id(), "fvm-none").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 }

@@ -2,18 +2,18 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::args::{build_qemu_args, invalid};
+use crate::args::{TAKEOVER_FD, build_qemu_args, invalid};
 use crate::error::VmmError;
-use crate::process::{PidFd, is_qemu_for};
+use crate::process::{PidFd, is_qemu_for, take_tap_fd};
 use crate::qmp::QmpClient;
-use crate::{Hypervisor, MigrationReport, RunState, VmHandle, VmSpec, VmmFuture};
+use crate::{Hypervisor, MigrationReport, NetBackend, RunState, VmHandle, VmSpec, VmmFuture};
 
 /// Bound on QEMU's foreground process (init + daemonize) at start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -216,16 +216,17 @@ impl QemuHypervisor {
         tracing::info!(id = %spec.id, accel = ?spec.accel, incoming = spec.incoming,
             mem_share = spec.mem_share, "starting qemu");
         tracing::debug!(id = %spec.id, args = ?args, "qemu command line");
-        let mut child = tokio::process::Command::new(&self.qemu_bin)
-            .args(args)
+        let mut cmd = tokio::process::Command::new(&self.qemu_bin);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out_file)
-            .stderr(err_file)
-            .spawn()
-            .map_err(|e| VmmError::Spawn {
-                bin: self.qemu_bin.clone(),
-                source: e,
-            })?;
+            .stderr(err_file);
+        // Held until QEMU has daemonized: its child keeps its own copy.
+        let _tap = pass_taken_over_tap(spec, &mut cmd)?;
+        let mut child = cmd.spawn().map_err(|e| VmmError::Spawn {
+            bin: self.qemu_bin.clone(),
+            source: e,
+        })?;
         // With -daemonize the foreground process exits once the VM is set up
         // (0) or failed (non-zero, reason on stderr).
         let status = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
@@ -374,6 +375,43 @@ impl QemuHypervisor {
         tracing::info!(id = %h.id, total_ms = t0.elapsed().as_secs_f64() * 1e3, "device state loaded");
         Ok(())
     }
+}
+
+/// For a [`NetBackend::TakeOver`]: duplicates the running QEMU's TAP fd
+/// and arranges for QEMU to find it as fd [`TAKEOVER_FD`].
+fn pass_taken_over_tap(
+    spec: &VmSpec,
+    cmd: &mut tokio::process::Command,
+) -> Result<Option<OwnedFd>, VmmError> {
+    let Some(NetBackend::TakeOver { tap, from_pid }) = spec.net.as_ref().map(|n| &n.backend) else {
+        return Ok(None);
+    };
+    let fd = take_tap_fd(*from_pid, tap).map_err(|e| {
+        VmmError::io(
+            "take over TAP from",
+            Path::new(&format!("/proc/{from_pid}")),
+            e,
+        )
+    })?;
+    let raw = fd.as_raw_fd();
+    // SAFETY: runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: dup2 and fcntl are, and they touch
+    // nothing but the child's fd table. dup2 clears close-on-exec on the
+    // copy; when the fd already has the number, clear it directly.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if raw == TAKEOVER_FD {
+                libc::fcntl(raw, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, TAKEOVER_FD)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(Some(fd))
 }
 
 /// Parameters of a local live migration: no bandwidth cap (QEMU's default

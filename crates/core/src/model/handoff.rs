@@ -33,8 +33,10 @@ impl HandoffPath {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
-    /// Source paused for the capture (forks from a running source).
+    /// The capture of a running source (forks from a running source).
     Snapshot,
+    /// Of that, the time the source's vCPUs were stopped.
+    SourcePause,
     /// Record, IPv4 and MAC claimed.
     Allocate,
     /// The fork's guest memory made ready from the base.
@@ -59,8 +61,9 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage in pipeline order.
-    pub const ALL: [Stage; 11] = [
+    pub const ALL: [Stage; 12] = [
         Self::Snapshot,
+        Self::SourcePause,
         Self::Allocate,
         Self::MemoryPrepare,
         Self::AllocateTap,
@@ -76,6 +79,7 @@ impl Stage {
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Snapshot => "snapshot",
+            Self::SourcePause => "source_pause",
             Self::Allocate => "allocate",
             Self::MemoryPrepare => "memory_prepare",
             Self::AllocateTap => "allocate_tap",

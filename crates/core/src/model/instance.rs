@@ -111,6 +111,11 @@ pub struct Instance {
     /// one, with its own sockets and pidfile (`paths::InstancePaths`).
     #[serde(default)]
     pub vmm_gen: u32,
+    /// A handover in progress (recorded first, so a restart can finish or
+    /// undo it): its own memory file becoming base `base`, VMM generation
+    /// `vmm_gen + 1` taking over.
+    #[serde(default)]
+    pub handover: Option<String>,
 }
 
 impl Instance {
@@ -147,6 +152,7 @@ impl Instance {
             mailbox: None,
             memory: Memory::Own,
             vmm_gen: 0,
+            handover: None,
         }
     }
 

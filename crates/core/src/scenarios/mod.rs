@@ -5,6 +5,7 @@
 mod adopt;
 mod fork;
 mod handoff;
+mod handover;
 mod restore;
 
 use crate::error::{CoreError, Result};

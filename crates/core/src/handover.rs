@@ -1,0 +1,196 @@
+//! Handover: a running VM with its own memory file hands itself over to a
+//! new QEMU that maps that file copy-on-write, so the file becomes an
+//! immutable base in O(1) — no copy, and a pause (device state out and back
+//! in) that does not grow with the memory the guest touched.
+//!
+//! 1. record the intent (`Instance::handover`): a crash from here on is
+//!    finished or undone by adoption ([`adopt_interrupted`]);
+//! 2. the own file is renamed to the base's path (the running QEMU maps the
+//!    inode and writes on; the name does not matter to it);
+//! 3. the next VMM generation starts beside it, waiting for state, mapping
+//!    the base `share=off` and taking over the TAP's fd;
+//! 4. pause → device state saved → loaded into the new VMM → it continues;
+//! 5. the old VMM quits; the instance and the base record are committed in
+//!    one transaction.
+//!
+//! Any failure before step 5 puts the file back and resumes the old VMM.
+
+use crate::bases;
+use crate::error::{CoreError, Result};
+use crate::model::{Base, Instance, Memory};
+use crate::paths::SnapshotPaths;
+use crate::services::Services;
+use forkvm_vmm::{NetBackend, VmHandle};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Grace for the old VMM to quit once the new one runs.
+const OLD_VMM_GRACE: Duration = Duration::from_millis(500);
+
+/// Hands `inst` (Running on `old`, its own memory) over to a new VMM over
+/// base `bid` (file `base_file`); the device state lands in `sp.state`.
+/// Returns the base record, committed with the instance, and how long the
+/// VM was paused.
+pub(crate) async fn hand_over(
+    svc: &Services,
+    inst: &Instance,
+    old: &VmHandle,
+    sp: &SnapshotPaths,
+    bid: &str,
+    base_file: &Path,
+) -> Result<(Base, f64)> {
+    let own_file = svc.paths(inst).mem;
+    let mut rec = svc.find(&inst.id)?;
+    rec.handover = Some(bid.to_string());
+    svc.store.update_instance(&rec)?;
+    std::fs::rename(&own_file, base_file)
+        .map_err(CoreError::io("renaming the memory file into a base"))?;
+    let next = next_generation(&rec, bid);
+    let t = Instant::now();
+    match switch(svc, &next, old, sp).await {
+        Ok((new, pause_ms)) => {
+            let base = bases::record(svc, bid, base_file);
+            let mut done = next;
+            done.pid = Some(new.pid);
+            done.handover = None;
+            svc.agent.forget(&inst.id);
+            svc.store.commit_handover(&done, &base)?;
+            info!(instance = %inst.id, pid = new.pid, base = %bid, pause_ms,
+                  took_ms = t.elapsed().as_secs_f64() * 1000.0, "handed over to a copy-on-write VMM");
+            Ok((base, pause_ms))
+        }
+        Err(e) => {
+            warn!(instance = %inst.id, error = %e, "handover failed; the VM runs on as it was");
+            if let Err(re) = std::fs::rename(base_file, &own_file) {
+                warn!(instance = %inst.id, error = %re, "putting the memory file back failed");
+            }
+            if let Err(re) = svc.hv.resume(old).await {
+                warn!(instance = %inst.id, error = %re, "resuming the VM failed");
+            }
+            rec.handover = None;
+            svc.store.update_instance(&rec)?;
+            Err(e)
+        }
+    }
+}
+
+/// The instance as its next VMM generation sees it: copy-on-write of `bid`.
+fn next_generation(inst: &Instance, bid: &str) -> Instance {
+    Instance {
+        memory: Memory::Cow {
+            base: bid.to_string(),
+        },
+        vmm_gen: inst.vmm_gen + 1,
+        ..inst.clone()
+    }
+}
+
+/// Steps 3–5: the new VMM runs with the old one's device state; the old
+/// one quits in the background (it holds nothing the new one needs). On
+/// error the new one is stopped and the old one left paused (or running,
+/// if it never paused). Returns the new VMM and the pause.
+async fn switch(
+    svc: &Services,
+    next: &Instance,
+    old: &VmHandle,
+    sp: &SnapshotPaths,
+) -> Result<(VmHandle, f64)> {
+    let image = svc.load_image(&next.image)?;
+    let cmdline = next.cmdline.clone().unwrap_or_default();
+    let mut spec = svc.vm_spec(next, &image, &cmdline, true);
+    if let Some(net) = spec.net.as_mut()
+        && let NetBackend::Tap(tap) = &net.backend
+    {
+        net.backend = NetBackend::TakeOver {
+            tap: tap.clone(),
+            from_pid: old.pid,
+        };
+    }
+    let new = svc
+        .hv
+        .start(&spec)
+        .await
+        .map_err(CoreError::vmm("starting the VMM to hand over to"))?;
+    let paused_at = Instant::now();
+    let moved = async {
+        svc.hv
+            .pause(old)
+            .await
+            .map_err(CoreError::vmm("pausing the VM"))?;
+        svc.hv
+            .save_state(old, &sp.state)
+            .await
+            .map_err(CoreError::vmm("saving device state"))?;
+        svc.hv
+            .load_state(&new, &sp.state)
+            .await
+            .map_err(CoreError::vmm("loading device state into the new VMM"))?;
+        svc.hv
+            .resume(&new)
+            .await
+            .map_err(CoreError::vmm("resuming the new VMM"))
+    }
+    .await;
+    if let Err(e) = moved {
+        if let Err(se) = svc.hv.stop(&new, OLD_VMM_GRACE).await {
+            warn!(instance = %next.id, error = %se, "stopping the new VMM failed");
+        }
+        return Err(e);
+    }
+    let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
+    let (hv, old, id) = (svc.hv.clone(), old.clone(), next.id.clone());
+    tokio::spawn(async move {
+        if let Err(e) = hv.stop(&old, OLD_VMM_GRACE).await {
+            warn!(instance = %id, error = %e, "stopping the handed-over VMM failed");
+        }
+    });
+    Ok((new, pause_ms))
+}
+
+/// After a crash during a handover: finish it if the new VMM runs, else
+/// undo it (the file back, the old VMM resumed if it lives). Returns the
+/// instance as it now is.
+pub(crate) async fn adopt_interrupted(svc: &Services, mut inst: Instance) -> Result<Instance> {
+    let Some(bid) = inst.handover.clone() else {
+        return Ok(inst);
+    };
+    let next = next_generation(&inst, &bid);
+    let base_file = bases::path(svc, &bid);
+    let new_pid = svc
+        .paths(&next)
+        .read_pid()
+        .filter(|p| svc.hv.is_alive(&next.id, *p));
+    if let Some(pid) = new_pid
+        && matches!(
+            svc.hv.status(&svc.handle(&next, pid)).await,
+            Ok(forkvm_vmm::RunState::Running)
+        )
+    {
+        if let Some(old) = inst.pid.filter(|p| svc.hv.is_alive(&inst.id, *p)) {
+            let _ = svc.hv.stop(&svc.handle(&inst, old), OLD_VMM_GRACE).await;
+        }
+        let mut done = next;
+        done.pid = Some(pid);
+        done.handover = None;
+        svc.store
+            .commit_handover(&done, &bases::record(svc, &bid, &base_file))?;
+        info!(instance = %done.id, "finished an interrupted handover");
+        return Ok(done);
+    }
+    if let Some(pid) = new_pid {
+        let _ = svc.hv.stop(&svc.handle(&next, pid), OLD_VMM_GRACE).await;
+    }
+    let own_file = svc.paths(&inst).mem;
+    if base_file.exists() && !own_file.exists() {
+        std::fs::rename(&base_file, &own_file)
+            .map_err(CoreError::io("putting the memory file back"))?;
+    }
+    if let Some(old) = inst.pid.filter(|p| svc.hv.is_alive(&inst.id, *p)) {
+        let _ = svc.hv.resume(&svc.handle(&inst, old)).await;
+    }
+    inst.handover = None;
+    svc.store.update_instance(&inst)?;
+    warn!(instance = %inst.id, "undid an interrupted handover");
+    Ok(inst)
+}
