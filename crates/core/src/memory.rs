@@ -1,15 +1,7 @@
-//! Guest memory files.
-//!
-//! Strategy: **per-fork sparse copy**. Every instance owns one memory file on
-//! the tmpfs memory directory and maps it `share=on`; a snapshot owns an
-//! immutable copy. A fork copies only the allocated extents of the snapshot's
-//! file (`SEEK_DATA`/`SEEK_HOLE`), so its cost follows the memory the guest
-//! actually touched, not the configured size: a 1 GiB guest that touched
-//! 40 MiB copies 40 MiB. Every instance can then be snapshotted, put in
-//! standby, restored and forked again the same way, and no file is ever
-//! shared writable. The price is density: forks do not share the pages they
-//! have in common (a shared base mapped copy-on-write would; see
-//! docs/memory.md for the trade-off).
+//! Operations on guest memory files: a sparse copy (only the allocated
+//! extents, `SEEK_DATA`/`SEEK_HOLE`: the cost follows what the guest touched),
+//! punching zero pages back into holes, and allocated size. Where memory lives
+//! and who shares it is `bases.rs` (docs/fork.md, "Memory").
 
 use std::fs::File;
 use std::io;
