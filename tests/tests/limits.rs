@@ -2,7 +2,7 @@
 //! would not fit fails with a clear 409 and changes nothing.
 
 use anyhow::Result;
-use forkvm_e2e::TestEnv;
+use forkvm_e2e::{TestEnv, s};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -71,5 +71,36 @@ async fn memory_budget_and_address_pool_refuse_up_front() -> Result<()> {
         )
         .await?;
     assert_eq!(st, 201, "{v}\n{}", env.daemon_log());
+    Ok(())
+}
+
+/// Two requests that each fit but not together, sent at once: capacity is
+/// reserved under one lock before anything is made, so exactly one passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_cannot_together_exceed_the_budget() -> Result<()> {
+    // Copy-on-write forks of a 256 MiB guest are charged 64 MiB (25 %): four
+    // are 256 MiB; with the source's base (~100 MiB) one request of four fits
+    // in 500 MiB, two do not.
+    let env = TestEnv::start_env(&[("FORKVM_MAX_GUEST_MEMORY_MB", "500")]).await?;
+    let src = env.create(json!({"name": "src"})).await?;
+    let id = s(&src, "id");
+    let (st, v) = env
+        .request("POST", &format!("/instances/{id}/standby"), None)
+        .await?;
+    assert_eq!(st, 200, "{v}");
+    let body = |n: &str| json!({"name": n, "count": 4});
+    let path = format!("/instances/{id}/fork");
+    let (a, b) = tokio::join!(
+        env.request("POST", &path, Some(body("a"))),
+        env.request("POST", &path, Some(body("b")))
+    );
+    let (a, b) = (a?, b?);
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409], "a: {}\nb: {}", a.1, b.1);
+    let refused = if a.0 == 409 { &a.1 } else { &b.1 };
+    assert!(s(refused, "message").contains("memory"), "{refused}");
+    let (_, list) = env.request("GET", "/instances", None).await?;
+    assert_eq!(list.as_array().map(|l| l.len()), Some(5), "{list}");
     Ok(())
 }
