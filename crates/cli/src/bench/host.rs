@@ -1,6 +1,6 @@
 //! Figures read from the host rather than the API: the machine the
-//! benchmark ran on, a memory file's allocated bytes and a process's private
-//! memory.
+//! benchmark ran on, a file's allocated bytes, a process's memory
+//! (`smaps_rollup`) and the host's `MemAvailable`.
 
 use serde::Serialize;
 use std::os::unix::fs::MetadataExt;
@@ -65,29 +65,61 @@ pub(super) fn bytes_allocated(path: &Path) -> Option<f64> {
         .map(|m| (m.blocks() * 512) as f64)
 }
 
-/// Private_Clean + Private_Dirty of a process, in bytes.
-pub(super) fn private_bytes(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    parse_private_kb(&text).map(|kb| (kb * 1024) as f64)
+/// Bytes of a process's memory from `/proc/<pid>/smaps_rollup`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct ProcessMemory {
+    /// Proportional set size: private pages plus each shared page divided
+    /// by the number of processes mapping it.
+    pub pss: f64,
+    pub private_clean: f64,
+    pub private_dirty: f64,
 }
 
-fn parse_private_kb(smaps_rollup: &str) -> Option<u64> {
-    let mut sum = None;
-    for line in smaps_rollup.lines() {
-        if let Some(rest) = line
-            .strip_prefix("Private_Clean:")
-            .or_else(|| line.strip_prefix("Private_Dirty:"))
-        {
-            let kb = rest
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()?;
-            sum = Some(sum.unwrap_or(0) + kb);
-        }
+impl ProcessMemory {
+    /// Private_Clean + Private_Dirty.
+    pub fn private(&self) -> f64 {
+        self.private_clean + self.private_dirty
     }
-    sum
+}
+
+/// The memory figures of a running process; `None` when it is gone.
+pub(super) fn process_memory(pid: u32) -> Option<ProcessMemory> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    parse_smaps_rollup(&text)
+}
+
+/// Pss, Private_Clean and Private_Dirty of a `smaps_rollup`; `None` unless
+/// all three are there.
+fn parse_smaps_rollup(text: &str) -> Option<ProcessMemory> {
+    Some(ProcessMemory {
+        pss: kib_field(text, "Pss")? * 1024.0,
+        private_clean: kib_field(text, "Private_Clean")? * 1024.0,
+        private_dirty: kib_field(text, "Private_Dirty")? * 1024.0,
+    })
+}
+
+/// The host's `MemAvailable` in bytes.
+pub(super) fn mem_available() -> Option<f64> {
+    meminfo("MemAvailable")
+}
+
+fn meminfo(field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    kib_field(&text, field).map(|kb| kb * 1024.0)
+}
+
+/// The value of a `Name:   123 kB` line (`/proc/meminfo`, `smaps_rollup`),
+/// in KiB; the name must match exactly (`Pss` is not `Pss_Anon`).
+fn kib_field(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        if k.trim() != name {
+            return None;
+        }
+        let v = v.trim();
+        let num = v.strip_suffix("kB").unwrap_or(v).trim();
+        num.parse::<u64>().ok().map(|kb| kb as f64)
+    })
 }
 
 #[cfg(test)]
@@ -96,8 +128,25 @@ mod tests {
 
     #[test]
     fn parses_smaps_rollup() {
-        let text = "00400000-7ffd [rollup]\nRss:  9000 kB\nPrivate_Clean:   120 kB\nPrivate_Dirty:  2048 kB\nSwap: 0 kB\n";
-        assert_eq!(parse_private_kb(text), Some(2168));
-        assert_eq!(parse_private_kb("Rss: 1 kB\n"), None);
+        let text = "00400000-7ffd [rollup]\nRss:  9000 kB\nPss:   5000 kB\nPss_Anon:  1 kB\n\
+                    Pss_File: 4 kB\nPrivate_Clean:   120 kB\nPrivate_Dirty:  2048 kB\nSwap: 0 kB\n";
+        let m = parse_smaps_rollup(text).unwrap();
+        assert_eq!(m.pss, 5000.0 * 1024.0);
+        assert_eq!(m.private_dirty, 2048.0 * 1024.0);
+        assert_eq!(m.private(), 2168.0 * 1024.0);
+        assert_eq!(parse_smaps_rollup("Rss: 1 kB\n"), None);
+        assert_eq!(
+            parse_smaps_rollup("Pss_Anon: 1 kB\nPrivate_Clean: 1 kB\nPrivate_Dirty: 1 kB\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn parses_meminfo() {
+        let text = "MemTotal:       24684084 kB\nMemFree:        1000 kB\nMemAvailable:   23650792 kB\nHugePages_Total:       0\n";
+        assert_eq!(kib_field(text, "MemAvailable"), Some(23650792.0));
+        assert_eq!(kib_field(text, "HugePages_Total"), Some(0.0));
+        assert_eq!(kib_field(text, "Mem"), None);
+        assert_eq!(kib_field("MemAvailable: lots kB\n", "MemAvailable"), None);
     }
 }

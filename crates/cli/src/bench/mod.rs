@@ -14,9 +14,11 @@
 //! helpers the scenarios share; [`handoff_paths`], [`fanout`] and
 //! [`memory_scaling`] are the three scenarios; [`sample`] turns one fork into
 //! a measurement, [`stats`] summarises measurements, [`host`] reads figures
-//! from the host, and [`report`] is the result, printed as a table or JSON.
+//! from the host, [`footprint`] is what a set of forks costs in host memory,
+//! and [`report`] is the result, printed as a table or JSON.
 
 mod fanout;
+mod footprint;
 mod handoff_paths;
 mod harness;
 mod host;
