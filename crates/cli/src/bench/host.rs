@@ -103,6 +103,11 @@ pub(super) fn mem_available() -> Option<f64> {
     meminfo("MemAvailable")
 }
 
+/// The host's `MemTotal` in bytes.
+pub(super) fn mem_total() -> Option<f64> {
+    meminfo("MemTotal")
+}
+
 fn meminfo(field: &str) -> Option<f64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     kib_field(&text, field).map(|kb| kb * 1024.0)
