@@ -294,7 +294,10 @@ mod tests {
             Cmd::Bench {
                 cmd: BenchCmd::Density(a),
             } => {
-                assert_eq!((a.size_mib, a.touch_mib, a.forks), (1024, 600, 4));
+                assert_eq!(
+                    (a.size_mib, a.touch_mib, a.forks, a.rounds),
+                    (1024, 600, 4, 3)
+                );
                 assert_eq!((a.target, a.batch), (64, 4));
                 assert_eq!((a.max_guest_memory_mb, a.cow_reserve_percent), (None, None));
                 assert!(!a.keep);
@@ -311,6 +314,8 @@ mod tests {
             "200",
             "--forks",
             "2",
+            "--rounds",
+            "5",
             "--target",
             "0",
             "--batch",
@@ -326,13 +331,15 @@ mod tests {
         assert!(matches!(
             cli.cmd,
             Cmd::Bench { cmd: BenchCmd::Density(ref a) }
-                if a.size_mib == 512 && a.touch_mib == 200 && a.forks == 2 && a.target == 0
+                if a.size_mib == 512 && a.touch_mib == 200 && a.forks == 2 && a.rounds == 5
+                    && a.target == 0
                     && a.batch == 8 && a.max_guest_memory_mb == Some(30000)
                     && a.cow_reserve_percent == Some(10)
         ));
         for bad in [
             &["forkvm", "bench", "density", "--forks", "0"][..],
             &["forkvm", "bench", "density", "--forks", "65"],
+            &["forkvm", "bench", "density", "--rounds", "0"],
             &["forkvm", "bench", "density", "--size-mib", "64"],
             &["forkvm", "bench", "density", "--cow-reserve-percent", "0"],
         ] {

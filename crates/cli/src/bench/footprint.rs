@@ -1,6 +1,8 @@
 //! What a set of forks costs the host in memory: the drop of the host's
 //! `MemAvailable` across the forks, per fork, and each fork QEMU's `Pss` and
-//! `Private_Dirty` (`/proc/<pid>/smaps_rollup`).
+//! `Private_Dirty` (`/proc/<pid>/smaps_rollup`), and of that what the guest
+//! wrote into its RAM (`Private_Dirty` of the base's mapping in
+//! `/proc/<pid>/smaps`).
 //!
 //! A copy-on-write fork has no memory file of its own: its guest RAM is a
 //! private mapping of its base, so its cost is what it writes (private
@@ -43,6 +45,13 @@ pub struct Footprint {
     pub private_dirty_bytes: Option<Summary>,
     /// Each fork QEMU's Private_Clean + Private_Dirty, bytes.
     pub private_bytes: Option<Summary>,
+    /// Of each fork QEMU's Private_Dirty, its guest RAM: the base pages the
+    /// guest wrote since the fork (copied on write), bytes. The rest is
+    /// QEMU's own (heap, TCG's translated code).
+    pub guest_ram_private_dirty_bytes: Option<Summary>,
+    /// Each fork's figures, for aggregating several requests.
+    #[serde(skip)]
+    pub procs: Vec<ProcessMemory>,
 }
 
 /// The figures from measured values: the host's `MemAvailable` before and
@@ -69,13 +78,21 @@ pub(super) fn footprint(
         pss_bytes: col(|m| m.pss),
         private_dirty_bytes: col(|m| m.private_dirty),
         private_bytes: col(ProcessMemory::private),
+        guest_ram_private_dirty_bytes: summarize(
+            &procs
+                .iter()
+                .filter_map(|m| m.file_private_dirty)
+                .collect::<Vec<_>>(),
+        ),
+        procs: procs.to_vec(),
     }
 }
 
 /// Waits [`SETTLE`], then measures `forks` against `before` (the host's
 /// `MemAvailable` before they were requested). `new_base` names the base
 /// their request captured, if it did; a fork whose QEMU cannot be read is
-/// recorded in `failures`.
+/// recorded in `failures`. Each fork's guest RAM is the mapping of its
+/// `base`.
 pub(super) async fn measure(
     mem_dir: &Path,
     before: Option<f64>,
@@ -87,7 +104,8 @@ pub(super) async fn measure(
     let after = mem_available();
     let mut procs = vec![];
     for f in forks {
-        match f.pid.and_then(process_memory) {
+        let base = f.base.as_deref().map(|id| base_file(mem_dir, id));
+        match f.pid.and_then(|pid| process_memory(pid, base.as_deref())) {
             Some(m) => procs.push(m),
             None => failures.push(format!("{}: no smaps_rollup for pid {:?}", f.name, f.pid)),
         }
@@ -116,6 +134,7 @@ mod tests {
             pss: pss * MIB,
             private_clean: MIB,
             private_dirty: dirty * MIB,
+            file_private_dirty: Some(dirty / 10.0 * MIB),
         };
         let f = footprint(
             Some(10_000.0 * MIB),
@@ -129,6 +148,8 @@ mod tests {
         assert_eq!(f.pss_bytes.unwrap().median, 85.0 * MIB);
         assert_eq!(f.private_dirty_bytes.unwrap().median, 60.5 * MIB);
         assert_eq!(f.private_bytes.unwrap().median, 61.5 * MIB);
+        assert_eq!(f.guest_ram_private_dirty_bytes.unwrap().median, 6.05 * MIB);
+        assert_eq!(f.procs.len(), 4);
     }
 
     #[test]

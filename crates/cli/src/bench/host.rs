@@ -73,6 +73,10 @@ pub(super) struct ProcessMemory {
     pub pss: f64,
     pub private_clean: f64,
     pub private_dirty: f64,
+    /// Private_Dirty of the mapping of one file (`/proc/<pid>/smaps`): for
+    /// a fork's QEMU, its base — the guest RAM pages the fork wrote (copied
+    /// on write); the rest of Private_Dirty is QEMU's own memory.
+    pub file_private_dirty: Option<f64>,
 }
 
 impl ProcessMemory {
@@ -82,10 +86,42 @@ impl ProcessMemory {
     }
 }
 
-/// The memory figures of a running process; `None` when it is gone.
-pub(super) fn process_memory(pid: u32) -> Option<ProcessMemory> {
+/// The memory figures of a running process, with the Private_Dirty of its
+/// mappings of `file` when given; `None` when it is gone.
+pub(super) fn process_memory(pid: u32, file: Option<&Path>) -> Option<ProcessMemory> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    parse_smaps_rollup(&text)
+    let mut m = parse_smaps_rollup(&text)?;
+    if let Some(f) = file {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+        m.file_private_dirty = Some(mapping_kib(&smaps, f, "Private_Dirty") * 1024.0);
+    }
+    Some(m)
+}
+
+/// The sum of `field` (KiB) over the mappings of `file` in a `smaps`.
+fn mapping_kib(smaps: &str, file: &Path, field: &str) -> f64 {
+    let file = file.to_string_lossy();
+    let mut inside = false;
+    let mut sum = 0.0;
+    for line in smaps.lines() {
+        if is_mapping_header(line) {
+            // `start-end perms offset dev inode [path]`
+            inside = line.split_whitespace().nth(5) == Some(file.as_ref());
+        } else if inside {
+            sum += kib_field(line, field).unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+/// A `smaps` line that opens a mapping (`7f00-7f10 rw-p ...`), not a field.
+fn is_mapping_header(line: &str) -> bool {
+    line.split_whitespace()
+        .next()
+        .and_then(|r| r.split_once('-'))
+        .is_some_and(|(a, b)| {
+            !a.is_empty() && a.chars().chain(b.chars()).all(|c| c.is_ascii_hexdigit())
+        })
 }
 
 /// Pss, Private_Clean and Private_Dirty of a `smaps_rollup`; `None` unless
@@ -95,6 +131,7 @@ fn parse_smaps_rollup(text: &str) -> Option<ProcessMemory> {
         pss: kib_field(text, "Pss")? * 1024.0,
         private_clean: kib_field(text, "Private_Clean")? * 1024.0,
         private_dirty: kib_field(text, "Private_Dirty")? * 1024.0,
+        file_private_dirty: None,
     })
 }
 
@@ -144,6 +181,34 @@ mod tests {
             parse_smaps_rollup("Pss_Anon: 1 kB\nPrivate_Clean: 1 kB\nPrivate_Dirty: 1 kB\n"),
             None
         );
+    }
+
+    #[test]
+    fn sums_one_files_mappings_in_smaps() {
+        let smaps = "\
+55d0-55e0 r-xp 00000000 08:01 77  /usr/bin/qemu-system-x86_64
+Private_Dirty:       8 kB
+7f00-7f40 rw-p 00000000 00:1a 12  /dev/shm/b/bases/abc.mem
+Size:          1048576 kB
+Pss:              9000 kB
+Private_Clean:     500 kB
+Private_Dirty:    2048 kB
+Anonymous:        2048 kB
+VmFlags: rd wr mr mw me ac sd
+7f40-7f50 rw-p 00000000 00:00 0
+Private_Dirty:   30000 kB
+7f50-7f60 rw-p 00100000 00:1a 12  /dev/shm/b/bases/abc.mem
+Private_Dirty:      16 kB
+7f60-7f70 rw-p 00000000 00:1a 13  /dev/shm/b/bases/abc.mem.old
+Private_Dirty:     999 kB
+";
+        let f = Path::new("/dev/shm/b/bases/abc.mem");
+        assert_eq!(mapping_kib(smaps, f, "Private_Dirty"), 2064.0);
+        assert_eq!(mapping_kib(smaps, f, "Anonymous"), 2048.0);
+        assert_eq!(mapping_kib(smaps, Path::new("/nope"), "Private_Dirty"), 0.0);
+        assert!(is_mapping_header("7f00-7f40 rw-p 00000000 00:1a 12"));
+        assert!(!is_mapping_header("Private_Dirty:    2048 kB"));
+        assert!(!is_mapping_header("VmFlags: rd wr mr-mw"));
     }
 
     #[test]

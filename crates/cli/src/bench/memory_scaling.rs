@@ -28,6 +28,8 @@ pub struct MemoryResult {
     pub median_qemu_private_bytes: Option<f64>,
     /// Private_Dirty of each fork's QEMU, median.
     pub median_qemu_private_dirty_bytes: Option<f64>,
+    /// Of that, the guest RAM the fork wrote (copied on write), median.
+    pub median_guest_ram_private_dirty_bytes: Option<f64>,
     /// Pss of each fork's QEMU, median.
     pub median_qemu_pss_bytes: Option<f64>,
     /// The host's MemAvailable drop across the request, per fork (includes
@@ -117,6 +119,7 @@ pub(super) fn memory_result(
         median_request_to_ready_ms: median_of(request_to_ready),
         median_qemu_private_bytes: med(fp.private_bytes),
         median_qemu_private_dirty_bytes: med(fp.private_dirty_bytes),
+        median_guest_ram_private_dirty_bytes: med(fp.guest_ram_private_dirty_bytes),
         median_qemu_pss_bytes: med(fp.pss_bytes),
         mem_available_drop_per_fork_bytes: fp.mem_available_drop_per_fork_bytes,
         mem_available_drop_per_fork_excl_base_bytes: fp.drop_per_fork_excl_base_bytes,

@@ -73,6 +73,9 @@ pub struct BenchDensityArgs {
     /// Forks per request in the touched/fresh comparison.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub forks: u32,
+    /// Rounds of the comparison (one request per source each, interleaved).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
     /// Forks to run at once in the fan-out (0 skips it).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub target: u32,
@@ -220,7 +223,7 @@ async fn bench_density(
     a: &BenchDensityArgs,
 ) -> Result<DensityReport, BenchError> {
     let started = Instant::now();
-    let pb = progress(3);
+    let pb = progress(2 + 2 * u64::from(a.rounds));
     pb.set_message("starting the benchmark daemon");
     env.spawn_daemon()?;
     env.wait_ready(c).await?;
@@ -300,6 +303,7 @@ mod tests {
             size_mib,
             touch_mib,
             forks: 4,
+            rounds: 3,
             target: 64,
             batch: 4,
             max_guest_memory_mb: None,

@@ -198,7 +198,7 @@ fn render_memory(r: &Report) -> String {
         "base".into(),
         "MemAvailable drop/fork (excl. base)".into(),
         "QEMU Pss/fork".into(),
-        "QEMU private dirty/fork".into(),
+        "QEMU private dirty/fork (guest RAM)".into(),
         "time ratio".into(),
         "mem ratio (Pss/private)".into(),
     ]];
@@ -215,7 +215,11 @@ fn render_memory(r: &Report) -> String {
                 mib(m.mem_available_drop_per_fork_excl_base_bytes)
             ),
             mib(m.median_qemu_pss_bytes),
-            mib(m.median_qemu_private_dirty_bytes),
+            format!(
+                "{} ({})",
+                mib(m.median_qemu_private_dirty_bytes),
+                mib(m.median_guest_ram_private_dirty_bytes)
+            ),
             fmt_ratio(m.fork_time_ratio),
             format!(
                 "{}/{}",
@@ -376,6 +380,7 @@ mod tests {
                 pss_bytes: one(b),
                 private_dirty_bytes: (size_mb < 1024).then(|| one(b / 2.0)).flatten(),
                 private_bytes: (size_mb < 1024).then(|| one(b / 2.0)).flatten(),
+                guest_ram_private_dirty_bytes: one(b / 8.0),
                 ..Footprint::default()
             };
             memory_result(size_mb, 1500.0, Some(b * 5.0), &[t], &[t + 10.0], &fp)
@@ -463,9 +468,9 @@ k  ok  request  snapshot  resume→ready    fork total  request→ready  http ok
 4  3   480      25.0      9.00/13.5/18.0  -           300/450/600    2
 
 Memory scaling (3 forks per size, one request; medians; ratios vs the smallest size)
-size      boot     fork total  request→ready  base      MemAvailable drop/fork (excl. base)  QEMU Pss/fork  QEMU private dirty/fork  time ratio  mem ratio (Pss/private)
-256 MiB   1500 ms  120 ms      130 ms         32.0 MiB  24.0 MiB (16.0 MiB)                  8.0 MiB        4.0 MiB                  1.00x       1.00x/1.00x
-1024 MiB  1500 ms  150 ms      160 ms         38.0 MiB  28.5 MiB (19.0 MiB)                  9.5 MiB        -                        1.25x       1.19x/n/a
+size      boot     fork total  request→ready  base      MemAvailable drop/fork (excl. base)  QEMU Pss/fork  QEMU private dirty/fork (guest RAM)  time ratio  mem ratio (Pss/private)
+256 MiB   1500 ms  120 ms      130 ms         32.0 MiB  24.0 MiB (16.0 MiB)                  8.0 MiB        4.0 MiB (1.0 MiB)                    1.00x       1.00x/1.00x
+1024 MiB  1500 ms  150 ms      160 ms         38.0 MiB  28.5 MiB (19.0 MiB)                  9.5 MiB        - (1.2 MiB)                          1.25x       1.19x/n/a
 
 Failures (1):
   - fo4-4: no free address

@@ -1,13 +1,15 @@
 //! Scenario: touched vs fresh source. The same request — `count: k` forks
-//! from the running source — once from a source that has not touched its
-//! memory and once from one whose guest filled `--touch-mib` with random
-//! data; per fork the host memory it costs, request→ready and the source's
-//! pause, and their ratios touched/fresh.
+//! from the running source — from a source that has not touched its memory
+//! and from one whose guest filled `--touch-mib` with random data, in
+//! `--rounds` interleaved rounds (the order alternates, so neither source
+//! always goes first or meets the same host load); per fork the host memory
+//! it costs, request→ready and the source's pause, and their ratios
+//! touched/fresh.
 
 use super::{GuestMemory, client_ready_ms, fill, fork_request};
 use crate::bench::footprint::{Footprint, SETTLE, measure};
 use crate::bench::harness::{BenchEnv, create_source, delete_quietly};
-use crate::bench::host::{bytes_allocated, mem_available};
+use crate::bench::host::{ProcessMemory, bytes_allocated, mem_available};
 use crate::bench::sample::sample;
 use crate::bench::stats::{Summary, ratio, summarize};
 use crate::bench::{BenchDensityArgs, BenchError};
@@ -18,8 +20,8 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// One source's request and its forks.
-#[derive(Debug, Clone, Serialize)]
+/// One source's requests and their forks, over every round.
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct CompareRun {
     /// MiB the guest filled before the forks (0: the fresh source).
     pub touched_mib: u32,
@@ -28,40 +30,74 @@ pub struct CompareRun {
     pub fill_ms: Option<f64>,
     /// The guest's `free -k` `Mem:` row after the fill, bytes per column.
     pub guest_memory_bytes: GuestMemory,
-    /// Allocated bytes of the source's own memory file: what it touched.
+    /// Allocated bytes of the source's own memory file before the first
+    /// request: what it touched.
     pub source_mem_file_bytes: Option<f64>,
-    /// Forks requested (`count`).
+    /// Forks per request (`count`).
     pub requested: u32,
-    /// Forks made.
+    /// Requests made (one per round).
+    pub requests: usize,
+    /// Forks made, over all requests.
     pub ok: usize,
     /// Forks that answered HTTP on their own address.
     pub verified: usize,
-    /// The request's round trip on the client's clock (all forks ready), ms.
-    pub request_ms: f64,
-    /// The source's pause for the capture (`stages.snapshot`), ms.
-    pub snapshot_ms: Option<f64>,
+    /// Per request: round trip on the client's clock (all forks ready), ms.
+    pub request_ms: Option<Summary>,
+    /// Per request: the source's pause for the capture (`stages.snapshot`), ms.
+    pub snapshot_ms: Option<Summary>,
     /// Per fork: request sent → fork ready, client clock ([`client_ready_ms`]).
     pub request_to_ready_ms: Option<Summary>,
     /// Per fork: the daemon's `snapshot + total` (no wait for a slot).
     pub daemon_request_to_ready_ms: Option<Summary>,
-    pub footprint: Footprint,
+    /// Per request: allocated bytes of the base it captured.
+    pub base_bytes: Option<Summary>,
+    /// Per request: the host's MemAvailable drop / forks, bytes.
+    pub mem_available_drop_per_fork_bytes: Option<Summary>,
+    /// Per request: the same less the captured base, bytes.
+    pub mem_available_drop_per_fork_excl_base_bytes: Option<Summary>,
+    /// Per fork QEMU: Pss, Private_Dirty, and the guest RAM part of it.
+    pub pss_bytes: Option<Summary>,
+    pub private_dirty_bytes: Option<Summary>,
+    pub guest_ram_private_dirty_bytes: Option<Summary>,
+    /// Each request's own measurement, in order.
+    pub footprints: Vec<Footprint>,
 }
 
-/// Both runs and their ratios.
+/// Both sources' runs and their ratios.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
+    /// Rounds of one request per source.
+    pub rounds: u32,
     pub fresh: CompareRun,
     pub touched: CompareRun,
-    /// touched / fresh of: `request_to_ready` (median per fork, client
+    /// touched / fresh of the medians: `request_to_ready` (per fork, client
     /// clock), `request` (the request's round trip), `pause`
     /// (`stages.snapshot`), `mem_available_drop_per_fork`,
-    /// `mem_available_drop_per_fork_excl_base`, `pss` and `private_dirty`
-    /// (medians per fork QEMU).
+    /// `mem_available_drop_per_fork_excl_base`, and per fork QEMU `pss`,
+    /// `private_dirty` and `guest_ram_private_dirty`.
     pub ratios: BTreeMap<String, Option<f64>>,
 }
 
-/// The fresh source's run, then the touched one's. Returns the comparison
-/// and the touched source, still running, for the fan-out.
+/// What one request measured, gathered over the rounds.
+#[derive(Default)]
+struct Requests {
+    request_ms: Vec<f64>,
+    snapshot_ms: Vec<f64>,
+    ready_ms: Vec<f64>,
+    daemon_ms: Vec<f64>,
+    ok: usize,
+    verified: usize,
+    footprints: Vec<Footprint>,
+}
+
+/// Which source goes first in round `r` (0: fresh, 1: touched).
+pub(in crate::bench) fn round_order(r: u32) -> [usize; 2] {
+    if r.is_multiple_of(2) { [0, 1] } else { [1, 0] }
+}
+
+/// Boots both sources (the touched one filled), runs the rounds and
+/// deletes the fresh source. Returns the comparison and the touched
+/// source, still running, for the fan-out.
 pub(in crate::bench) async fn run(
     c: &Client,
     env: &BenchEnv,
@@ -69,45 +105,60 @@ pub(in crate::bench) async fn run(
     pb: &ProgressBar,
     failures: &mut Vec<String>,
 ) -> Result<(Comparison, Instance), BenchError> {
-    pb.set_message(format!("fresh {} MiB source", a.size_mib));
-    let (src, boot_ms) = create_source(c, env, "fresh", a.size_mib).await?;
-    let (mem, _) = fill(c, &src, 0).await?;
-    let mut fresh = forks_of(c, env, &src, "fr", a.forks, failures).await;
-    (fresh.source_boot_ms, fresh.guest_memory_bytes) = (boot_ms, mem);
-    delete_quietly(c, &src.id, failures).await;
+    pb.set_message(format!("booting two {} MiB sources", a.size_mib));
+    let mut runs = [CompareRun::default(), CompareRun::default()];
+    let mut srcs = vec![];
+    for (i, name) in ["fresh", "touched"].into_iter().enumerate() {
+        let (src, boot_ms) = create_source(c, env, name, a.size_mib).await?;
+        let touch = if i == 0 { 0 } else { a.touch_mib };
+        pb.set_message(format!("{name} source: filling {touch} MiB"));
+        let (mem, fill_ms) = fill(c, &src, touch).await?;
+        runs[i] = CompareRun {
+            touched_mib: touch,
+            source_boot_ms: boot_ms,
+            fill_ms: (touch > 0).then_some(fill_ms),
+            guest_memory_bytes: mem,
+            source_mem_file_bytes: bytes_allocated(&env.mem_dir.join(format!("{}.mem", src.id))),
+            requested: a.forks,
+            ..CompareRun::default()
+        };
+        srcs.push(src);
+    }
     pb.inc(1);
-
-    pb.set_message(format!("touched source: filling {} MiB", a.touch_mib));
-    let (src, boot_ms) = create_source(c, env, "touched", a.size_mib).await?;
-    let (mem, fill_ms) = fill(c, &src, a.touch_mib).await?;
-    pb.set_message(format!("touched source: {} forks", a.forks));
-    let mut touched = forks_of(c, env, &src, "to", a.forks, failures).await;
-    touched.touched_mib = a.touch_mib;
-    touched.fill_ms = Some(fill_ms);
-    (touched.source_boot_ms, touched.guest_memory_bytes) = (boot_ms, mem);
-    pb.inc(1);
+    let mut reqs = [Requests::default(), Requests::default()];
+    for r in 0..a.rounds {
+        for i in round_order(r) {
+            pb.set_message(format!("round {}/{}: {}", r + 1, a.rounds, srcs[i].name));
+            let name = format!("{}{}", &srcs[i].name[..2], r + 1);
+            one_request(c, env, &srcs[i], &name, a.forks, &mut reqs[i], failures).await;
+            pb.inc(1);
+        }
+    }
+    delete_quietly(c, &srcs[0].id, failures).await;
+    let [fresh, touched] = runs;
+    let [rf, rt] = reqs;
+    let (fresh, touched) = (summarized(fresh, rf), summarized(touched, rt));
     let ratios = compare_ratios(&touched, &fresh);
-    Ok((
-        Comparison {
-            fresh,
-            touched,
-            ratios,
-        },
-        src,
-    ))
+    let cmp = Comparison {
+        rounds: a.rounds,
+        fresh,
+        touched,
+        ratios,
+    };
+    Ok((cmp, srcs.swap_remove(1)))
 }
 
 /// One request for `k` forks of the running `src`; the forks are measured,
 /// checked over HTTP and deleted. Failures are recorded, not raised.
-async fn forks_of(
+async fn one_request(
     c: &Client,
     env: &BenchEnv,
     src: &Instance,
     name: &str,
     k: u32,
+    into: &mut Requests,
     failures: &mut Vec<String>,
-) -> CompareRun {
-    let source_mem = bytes_allocated(&env.mem_dir.join(format!("{}.mem", src.id)));
+) {
     // The same quiet period before as after, so both readings see a
     // settled host.
     tokio::time::sleep(SETTLE).await;
@@ -128,76 +179,93 @@ async fn forks_of(
         Err(e) => failures.push(format!("{name}: fork of {} failed: {e}", src.name)),
     }
     let base = forks.first().and_then(|f| f.base.clone());
-    let footprint = measure(&env.mem_dir, before, &forks, base.as_deref(), failures).await;
-    let mut verified = 0;
+    let fp = measure(&env.mem_dir, before, &forks, base.as_deref(), failures).await;
     for f in &forks {
         if env.http_ok(f.network.ip.as_deref().unwrap_or_default()) {
-            verified += 1;
+            into.verified += 1;
         } else {
             failures.push(format!("{}: no HTTP answer", f.name));
         }
+        let s = sample(f, None, None);
+        into.daemon_ms.extend(s.request_to_ready_ms);
+        into.ready_ms.extend(client_ready_ms(f, req.sent));
+        into.ok += 1;
     }
-    let samples: Vec<_> = forks.iter().map(|f| sample(f, None, None)).collect();
+    // One capture per request: every fork carries its pause.
+    into.snapshot_ms.extend(forks.first().and_then(|f| {
+        f.handoff
+            .as_ref()?
+            .stages_ms
+            .get(Stage::Snapshot.as_str())
+            .copied()
+    }));
     for f in &forks {
         delete_quietly(c, &f.id, failures).await;
     }
+    into.request_ms.push(req.ms);
+    into.footprints.push(fp);
+}
+
+/// `run` with the summaries of its requests.
+fn summarized(run: CompareRun, r: Requests) -> CompareRun {
+    let per_request = |f: fn(&Footprint) -> Option<f64>| {
+        summarize(&r.footprints.iter().filter_map(f).collect::<Vec<_>>())
+    };
+    let procs: Vec<ProcessMemory> = r.footprints.iter().flat_map(|f| f.procs.clone()).collect();
+    let per_fork = |f: fn(&ProcessMemory) -> Option<f64>| {
+        summarize(&procs.iter().filter_map(f).collect::<Vec<_>>())
+    };
     CompareRun {
-        touched_mib: 0,
-        source_boot_ms: 0.0,
-        fill_ms: None,
-        guest_memory_bytes: GuestMemory::new(),
-        source_mem_file_bytes: source_mem,
-        requested: k,
-        ok: forks.len(),
-        verified,
-        request_ms: req.ms,
-        snapshot_ms: samples
-            .first()
-            .and_then(|s| s.stages_ms.get(Stage::Snapshot.as_str()).copied()),
-        request_to_ready_ms: summarize(
-            &forks
-                .iter()
-                .filter_map(|f| client_ready_ms(f, req.sent))
-                .collect::<Vec<_>>(),
-        ),
-        daemon_request_to_ready_ms: summarize(
-            &samples
-                .iter()
-                .filter_map(|s| s.request_to_ready_ms)
-                .collect::<Vec<_>>(),
-        ),
-        footprint,
+        requests: r.request_ms.len(),
+        ok: r.ok,
+        verified: r.verified,
+        request_ms: summarize(&r.request_ms),
+        snapshot_ms: summarize(&r.snapshot_ms),
+        request_to_ready_ms: summarize(&r.ready_ms),
+        daemon_request_to_ready_ms: summarize(&r.daemon_ms),
+        base_bytes: per_request(|f| f.new_base_bytes),
+        mem_available_drop_per_fork_bytes: per_request(|f| f.mem_available_drop_per_fork_bytes),
+        mem_available_drop_per_fork_excl_base_bytes: per_request(|f| {
+            f.drop_per_fork_excl_base_bytes
+        }),
+        pss_bytes: per_fork(|m| Some(m.pss)),
+        private_dirty_bytes: per_fork(|m| Some(m.private_dirty)),
+        guest_ram_private_dirty_bytes: per_fork(|m| m.file_private_dirty),
+        footprints: r.footprints,
+        ..run
     }
 }
+
+/// One figure of a run.
+type Figure = fn(&CompareRun) -> Option<Summary>;
 
 /// touched / fresh of every compared figure (see [`Comparison::ratios`]).
 pub(in crate::bench) fn compare_ratios(
     touched: &CompareRun,
     fresh: &CompareRun,
 ) -> BTreeMap<String, Option<f64>> {
-    let med = |s: Option<Summary>| s.map(|s| s.median);
-    let pair = |f: &dyn Fn(&CompareRun) -> Option<f64>| ratio(f(touched), f(fresh));
-    BTreeMap::from([
-        (
-            "request_to_ready".to_string(),
-            pair(&|r| med(r.request_to_ready_ms)),
-        ),
-        ("request".to_string(), pair(&|r| Some(r.request_ms))),
-        ("pause".to_string(), pair(&|r| r.snapshot_ms)),
-        (
-            "mem_available_drop_per_fork".to_string(),
-            pair(&|r| r.footprint.mem_available_drop_per_fork_bytes),
-        ),
-        (
-            "mem_available_drop_per_fork_excl_base".to_string(),
-            pair(&|r| r.footprint.drop_per_fork_excl_base_bytes),
-        ),
-        ("pss".to_string(), pair(&|r| med(r.footprint.pss_bytes))),
-        (
-            "private_dirty".to_string(),
-            pair(&|r| med(r.footprint.private_dirty_bytes)),
-        ),
-    ])
+    let rows: [(&str, Figure); 8] = [
+        ("request_to_ready", |r| r.request_to_ready_ms),
+        ("request", |r| r.request_ms),
+        ("pause", |r| r.snapshot_ms),
+        ("mem_available_drop_per_fork", |r| {
+            r.mem_available_drop_per_fork_bytes
+        }),
+        ("mem_available_drop_per_fork_excl_base", |r| {
+            r.mem_available_drop_per_fork_excl_base_bytes
+        }),
+        ("pss", |r| r.pss_bytes),
+        ("private_dirty", |r| r.private_dirty_bytes),
+        ("guest_ram_private_dirty", |r| {
+            r.guest_ram_private_dirty_bytes
+        }),
+    ];
+    rows.into_iter()
+        .map(|(k, f)| {
+            let med = |r: &CompareRun| f(r).map(|s| s.median);
+            (k.to_string(), ratio(med(touched), med(fresh)))
+        })
+        .collect()
 }
 
 /// A run with the given medians, for tests.
@@ -212,22 +280,20 @@ pub(in crate::bench) fn fake_run(touched_mib: u32, ready: f64, pause: f64, mib: 
         guest_memory_bytes: GuestMemory::from([("shared".to_string(), 1 << 20)]),
         source_mem_file_bytes: Some((100.0 + f64::from(touched_mib)) * MIB),
         requested: 4,
-        ok: 4,
-        verified: 4,
-        request_ms: ready + 200.0,
-        snapshot_ms: Some(pause),
+        requests: 3,
+        ok: 12,
+        verified: 12,
+        request_ms: one(ready + 200.0),
+        snapshot_ms: one(pause),
         request_to_ready_ms: one(ready),
         daemon_request_to_ready_ms: one(ready - 50.0),
-        footprint: Footprint {
-            forks: 4,
-            mem_available_drop_per_fork_bytes: Some(mib * 2.0 * MIB),
-            drop_per_fork_excl_base_bytes: Some(mib * MIB),
-            new_base_bytes: Some((100.0 + f64::from(touched_mib)) * MIB),
-            pss_bytes: one(mib * 1.5 * MIB),
-            private_dirty_bytes: one(mib * 0.9 * MIB),
-            private_bytes: one(mib * MIB),
-            ..Footprint::default()
-        },
+        base_bytes: one((100.0 + f64::from(touched_mib)) * MIB),
+        mem_available_drop_per_fork_bytes: one(mib * 2.0 * MIB),
+        mem_available_drop_per_fork_excl_base_bytes: one(mib * MIB),
+        pss_bytes: one(mib * 1.5 * MIB),
+        private_dirty_bytes: one(mib * 0.9 * MIB),
+        guest_ram_private_dirty_bytes: one(mib * 0.1 * MIB),
+        footprints: vec![],
     }
 }
 
@@ -252,8 +318,12 @@ mod tests {
         near("mem_available_drop_per_fork_excl_base", 1.2);
         near("pss", 1.2);
         near("private_dirty", 1.2);
+        near("guest_ram_private_dirty", 1.2);
         let mut none = fake_run(0, 500.0, 80.0, 50.0);
         none.snapshot_ms = None;
+        assert_eq!(round_order(0), [0, 1]);
+        assert_eq!(round_order(1), [1, 0]);
+        assert_eq!(round_order(2), [0, 1]);
         assert_eq!(
             compare_ratios(&fake_run(600, 1.0, 1.0, 1.0), &none)["pause"],
             None

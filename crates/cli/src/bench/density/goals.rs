@@ -48,7 +48,8 @@ pub fn goals(d: &Density) -> Vec<Goal> {
         goal(
             "fork_memory_mib",
             "host memory per fork (touched source, MemAvailable drop less the captured base) ≤ 64 MiB",
-            t.footprint.drop_per_fork_excl_base_bytes.map(|b| b / MIB),
+            t.mem_available_drop_per_fork_excl_base_bytes
+                .map(|s| s.median / MIB),
             64.0,
             false,
         ),
@@ -77,7 +78,7 @@ pub fn goals(d: &Density) -> Vec<Goal> {
         goal(
             "pause_ms",
             "source pause with memory touched ≤ 50 ms",
-            t.snapshot_ms,
+            t.snapshot_ms.map(|s| s.median),
             50.0,
             false,
         ),

@@ -55,20 +55,13 @@ const COMPARE_ROWS: &[CompareRow] = &[
     ("source memory file", |r| mib(r.source_mem_file_bytes), ""),
     (
         "forks made / answered HTTP",
-        |r| format!("{}/{} of {}", r.ok, r.verified, r.requested),
+        |r| format!("{}/{} of {}x{}", r.ok, r.verified, r.requests, r.requested),
         "",
     ),
+    ("request round trip (ms)", |r| mmm(&r.request_ms), "request"),
     (
-        "request round trip",
-        |r| format!("{} ms", fmt_ms(r.request_ms)),
-        "request",
-    ),
-    (
-        "source pause (snapshot)",
-        |r| {
-            r.snapshot_ms
-                .map_or("-".into(), |v| format!("{} ms", fmt_ms(v)))
-        },
+        "source pause, snapshot (ms)",
+        |r| mmm(&r.snapshot_ms),
         "pause",
     ),
     (
@@ -81,22 +74,27 @@ const COMPARE_ROWS: &[CompareRow] = &[
         |r| mmm(&r.daemon_request_to_ready_ms),
         "",
     ),
-    ("captured base", |r| mib(r.footprint.new_base_bytes), ""),
+    ("captured base", |r| med_mib(r.base_bytes), ""),
     (
         "MemAvailable drop / fork",
-        |r| mib(r.footprint.mem_available_drop_per_fork_bytes),
+        |r| med_mib(r.mem_available_drop_per_fork_bytes),
         "mem_available_drop_per_fork",
     ),
     (
         "  less the captured base",
-        |r| mib(r.footprint.drop_per_fork_excl_base_bytes),
+        |r| med_mib(r.mem_available_drop_per_fork_excl_base_bytes),
         "mem_available_drop_per_fork_excl_base",
     ),
-    ("QEMU Pss / fork", |r| med_mib(r.footprint.pss_bytes), "pss"),
+    ("QEMU Pss / fork", |r| med_mib(r.pss_bytes), "pss"),
     (
         "QEMU Private_Dirty / fork",
-        |r| med_mib(r.footprint.private_dirty_bytes),
+        |r| med_mib(r.private_dirty_bytes),
         "private_dirty",
+    ),
+    (
+        "  of it guest RAM written",
+        |r| med_mib(r.guest_ram_private_dirty_bytes),
+        "guest_ram_private_dirty",
     ),
 ];
 
@@ -121,8 +119,9 @@ fn render_compare(c: &Comparison, k: u32) -> String {
         ]);
     }
     format!(
-        "Touched vs fresh source (one request of {k} forks from the running source; \
-         per fork: median, or med/p90/max)\n{}",
+        "Touched vs fresh source ({} rounds, each one request of {k} forks from each running \
+         source; medians, or med/p90/max)\n{}",
+        c.rounds,
         table(&rows)
     )
 }
@@ -178,6 +177,14 @@ fn render_fanout(f: &TargetResult, target: u32, batch: u32) -> String {
         ),
         ("request round trip (ms)", mmm(&f.request_ms)),
         (
+            "each request in order (s)",
+            f.request_ms_each
+                .iter()
+                .map(|ms| format!("{:.1}", ms / 1000.0))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        (
             "MemAvailable drop / fork",
             mib(fp.mem_available_drop_per_fork_bytes),
         ),
@@ -188,6 +195,10 @@ fn render_fanout(f: &TargetResult, target: u32, batch: u32) -> String {
         (
             "QEMU Private_Dirty / fork (median)",
             mib(fp.private_dirty_bytes.map(|s| s.median)),
+        ),
+        (
+            "  of it guest RAM written (median)",
+            mib(fp.guest_ram_private_dirty_bytes.map(|s| s.median)),
         ),
         (
             "host MemAvailable before / at the end",
@@ -263,6 +274,7 @@ mod tests {
             request_to_ready_ms: summarize(&[500.0, 700.0, 1500.0]),
             daemon_request_to_ready_ms: summarize(&[400.0, 450.0, 600.0]),
             request_ms: summarize(&[1000.0, 1200.0]),
+            request_ms_each: vec![1000.0, 1200.0],
             footprint: Footprint {
                 forks: 40,
                 mem_available_before_bytes: Some(20.0 * 1024.0 * MIB),
@@ -271,6 +283,7 @@ mod tests {
                 new_base_bytes: Some(0.0),
                 pss_bytes: summarize(&[80.0 * MIB]),
                 private_dirty_bytes: summarize(&[58.5 * MIB]),
+                guest_ram_private_dirty_bytes: summarize(&[1.5 * MIB]),
                 ..Footprint::default()
             },
         };
@@ -284,6 +297,7 @@ mod tests {
             cow_reserve_percent: Some(10),
             mem_total_bytes: Some(23.5 * 1024.0 * MIB),
             compare: super::Comparison {
+                rounds: 3,
                 fresh,
                 touched,
                 ratios,
@@ -341,21 +355,22 @@ machine: 2 cores (Test CPU), accel tcg, QEMU emulator version 7.2.0, host kernel
 source 1024 MiB, 600 MiB touched; host MemTotal 23.50 GiB; wall time 301 s
 daemon: guest memory budget default (90 % of RAM), copy-on-write charge 10 %
 
-Touched vs fresh source (one request of 4 forks from the running source; per fork: median, or med/p90/max)
-metric                      fresh        touched            touched/fresh
-guest fill                  -            600 MiB in 20.0 s
-guest free: shared          1.0 MiB      1.0 MiB
-source memory file          100.0 MiB    700.0 MiB
-forks made / answered HTTP  4/4 of 4     4/4 of 4
-request round trip          800 ms       1100 ms            1.38x
-source pause (snapshot)     75.0 ms      450 ms             6.00x
-request→ready, client (ms)  600/600/600  900/900/900        1.50x
-request→ready, daemon (ms)  550/550/550  850/850/850
-captured base               100.0 MiB    700.0 MiB
-MemAvailable drop / fork    100.0 MiB    140.0 MiB          1.40x
-  less the captured base    50.0 MiB     70.0 MiB           1.40x
-QEMU Pss / fork             75.0 MiB     105.0 MiB          1.40x
-QEMU Private_Dirty / fork   45.0 MiB     63.0 MiB           1.40x
+Touched vs fresh source (3 rounds, each one request of 4 forks from each running source; medians, or med/p90/max)
+metric                       fresh           touched            touched/fresh
+guest fill                   -               600 MiB in 20.0 s
+guest free: shared           1.0 MiB         1.0 MiB
+source memory file           100.0 MiB       700.0 MiB
+forks made / answered HTTP   12/12 of 3x4    12/12 of 3x4
+request round trip (ms)      800/800/800     1100/1100/1100     1.38x
+source pause, snapshot (ms)  75.0/75.0/75.0  450/450/450        6.00x
+request→ready, client (ms)   600/600/600     900/900/900        1.50x
+request→ready, daemon (ms)   550/550/550     850/850/850
+captured base                100.0 MiB       700.0 MiB
+MemAvailable drop / fork     100.0 MiB       140.0 MiB          1.40x
+  less the captured base     50.0 MiB        70.0 MiB           1.40x
+QEMU Pss / fork              75.0 MiB        105.0 MiB          1.40x
+QEMU Private_Dirty / fork    45.0 MiB        63.0 MiB           1.40x
+  of it guest RAM written    5.0 MiB         7.0 MiB            1.40x
 
 Fan-out to 64 forks (source in Standby: one shared base; requests of 4; per fork p50/p90/max)
 metric                                        value
@@ -368,9 +383,11 @@ forks wall time (first request → last ready)  61.2 s
 request→ready, client (ms)                    700/1500/1500
 request→ready, daemon (ms)                    450/600/600
 request round trip (ms)                       1100/1200/1200
+each request in order (s)                     1.0 1.2
 MemAvailable drop / fork                      64.0 MiB
 QEMU Pss / fork (median)                      80.0 MiB
 QEMU Private_Dirty / fork (median)            58.5 MiB
+  of it guest RAM written (median)            1.5 MiB
 host MemAvailable before / at the end         20.00 GiB / 17.50 GiB
 scenario wall time                            80 s
 

@@ -81,6 +81,9 @@ pub struct TargetResult {
     pub daemon_request_to_ready_ms: Option<Summary>,
     /// Per request: round trip on the client's clock.
     pub request_ms: Option<Summary>,
+    /// Each request's round trip in order, ms: how a fork's cost grows
+    /// with the forks already running.
+    pub request_ms_each: Vec<f64>,
     /// MemAvailable before the first request → with every fork running;
     /// `mem_available_after_bytes` is the host's MemAvailable at the end.
     pub footprint: Footprint,
@@ -153,6 +156,7 @@ pub(in crate::bench) async fn run(
                 .collect::<Vec<_>>(),
         ),
         request_ms: summarize(&b.request_ms),
+        request_ms_each: b.request_ms,
         footprint,
     })
 }
