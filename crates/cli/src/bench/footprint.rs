@@ -38,7 +38,7 @@ pub struct Footprint {
     /// source (0 when the forks map an existing base).
     pub new_base_bytes: Option<f64>,
     /// (before − after − new base) / forks, bytes: the forks' own cost.
-    pub drop_per_fork_excl_base_bytes: Option<f64>,
+    pub mem_available_drop_per_fork_excl_base_bytes: Option<f64>,
     /// Each fork QEMU's Pss, bytes.
     pub pss_bytes: Option<Summary>,
     /// Each fork QEMU's Private_Dirty, bytes.
@@ -74,7 +74,9 @@ pub(super) fn footprint(
         mem_available_after_bytes: after,
         mem_available_drop_per_fork_bytes: drop.map(|d| d / forks as f64),
         new_base_bytes: new_base,
-        drop_per_fork_excl_base_bytes: drop.zip(new_base).map(|(d, b)| (d - b) / forks as f64),
+        mem_available_drop_per_fork_excl_base_bytes: drop
+            .zip(new_base)
+            .map(|(d, b)| (d - b) / forks as f64),
         pss_bytes: col(|m| m.pss),
         private_dirty_bytes: col(|m| m.private_dirty),
         private_bytes: col(ProcessMemory::private),
@@ -144,7 +146,10 @@ mod tests {
             &[p(80.0, 60.0), p(90.0, 61.0), p(70.0, 59.0), p(100.0, 70.0)],
         );
         assert_eq!(f.mem_available_drop_per_fork_bytes, Some(250.0 * MIB));
-        assert_eq!(f.drop_per_fork_excl_base_bytes, Some(100.0 * MIB));
+        assert_eq!(
+            f.mem_available_drop_per_fork_excl_base_bytes,
+            Some(100.0 * MIB)
+        );
         assert_eq!(f.pss_bytes.unwrap().median, 85.0 * MIB);
         assert_eq!(f.private_dirty_bytes.unwrap().median, 60.5 * MIB);
         assert_eq!(f.private_bytes.unwrap().median, 61.5 * MIB);
@@ -156,13 +161,13 @@ mod tests {
     fn missing_figures_stay_missing() {
         let f = footprint(None, Some(1.0), Some(0.0), 3, &[]);
         assert_eq!(f.mem_available_drop_per_fork_bytes, None);
-        assert_eq!(f.drop_per_fork_excl_base_bytes, None);
+        assert_eq!(f.mem_available_drop_per_fork_excl_base_bytes, None);
         assert_eq!(f.pss_bytes, None);
         let f = footprint(Some(2.0), Some(1.0), None, 0, &[]);
         assert_eq!(f.mem_available_drop_per_fork_bytes, None);
         // A host that gained memory meanwhile gives a negative drop, kept as is.
         let f = footprint(Some(1.0 * MIB), Some(3.0 * MIB), None, 2, &[]);
         assert_eq!(f.mem_available_drop_per_fork_bytes, Some(-MIB));
-        assert_eq!(f.drop_per_fork_excl_base_bytes, None);
+        assert_eq!(f.mem_available_drop_per_fork_excl_base_bytes, None);
     }
 }

@@ -146,11 +146,23 @@ impl BenchEnv {
 
     /// HTTP GET of a fork's page from the namespace.
     pub(super) fn http_ok(&self, ip: &str) -> bool {
-        self.in_netns(&["curl", "-sS", "--max-time", "5", &format!("http://{ip}/")])
-            .stderr(Stdio::null())
+        self.http_get(ip).is_ok()
+    }
+
+    /// HTTP GET of a fork's page from the namespace (5 s at most); the
+    /// error is curl's reason.
+    pub(super) fn http_get(&self, ip: &str) -> Result<(), String> {
+        let o = self
+            .in_netns(&["curl", "-sS", "--max-time", "5", &format!("http://{ip}/")])
             .output()
-            .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(PAGE))
-            .unwrap_or(false)
+            .map_err(|e| format!("running curl: {e}"))?;
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).trim().to_string());
+        }
+        if !String::from_utf8_lossy(&o.stdout).contains(PAGE) {
+            return Err("answered without the benchmark's page".into());
+        }
+        Ok(())
     }
 
     fn qemu_pids(&self) -> Vec<i32> {

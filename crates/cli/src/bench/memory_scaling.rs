@@ -122,7 +122,7 @@ pub(super) fn memory_result(
         median_guest_ram_private_dirty_bytes: med(fp.guest_ram_private_dirty_bytes),
         median_qemu_pss_bytes: med(fp.pss_bytes),
         mem_available_drop_per_fork_bytes: fp.mem_available_drop_per_fork_bytes,
-        mem_available_drop_per_fork_excl_base_bytes: fp.drop_per_fork_excl_base_bytes,
+        mem_available_drop_per_fork_excl_base_bytes: fp.mem_available_drop_per_fork_excl_base_bytes,
         base_bytes: fp.new_base_bytes,
         source_mem_file_bytes,
         fork_time_ratio: None,

@@ -375,7 +375,7 @@ mod tests {
             let fp = Footprint {
                 forks: 3,
                 mem_available_drop_per_fork_bytes: Some(b * 3.0),
-                drop_per_fork_excl_base_bytes: Some(b * 2.0),
+                mem_available_drop_per_fork_excl_base_bytes: Some(b * 2.0),
                 new_base_bytes: Some(b * 4.0),
                 pss_bytes: one(b),
                 private_dirty_bytes: (size_mb < 1024).then(|| one(b / 2.0)).flatten(),

@@ -226,7 +226,7 @@ fn summarized(run: CompareRun, r: Requests) -> CompareRun {
         base_bytes: per_request(|f| f.new_base_bytes),
         mem_available_drop_per_fork_bytes: per_request(|f| f.mem_available_drop_per_fork_bytes),
         mem_available_drop_per_fork_excl_base_bytes: per_request(|f| {
-            f.drop_per_fork_excl_base_bytes
+            f.mem_available_drop_per_fork_excl_base_bytes
         }),
         pss_bytes: per_fork(|m| Some(m.pss)),
         private_dirty_bytes: per_fork(|m| Some(m.private_dirty)),
@@ -293,7 +293,12 @@ pub(in crate::bench) fn fake_run(touched_mib: u32, ready: f64, pause: f64, mib: 
         pss_bytes: one(mib * 1.5 * MIB),
         private_dirty_bytes: one(mib * 0.9 * MIB),
         guest_ram_private_dirty_bytes: one(mib * 0.1 * MIB),
-        footprints: vec![],
+        footprints: [mib - 3.0, mib, mib + 30.0]
+            .map(|d| Footprint {
+                mem_available_drop_per_fork_excl_base_bytes: Some(d * MIB),
+                ..Footprint::default()
+            })
+            .to_vec(),
     }
 }
 

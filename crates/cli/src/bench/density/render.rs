@@ -85,6 +85,7 @@ const COMPARE_ROWS: &[CompareRow] = &[
         |r| med_mib(r.mem_available_drop_per_fork_excl_base_bytes),
         "mem_available_drop_per_fork_excl_base",
     ),
+    ("  each request (MiB)", drops_cell, ""),
     ("QEMU Pss / fork", |r| med_mib(r.pss_bytes), "pss"),
     (
         "QEMU Private_Dirty / fork",
@@ -134,6 +135,24 @@ fn med_mib(s: Option<Summary>) -> String {
     mib(s.map(|s| s.median))
 }
 
+/// Every request's MemAvailable drop / fork less its base, in order: how
+/// much the host moved meanwhile.
+fn drops_cell(r: &CompareRun) -> String {
+    let v: Vec<String> = r
+        .footprints
+        .iter()
+        .map(|f| {
+            f.mem_available_drop_per_fork_excl_base_bytes
+                .map_or("-".into(), |b| format!("{:.0}", b / (1024.0 * 1024.0)))
+        })
+        .collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(" ")
+    }
+}
+
 fn fill_cell(r: &CompareRun) -> String {
     match r.fill_ms {
         Some(ms) => format!("{} MiB in {:.1} s", r.touched_mib, ms / 1000.0),
@@ -156,8 +175,8 @@ fn render_fanout(f: &TargetResult, target: u32, batch: u32) -> String {
     let rows: Vec<Vec<String>> = [
         ("metric", "value".to_string()),
         (
-            "running at once / answered HTTP",
-            format!("{} / {}", f.running, f.answered),
+            "running at once / answered HTTP (first try)",
+            format!("{} / {} ({})", f.running, f.answered, f.answered_first_try),
         ),
         ("end", stop),
         ("requests", f.requests.to_string()),
@@ -267,6 +286,7 @@ mod tests {
             requests: 10,
             running: 40,
             answered: 39,
+            answered_first_try: 37,
             stop: Stop::Capacity,
             stop_detail: Some("not enough guest memory".into()),
             forks_wall_s: 61.25,
@@ -368,13 +388,14 @@ request→ready, daemon (ms)   550/550/550     850/850/850
 captured base                100.0 MiB       700.0 MiB
 MemAvailable drop / fork     100.0 MiB       140.0 MiB          1.40x
   less the captured base     50.0 MiB        70.0 MiB           1.40x
+  each request (MiB)         47 50 80        67 70 100
 QEMU Pss / fork              75.0 MiB        105.0 MiB          1.40x
 QEMU Private_Dirty / fork    45.0 MiB        63.0 MiB           1.40x
   of it guest RAM written    5.0 MiB         7.0 MiB            1.40x
 
 Fan-out to 64 forks (source in Standby: one shared base; requests of 4; per fork p50/p90/max)
 metric                                        value
-running at once / answered HTTP               40 / 39
+running at once / answered HTTP (first try)   40 / 39 (37)
 end                                           stopped early (capacity): not enough guest memory
 requests                                      10
 standby (memory → base)                       95.5 ms
