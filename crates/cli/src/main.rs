@@ -296,7 +296,7 @@ mod tests {
             } => {
                 assert_eq!(
                     (a.size_mib, a.touch_mib, a.forks, a.rounds),
-                    (1024, 600, 4, 3)
+                    (1024, 600, 4, 5)
                 );
                 assert_eq!((a.target, a.batch), (64, 4));
                 assert_eq!((a.max_guest_memory_mb, a.cow_reserve_percent), (None, None));

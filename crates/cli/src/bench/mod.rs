@@ -74,7 +74,7 @@ pub struct BenchDensityArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub forks: u32,
     /// Rounds of the comparison (one request per source each, interleaved).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub rounds: u32,
     /// Forks to run at once in the fan-out (0 skips it).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1000))]

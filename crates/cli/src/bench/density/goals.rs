@@ -8,8 +8,9 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// One goal and whether this run met it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Goal {
-    /// Stable name: `fork_memory_mib`, `fanout_fork_memory_mib`,
-    /// `request_to_ready_ratio`, `pause_ratio`, `pause_ms`, `forks_answering`.
+    /// Stable name: `touched_fork_memory_mib`, `touched_fork_pss_mib`,
+    /// `fanout_fork_memory_mib`, `request_to_ready_ratio`, `pause_ratio`,
+    /// `pause_ms`, `forks_answering`.
     pub key: &'static str,
     /// The goal in words.
     pub goal: &'static str,
@@ -46,10 +47,17 @@ pub fn goals(d: &Density) -> Vec<Goal> {
     let fo = d.fanout.as_ref();
     vec![
         goal(
-            "fork_memory_mib",
+            "touched_fork_memory_mib",
             "host memory per fork (touched source, MemAvailable drop less the captured base) ≤ 64 MiB",
             t.mem_available_drop_per_fork_excl_base_bytes
                 .map(|s| s.median / MIB),
+            64.0,
+            false,
+        ),
+        goal(
+            "touched_fork_pss_mib",
+            "QEMU Pss per fork (touched source) ≤ 64 MiB",
+            t.pss_bytes.map(|s| s.median / MIB),
             64.0,
             false,
         ),

@@ -358,7 +358,8 @@ mod tests {
         assert_eq!(
             met,
             [
-                ("fork_memory_mib", Some(false)),
+                ("touched_fork_memory_mib", Some(false)),
+                ("touched_fork_pss_mib", Some(false)),
                 ("fanout_fork_memory_mib", Some(true)),
                 ("request_to_ready_ratio", Some(false)),
                 ("pause_ratio", Some(false)),
@@ -415,6 +416,7 @@ scenario wall time                            80 s
 Goals
 goal                                                                                      this run  met
 host memory per fork (touched source, MemAvailable drop less the captured base) ≤ 64 MiB  70.00     NO
+QEMU Pss per fork (touched source) ≤ 64 MiB                                               105.00    NO
 host memory per fork at the fan-out (MemAvailable drop / fork, shared base) ≤ 64 MiB      64.00     yes
 request→ready touched / fresh ≤ 1.2                                                       1.50      NO
 source pause touched / fresh ≤ 1.2                                                        6.00      NO
