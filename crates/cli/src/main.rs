@@ -1,7 +1,8 @@
 //! `forkvm`: the daemon (`forkvm serve`) and the client commands that talk to
 //! it over its unix socket (`run`, `ps`, `inspect`, `exec`, `logs`, `start`,
 //! `stop`, `standby`, `restore`, `fork`, `snapshot …`, `rm`), plus `image build`
-//! and `bench fork` (a self-contained fork benchmark with its own daemon).
+//! and `bench fork` / `bench density` (self-contained fork benchmarks with
+//! their own daemon).
 
 mod bench;
 mod client;
@@ -110,6 +111,9 @@ enum Cmd {
 enum BenchCmd {
     /// Fork latency per handoff path, fan-out and memory scaling.
     Fork(bench::BenchForkArgs),
+    /// Copy-on-write density: forks of a source with touched memory vs a
+    /// fresh one, and a fan-out to many forks at once.
+    Density(bench::BenchDensityArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +157,12 @@ async fn main() -> ExitCode {
         } => {
             init_logging("warn", false);
             bench::fork(cli.json, &args).await
+        }
+        Cmd::Bench {
+            cmd: BenchCmd::Density(args),
+        } => {
+            init_logging("warn", false);
+            bench::density(cli.json, &args).await
         }
         cmd => {
             init_logging("warn", false);
@@ -272,6 +282,66 @@ mod tests {
             &["forkvm", "bench", "fork", "--reps", "0"][..],
             &["forkvm", "bench", "fork", "--fanout", "65"],
             &["forkvm", "bench", "fork", "--sizes", "64"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_bench_density() {
+        let cli = Cli::try_parse_from(["forkvm", "bench", "density"]).unwrap();
+        match cli.cmd {
+            Cmd::Bench {
+                cmd: BenchCmd::Density(a),
+            } => {
+                assert_eq!(
+                    (a.size_mib, a.touch_mib, a.forks, a.rounds),
+                    (1024, 600, 4, 5)
+                );
+                assert_eq!((a.target, a.batch), (64, 4));
+                assert_eq!((a.max_guest_memory_mb, a.cow_reserve_percent), (None, None));
+                assert!(!a.keep);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "forkvm",
+            "bench",
+            "density",
+            "--size-mib",
+            "512",
+            "--touch-mib",
+            "200",
+            "--forks",
+            "2",
+            "--rounds",
+            "5",
+            "--target",
+            "0",
+            "--batch",
+            "8",
+            "--max-guest-memory-mb",
+            "30000",
+            "--cow-reserve-percent",
+            "10",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Bench { cmd: BenchCmd::Density(ref a) }
+                if a.size_mib == 512 && a.touch_mib == 200 && a.forks == 2 && a.rounds == 5
+                    && a.target == 0
+                    && a.batch == 8 && a.max_guest_memory_mb == Some(30000)
+                    && a.cow_reserve_percent == Some(10)
+        ));
+        for bad in [
+            &["forkvm", "bench", "density", "--forks", "0"][..],
+            &["forkvm", "bench", "density", "--forks", "65"],
+            &["forkvm", "bench", "density", "--rounds", "0"],
+            &["forkvm", "bench", "density", "--size-mib", "64"],
+            &["forkvm", "bench", "density", "--cow-reserve-percent", "0"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }

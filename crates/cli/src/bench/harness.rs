@@ -37,6 +37,8 @@ pub(super) struct BenchEnv {
     pub(super) socket: PathBuf,
     pub(super) image: PathBuf,
     daemon: Option<Child>,
+    /// Extra environment of the daemon (its capacity settings).
+    daemon_env: Vec<(&'static str, String)>,
     netns_created: bool,
     keep: bool,
 }
@@ -60,6 +62,7 @@ impl BenchEnv {
             mem_dir: PathBuf::from(format!("/dev/shm/forkvm-bench-{tag}")),
             image,
             daemon: None,
+            daemon_env: vec![],
             netns_created: false,
             keep,
         };
@@ -73,6 +76,11 @@ impl BenchEnv {
         std::os::unix::fs::symlink(&env.image, images.join("default"))
             .map_err(io("linking the guest image"))?;
         Ok(env)
+    }
+
+    /// Sets `key=value` in the environment of the daemon started next.
+    pub(super) fn set_daemon_env(&mut self, key: &'static str, value: String) {
+        self.daemon_env.push((key, value));
     }
 
     pub(super) fn log_path(&self) -> PathBuf {
@@ -94,6 +102,7 @@ impl BenchEnv {
             .args(["--bridge", BRIDGE, "--subnet", SUBNET])
             .env("FORKVM_MEM_DIR", &self.mem_dir)
             .env("RUST_LOG", "info")
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -137,11 +146,23 @@ impl BenchEnv {
 
     /// HTTP GET of a fork's page from the namespace.
     pub(super) fn http_ok(&self, ip: &str) -> bool {
-        self.in_netns(&["curl", "-sS", "--max-time", "5", &format!("http://{ip}/")])
-            .stderr(Stdio::null())
+        self.http_get(ip).is_ok()
+    }
+
+    /// HTTP GET of a fork's page from the namespace (5 s at most); the
+    /// error is curl's reason.
+    pub(super) fn http_get(&self, ip: &str) -> Result<(), String> {
+        let o = self
+            .in_netns(&["curl", "-sS", "--max-time", "5", &format!("http://{ip}/")])
             .output()
-            .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(PAGE))
-            .unwrap_or(false)
+            .map_err(|e| format!("running curl: {e}"))?;
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).trim().to_string());
+        }
+        if !String::from_utf8_lossy(&o.stdout).contains(PAGE) {
+            return Err("answered without the benchmark's page".into());
+        }
+        Ok(())
     }
 
     fn qemu_pids(&self) -> Vec<i32> {

@@ -1,5 +1,7 @@
 //! `forkvm bench fork`: measures fork latency per handoff path, fan-out and
-//! memory scaling against a private daemon.
+//! memory scaling against a private daemon; `forkvm bench density`: what
+//! copy-on-write forks of a source with touched memory cost, and how many
+//! run at once ([`density`]).
 //!
 //! The benchmark never touches the machine's own network namespace: it
 //! creates `fvbench-<rand>`, runs its own `forkvm serve` inside it (own data
@@ -12,11 +14,14 @@
 //!
 //! [`harness`] is that private world (namespace, daemon, sources) and the API
 //! helpers the scenarios share; [`handoff_paths`], [`fanout`] and
-//! [`memory_scaling`] are the three scenarios; [`sample`] turns one fork into
-//! a measurement, [`stats`] summarises measurements, [`host`] reads figures
-//! from the host, and [`report`] is the result, printed as a table or JSON.
+//! [`memory_scaling`] are `bench fork`'s three scenarios; [`sample`] turns
+//! one fork into a measurement, [`stats`] summarises measurements, [`host`]
+//! reads figures from the host, [`footprint`] is what a set of forks costs
+//! in host memory, and [`report`] is the result, printed as a table or JSON.
 
+mod density;
 mod fanout;
+mod footprint;
 mod handoff_paths;
 mod harness;
 mod host;
@@ -26,6 +31,7 @@ mod sample;
 mod stats;
 
 use crate::client::{Client, ClientError};
+use density::{DensityReport, render_density};
 use fanout::bench_fanout;
 use handoff_paths::{bench_paths, path_ratios};
 use harness::{BenchEnv, create_source, delete_quietly};
@@ -53,6 +59,53 @@ pub struct BenchForkArgs {
     /// Keep the benchmark's data directory (daemon log, console logs).
     #[arg(long)]
     pub keep: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchDensityArgs {
+    /// Memory of the sources (MiB).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(128..=65536))]
+    pub size_mib: u32,
+    /// Memory the touched source's guest fills with random data (MiB); must
+    /// leave the guest at least 256 MiB.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub touch_mib: u32,
+    /// Forks per request in the touched/fresh comparison.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub forks: u32,
+    /// Rounds of the comparison (one request per source each, interleaved).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
+    /// Forks to run at once in the fan-out (0 skips it).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub target: u32,
+    /// Forks per request in the fan-out.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub batch: u32,
+    /// The daemon's guest memory budget (MiB; FORKVM_MAX_GUEST_MEMORY_MB)
+    /// [default: the daemon's, 90 % of RAM].
+    #[arg(long)]
+    pub max_guest_memory_mb: Option<u64>,
+    /// Share of its size (percent) the daemon charges a copy-on-write fork
+    /// (FORKVM_COW_RESERVE_PERCENT) [default: the daemon's, 25].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub cow_reserve_percent: Option<u32>,
+    /// Keep the benchmark's data directory (daemon log, console logs).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+impl BenchDensityArgs {
+    /// Settings clap cannot check alone.
+    fn check(&self) -> Result<(), BenchError> {
+        if u64::from(self.touch_mib) + 256 > u64::from(self.size_mib) {
+            return Err(BenchError::Unexpected(format!(
+                "--touch-mib {} leaves the {} MiB guest less than 256 MiB",
+                self.touch_mib, self.size_mib
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,12 +141,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
 /// Runs the scenarios in order against a fresh daemon in `env`.
 async fn bench(c: &Client, env: &mut BenchEnv, a: &BenchForkArgs) -> Result<Report, BenchError> {
     let started = Instant::now();
-    let steps = 1 + 3 * a.reps as u64 + a.fanout.len() as u64 + a.sizes.len() as u64;
-    let pb = ProgressBar::new(steps);
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let pb = progress(1 + 3 * a.reps as u64 + a.fanout.len() as u64 + a.sizes.len() as u64);
     pb.set_message("starting the benchmark daemon");
     env.spawn_daemon()?;
     env.wait_ready(c).await?;
@@ -138,13 +186,88 @@ async fn bench(c: &Client, env: &mut BenchEnv, a: &BenchForkArgs) -> Result<Repo
 /// `forkvm bench fork`: exit 1 when any fork failed, took another path than
 /// requested, or did not answer.
 pub async fn fork(json: bool, a: &BenchForkArgs) -> anyhow::Result<ExitCode> {
-    use tokio::signal::unix::{SignalKind, signal};
+    let env = BenchEnv::create(a.keep)?;
+    let report = in_env(env, async |c, env| bench(c, env, a).await).await?;
+    if json {
+        crate::output::print_json(&report)?;
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(exit_code(&report.failures))
+}
+
+/// `forkvm bench density`: exit 1 when any fork failed or did not answer
+/// (a refusal for capacity is a finding, not a failure).
+pub async fn density(json: bool, a: &BenchDensityArgs) -> anyhow::Result<ExitCode> {
+    a.check()?;
     let mut env = BenchEnv::create(a.keep)?;
+    if let Some(mb) = a.max_guest_memory_mb {
+        env.set_daemon_env("FORKVM_MAX_GUEST_MEMORY_MB", mb.to_string());
+    }
+    if let Some(p) = a.cow_reserve_percent {
+        env.set_daemon_env("FORKVM_COW_RESERVE_PERCENT", p.to_string());
+    }
+    let report = in_env(env, async |c, env| bench_density(c, env, a).await).await?;
+    if json {
+        crate::output::print_json(&report)?;
+    } else {
+        print!("{}", render_density(&report));
+    }
+    Ok(exit_code(&report.failures))
+}
+
+/// Runs the density scenarios against a fresh daemon in `env`.
+async fn bench_density(
+    c: &Client,
+    env: &mut BenchEnv,
+    a: &BenchDensityArgs,
+) -> Result<DensityReport, BenchError> {
+    let started = Instant::now();
+    let pb = progress(2 + 2 * u64::from(a.rounds));
+    pb.set_message("starting the benchmark daemon");
+    env.spawn_daemon()?;
+    env.wait_ready(c).await?;
+    let mut failures = vec![];
+    let (density, accel) = density::run(c, env, a, &pb, &mut failures).await?;
+    pb.finish_and_clear();
+    Ok(DensityReport {
+        machine: machine_record(&env.image, accel),
+        density,
+        failures,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn progress(steps: u64) -> ProgressBar {
+    let pb = ProgressBar::new(steps);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+fn exit_code(failures: &[String]) -> ExitCode {
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs `body` against the daemon world `env` until it ends, fails or the
+/// process gets SIGTERM/SIGINT; tears `env` down before returning. A failure
+/// names the daemon log, and its last lines go to stderr.
+async fn in_env<R>(
+    mut env: BenchEnv,
+    body: impl AsyncFnOnce(&Client, &mut BenchEnv) -> Result<R, BenchError>,
+) -> anyhow::Result<R> {
+    use tokio::signal::unix::{SignalKind, signal};
     let c = Client::new(&env.socket);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let res = tokio::select! {
-        r = bench(&c, &mut env, a) => r,
+        r = body(&c, &mut env) => r,
         _ = term.recv() => Err(BenchError::Interrupted("SIGTERM")),
         _ = int.recv() => Err(BenchError::Interrupted("SIGINT")),
     };
@@ -162,23 +285,34 @@ pub async fn fork(json: bool, a: &BenchForkArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_default()
     });
     drop(env);
-    let report = match res {
-        Ok(r) => r,
-        Err(e) => {
-            if let Some(t) = log_tail.filter(|t| !t.is_empty()) {
-                eprintln!("last daemon log lines:\n{t}");
-            }
-            return Err(e.into());
+    res.map_err(|e| {
+        if let Some(t) = log_tail.filter(|t| !t.is_empty()) {
+            eprintln!("last daemon log lines:\n{t}");
         }
-    };
-    if json {
-        crate::output::print_json(&report)?;
-    } else {
-        print!("{}", render(&report));
-    }
-    Ok(if report.failures.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+        e.into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn density_leaves_the_guest_room() {
+        let a = |size_mib, touch_mib| BenchDensityArgs {
+            size_mib,
+            touch_mib,
+            forks: 4,
+            rounds: 3,
+            target: 64,
+            batch: 4,
+            max_guest_memory_mb: None,
+            cow_reserve_percent: None,
+            keep: false,
+        };
+        assert!(a(1024, 600).check().is_ok());
+        assert!(a(1024, 768).check().is_ok());
+        assert!(a(1024, 769).check().is_err());
+        assert!(a(256, 1).check().is_err());
+    }
 }

@@ -32,25 +32,31 @@ pub fn render(r: &Report) -> String {
     out.push_str(&render_ratios(r));
     out.push_str(&render_fanout(r));
     out.push_str(&render_memory(r));
-    out.push_str(&render_failures(r));
+    out.push_str(&render_failures(&r.failures));
     out
 }
 
 /// Title, machine and source boot time.
 fn render_header(r: &Report) -> String {
-    let m = &r.machine;
     format!(
-        "forkvm bench fork — {}\nmachine: {} cores ({}), accel {}, {}, host kernel {}, guest kernel {}\n\
-         source boot (256 MiB, create → Running): {} ms; wall time {:.0} s\n\n",
-        m.date,
+        "forkvm bench fork — {}\n{}\nsource boot (256 MiB, create → Running): {} ms; wall time {:.0} s\n\n",
+        r.machine.date,
+        machine_line(&r.machine),
+        fmt_ms(r.source_boot_ms),
+        r.wall_s,
+    )
+}
+
+/// The `machine: ...` line of a report header.
+pub fn machine_line(m: &Machine) -> String {
+    format!(
+        "machine: {} cores ({}), accel {}, {}, host kernel {}, guest kernel {}",
         m.cores,
         m.cpu,
         m.accel.as_deref().unwrap_or("?"),
         m.qemu_version,
         m.host_kernel,
         m.guest_kernel.as_deref().unwrap_or("?"),
-        fmt_ms(r.source_boot_ms),
-        r.wall_s,
     )
 }
 
@@ -182,32 +188,42 @@ fn render_memory(r: &Report) -> String {
     let mut out =
         "\nMemory scaling (3 forks per size, one request; medians; ratios vs the smallest size)\n"
             .to_string();
+    let mib = |v: Option<f64>| v.map_or("-".into(), fmt_mib);
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{} ms", fmt_ms(v)));
     let mut rows = vec![vec![
         "size".to_string(),
         "boot".into(),
         "fork total".into(),
         "request→ready".into(),
-        "mem file/fork".into(),
-        "QEMU private/fork".into(),
-        "source mem file".into(),
+        "base".into(),
+        "MemAvailable drop/fork (excl. base)".into(),
+        "QEMU Pss/fork".into(),
+        "QEMU private dirty/fork (guest RAM)".into(),
         "time ratio".into(),
-        "mem ratio (file/private)".into(),
+        "mem ratio (Pss/private)".into(),
     ]];
     for m in &r.memory {
         rows.push(vec![
             format!("{} MiB", m.size_mb),
             format!("{} ms", fmt_ms(m.source_boot_ms)),
-            m.median_total_ms
-                .map_or("-".into(), |v| format!("{} ms", fmt_ms(v))),
-            m.median_request_to_ready_ms
-                .map_or("-".into(), |v| format!("{} ms", fmt_ms(v))),
-            m.median_mem_file_bytes.map_or("-".into(), fmt_mib),
-            m.median_qemu_private_bytes.map_or("-".into(), fmt_mib),
-            m.source_mem_file_bytes.map_or("-".into(), fmt_mib),
+            ms(m.median_total_ms),
+            ms(m.median_request_to_ready_ms),
+            mib(m.base_bytes),
+            format!(
+                "{} ({})",
+                mib(m.mem_available_drop_per_fork_bytes),
+                mib(m.mem_available_drop_per_fork_excl_base_bytes)
+            ),
+            mib(m.median_qemu_pss_bytes),
+            format!(
+                "{} ({})",
+                mib(m.median_qemu_private_dirty_bytes),
+                mib(m.median_guest_ram_private_dirty_bytes)
+            ),
             fmt_ratio(m.fork_time_ratio),
             format!(
                 "{}/{}",
-                fmt_ratio(m.mem_file_ratio),
+                fmt_ratio(m.qemu_pss_ratio),
                 fmt_ratio(m.qemu_private_ratio)
             ),
         ]);
@@ -217,12 +233,12 @@ fn render_memory(r: &Report) -> String {
 }
 
 /// Every failure, one per line.
-fn render_failures(r: &Report) -> String {
-    if r.failures.is_empty() {
+pub fn render_failures(failures: &[String]) -> String {
+    if failures.is_empty() {
         return "\nFailures: none\n".into();
     }
-    let mut out = format!("\nFailures ({}):\n", r.failures.len());
-    for f in &r.failures {
+    let mut out = format!("\nFailures ({}):\n", failures.len());
+    for f in failures {
         out.push_str(&format!("  - {f}\n"));
     }
     out
@@ -236,7 +252,7 @@ fn stage_rank(s: &str) -> (usize, String) {
 }
 
 /// Rows as left-aligned columns two spaces apart, trailing spaces trimmed.
-fn table(rows: &[Vec<String>]) -> String {
+pub fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0; cols];
     for r in rows {
@@ -290,15 +306,17 @@ pub fn fmt_ms(ms: f64) -> String {
     }
 }
 
-fn fmt_mib(bytes: f64) -> String {
+pub fn fmt_mib(bytes: f64) -> String {
     format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::memory_scaling::memory_ratios;
+    use crate::bench::footprint::Footprint;
+    use crate::bench::memory_scaling::{memory_ratios, memory_result};
     use crate::bench::sample::fake;
+    use crate::bench::stats::summarize;
 
     #[test]
     fn number_formats() {
@@ -352,19 +370,20 @@ mod tests {
         );
         mailbox.agent_rpc_counts = Some(BTreeMap::from([("Health".to_string(), 3)]));
         mailbox.samples.push(fake("mailbox", 7.25, 90.0));
-        let mem = |size_mb, t: f64, b: f64| MemoryResult {
-            size_mb,
-            source_boot_ms: 1500.0,
-            forks: 3,
-            median_total_ms: Some(t),
-            median_request_to_ready_ms: Some(t + 10.0),
-            median_mem_file_bytes: Some(b),
-            median_qemu_private_bytes: (size_mb < 1024).then_some(b / 2.0),
-            source_mem_file_bytes: Some(b * 4.0),
-            fork_time_ratio: None,
-            request_to_ready_ratio: None,
-            mem_file_ratio: None,
-            qemu_private_ratio: None,
+        let mem = |size_mb, t: f64, b: f64| {
+            let one = |v: f64| summarize(&[v]);
+            let fp = Footprint {
+                forks: 3,
+                mem_available_drop_per_fork_bytes: Some(b * 3.0),
+                mem_available_drop_per_fork_excl_base_bytes: Some(b * 2.0),
+                new_base_bytes: Some(b * 4.0),
+                pss_bytes: one(b),
+                private_dirty_bytes: (size_mb < 1024).then(|| one(b / 2.0)).flatten(),
+                private_bytes: (size_mb < 1024).then(|| one(b / 2.0)).flatten(),
+                guest_ram_private_dirty_bytes: one(b / 8.0),
+                ..Footprint::default()
+            };
+            memory_result(size_mb, 1500.0, Some(b * 5.0), &[t], &[t + 10.0], &fp)
         };
         let mut memory = vec![
             mem(256, 120.0, 8.0 * 1048576.0),
@@ -449,9 +468,9 @@ k  ok  request  snapshot  resume→ready    fork total  request→ready  http ok
 4  3   480      25.0      9.00/13.5/18.0  -           300/450/600    2
 
 Memory scaling (3 forks per size, one request; medians; ratios vs the smallest size)
-size      boot     fork total  request→ready  mem file/fork  QEMU private/fork  source mem file  time ratio  mem ratio (file/private)
-256 MiB   1500 ms  120 ms      130 ms         8.0 MiB        4.0 MiB            32.0 MiB         1.00x       1.00x/1.00x
-1024 MiB  1500 ms  150 ms      160 ms         9.5 MiB        -                  38.0 MiB         1.25x       1.19x/n/a
+size      boot     fork total  request→ready  base      MemAvailable drop/fork (excl. base)  QEMU Pss/fork  QEMU private dirty/fork (guest RAM)  time ratio  mem ratio (Pss/private)
+256 MiB   1500 ms  120 ms      130 ms         32.0 MiB  24.0 MiB (16.0 MiB)                  8.0 MiB        4.0 MiB (1.0 MiB)                    1.00x       1.00x/1.00x
+1024 MiB  1500 ms  150 ms      160 ms         38.0 MiB  28.5 MiB (19.0 MiB)                  9.5 MiB        - (1.2 MiB)                          1.25x       1.19x/n/a
 
 Failures (1):
   - fo4-4: no free address
