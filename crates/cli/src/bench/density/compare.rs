@@ -43,8 +43,11 @@ pub struct CompareRun {
     pub verified: usize,
     /// Per request: round trip on the client's clock (all forks ready), ms.
     pub request_ms: Option<Summary>,
-    /// Per request: the source's pause for the capture (`stages.snapshot`), ms.
-    pub snapshot_ms: Option<Summary>,
+    /// Per request: the capture of the running source (`stages.snapshot`), ms.
+    pub capture_ms: Option<Summary>,
+    /// Per request: how long the source's vCPUs were stopped for it
+    /// (`stages.source_pause`), ms.
+    pub pause_ms: Option<Summary>,
     /// Per fork: request sent → fork ready, client clock ([`client_ready_ms`]).
     pub request_to_ready_ms: Option<Summary>,
     /// Per fork: the daemon's `snapshot + total` (no wait for a slot).
@@ -72,7 +75,7 @@ pub struct Comparison {
     pub touched: CompareRun,
     /// touched / fresh of the medians: `request_to_ready` (per fork, client
     /// clock), `request` (the request's round trip), `pause`
-    /// (`stages.snapshot`), `mem_available_drop_per_fork`,
+    /// (`stages.source_pause`), `mem_available_drop_per_fork`,
     /// `mem_available_drop_per_fork_excl_base`, and per fork QEMU `pss`,
     /// `private_dirty` and `guest_ram_private_dirty`.
     pub ratios: BTreeMap<String, Option<f64>>,
@@ -82,7 +85,8 @@ pub struct Comparison {
 #[derive(Default)]
 struct Requests {
     request_ms: Vec<f64>,
-    snapshot_ms: Vec<f64>,
+    capture_ms: Vec<f64>,
+    pause_ms: Vec<f64>,
     ready_ms: Vec<f64>,
     daemon_ms: Vec<f64>,
     ok: usize,
@@ -191,14 +195,14 @@ async fn one_request(
         into.ready_ms.extend(client_ready_ms(f, req.sent));
         into.ok += 1;
     }
-    // One capture per request: every fork carries its pause.
-    into.snapshot_ms.extend(forks.first().and_then(|f| {
-        f.handoff
-            .as_ref()?
-            .stages_ms
-            .get(Stage::Snapshot.as_str())
-            .copied()
-    }));
+    // One capture per request: every fork carries it.
+    let stage = |s: Stage| {
+        forks
+            .first()
+            .and_then(|f| f.handoff.as_ref()?.stages_ms.get(s.as_str()).copied())
+    };
+    into.capture_ms.extend(stage(Stage::Snapshot));
+    into.pause_ms.extend(stage(Stage::SourcePause));
     for f in &forks {
         delete_quietly(c, &f.id, failures).await;
     }
@@ -220,7 +224,8 @@ fn summarized(run: CompareRun, r: Requests) -> CompareRun {
         ok: r.ok,
         verified: r.verified,
         request_ms: summarize(&r.request_ms),
-        snapshot_ms: summarize(&r.snapshot_ms),
+        capture_ms: summarize(&r.capture_ms),
+        pause_ms: summarize(&r.pause_ms),
         request_to_ready_ms: summarize(&r.ready_ms),
         daemon_request_to_ready_ms: summarize(&r.daemon_ms),
         base_bytes: per_request(|f| f.new_base_bytes),
@@ -247,7 +252,7 @@ pub(in crate::bench) fn compare_ratios(
     let rows: [(&str, Figure); 8] = [
         ("request_to_ready", |r| r.request_to_ready_ms),
         ("request", |r| r.request_ms),
-        ("pause", |r| r.snapshot_ms),
+        ("pause", |r| r.pause_ms),
         ("mem_available_drop_per_fork", |r| {
             r.mem_available_drop_per_fork_bytes
         }),
@@ -284,7 +289,8 @@ pub(in crate::bench) fn fake_run(touched_mib: u32, ready: f64, pause: f64, mib: 
         ok: 12,
         verified: 12,
         request_ms: one(ready + 200.0),
-        snapshot_ms: one(pause),
+        capture_ms: one(pause + 40.0),
+        pause_ms: one(pause),
         request_to_ready_ms: one(ready),
         daemon_request_to_ready_ms: one(ready - 50.0),
         base_bytes: one((100.0 + f64::from(touched_mib)) * MIB),
@@ -325,7 +331,7 @@ mod tests {
         near("private_dirty", 1.2);
         near("guest_ram_private_dirty", 1.2);
         let mut none = fake_run(0, 500.0, 80.0, 50.0);
-        none.snapshot_ms = None;
+        none.pause_ms = None;
         assert_eq!(round_order(0), [0, 1]);
         assert_eq!(round_order(1), [1, 0]);
         assert_eq!(round_order(2), [0, 1]);

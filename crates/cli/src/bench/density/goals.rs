@@ -86,7 +86,7 @@ pub fn goals(d: &Density) -> Vec<Goal> {
         goal(
             "pause_ms",
             "source pause with memory touched ≤ 50 ms",
-            t.snapshot_ms.map(|s| s.median),
+            t.pause_ms.map(|s| s.median),
             50.0,
             false,
         ),

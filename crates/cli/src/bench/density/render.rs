@@ -59,11 +59,8 @@ const COMPARE_ROWS: &[CompareRow] = &[
         "",
     ),
     ("request round trip (ms)", |r| mmm(&r.request_ms), "request"),
-    (
-        "source pause, snapshot (ms)",
-        |r| mmm(&r.snapshot_ms),
-        "pause",
-    ),
+    ("capture, snapshot stage (ms)", |r| mmm(&r.capture_ms), ""),
+    ("source pause (ms)", |r| mmm(&r.pause_ms), "pause"),
     (
         "request→ready, client (ms)",
         |r| mmm(&r.request_to_ready_ms),
@@ -377,22 +374,23 @@ source 1024 MiB, 600 MiB touched; host MemTotal 23.50 GiB; wall time 301 s
 daemon: guest memory budget default (90 % of RAM), copy-on-write charge 10 %
 
 Touched vs fresh source (3 rounds, each one request of 4 forks from each running source; medians, or med/p90/max)
-metric                       fresh           touched            touched/fresh
-guest fill                   -               600 MiB in 20.0 s
-guest free: shared           1.0 MiB         1.0 MiB
-source memory file           100.0 MiB       700.0 MiB
-forks made / answered HTTP   12/12 of 3x4    12/12 of 3x4
-request round trip (ms)      800/800/800     1100/1100/1100     1.38x
-source pause, snapshot (ms)  75.0/75.0/75.0  450/450/450        6.00x
-request→ready, client (ms)   600/600/600     900/900/900        1.50x
-request→ready, daemon (ms)   550/550/550     850/850/850
-captured base                100.0 MiB       700.0 MiB
-MemAvailable drop / fork     100.0 MiB       140.0 MiB          1.40x
-  less the captured base     50.0 MiB        70.0 MiB           1.40x
-  each request (MiB)         47 50 80        67 70 100
-QEMU Pss / fork              75.0 MiB        105.0 MiB          1.40x
-QEMU Private_Dirty / fork    45.0 MiB        63.0 MiB           1.40x
-  of it guest RAM written    5.0 MiB         7.0 MiB            1.40x
+metric                        fresh           touched            touched/fresh
+guest fill                    -               600 MiB in 20.0 s
+guest free: shared            1.0 MiB         1.0 MiB
+source memory file            100.0 MiB       700.0 MiB
+forks made / answered HTTP    12/12 of 3x4    12/12 of 3x4
+request round trip (ms)       800/800/800     1100/1100/1100     1.38x
+capture, snapshot stage (ms)  115/115/115     490/490/490
+source pause (ms)             75.0/75.0/75.0  450/450/450        6.00x
+request→ready, client (ms)    600/600/600     900/900/900        1.50x
+request→ready, daemon (ms)    550/550/550     850/850/850
+captured base                 100.0 MiB       700.0 MiB
+MemAvailable drop / fork      100.0 MiB       140.0 MiB          1.40x
+  less the captured base      50.0 MiB        70.0 MiB           1.40x
+  each request (MiB)          47 50 80        67 70 100
+QEMU Pss / fork               75.0 MiB        105.0 MiB          1.40x
+QEMU Private_Dirty / fork     45.0 MiB        63.0 MiB           1.40x
+  of it guest RAM written     5.0 MiB         7.0 MiB            1.40x
 
 Fan-out to 64 forks (source in Standby: one shared base; requests of 4; per fork p50/p90/max)
 metric                                        value
