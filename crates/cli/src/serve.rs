@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// independent of its memory); smaller ones are copied while paused.
     #[arg(long, env = "FORKVM_HANDOVER_MIN_MIB", default_value_t = forkvm_core::config::DEFAULT_HANDOVER_MIN_MIB)]
     pub handover_min_mib: u64,
+    /// After a handover, give the source its own memory back in the
+    /// background (live migration), so its next fork is a handover too.
+    #[arg(long, env = "FORKVM_PROMOTE_AFTER_HANDOVER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub promote_after_handover: bool,
     /// Log filter for the guest agents of VMs booted from now on (e.g.
     /// `forkvm_agent=trace`); one plain env-filter token.
     #[arg(long, env = "FORKVM_GUEST_AGENT_LOG", value_parser = forkvm_core::config::guest_agent_log_filter)]
@@ -92,6 +96,7 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         memory_budget_mb: args.max_guest_memory_mb,
         cow_reserve_percent: args.cow_reserve_percent,
         handover_min_mib: args.handover_min_mib,
+        promote_after_handover: args.promote_after_handover,
         guest_agent_log: args.guest_agent_log.clone(),
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())
             .map_err(anyhow::Error::msg)

@@ -103,7 +103,8 @@ pub(crate) fn classify(r: Recorded, vm: VmFound) -> Action {
 /// Reconcile every instance, then remove orphans.
 pub(crate) async fn adopt_all(svc: &Services) -> Result<()> {
     for inst in svc.store.list_instances()? {
-        let mut inst = crate::handover::adopt_interrupted(svc, inst).await?;
+        let inst = crate::handover::adopt_interrupted(svc, inst).await?;
+        let mut inst = crate::promote::adopt_interrupted(svc, inst).await?;
         let paths = svc.paths(&inst);
         let pid = inst.pid.or_else(|| paths.read_pid());
         let vm = inspect(svc, &inst, pid).await;

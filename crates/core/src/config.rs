@@ -44,6 +44,9 @@ pub struct Config {
     /// of its memory; it stays copy-on-write afterwards); smaller ones are
     /// copied while paused and keep their own file.
     pub handover_min_mib: u64,
+    /// After a handover, give the VM its own memory file back in the
+    /// background (a live migration), so its next capture is a handover too.
+    pub promote_after_handover: bool,
     /// Log filter for the agents of VMs booted from now on (e.g. `debug`),
     /// passed on the kernel command line; forks inherit their source's.
     /// Checked by [`guest_agent_log_filter`].
@@ -71,6 +74,7 @@ impl Config {
             memory_budget_mb: None,
             cow_reserve_percent: DEFAULT_COW_RESERVE_PERCENT,
             handover_min_mib: DEFAULT_HANDOVER_MIN_MIB,
+            promote_after_handover: true,
             guest_agent_log: None,
             test_hooks: TestHooks::default(),
         }

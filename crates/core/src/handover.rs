@@ -58,6 +58,13 @@ pub(crate) async fn hand_over(
             svc.store.commit_handover(&done, &base)?;
             info!(instance = %inst.id, pid = new.pid, base = %bid, pause_ms,
                   took_ms = t.elapsed().as_secs_f64() * 1000.0, "handed over to a copy-on-write VMM");
+            // A promoted VM's file was allocated whole by its migration.
+            tokio::spawn(bases::trim(base_file.to_path_buf()));
+            if svc.cfg.promote_after_handover
+                && let Some(p) = svc.promoter.get()
+            {
+                p.request(&inst.id);
+            }
             Ok((base, pause_ms))
         }
         Err(e) => {

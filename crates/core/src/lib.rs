@@ -35,6 +35,7 @@ pub mod model;
 pub mod netalloc;
 mod orphans;
 pub mod paths;
+mod promote;
 mod reaper;
 mod restore;
 mod resume;

@@ -82,7 +82,11 @@ impl Manager {
             locks: Locks::default(),
             pins: Default::default(),
             ledger: Default::default(),
+            promoter: Default::default(),
         });
+        let (promoter, promotions) = crate::promote::Promoter::start(Arc::downgrade(&svc));
+        let _ = svc.promoter.set(promoter);
+        tokio::spawn(promotions);
         crate::bases::reconcile(&svc)?;
         crate::adopt::adopt_all(&svc).await?;
         crate::bases::collect(&svc);

@@ -32,6 +32,8 @@ pub(crate) struct Services {
     pub pins: Arc<Pins>,
     /// Capacity reserved by requests in flight.
     pub ledger: Arc<crate::capacity::Ledger>,
+    /// Background promotions of handed-over VMs (set once at start).
+    pub promoter: std::sync::OnceLock<crate::promote::Promoter>,
 }
 
 /// Bases pinned by operations in flight: [`crate::bases::collect`] leaves

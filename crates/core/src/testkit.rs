@@ -638,6 +638,8 @@ impl World {
             "/nonexistent/qemu",
         );
         cfg.memory_budget_mb = Some(64 * 1024);
+        // Deterministic tests: promotion is asked for explicitly.
+        cfg.promote_after_handover = false;
         cfg.handoff_timeout = Duration::from_millis(1500);
         cfg.mailbox_ack_timeout = Duration::from_millis(300);
         // The gateway address exists in no namespace of a unit test.

@@ -365,6 +365,7 @@ mod tests {
             memory: core::Memory::Own,
             vmm_gen: 0,
             handover: None,
+            promoting: false,
         };
         let v = serde_json::to_value(Instance::from(&core_inst)).unwrap();
         let expected: serde_json::Value = serde_json::from_str(

@@ -116,6 +116,11 @@ pub struct Instance {
     /// `vmm_gen + 1` taking over.
     #[serde(default)]
     pub handover: Option<String>,
+    /// A promotion in progress (recorded first): VMM generation
+    /// `vmm_gen + 1`, with its own memory file again, taking over by live
+    /// migration from the copy-on-write one.
+    #[serde(default)]
+    pub promoting: bool,
 }
 
 impl Instance {
@@ -153,6 +158,7 @@ impl Instance {
             memory: Memory::Own,
             vmm_gen: 0,
             handover: None,
+            promoting: false,
         }
     }
 

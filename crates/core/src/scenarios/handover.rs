@@ -90,3 +90,58 @@ async fn a_handover_cut_short_by_a_crash_is_undone() {
     source_intact(&w, "src").await;
     w.assert_only(&["src"]).await;
 }
+
+#[tokio::test]
+async fn a_handed_over_source_is_promoted_back_to_its_own_memory() {
+    let w = World::with(|c| {
+        c.handover_min_mib = 0;
+        c.promote_after_handover = true;
+    })
+    .await;
+    w.running("src").await;
+    let f = fork_one(&w, "src", from_running("f", None)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let src = loop {
+        let s = w.mgr.get("src").await.unwrap();
+        if s.memory == Memory::Own && s.vmm_gen == 2 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "never promoted: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!src.promoting);
+    assert!(w.mem_file(&src.id).exists(), "its own file is back");
+    source_intact(&w, "src").await;
+    // The fork still maps the base the handover made.
+    assert_eq!(w.mgr.get("f").await.unwrap().memory, f.memory);
+    w.assert_only(&["src", "f"]).await;
+    // Its next capture is a handover again.
+    fork_one(&w, "src", from_running("g", None)).await.unwrap();
+    let again = w.mgr.get("src").await.unwrap();
+    assert!(
+        matches!(again.memory, Memory::Cow { .. }) || again.vmm_gen >= 3,
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_promotion_leaves_the_vm_copy_on_write() {
+    let w = World::with(|c| c.handover_min_mib = 0).await;
+    w.running("src").await;
+    fork_one(&w, "src", from_running("f", None)).await.unwrap();
+    let src = w.mgr.get("src").await.unwrap();
+    w.hv.fail(HvOp::Migrate);
+    let e = crate::promote::promote(w.mgr.services(), &src)
+        .await
+        .expect_err("migration fails");
+    assert!(e.to_string().contains("migrating"), "{e}");
+    let back = w.mgr.get("src").await.unwrap();
+    assert_eq!(
+        (&back.memory, back.vmm_gen, back.pid),
+        (&src.memory, 1, src.pid)
+    );
+    assert!(!back.promoting && !w.mem_file(&src.id).exists());
+    source_intact(&w, "src").await;
+    w.hv.heal();
+    w.assert_only(&["src", "f"]).await;
+}
