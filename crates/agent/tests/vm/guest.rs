@@ -328,6 +328,29 @@ impl Vm {
     }
 
     /// [`Vm::first_health`], printing the boot time as `{label}: N ms`.
+    /// A connection the agent has answered on, after the host side went
+    /// away and came back (a stop/cont, a new client): short tries on fresh
+    /// connections, as the daemon's agent calls make. A connection whose
+    /// first bytes the agent read in the old session's last moments is
+    /// abandoned instead of waited on for ever.
+    pub async fn reconnect(&self) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "agent never answered a new connection:\n{}",
+                self.console()
+            );
+            if let Ok(mut c) = connect_unix(&self.sock).await
+                && let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_secs(5), c.health(HealthRequest {})).await
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn first_health_logged(&mut self, label: &str) -> Client {
         let (c, boot_to_health) = self.first_health().await;
         println!("{label}: {:.0} ms", boot_to_health.as_secs_f64() * 1e3);

@@ -8,7 +8,6 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use forkvm_proto::agent::{HealthRequest, HealthResponse};
-use forkvm_proto::connect_unix;
 
 use crate::guest::{BootOpts, Client, Nic, Vm, boot_cfg, eth0};
 use crate::qmp::Qmp;
@@ -184,7 +183,7 @@ pub async fn handoff(
     qmp.cmd("cont");
     let cont_at = Instant::now();
     let poller = poll_outcome(vm, gpa, cont_at);
-    let client = connect_unix(&vm.sock).await.unwrap();
+    let client = vm.reconnect().await;
     let cont_to_outcome = tokio::task::spawn_blocking(move || poller.join().unwrap())
         .await
         .unwrap()
@@ -225,7 +224,7 @@ pub async fn health(vm: &Vm, c: &mut Client) -> HealthResponse {
     match c.health(HealthRequest {}).await {
         Ok(h) => h.into_inner(),
         Err(_) => {
-            *c = connect_unix(&vm.sock).await.unwrap();
+            *c = vm.reconnect().await;
             c.health(HealthRequest {}).await.unwrap().into_inner()
         }
     }
