@@ -20,13 +20,10 @@ use crate::error::{CoreError, Result};
 use crate::model::{Base, Instance, Memory};
 use crate::paths::SnapshotPaths;
 use crate::services::Services;
-use forkvm_vmm::{NetBackend, VmHandle};
+use forkvm_vmm::VmHandle;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tracing::{info, warn};
-
-/// Grace for the old VMM to quit once the new one runs.
-const OLD_VMM_GRACE: Duration = Duration::from_millis(500);
 
 /// Hands `inst` (Running on `old`, its own memory) over to a new VMM over
 /// base `bid` (file `base_file`); the device state lands in `sp.state`.
@@ -103,22 +100,7 @@ async fn switch(
     old: &VmHandle,
     sp: &SnapshotPaths,
 ) -> Result<(VmHandle, f64)> {
-    let image = svc.load_image(&next.image)?;
-    let cmdline = next.cmdline.clone().unwrap_or_default();
-    let mut spec = svc.vm_spec(next, &image, &cmdline, true);
-    if let Some(net) = spec.net.as_mut()
-        && let NetBackend::Tap(tap) = &net.backend
-    {
-        net.backend = NetBackend::TakeOver {
-            tap: tap.clone(),
-            from_pid: old.pid,
-        };
-    }
-    let new = svc
-        .hv
-        .start(&spec)
-        .await
-        .map_err(CoreError::vmm("starting the VMM to hand over to"))?;
+    let new = crate::vmm_switch::start_next(svc, next, old).await?;
     let paused_at = Instant::now();
     let moved = async {
         svc.hv
@@ -140,18 +122,11 @@ async fn switch(
     }
     .await;
     if let Err(e) = moved {
-        if let Err(se) = svc.hv.stop(&new, OLD_VMM_GRACE).await {
-            warn!(instance = %next.id, error = %se, "stopping the new VMM failed");
-        }
+        crate::vmm_switch::discard(svc, &new).await;
         return Err(e);
     }
     let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
-    let (hv, old, id) = (svc.hv.clone(), old.clone(), next.id.clone());
-    tokio::spawn(async move {
-        if let Err(e) = hv.stop(&old, OLD_VMM_GRACE).await {
-            warn!(instance = %id, error = %e, "stopping the handed-over VMM failed");
-        }
-    });
+    crate::vmm_switch::retire(svc, old);
     Ok((new, pause_ms))
 }
 
@@ -164,19 +139,7 @@ pub(crate) async fn adopt_interrupted(svc: &Services, mut inst: Instance) -> Res
     };
     let next = next_generation(&inst, &bid);
     let base_file = bases::path(svc, &bid);
-    let new_pid = svc
-        .paths(&next)
-        .read_pid()
-        .filter(|p| svc.hv.is_alive(&next.id, *p));
-    if let Some(pid) = new_pid
-        && matches!(
-            svc.hv.status(&svc.handle(&next, pid)).await,
-            Ok(forkvm_vmm::RunState::Running)
-        )
-    {
-        if let Some(old) = inst.pid.filter(|p| svc.hv.is_alive(&inst.id, *p)) {
-            let _ = svc.hv.stop(&svc.handle(&inst, old), OLD_VMM_GRACE).await;
-        }
+    if let Some(pid) = crate::vmm_switch::recover(svc, &inst, &next).await {
         let mut done = next;
         done.pid = Some(pid);
         done.handover = None;
@@ -185,16 +148,10 @@ pub(crate) async fn adopt_interrupted(svc: &Services, mut inst: Instance) -> Res
         info!(instance = %done.id, "finished an interrupted handover");
         return Ok(done);
     }
-    if let Some(pid) = new_pid {
-        let _ = svc.hv.stop(&svc.handle(&next, pid), OLD_VMM_GRACE).await;
-    }
     let own_file = svc.paths(&inst).mem;
     if base_file.exists() && !own_file.exists() {
         std::fs::rename(&base_file, &own_file)
             .map_err(CoreError::io("putting the memory file back"))?;
-    }
-    if let Some(old) = inst.pid.filter(|p| svc.hv.is_alive(&inst.id, *p)) {
-        let _ = svc.hv.resume(&svc.handle(&inst, old)).await;
     }
     inst.handover = None;
     svc.store.update_instance(&inst)?;

@@ -48,6 +48,7 @@ pub mod store;
 mod teardown;
 #[cfg(test)]
 mod testkit;
+mod vmm_switch;
 
 pub use config::{Config, TestHooks};
 pub use error::{CoreError, ErrorKind, Result};

@@ -13,14 +13,11 @@
 use crate::error::{CoreError, Result};
 use crate::model::{Instance, InstanceState, Memory};
 use crate::services::Services;
-use forkvm_vmm::{NetBackend, RunState, VmHandle};
+use forkvm_vmm::VmHandle;
 use std::sync::Weak;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-
-/// Grace for the copy-on-write VMM to quit once the new one runs.
-const OLD_VMM_GRACE: Duration = Duration::from_millis(500);
 
 /// Takes promotion requests and carries them out one at a time, each under
 /// its instance's lock, when the operation that asked for it is done.
@@ -67,12 +64,7 @@ pub(crate) async fn promote(svc: &Services, inst: &Instance) -> Result<()> {
     let mut rec = inst.clone();
     rec.promoting = true;
     svc.store.update_instance(&rec)?;
-    let next = Instance {
-        memory: Memory::Own,
-        vmm_gen: inst.vmm_gen + 1,
-        promoting: false,
-        ..inst.clone()
-    };
+    let next = next_generation(inst);
     let t = Instant::now();
     match switch(svc, &next, &old).await {
         Ok((new, downtime_ms)) => {
@@ -99,22 +91,7 @@ pub(crate) async fn promote(svc: &Services, inst: &Instance) -> Result<()> {
 /// The new VMM, loaded by live migration and running; the old one quits in
 /// the background. Returns it and the migration's downtime.
 async fn switch(svc: &Services, next: &Instance, old: &VmHandle) -> Result<(VmHandle, f64)> {
-    let image = svc.load_image(&next.image)?;
-    let cmdline = next.cmdline.clone().unwrap_or_default();
-    let mut spec = svc.vm_spec(next, &image, &cmdline, true);
-    if let Some(net) = spec.net.as_mut()
-        && let NetBackend::Tap(tap) = &net.backend
-    {
-        net.backend = NetBackend::TakeOver {
-            tap: tap.clone(),
-            from_pid: old.pid,
-        };
-    }
-    let new = svc
-        .hv
-        .start(&spec)
-        .await
-        .map_err(CoreError::vmm("starting the VMM to promote to"))?;
+    let new = crate::vmm_switch::start_next(svc, next, old).await?;
     let moved = async {
         let r = svc
             .hv
@@ -131,18 +108,11 @@ async fn switch(svc: &Services, next: &Instance, old: &VmHandle) -> Result<(VmHa
     let downtime = match moved {
         Ok(d) => d,
         Err(e) => {
-            if let Err(se) = svc.hv.stop(&new, OLD_VMM_GRACE).await {
-                warn!(instance = %next.id, error = %se, "stopping the new VMM failed");
-            }
+            crate::vmm_switch::discard(svc, &new).await;
             return Err(e);
         }
     };
-    let (hv, old, id) = (svc.hv.clone(), old.clone(), next.id.clone());
-    tokio::spawn(async move {
-        if let Err(e) = hv.stop(&old, OLD_VMM_GRACE).await {
-            warn!(instance = %id, error = %e, "stopping the copy-on-write VMM failed");
-        }
-    });
+    crate::vmm_switch::retire(svc, old);
     Ok((new, downtime))
 }
 
@@ -152,40 +122,27 @@ pub(crate) async fn adopt_interrupted(svc: &Services, mut inst: Instance) -> Res
     if !inst.promoting {
         return Ok(inst);
     }
-    let next = Instance {
-        memory: Memory::Own,
-        vmm_gen: inst.vmm_gen + 1,
-        promoting: false,
-        ..inst.clone()
-    };
-    let new_pid = svc
-        .paths(&next)
-        .read_pid()
-        .filter(|p| svc.hv.is_alive(&next.id, *p));
-    if let Some(pid) = new_pid
-        && matches!(
-            svc.hv.status(&svc.handle(&next, pid)).await,
-            Ok(RunState::Running)
-        )
-    {
-        if let Some(old) = inst.pid.filter(|p| svc.hv.is_alive(&inst.id, *p)) {
-            let _ = svc.hv.stop(&svc.handle(&inst, old), OLD_VMM_GRACE).await;
-        }
+    let next = next_generation(&inst);
+    if let Some(pid) = crate::vmm_switch::recover(svc, &inst, &next).await {
         let mut done = next;
         done.pid = Some(pid);
         svc.store.update_instance(&done)?;
         info!(instance = %done.id, "finished an interrupted promotion");
         return Ok(done);
     }
-    if let Some(pid) = new_pid {
-        let _ = svc.hv.stop(&svc.handle(&next, pid), OLD_VMM_GRACE).await;
-    }
     let _ = std::fs::remove_file(svc.paths(&next).mem);
-    if let Some(old) = inst.pid.filter(|p| svc.hv.is_alive(&inst.id, *p)) {
-        let _ = svc.hv.resume(&svc.handle(&inst, old)).await;
-    }
     inst.promoting = false;
     svc.store.update_instance(&inst)?;
     warn!(instance = %inst.id, "undid an interrupted promotion");
     Ok(inst)
+}
+
+/// The instance as its next VMM generation sees it: its own memory again.
+fn next_generation(inst: &Instance) -> Instance {
+    Instance {
+        memory: Memory::Own,
+        vmm_gen: inst.vmm_gen + 1,
+        promoting: false,
+        ..inst.clone()
+    }
 }

@@ -132,6 +132,16 @@ impl FakeHypervisor {
             .collect()
     }
 
+    /// The run state of VMM `pid`, if it lives.
+    pub fn state_of(&self, pid: u32) -> Option<RunState> {
+        self.st().vms.get(&pid).map(|v| v.state.clone())
+    }
+
+    /// The pids of the live VMs (two may run one instance during a switch).
+    pub fn live_pids(&self) -> Vec<u32> {
+        self.st().vms.keys().copied().collect()
+    }
+
     pub fn starts(&self) -> u32 {
         self.st().starts
     }

@@ -41,8 +41,12 @@ async fn fork_one(w: &World, src: &str, req: ForkRequest) -> Result<Instance> {
 async fn source_intact(w: &World, name: &str) {
     let src = w.mgr.get(name).await.unwrap();
     assert_eq!(src.state, InstanceState::Running, "{src:?}");
-    let vm = w.hv.live().remove(&src.id).expect("source VM");
-    assert_eq!(vm.state, forkvm_vmm::RunState::Running);
+    let pid = src.pid.expect("source VMM");
+    assert_eq!(
+        w.hv.state_of(pid),
+        Some(forkvm_vmm::RunState::Running),
+        "{src:?}"
+    );
 }
 
 /// Polls until the instance is in `state`.
