@@ -5,10 +5,11 @@
 use std::ffi::OsString;
 use std::path::Path;
 
+use crate::disk::{DISK_IMAGE_DRIVE, DISK_RW_DRIVE};
 use crate::error::VmmError;
 use crate::process::qemu_name;
 use crate::qemu::{AGENT_PORT_NAME, qemu_log_path};
-use crate::{Accel, NetBackend, VmSpec};
+use crate::{Accel, DiskRole, NetBackend, VmSpec};
 
 /// Unix socket paths longer than this don't fit `sockaddr_un.sun_path`.
 const MAX_SOCKET_PATH: usize = 107;
@@ -18,6 +19,8 @@ const NET_PCI_ADDR: &str = "0x2";
 /// The fd number a taken-over TAP has in the new QEMU.
 pub(crate) const TAKEOVER_FD: i32 = 3;
 const SERIAL_PCI_ADDR: &str = "0x3";
+const IMAGE_DISK_PCI_ADDR: &str = "0x4";
+const RW_DISK_PCI_ADDR: &str = "0x5";
 
 pub(crate) fn invalid(msg: impl Into<String>) -> VmmError {
     VmmError::InvalidSpec(msg.into())
@@ -107,6 +110,11 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmmError> {
     if spec.memory_mb < 32 {
         return Err(invalid(format!("memory_mb {} below 32", spec.memory_mb)));
     }
+    for role in [DiskRole::Image, DiskRole::Rw] {
+        if spec.disks.iter().filter(|d| d.role == role).count() > 1 {
+            return Err(invalid(format!("more than one {role:?} disk")));
+        }
+    }
     if let Some(net) = &spec.net {
         let (NetBackend::Tap(tap) | NetBackend::TakeOver { tap, .. }) = &net.backend;
         if tap.is_empty() || tap.len() > 15 || tap.contains([',', '/', ' ']) {
@@ -127,6 +135,9 @@ pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
     machine_args(spec, &p, &mut push);
     device_args(spec, &p, &mut push);
+    for d in &spec.disks {
+        disk_args(d.role, &opt_path("disk", &d.path)?, &mut push);
+    }
     push(&[
         "-chardev",
         &format!("socket,id=qmp,path={},server=on,wait=off", p.qmp),
@@ -221,6 +232,25 @@ fn device_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
     }
 }
 
+/// A virtio-blk disk at its role's fixed slot; the guest finds it by serial.
+fn disk_args(role: DiskRole, path: &str, push: &mut impl FnMut(&[&str])) {
+    let (drive, format, slot) = match role {
+        DiskRole::Image => (DISK_IMAGE_DRIVE, "raw,read-only=on", IMAGE_DISK_PCI_ADDR),
+        DiskRole::Rw => (DISK_RW_DRIVE, "qcow2", RW_DISK_PCI_ADDR),
+    };
+    push(&[
+        "-drive",
+        &format!("if=none,id={drive},file={path},format={format}"),
+    ]);
+    push(&[
+        "-device",
+        &format!(
+            "virtio-blk-pci,id=blk-{drive},drive={drive},serial={},bus=pcie.0,addr={slot}",
+            role.serial()
+        ),
+    ]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +266,7 @@ mod tests {
             mem_path: "/dev/shm/a,b/mem".into(),
             mem_share: true,
             net: None,
+            disks: vec![],
             agent_socket: "/run/x/agent.sock".into(),
             qmp_socket: "/run/x/qmp.sock".into(),
             console_log: "/run/x/console.log".into(),
@@ -273,6 +304,45 @@ mod tests {
         assert!(j.contains("-daemonize -pidfile /run/x/pid"), "{j}");
         assert!(!j.contains("-incoming"), "{j}");
         assert!(!j.contains("virtio-net"), "{j}");
+        assert!(!j.contains("virtio-blk"), "{j}");
+    }
+
+    #[test]
+    fn args_disks() {
+        let mut s = spec();
+        s.disks = vec![
+            crate::DiskSpec {
+                role: DiskRole::Rw,
+                path: "/d/top,1.qcow2".into(),
+            },
+            crate::DiskSpec {
+                role: DiskRole::Image,
+                path: "/i/rootfs.erofs".into(),
+            },
+        ];
+        let j = joined(&s);
+        assert!(
+            j.contains("-drive if=none,id=disk-rw,file=/d/top,,1.qcow2,format=qcow2 "),
+            "{j}"
+        );
+        assert!(
+            j.contains(
+                "virtio-blk-pci,id=blk-disk-rw,drive=disk-rw,serial=forkvm-rw,bus=pcie.0,addr=0x5"
+            ),
+            "{j}"
+        );
+        assert!(
+            j.contains("file=/i/rootfs.erofs,format=raw,read-only=on"),
+            "{j}"
+        );
+        assert!(j.contains("serial=forkvm-image,bus=pcie.0,addr=0x4"), "{j}");
+        s.disks.push(s.disks[0].clone());
+        assert!(matches!(build_qemu_args(&s), Err(VmmError::InvalidSpec(_))));
+        s.disks = vec![crate::DiskSpec {
+            role: DiskRole::Rw,
+            path: "rel.qcow2".into(),
+        }];
+        assert!(matches!(build_qemu_args(&s), Err(VmmError::InvalidSpec(_))));
     }
 
     #[test]

@@ -18,8 +18,10 @@
 
 mod accel;
 mod args;
+mod disk;
 mod error;
 pub mod guest_ram;
+mod migrate;
 mod process;
 mod qemu;
 mod qmp;
@@ -35,6 +37,7 @@ pub use accel::{
     ACCEL_ENV, PROBE_MARKER, PROBE_TIMEOUT, detect_accel, detect_accel_with, probe_boot,
 };
 pub use args::build_qemu_args;
+pub use disk::DISK_RW_DRIVE;
 pub use error::VmmError;
 pub use process::{is_qemu_for, qemu_name, take_tap_fd};
 pub use qemu::{AGENT_PORT_NAME, QemuHypervisor, qemu_log_path, stderr_log_path};
@@ -71,6 +74,37 @@ pub enum NetBackend {
     TakeOver { tap: String, from_pid: u32 },
 }
 
+/// What a virtio-blk disk holds; the guest finds it by its serial
+/// (`forkvm-image`, `forkvm-rw`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskRole {
+    /// An image's root filesystem: a raw file, read-only, shared by every
+    /// VM of that image.
+    Image,
+    /// The VM's writable layer: a qcow2 file of its own whose backing chain
+    /// holds what earlier captures froze.
+    Rw,
+}
+
+impl DiskRole {
+    /// The virtio serial the guest finds the disk by.
+    pub fn serial(self) -> &'static str {
+        match self {
+            DiskRole::Image => "forkvm-image",
+            DiskRole::Rw => "forkvm-rw",
+        }
+    }
+}
+
+/// A virtio-blk disk of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub role: DiskRole,
+    /// Absolute path of the file (raw for `Image`, qcow2 for `Rw`).
+    pub path: PathBuf,
+}
+
 /// What a [`Hypervisor::migrate`] took.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct MigrationReport {
@@ -103,6 +137,10 @@ pub struct VmSpec {
     /// a private copy-on-write mapping of an immutable base file.
     pub mem_share: bool,
     pub net: Option<NetSpec>,
+    /// At most one disk per role. Device state only loads into a VM with
+    /// the same disks (roles), so every VM of one snapshot has the same set.
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
     /// Unix socket QEMU listens on for the virtio-serial port `forkvm.agent`.
     pub agent_socket: PathBuf,
     pub qmp_socket: PathBuf,
@@ -223,11 +261,40 @@ pub trait Hypervisor: Send + Sync {
     /// `incoming` over RAM of its own: all guest RAM and the device state
     /// travel (no `x-ignore-shared`). `from` ends paused (resume it to go
     /// on); `to` ends paused holding the whole machine.
+    ///
+    /// With `freeze_disk`, `from`'s writable disk is frozen onto that new
+    /// top (as [`freeze_disk`](Self::freeze_disk)) at the switchover, while
+    /// its vCPUs are stopped: the frozen disk matches the migrated memory.
     fn migrate<'a>(
         &'a self,
         from: &'a VmHandle,
         to: &'a VmHandle,
+        freeze_disk: Option<&'a Path>,
     ) -> VmmFuture<'a, MigrationReport>;
+
+    /// Freezes the writable disk of a paused VM (its I/O is drained): the
+    /// current top file never changes again and the VM goes on writing to
+    /// `new_top`, a qcow2 overlay over it that QEMU creates.
+    fn freeze_disk<'a>(&'a self, h: &'a VmHandle, new_top: &'a Path) -> VmmFuture<'a, ()>;
+
+    /// The file the VM's writable disk writes to now (`None`: no such disk).
+    fn disk_top<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, Option<PathBuf>>;
+
+    /// Creates `top`, an empty qcow2 overlay of `size_bytes` over `backing`
+    /// (`backing_format` `raw` or `qcow2`), for a VM to start on. Never
+    /// overwrites; does not open `backing` (it may be in use).
+    fn create_overlay<'a>(
+        &'a self,
+        top: &'a Path,
+        backing: &'a Path,
+        backing_format: &'a str,
+        size_bytes: u64,
+    ) -> VmmFuture<'a, ()>;
+
+    /// Copies what the layers between the writable disk's top and `base`
+    /// hold into the top, which then sits directly on `base`; returns when
+    /// done. The VM may run meanwhile; the layers in between become unused.
+    fn flatten_disk<'a>(&'a self, h: &'a VmHandle, base: &'a Path) -> VmmFuture<'a, ()>;
 
     /// Where guest-physical address `gpa` lies in the RAM (file) of a VM
     /// with `memory_mb` MiB on this backend's machine type; `None` if it is

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::args::{TAKEOVER_FD, build_qemu_args, invalid};
 use crate::error::VmmError;
+use crate::migrate::{wait_loaded, wait_migration};
 use crate::process::{PidFd, is_qemu_for, take_tap_fd};
 use crate::qmp::QmpClient;
 use crate::{Hypervisor, MigrationReport, NetBackend, RunState, VmHandle, VmSpec, VmmFuture};
@@ -19,8 +20,6 @@ use crate::{Hypervisor, MigrationReport, NetBackend, RunState, VmHandle, VmSpec,
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on reaching QMP once QEMU has daemonized.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on saving or loading device state (~0.6 MB normally).
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait after SIGKILL before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Bytes of QEMU's stderr quoted in start errors.
@@ -33,13 +32,19 @@ pub const AGENT_PORT_NAME: &str = "forkvm.agent";
 #[derive(Debug, Clone)]
 pub struct QemuHypervisor {
     pub qemu_bin: PathBuf,
+    /// `qemu-img`, which makes disk overlays: beside `qemu_bin` when that
+    /// is a path, else found on `PATH`.
+    pub qemu_img: PathBuf,
 }
 
 impl QemuHypervisor {
     pub fn new(qemu_bin: impl Into<PathBuf>) -> Self {
-        QemuHypervisor {
-            qemu_bin: qemu_bin.into(),
-        }
+        let qemu_bin: PathBuf = qemu_bin.into();
+        let qemu_img = match qemu_bin.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.join("qemu-img"),
+            _ => PathBuf::from("qemu-img"),
+        };
+        QemuHypervisor { qemu_bin, qemu_img }
     }
 }
 
@@ -65,7 +70,7 @@ pub fn qemu_log_path(spec: &VmSpec) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn remove_if_exists(p: &Path) -> Result<(), VmmError> {
+pub(crate) fn remove_if_exists(p: &Path) -> Result<(), VmmError> {
     match std::fs::remove_file(p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -85,7 +90,7 @@ fn read_pidfile(p: &Path) -> Result<u32, VmmError> {
 }
 
 /// Last `STDERR_TAIL` bytes of a file, trimmed, for error messages.
-fn file_tail(p: &Path) -> String {
+pub(crate) fn file_tail(p: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = File::open(p) else {
         return String::new();
@@ -140,7 +145,7 @@ fn caps_ignore_shared() -> Value {
 }
 
 impl QemuHypervisor {
-    async fn qmp(&self, h: &VmHandle) -> Result<QmpClient, VmmError> {
+    pub(crate) async fn qmp(&self, h: &VmHandle) -> Result<QmpClient, VmmError> {
         if !is_qemu_for(&h.id, h.pid) {
             return Err(VmmError::NotRunning {
                 id: h.id.clone(),
@@ -174,6 +179,9 @@ impl QemuHypervisor {
     fn check_start(&self, spec: &VmSpec) -> Result<(), VmmError> {
         check_exists("kernel", &spec.kernel)?;
         check_exists("initrd", &spec.initrd)?;
+        for d in &spec.disks {
+            check_exists(&format!("{:?} disk", d.role), &d.path)?;
+        }
         if !spec.mem_share {
             // share=off maps an existing base; QEMU would silently create an
             // empty one, which is never what a fork wants.
@@ -414,128 +422,7 @@ fn pass_taken_over_tap(
     Ok(Some(fd))
 }
 
-/// Parameters of a local live migration: no bandwidth cap (QEMU's default
-/// throttles to 128 MiB/s) and a short final stop.
-fn local_migration_params() -> Value {
-    json!({ "max-bandwidth": 64u64 << 30, "downtime-limit": 20 })
-}
-
-fn caps_full_ram() -> Value {
-    json!({ "capabilities": [ { "capability": "x-ignore-shared", "state": false } ] })
-}
-
-impl QemuHypervisor {
-    async fn migrate_impl(
-        &self,
-        from: &VmHandle,
-        to: &VmHandle,
-    ) -> Result<MigrationReport, VmmError> {
-        let mut qt = self.qmp(to).await?;
-        let st = query_status(&mut qt).await?;
-        if st != RunState::InMigrate {
-            return Err(VmmError::Migration(format!(
-                "vm {} is {st:?}, not waiting for incoming state",
-                to.id
-            )));
-        }
-        let sock = to
-            .qmp_socket
-            .parent()
-            .map(|d| d.join(format!("{}.migrate.sock", to.id)))
-            .ok_or_else(|| invalid("qmp socket path has no directory"))?;
-        remove_if_exists(&sock)?;
-        let uri = format!("unix:{}", sock.display());
-        qt.execute("migrate-set-capabilities", Some(caps_full_ram()))
-            .await?;
-        qt.execute("migrate-incoming", Some(json!({ "uri": uri })))
-            .await?;
-        let mut qf = self.qmp(from).await?;
-        qf.execute("migrate-set-capabilities", Some(caps_full_ram()))
-            .await?;
-        qf.execute("migrate-set-parameters", Some(local_migration_params()))
-            .await?;
-        qf.execute("migrate", Some(json!({ "uri": uri }))).await?;
-        let done = wait_migration(&mut qf, &from.id).await;
-        let _ = std::fs::remove_file(&sock);
-        let m = done?;
-        wait_loaded(&mut qt, to).await?;
-        let report = MigrationReport {
-            total_ms: m.get("total-time").and_then(Value::as_f64).unwrap_or(0.0),
-            downtime_ms: m.get("downtime").and_then(Value::as_f64).unwrap_or(0.0),
-            transferred_bytes: m
-                .pointer("/ram/transferred")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-        };
-        tracing::info!(from = %from.id, to = %to.id, ?report, "live migration done");
-        Ok(report)
-    }
-}
-
-/// Polls `query-migrate` on the sending side until the migration ends;
-/// returns its final status object.
-async fn wait_migration(q: &mut QmpClient, id: &str) -> Result<Value, VmmError> {
-    let deadline = Instant::now() + MIGRATION_TIMEOUT;
-    loop {
-        let m = q.execute("query-migrate", None).await?;
-        match m.get("status").and_then(Value::as_str).unwrap_or("") {
-            "completed" => return Ok(m),
-            "failed" | "cancelled" => {
-                return Err(VmmError::Migration(format!(
-                    "migration of {id} failed: {}",
-                    m.get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("no reason given")
-                )));
-            }
-            _ => {}
-        }
-        if Instant::now() > deadline {
-            let _ = q.execute("migrate_cancel", None).await;
-            return Err(VmmError::Timeout {
-                what: format!("migrating {id}"),
-                timeout: MIGRATION_TIMEOUT,
-            });
-        }
-        // QEMU 7.2 has no blocking "wait for migration" command; poll.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// Polls the receiving side until it holds the loaded machine, paused.
-async fn wait_loaded(q: &mut QmpClient, h: &VmHandle) -> Result<(), VmmError> {
-    let deadline = Instant::now() + MIGRATION_TIMEOUT;
-    loop {
-        // QEMU 7.2 exits if loading fails: a closed QMP connection here.
-        let st = query_status(q).await.map_err(|e| {
-            VmmError::Migration(format!(
-                "load of {} failed: {e}; qemu log: {}",
-                h.id,
-                file_tail(&h.qemu_log)
-            ))
-        })?;
-        match st {
-            RunState::Paused => return Ok(()),
-            RunState::InMigrate => {}
-            other => {
-                return Err(VmmError::Migration(format!(
-                    "load of {} ended in state {other:?}; qemu log: {}",
-                    h.id,
-                    file_tail(&h.qemu_log)
-                )));
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(VmmError::Timeout {
-                what: format!("loading state of {}", h.id),
-                timeout: MIGRATION_TIMEOUT,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-async fn query_status(q: &mut QmpClient) -> Result<RunState, VmmError> {
+pub(crate) async fn query_status(q: &mut QmpClient) -> Result<RunState, VmmError> {
     let r = q.execute("query-status", None).await?;
     let s = r
         .get("status")
@@ -588,8 +475,9 @@ impl Hypervisor for QemuHypervisor {
         &'a self,
         from: &'a VmHandle,
         to: &'a VmHandle,
+        freeze_disk: Option<&'a Path>,
     ) -> VmmFuture<'a, MigrationReport> {
-        Box::pin(self.migrate_impl(from, to))
+        Box::pin(self.migrate_impl(from, to, freeze_disk))
     }
 
     fn ram_offset(&self, memory_mb: u32, gpa: u64) -> Option<u64> {
@@ -609,5 +497,33 @@ impl Hypervisor for QemuHypervisor {
 
     fn load_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()> {
         Box::pin(self.load_impl(h, state_file))
+    }
+
+    fn freeze_disk<'a>(&'a self, h: &'a VmHandle, new_top: &'a Path) -> VmmFuture<'a, ()> {
+        Box::pin(async move { crate::disk::snapshot_rw(&mut self.qmp(h).await?, new_top).await })
+    }
+
+    fn create_overlay<'a>(
+        &'a self,
+        top: &'a Path,
+        backing: &'a Path,
+        backing_format: &'a str,
+        size_bytes: u64,
+    ) -> VmmFuture<'a, ()> {
+        Box::pin(crate::disk::create_overlay(
+            &self.qemu_img,
+            top,
+            backing,
+            backing_format,
+            size_bytes,
+        ))
+    }
+
+    fn disk_top<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, Option<PathBuf>> {
+        Box::pin(async move { crate::disk::rw_top(&mut self.qmp(h).await?).await })
+    }
+
+    fn flatten_disk<'a>(&'a self, h: &'a VmHandle, base: &'a Path) -> VmmFuture<'a, ()> {
+        Box::pin(async move { crate::disk::stream_rw(&mut self.qmp(h).await?, &h.id, base).await })
     }
 }

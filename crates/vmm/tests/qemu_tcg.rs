@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forkvm_vmm::{
-    Accel, Hypervisor, QemuHypervisor, RunState, VmHandle, VmSpec, VmmError, detect_accel_with,
-    probe_boot,
+    Accel, DiskRole, DiskSpec, Hypervisor, QemuHypervisor, RunState, VmHandle, VmSpec, VmmError,
+    detect_accel_with, probe_boot,
 };
 
 const MARKER: &str = "FORKVM-TEST-READY";
@@ -67,6 +67,7 @@ impl Env {
             mem_path: d.join(mem_file),
             mem_share: true,
             net: None,
+            disks: vec![],
             agent_socket: d.join(format!("{tag}.agent.sock")),
             qmp_socket: d.join(format!("{tag}.qmp.sock")),
             console_log: d.join(format!("{tag}.console.log")),
@@ -471,4 +472,106 @@ async fn corrupt_state_fails_with_qemu_reason() {
     // QEMU 7.2 exits when a load fails; stop still cleans up.
     hv.stop(&h, Duration::from_secs(2)).await.expect("stop");
     assert_gone(&hv, &h);
+}
+
+/// The backing chain of a qcow2 file, top first (`qemu-img info -U`: the
+/// files may be in use).
+fn backing_chain(top: &Path) -> Vec<PathBuf> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(top)
+        .output()
+        .expect("qemu-img info");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|i| PathBuf::from(i["filename"].as_str().expect("filename")))
+        .collect()
+}
+
+fn with_rw_disk(mut spec: VmSpec, top: &Path) -> VmSpec {
+    spec.disks = vec![DiskSpec {
+        role: DiskRole::Rw,
+        path: top.to_path_buf(),
+    }];
+    spec
+}
+
+/// The writable disk's layers: frozen while paused and at a live
+/// migration's switchover, a second VM opening a frozen layer while the
+/// first runs on, and flattening the chain back onto its base.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_layers_freeze_migrate_flatten() {
+    let env = Env::new();
+    let d = env.dir.path();
+    let hv = QemuHypervisor::new("qemu-system-x86_64");
+    let raw = d.join("template.raw");
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("template");
+    let top = |n: &str| d.join(format!("{n}.qcow2"));
+    hv.create_overlay(&top("l0"), &raw, "raw", 64 << 20)
+        .await
+        .expect("overlay");
+    assert!(
+        hv.create_overlay(&top("l0"), &raw, "raw", 64 << 20)
+            .await
+            .is_err(),
+        "an existing overlay is never overwritten"
+    );
+    let src = with_rw_disk(env.spec("dsrc", "dsrc.mem", "dsrc"), &top("l0"));
+    let h = hv.start(&src).await.expect("start");
+    assert_eq!(hv.disk_top(&h).await.expect("top"), Some(top("l0")));
+
+    hv.pause(&h).await.expect("pause");
+    hv.freeze_disk(&h, &top("l1")).await.expect("freeze");
+    hv.resume(&h).await.expect("resume");
+    assert_eq!(hv.disk_top(&h).await.expect("top"), Some(top("l1")));
+
+    // A live migration that freezes the disk at its switchover.
+    hv.create_overlay(&top("scratch"), &raw, "raw", 64 << 20)
+        .await
+        .expect("overlay");
+    let mut helper = with_rw_disk(env.spec("dhelp", "dhelp.mem", "dhelp"), &top("scratch"));
+    helper.incoming = true;
+    let hh = hv.start(&helper).await.expect("helper");
+    hv.migrate(&h, &hh, Some(&top("l2")))
+        .await
+        .expect("migrate with freeze");
+    hv.resume(&h).await.expect("resume after migration");
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::Running);
+    assert_eq!(
+        backing_chain(&top("l2")),
+        vec![top("l2"), top("l1"), top("l0"), raw.clone()]
+    );
+    hv.stop(&hh, Duration::from_secs(2))
+        .await
+        .expect("stop helper");
+
+    // Another VM on a frozen layer while the source runs on.
+    hv.create_overlay(&top("fork"), &top("l1"), "qcow2", 64 << 20)
+        .await
+        .expect("fork overlay");
+    let fork = with_rw_disk(env.spec("dfork", "dfork.mem", "dfork"), &top("fork"));
+    let hf = hv
+        .start(&fork)
+        .await
+        .expect("a frozen layer opens beside its source");
+
+    hv.flatten_disk(&h, &raw).await.expect("flatten");
+    assert_eq!(backing_chain(&top("l2")), vec![top("l2"), raw.clone()]);
+    assert_eq!(
+        backing_chain(&top("fork")),
+        vec![top("fork"), top("l1"), top("l0"), raw.clone()],
+        "flattening one VM's chain leaves the layers others use alone"
+    );
+    for x in [&h, &hf] {
+        hv.stop(x, Duration::from_secs(5)).await.expect("stop");
+    }
 }

@@ -1,0 +1,179 @@
+//! Moving a machine's state between QEMUs: live migration into another
+//! VMM and the polling both ends of any migration (also a save or load of
+//! device state) need.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::args::invalid;
+use crate::error::VmmError;
+use crate::qemu::{QemuHypervisor, file_tail, query_status, remove_if_exists};
+use crate::qmp::QmpClient;
+use crate::{MigrationReport, RunState, VmHandle};
+
+/// Longest a save, load or live migration may take.
+pub(crate) const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Parameters of a local live migration: no bandwidth cap (QEMU's default
+/// throttles to 128 MiB/s) and a short final stop.
+fn local_migration_params() -> Value {
+    json!({ "max-bandwidth": 64u64 << 30, "downtime-limit": 20 })
+}
+
+/// Full-RAM migration; `pause-before-switchover` only when a disk is to be
+/// frozen at the switchover (capabilities persist in a QEMU, so both are
+/// always set).
+fn caps_full_ram(pause_at_switchover: bool) -> Value {
+    json!({ "capabilities": [
+        { "capability": "x-ignore-shared", "state": false },
+        { "capability": "pause-before-switchover", "state": pause_at_switchover },
+    ] })
+}
+
+impl QemuHypervisor {
+    pub(crate) async fn migrate_impl(
+        &self,
+        from: &VmHandle,
+        to: &VmHandle,
+        freeze_disk: Option<&Path>,
+    ) -> Result<MigrationReport, VmmError> {
+        let mut qt = self.qmp(to).await?;
+        let st = query_status(&mut qt).await?;
+        if st != RunState::InMigrate {
+            return Err(VmmError::Migration(format!(
+                "vm {} is {st:?}, not waiting for incoming state",
+                to.id
+            )));
+        }
+        let sock = to
+            .qmp_socket
+            .parent()
+            .map(|d| d.join(format!("{}.migrate.sock", to.id)))
+            .ok_or_else(|| invalid("qmp socket path has no directory"))?;
+        remove_if_exists(&sock)?;
+        let uri = format!("unix:{}", sock.display());
+        qt.execute("migrate-set-capabilities", Some(caps_full_ram(false)))
+            .await?;
+        qt.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        let mut qf = self.qmp(from).await?;
+        let pause = freeze_disk.is_some();
+        qf.execute("migrate-set-capabilities", Some(caps_full_ram(pause)))
+            .await?;
+        qf.execute("migrate-set-parameters", Some(local_migration_params()))
+            .await?;
+        qf.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        let done = finish_migration(&mut qf, &from.id, freeze_disk).await;
+        let _ = std::fs::remove_file(&sock);
+        let m = done?;
+        wait_loaded(&mut qt, to).await?;
+        let report = MigrationReport {
+            total_ms: m.get("total-time").and_then(Value::as_f64).unwrap_or(0.0),
+            downtime_ms: m.get("downtime").and_then(Value::as_f64).unwrap_or(0.0),
+            transferred_bytes: m
+                .pointer("/ram/transferred")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        };
+        tracing::info!(from = %from.id, to = %to.id, ?report, "live migration done");
+        Ok(report)
+    }
+}
+
+/// Waits for the migration to end; with `freeze_disk`, freezes the disk at
+/// the switchover pause (vCPUs stopped, I/O drained, devices not yet
+/// saved) and lets it continue. A failed freeze cancels the migration.
+async fn finish_migration(
+    q: &mut QmpClient,
+    id: &str,
+    freeze_disk: Option<&Path>,
+) -> Result<Value, VmmError> {
+    let Some(new_top) = freeze_disk else {
+        return wait_migration(q, id).await;
+    };
+    let m = wait_status(q, id, &["pre-switchover"]).await?;
+    if m.get("status").and_then(Value::as_str) == Some("pre-switchover") {
+        if let Err(e) = crate::disk::snapshot_rw(q, new_top).await {
+            let _ = q.execute("migrate_cancel", None).await;
+            return Err(e);
+        }
+        q.execute(
+            "migrate-continue",
+            Some(json!({ "state": "pre-switchover" })),
+        )
+        .await?;
+    }
+    wait_migration(q, id).await
+}
+
+/// Polls `query-migrate` on the sending side until the migration ends;
+/// returns its final status object.
+pub(crate) async fn wait_migration(q: &mut QmpClient, id: &str) -> Result<Value, VmmError> {
+    wait_status(q, id, &[]).await
+}
+
+/// Polls `query-migrate` until the migration completes or reaches one of
+/// `stop_at`; returns that status object. Failure is an error.
+async fn wait_status(q: &mut QmpClient, id: &str, stop_at: &[&str]) -> Result<Value, VmmError> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let m = q.execute("query-migrate", None).await?;
+        match m.get("status").and_then(Value::as_str).unwrap_or("") {
+            "completed" => return Ok(m),
+            s if stop_at.contains(&s) => return Ok(m),
+            "failed" | "cancelled" => {
+                return Err(VmmError::Migration(format!(
+                    "migration of {id} failed: {}",
+                    m.get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given")
+                )));
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            let _ = q.execute("migrate_cancel", None).await;
+            return Err(VmmError::Timeout {
+                what: format!("migrating {id}"),
+                timeout: MIGRATION_TIMEOUT,
+            });
+        }
+        // QEMU 7.2 has no blocking "wait for migration" command; poll.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Polls the receiving side until it holds the loaded machine, paused.
+pub(crate) async fn wait_loaded(q: &mut QmpClient, h: &VmHandle) -> Result<(), VmmError> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        // QEMU 7.2 exits if loading fails: a closed QMP connection here.
+        let st = query_status(q).await.map_err(|e| {
+            VmmError::Migration(format!(
+                "load of {} failed: {e}; qemu log: {}",
+                h.id,
+                file_tail(&h.qemu_log)
+            ))
+        })?;
+        match st {
+            RunState::Paused => return Ok(()),
+            RunState::InMigrate => {}
+            other => {
+                return Err(VmmError::Migration(format!(
+                    "load of {} ended in state {other:?}; qemu log: {}",
+                    h.id,
+                    file_tail(&h.qemu_log)
+                )));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(VmmError::Timeout {
+                what: format!("loading state of {}", h.id),
+                timeout: MIGRATION_TIMEOUT,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
