@@ -121,6 +121,10 @@ pub(crate) async fn adopt_all(svc: &Services) -> Result<()> {
         if vm != VmFound::Gone {
             // The live VMM (the pidfile may know it when the record does not).
             inst.pid = pid;
+            if let Some(p) = pid {
+                let h = svc.handle(&inst, p);
+                crate::layers::reconcile_top(svc, &mut inst, &h).await?;
+            }
         }
         execute(svc, &mut inst, action).await?;
     }

@@ -19,7 +19,7 @@ use crate::memory::sparse_copy;
 use crate::model::{Base, Instance, MailboxInfo, Memory, Snapshot};
 use crate::paths::SnapshotPaths;
 use crate::services::{Services, new_id};
-use forkvm_vmm::{NetBackend, VmHandle};
+use forkvm_vmm::{DiskRole, NetBackend, VmHandle};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -57,10 +57,11 @@ impl Captured {
 }
 
 /// Capture a Running VM per `mode`. Any failure leaves the VM running and
-/// nothing of the snapshot behind.
+/// nothing of the snapshot behind. `inst` is re-read afterwards: a capture
+/// moves its disk to a new top (and a handover to a new VMM).
 pub(crate) async fn capture(
     svc: &Services,
-    inst: &Instance,
+    inst: &mut Instance,
     name: Option<String>,
     mode: CaptureMode,
 ) -> Result<Captured> {
@@ -76,15 +77,24 @@ pub(crate) async fn capture(
     // current one before pausing (no mailbox if it doesn't answer).
     let mailbox = current_mailbox(svc, inst).await;
     let t = Instant::now();
-    let (base, pause_ms, base_recorded) =
-        match memory_into_base(svc, inst, &vm, &sp, (&bid, &base_file), mode).await {
-            Ok(m) => m,
-            Err(e) => {
-                sp.remove();
-                return Err(e);
-            }
-        };
-    let snap = snapshot_of(svc, inst, sid, name, &sp, &base, mailbox, mode);
+    let taken = match memory_into_base(svc, inst, &vm, &sp, (&bid, &base_file), mode).await {
+        Ok(m) => m,
+        Err(e) => {
+            sp.remove();
+            return Err(e);
+        }
+    };
+    let Taken {
+        base,
+        pause_ms,
+        base_recorded,
+        disk_layer,
+    } = taken;
+    let mut snap = snapshot_of(svc, inst, sid, name, &sp, &base, mailbox, mode);
+    snap.disk_layer = disk_layer;
+    if let Ok(fresh) = svc.find(&inst.id) {
+        *inst = fresh;
+    }
     info!(instance = %inst.id, snapshot = %snap.id, base = %bid, ?mode, pause_ms,
           took_ms = t.elapsed().as_secs_f64() * 1000.0, size_bytes = snap.size_bytes,
           "snapshot captured");
@@ -97,9 +107,20 @@ pub(crate) async fn capture(
     })
 }
 
-/// The VM's memory into base `bid` by the cheapest way its memory allows;
-/// returns the base record, how long the VM was paused, and whether the
-/// base is already recorded. On error nothing of the base is left.
+/// What [`memory_into_base`] took.
+struct Taken {
+    base: Base,
+    /// How long the VM was paused.
+    pause_ms: f64,
+    /// The base is already in the store.
+    base_recorded: bool,
+    /// The writable disk frozen at the same instant, if the VM has one.
+    disk_layer: Option<String>,
+}
+
+/// The VM's memory into base `bid` by the cheapest way its memory allows,
+/// and its writable disk frozen at the same pause. On error nothing of the
+/// base is left (a disk layer frozen meanwhile stays in the VM's chain).
 async fn memory_into_base(
     svc: &Services,
     inst: &Instance,
@@ -107,14 +128,21 @@ async fn memory_into_base(
     sp: &SnapshotPaths,
     (bid, base_file): (&str, &Path),
     mode: CaptureMode,
-) -> Result<(Base, f64, bool)> {
+) -> Result<Taken> {
     let own = svc.paths(inst).mem;
     let handover = inst.memory == Memory::Own
         && mode == CaptureMode::Copy
         && crate::memory::allocated_bytes(&own) >= svc.cfg.handover_min_mib << 20;
     if handover {
-        let (base, pause) = crate::handover::hand_over(svc, inst, vm, sp, bid, base_file).await?;
-        return Ok((base, pause, true));
+        let (base, pause_ms) =
+            crate::handover::hand_over(svc, inst, vm, sp, bid, base_file).await?;
+        return Ok(Taken {
+            base,
+            pause_ms,
+            base_recorded: true,
+            // The old VMM wrote its top until the handover; it is frozen.
+            disk_layer: inst.disk_top.clone(),
+        });
     }
     let paused = match &inst.memory {
         Memory::Own => own_file(svc, inst, vm, sp, base_file, mode).await,
@@ -127,7 +155,7 @@ async fn memory_into_base(
             r
         }
     };
-    let pause = paused.inspect_err(|_| {
+    let (pause_ms, disk_layer) = paused.inspect_err(|_| {
         let _ = std::fs::remove_file(base_file);
     })?;
     // A standby's own file becomes the base after the commit; its size is
@@ -136,12 +164,17 @@ async fn memory_into_base(
         (CaptureMode::Standby, Memory::Own) => own.as_path(),
         _ => base_file,
     };
-    Ok((bases::record(svc, bid, sized), pause, false))
+    Ok(Taken {
+        base: bases::record(svc, bid, sized),
+        pause_ms,
+        base_recorded: false,
+        disk_layer,
+    })
 }
 
-/// Own file: pause → device state → (Copy) sparse copy into the base and
-/// resume; returns how long the VM was paused (Copy). Standby leaves the VM
-/// paused.
+/// Own file: pause → disk frozen → device state → (Copy) sparse copy into
+/// the base and resume; returns how long the VM was paused (Copy) and the
+/// frozen disk layer. Standby leaves the VM paused.
 async fn own_file(
     svc: &Services,
     inst: &Instance,
@@ -149,13 +182,14 @@ async fn own_file(
     sp: &SnapshotPaths,
     base_file: &Path,
     mode: CaptureMode,
-) -> Result<f64> {
+) -> Result<(f64, Option<String>)> {
     let t = Instant::now();
     svc.hv
         .pause(vm)
         .await
         .map_err(CoreError::vmm("pausing the VM"))?;
     let saved = async {
+        let frozen = crate::layers::freeze(svc, inst, vm).await?;
         svc.hv
             .save_state(vm, &sp.state)
             .await
@@ -163,19 +197,19 @@ async fn own_file(
         if mode == CaptureMode::Copy {
             copy_memory(&svc.paths(inst).mem, base_file).await?;
         }
-        Ok(())
+        Ok(frozen)
     }
     .await;
     if mode == CaptureMode::Copy || saved.is_err() {
         resume_source(svc, inst, vm).await;
     }
-    saved.map(|()| t.elapsed().as_secs_f64() * 1000.0)
+    saved.map(|frozen| (t.elapsed().as_secs_f64() * 1000.0, frozen))
 }
 
 /// Copy-on-write: live-migrate into a helper VM whose RAM is the new base,
-/// then save the helper's device state; returns the source's downtime. The
-/// source is resumed (Copy) or left paused (Standby); on failure it is
-/// resumed.
+/// then save the helper's device state; returns the source's downtime and
+/// the disk layer frozen at the migration's switchover. The source is
+/// resumed (Copy) or left paused (Standby); on failure it is resumed.
 async fn copy_on_write(
     svc: &Services,
     inst: &Instance,
@@ -183,12 +217,19 @@ async fn copy_on_write(
     sp: &SnapshotPaths,
     base_file: &Path,
     mode: CaptureMode,
-) -> Result<f64> {
+) -> Result<(f64, Option<String>)> {
     let helper = start_helper(svc, inst, sp, base_file).await?;
+    let next_top = match inst.disk_top.as_deref() {
+        Some(top) => Some(crate::layers::plan_freeze(svc, top)?),
+        None => None,
+    };
+    let next_file = next_top
+        .as_ref()
+        .map(|(l, _)| crate::layers::path(svc, &l.id));
     let moved = async {
         let r = svc
             .hv
-            .migrate(vm, &helper)
+            .migrate(vm, &helper, next_file.as_deref())
             .await
             .map_err(CoreError::vmm("migrating the VM into its new base"))?;
         info!(instance = %inst.id, downtime_ms = r.downtime_ms, total_ms = r.total_ms,
@@ -196,6 +237,12 @@ async fn copy_on_write(
         Ok::<f64, CoreError>(r.downtime_ms)
     }
     .await;
+    // The VMM says whether the freeze happened (it may, even if the
+    // migration failed after it).
+    let frozen = match &next_top {
+        Some((next, _pin)) => crate::layers::settle_freeze(svc, inst, vm, next).await?,
+        None => None,
+    };
     if mode == CaptureMode::Copy || moved.is_err() {
         resume_source(svc, inst, vm).await;
     }
@@ -215,7 +262,7 @@ async fn copy_on_write(
     let downtime = saved?;
     // Loading wrote every zero page into the new file: give them back.
     bases::trim(base_file.to_path_buf()).await;
-    Ok(downtime)
+    Ok((downtime, frozen))
 }
 
 fn helper_dir(sp: &SnapshotPaths) -> PathBuf {
@@ -244,6 +291,17 @@ async fn start_helper(
         // NIC's saved state needs a backend with vnet headers, and the
         // source keeps its TAP.
         net.backend = NetBackend::Tap(format!("fvh{:012x}", rand::random::<u64>() >> 16));
+    }
+    if let Some(rw) = spec.disks.iter_mut().find(|d| d.role == DiskRole::Rw) {
+        // A scratch disk of its own: it must never open the source's layers
+        // for writing (it never runs, so the content does not matter).
+        let size = crate::layers::size_of(svc, inst.disk_top.as_deref().unwrap_or_default())?;
+        let template = crate::layers::ensure_template(svc, size).await?;
+        rw.path = dir.join("scratch.qcow2");
+        svc.hv
+            .create_overlay(&rw.path, &template, "raw", size << 20)
+            .await
+            .map_err(CoreError::vmm("creating the capture helper's disk"))?;
     }
     spec.agent_socket = dir.join("agent.sock");
     spec.qmp_socket = dir.join("qmp.sock");
@@ -289,6 +347,8 @@ fn snapshot_of(
         standby_of: (mode == CaptureMode::Standby).then(|| inst.id.clone()),
         mailbox,
         base_id: Some(base.id.clone()),
+        disk_layer: None,
+        workload: inst.workload.clone(),
     }
 }
 

@@ -17,6 +17,10 @@ pub const DEFAULT_COW_RESERVE_PERCENT: u32 = 25;
 
 /// Default size from which a captured VM is handed over instead of copied.
 pub const DEFAULT_HANDOVER_MIN_MIB: u64 = 256;
+/// Writable-disk chains deeper than this are flattened in the background.
+pub const DEFAULT_DISK_MAX_DEPTH: usize = 8;
+/// Size of an instance's writable disk unless the request says otherwise.
+pub const DEFAULT_OVERLAY_MIB: u64 = 4096;
 
 /// Daemon configuration.
 #[derive(Clone, Debug)]
@@ -29,6 +33,10 @@ pub struct Config {
     /// CIDR of the instance network, e.g. "10.88.0.0/16"; the gateway is its first host.
     pub subnet: String,
     pub qemu_bin: PathBuf,
+    /// Writable-disk chains deeper than this are flattened (`crate::layers`).
+    pub disk_max_depth: usize,
+    /// Size of an instance's writable disk unless its request gives one.
+    pub default_overlay_mib: u64,
     /// Deadline for re-addressing a fork after resume (RPC and exec paths).
     pub handoff_timeout: Duration,
     /// Deadline for the guest's mailbox ack, then the RPC fallback.
@@ -69,6 +77,8 @@ impl Config {
             bridge: bridge.into(),
             subnet: subnet.into(),
             qemu_bin: qemu_bin.into(),
+            disk_max_depth: DEFAULT_DISK_MAX_DEPTH,
+            default_overlay_mib: DEFAULT_OVERLAY_MIB,
             handoff_timeout: DEFAULT_HANDOFF_TIMEOUT,
             mailbox_ack_timeout: DEFAULT_MAILBOX_ACK_TIMEOUT,
             memory_budget_mb: None,

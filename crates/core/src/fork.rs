@@ -8,7 +8,8 @@
 //!    only for the capture);
 //! 3. per fork, two at a time ([`fork_one`], all or nothing): [`allocate`]
 //!    (record, IPv4, MAC; its memory: a copy-on-write mapping of the base) →
-//!    [`prepare_memory`] (no copy: the instance directory) → for a Running target:
+//!    [`prepare_memory`] (no copy: the instance directory) → [`prepare_disk`]
+//!    (image instances: an empty top over the frozen layer) → for a Running target:
 //!    [`resume::start_paused`] (TAP, VMM, state load) → [`handoff::prepare`]
 //!    (mailbox write into the paused fork) → [`resume::resume`] →
 //!    [`handoff::complete`] (the fork answers on its own address) → commit;
@@ -81,9 +82,9 @@ pub(crate) async fn fork_instance(
         },
     };
     let plan = plan(svc, &req, source)?;
-    let (_guard, src) = svc.lock_instance(&src.id).await?;
+    let (_guard, mut src) = svc.lock_instance(&src.id).await?;
     let t = Instant::now();
-    let mut base = base_of_instance(svc, &src, req.from_running).await?;
+    let mut base = base_of_instance(svc, &mut src, req.from_running).await?;
     base.snapshot_ms = t.elapsed().as_secs_f64() * 1000.0;
     svc.cfg.test_hooks.crash_point("fork:snapshot");
     let results = fork_all(svc, &base, &plan).await;
@@ -91,7 +92,7 @@ pub(crate) async fn fork_instance(
         base.paths.remove();
     }
     drop(base);
-    crate::bases::collect(svc);
+    svc.collect_unused();
     Ok(results)
 }
 
@@ -186,12 +187,13 @@ fn plan(svc: &Services, req: &ForkRequest, src: Source) -> Result<Plan> {
 }
 
 /// Step 2 for an instance source.
-async fn base_of_instance(svc: &Services, src: &Instance, from_running: bool) -> Result<Base> {
+async fn base_of_instance(svc: &Services, src: &mut Instance, from_running: bool) -> Result<Base> {
+    let src_id = src.id.clone();
     let base = |snap: Snapshot, paths, transient| Base {
         snap,
         paths,
         transient,
-        forked_from: src.id.clone(),
+        forked_from: src_id.clone(),
         snapshot_ms: 0.0,
         pause_ms: None,
         _pin: None,
@@ -292,6 +294,7 @@ fn allocate(svc: &Services, base: &Base, name: &str) -> Result<Instance> {
     let mut inst = Instance {
         env: s.env.clone(),
         entrypoint: s.entrypoint.clone(),
+        workload: s.workload.clone(),
         network: NetworkInfo::unassigned(s.network.enabled),
         forked_from: Some(base.forked_from.clone()),
         pending_handoff: s.network.enabled,
@@ -335,6 +338,11 @@ async fn land(
     let t = Instant::now();
     prepare_memory(svc, inst)?;
     rec.record(Stage::MemoryPrepare, t);
+    if let Some(frozen) = base.snap.disk_layer.as_deref() {
+        let t = Instant::now();
+        prepare_disk(svc, inst, frozen).await?;
+        rec.record(Stage::DiskPrepare, t);
+    }
     match plan.target {
         InstanceState::Stopped => park_stopped(svc, inst),
         InstanceState::Standby => park_standby(svc, base, inst),
@@ -346,6 +354,15 @@ async fn land(
 /// only its directory to make.
 fn prepare_memory(svc: &Services, inst: &Instance) -> Result<()> {
     svc.paths(inst).prepare()
+}
+
+/// The fork's writable disk: an empty layer of its own over the frozen one
+/// captured with the memory (no copy, whatever the source wrote).
+async fn prepare_disk(svc: &Services, inst: &mut Instance, frozen: &str) -> Result<()> {
+    let size = crate::layers::size_of(svc, frozen)?;
+    let (top, _pin) = crate::layers::new_top(svc, Some(frozen), size).await?;
+    inst.disk_top = Some(top);
+    svc.store.update_instance(inst)
 }
 
 /// A Running target: start paused → mailbox → resume → handoff.

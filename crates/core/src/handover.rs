@@ -3,8 +3,10 @@
 //! immutable base in O(1) — no copy, and a pause (device state out and back
 //! in) that does not grow with the memory the guest touched.
 //!
-//! 1. record the intent (`Instance::handover`): a crash from here on is
-//!    finished or undone by adoption ([`adopt_interrupted`]);
+//! 1. record the intent (`Instance::handover`, and for a VM with a
+//!    writable disk the new top over its current one, `handover_disk`): a
+//!    crash from here on is finished or undone by adoption
+//!    ([`adopt_interrupted`]);
 //! 2. the own file is renamed to the base's path (the running QEMU maps the
 //!    inode and writes on; the name does not matter to it);
 //! 3. the next VMM generation starts beside it, waiting for state, mapping
@@ -40,6 +42,17 @@ pub(crate) async fn hand_over(
     let own_file = svc.paths(inst).mem;
     let mut rec = svc.find(&inst.id)?;
     rec.handover = Some(bid.to_string());
+    // The new VMM writes a new top over the old one, which the old VMM
+    // stops writing at the pause: frozen without a freeze command.
+    let _pin = match rec.disk_top.as_deref() {
+        Some(top) => {
+            let size = crate::layers::size_of(svc, top)?;
+            let (next, pin) = crate::layers::new_top(svc, Some(top), size).await?;
+            rec.handover_disk = Some(next);
+            Some(pin)
+        }
+        None => None,
+    };
     svc.store.update_instance(&rec)?;
     std::fs::rename(&own_file, base_file)
         .map_err(CoreError::io("renaming the memory file into a base"))?;
@@ -73,19 +86,23 @@ pub(crate) async fn hand_over(
                 warn!(instance = %inst.id, error = %re, "resuming the VM failed");
             }
             rec.handover = None;
+            rec.handover_disk = None;
             svc.store.update_instance(&rec)?;
             Err(e)
         }
     }
 }
 
-/// The instance as its next VMM generation sees it: copy-on-write of `bid`.
+/// The instance as its next VMM generation sees it: copy-on-write of `bid`,
+/// writing its disk's new top.
 fn next_generation(inst: &Instance, bid: &str) -> Instance {
     Instance {
         memory: Memory::Cow {
             base: bid.to_string(),
         },
         vmm_gen: inst.vmm_gen + 1,
+        disk_top: inst.handover_disk.clone().or(inst.disk_top.clone()),
+        handover_disk: None,
         ..inst.clone()
     }
 }
@@ -154,6 +171,7 @@ pub(crate) async fn adopt_interrupted(svc: &Services, mut inst: Instance) -> Res
             .map_err(CoreError::io("putting the memory file back"))?;
     }
     inst.handover = None;
+    inst.handover_disk = None;
     svc.store.update_instance(&inst)?;
     warn!(instance = %inst.id, "undid an interrupted handover");
     Ok(inst)

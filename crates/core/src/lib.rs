@@ -12,7 +12,8 @@
 //!   table), `reaper` (VMs that died on their own);
 //! - the steps they share: `capture` (pause → state → memory), `resume`
 //!   (TAP → VMM → state load → resume), `handoff` (mailbox → RPC → exec),
-//!   `teardown`, `capacity`;
+//!   `teardown`, `capacity`, `bases` (shared memory), `layers` (disk
+//!   chains), `images` (what an instance boots);
 //! - the outside world behind narrow traits: [`forkvm_vmm::Hypervisor`],
 //!   [`netalloc::HostNetwork`], [`agent::GuestAgent`], [`clock::Clock`].
 
@@ -28,6 +29,8 @@ mod fork;
 mod guest;
 mod handoff;
 mod handover;
+mod images;
+mod layers;
 mod lifecycle;
 pub mod manager;
 pub mod memory;

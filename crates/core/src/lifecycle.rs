@@ -6,7 +6,7 @@
 use crate::agent::{CallPolicy, mailbox_of};
 use crate::capacity::{self, Demand};
 use crate::error::{CoreError, Result};
-use crate::model::{CreateRequest, Instance, InstanceState, NetworkInfo};
+use crate::model::{CreateRequest, Instance, InstanceState, NetworkInfo, Workload};
 use crate::services::{Services, new_id};
 use crate::teardown;
 use forkvm_proto::agent as pb;
@@ -21,6 +21,21 @@ const DEFAULT_VCPUS: u32 = 1;
 const MAX_VCPUS: u32 = 64;
 const MIN_MEMORY_MB: u32 = 64;
 const MAX_MEMORY_MB: u32 = 256 * 1024;
+
+/// Most a writable disk may be (MiB): 1 TiB, a sanity bound (the file
+/// grows only with what the guest writes).
+const MAX_OVERLAY_MIB: u64 = 1 << 20;
+
+/// The writable disk's size: the request's or the default.
+fn validate_overlay(svc: &Services, req: &CreateRequest) -> Result<u64> {
+    let mib = req.overlay_mib.unwrap_or(svc.cfg.default_overlay_mib);
+    if !(64..=MAX_OVERLAY_MIB).contains(&mib) {
+        return Err(CoreError::Invalid(format!(
+            "overlay size must be between 64 MiB and {MAX_OVERLAY_MIB} MiB, got {mib} MiB"
+        )));
+    }
+    Ok(mib)
+}
 
 /// The sizes a create request asks for, validated.
 fn validate_create(req: &CreateRequest) -> Result<(u32, u32)> {
@@ -51,7 +66,8 @@ pub(crate) async fn create(svc: &Services, req: CreateRequest) -> Result<Instanc
     let (vcpus, memory_mb) = validate_create(&req)?;
     let image = req.image.clone().unwrap_or_else(|| "default".into());
     // Fail before creating anything when the image is missing.
-    svc.load_image(&image)?;
+    let boot_image = svc.load_image(&image)?;
+    let overlay_mib = validate_overlay(svc, &req)?;
     let network = req.network_enabled.unwrap_or(true);
     let _reserved = capacity::reserve(
         svc,
@@ -64,15 +80,38 @@ pub(crate) async fn create(svc: &Services, req: CreateRequest) -> Result<Instanc
     )?;
     let id = new_id();
     let _guard = svc.locks.acquire(&id).await;
+    let workload = boot_image
+        .run
+        .as_ref()
+        .map(|run| Workload::of(run, req.entrypoint.as_deref(), req.cmd.as_deref(), &req.env));
+    let mut argv = req.entrypoint.clone().unwrap_or_default();
+    argv.extend(req.cmd.clone().unwrap_or_default());
     let mut inst = Instance {
         env: req.env,
-        entrypoint: req.entrypoint,
+        entrypoint: workload.as_ref().map_or(argv, |w| w.argv.clone()),
+        workload,
         network: NetworkInfo::unassigned(network),
         ..Instance::created(id.clone(), req.name, image, vcpus, memory_mb, svc.now())
     };
     svc.store.insert_instance(&inst)?;
     info!(instance = %id, name = %inst.name, "creating instance");
-    match boot(svc, &mut inst, None).await {
+    let disk = match boot_image.rootfs {
+        Some(_) => crate::layers::new_top(svc, None, overlay_mib)
+            .await
+            .map(Some),
+        None => Ok(None),
+    };
+    let booted = match disk {
+        Ok(top) => {
+            inst.disk_top = top.as_ref().map(|(id, _pin)| id.clone());
+            match svc.store.update_instance(&inst) {
+                Ok(()) => boot(svc, &mut inst, None).await,
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    match booted {
         Ok(()) => Ok(inst),
         Err(e) => {
             warn!(instance = %id, error = %e, "create failed, cleaning up");
@@ -151,7 +190,12 @@ async fn boot(svc: &Services, inst: &mut Instance, previous: Option<NetworkInfo>
         hostname: inst.name.clone(),
         network: boot_net,
         env: inst.env.clone(),
-        entrypoint: inst.entrypoint.clone(),
+        // An OCI image's process runs from its root, started over RPC once
+        // the agent answers; the initramfs runs nothing of its own then.
+        entrypoint: match inst.workload {
+            Some(_) => Vec::new(),
+            None => inst.entrypoint.clone(),
+        },
         agent_port: forkvm_proto::boot::AGENT_PORT_NAME.to_string(),
     };
     let cmdline = boot_cmdline(svc, &boot)?;

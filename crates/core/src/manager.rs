@@ -89,7 +89,8 @@ impl Manager {
         tokio::spawn(promotions);
         crate::bases::reconcile(&svc)?;
         crate::adopt::adopt_all(&svc).await?;
-        crate::bases::collect(&svc);
+        crate::layers::reconcile(&svc)?;
+        svc.collect_unused();
         let weak = Arc::downgrade(&svc);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(VM_WATCH_PERIOD);
@@ -98,16 +99,17 @@ impl Manager {
                 tick.tick().await;
                 let Some(svc) = weak.upgrade() else { return };
                 if crate::reaper::reap_dead_vms(&svc).await > 0 {
-                    crate::bases::collect(&svc);
+                    svc.collect_unused();
                 }
             }
         });
         Ok(Arc::new(Self { svc }))
     }
 
-    /// Bases an operation left without referents go (whatever its outcome).
+    /// Bases and layers an operation left without referents go (whatever
+    /// its outcome).
     fn collecting<T>(&self, r: T) -> T {
-        crate::bases::collect(&self.svc);
+        self.svc.collect_unused();
         r
     }
 
@@ -158,14 +160,33 @@ impl Manager {
 
     /// Bring a Standby instance back to Running on the same address.
     pub async fn restore(&self, id_or_name: &str) -> Result<Instance> {
-        self.collecting(crate::restore::restore(&self.svc, id_or_name).await)
+        let r = self.collecting(crate::restore::restore(&self.svc, id_or_name).await);
+        if let Ok(i) = &r {
+            crate::layers::flatten_later(&self.svc, &i.id);
+        }
+        r
     }
 
     /// Fork an instance. One result per fork: `count: None` gives one fork
     /// named `name`; `count: Some(n)` gives `name-1..n`, each succeeding or
     /// failing on its own.
     pub async fn fork(&self, id_or_name: &str, req: ForkRequest) -> Result<Vec<Result<Instance>>> {
-        self.collecting(crate::fork::fork_instance(&self.svc, id_or_name, req).await)
+        let r = self.collecting(crate::fork::fork_instance(&self.svc, id_or_name, req).await);
+        if let Ok(forks) = &r {
+            self.flatten_deep_disks(Some(id_or_name), forks);
+        }
+        r
+    }
+
+    /// Disk chains a capture or fork made too deep are flattened in the
+    /// background (`crate::layers`).
+    fn flatten_deep_disks(&self, source: Option<&str>, forks: &[Result<Instance>]) {
+        let src = source.and_then(|s| self.svc.find(s).ok());
+        for i in src.iter().chain(forks.iter().flatten()) {
+            if i.disk_top.is_some() {
+                crate::layers::flatten_later(&self.svc, &i.id);
+            }
+        }
     }
 
     /// Fork from a stored snapshot.
@@ -174,7 +195,11 @@ impl Manager {
         id_or_name: &str,
         req: ForkRequest,
     ) -> Result<Vec<Result<Instance>>> {
-        self.collecting(crate::fork::fork_snapshot(&self.svc, id_or_name, req).await)
+        let r = self.collecting(crate::fork::fork_snapshot(&self.svc, id_or_name, req).await);
+        if let Ok(forks) = &r {
+            self.flatten_deep_disks(None, forks);
+        }
+        r
     }
 
     /// Snapshot a Running (paused briefly) or Standby instance.
@@ -183,7 +208,11 @@ impl Manager {
         id_or_name: &str,
         name: Option<String>,
     ) -> Result<Snapshot> {
-        self.collecting(crate::snapshot::create(&self.svc, id_or_name, name).await)
+        let r = self.collecting(crate::snapshot::create(&self.svc, id_or_name, name).await);
+        if r.is_ok() {
+            self.flatten_deep_disks(Some(id_or_name), &[]);
+        }
+        r
     }
 
     pub async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
@@ -209,7 +238,7 @@ impl Manager {
     /// One pass of the VMM watch (it also runs every second on its own).
     pub async fn reap_dead_vms(&self) {
         crate::reaper::reap_dead_vms(&self.svc).await;
-        crate::bases::collect(&self.svc);
+        self.svc.collect_unused();
     }
 }
 

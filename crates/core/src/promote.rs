@@ -95,7 +95,7 @@ async fn switch(svc: &Services, next: &Instance, old: &VmHandle) -> Result<(VmHa
     let moved = async {
         let r = svc
             .hv
-            .migrate(old, &new)
+            .migrate(old, &new, None)
             .await
             .map_err(CoreError::vmm("migrating the VM to its own memory"))?;
         svc.hv

@@ -12,7 +12,7 @@ use crate::netalloc::NetAllocator;
 use crate::paths::{InstancePaths, SnapshotPaths};
 use crate::store::Store;
 use chrono::{DateTime, Utc};
-use forkvm_vmm::{Accel, Hypervisor, VmHandle, VmSpec};
+use forkvm_vmm::{Accel, DiskRole, DiskSpec, Hypervisor, VmHandle, VmSpec};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
@@ -53,6 +53,16 @@ impl Pins {
             pins: self.clone(),
             base: base.to_string(),
         }
+    }
+
+    /// Everything pinned now.
+    pub fn pinned(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub fn is_pinned(&self, base: &str) -> bool {
@@ -174,16 +184,8 @@ impl Services {
         Ok((guard, self.find(&id)?))
     }
 
-    pub fn load_image(&self, name: &str) -> Result<forkvm_image::GuestImage> {
-        forkvm_image::load_image(&self.cfg.data_dir, name).map_err(|e| match e {
-            forkvm_image::ImageError::NotFound { .. } => CoreError::NotFound(format!(
-                "image {name:?} not found: build it with `forkvm image build`"
-            )),
-            forkvm_image::ImageError::InvalidName(_) => {
-                CoreError::Invalid(format!("invalid image name {name:?}"))
-            }
-            e => CoreError::Image(Box::new(e)),
-        })
+    pub fn load_image(&self, name: &str) -> Result<crate::images::BootImage> {
+        crate::images::resolve(self, name)
     }
 
     /// The QEMU machine of an instance: identical for a fresh boot and for
@@ -192,7 +194,7 @@ impl Services {
     pub fn vm_spec(
         &self,
         inst: &Instance,
-        image: &forkvm_image::GuestImage,
+        image: &crate::images::BootImage,
         cmdline: &str,
         incoming: bool,
     ) -> VmSpec {
@@ -210,6 +212,7 @@ impl Services {
             net: crate::netalloc::Lease::of(&inst.network)
                 .filter(|_| inst.network.enabled)
                 .map(|l| l.nic()),
+            disks: self.disks(inst, image),
             agent_socket: paths.agent_socket,
             qmp_socket: paths.qmp_socket,
             console_log: paths.console_log,
@@ -217,6 +220,28 @@ impl Services {
             accel: self.accel,
             incoming,
         }
+    }
+}
+
+impl Services {
+    /// Removes the bases and disk layers nothing refers to any more.
+    pub fn collect_unused(&self) {
+        crate::bases::collect(self);
+        crate::layers::collect(self);
+    }
+
+    /// The image's root filesystem and the instance's writable disk, when
+    /// it has them (an image with a root filesystem always has both).
+    fn disks(&self, inst: &Instance, image: &crate::images::BootImage) -> Vec<DiskSpec> {
+        let image_disk = image.rootfs.clone().map(|path| DiskSpec {
+            role: DiskRole::Image,
+            path,
+        });
+        let rw = inst.disk_top.as_deref().map(|top| DiskSpec {
+            role: DiskRole::Rw,
+            path: crate::layers::path(self, top),
+        });
+        image_disk.into_iter().chain(rw).collect()
     }
 }
 

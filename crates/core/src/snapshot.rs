@@ -30,10 +30,10 @@ pub(crate) async fn create(
             )));
         }
     }
-    let (_guard, inst) = svc.lock_instance(id_or_name).await?;
+    let (_guard, mut inst) = svc.lock_instance(id_or_name).await?;
     match inst.state {
         InstanceState::Running => {
-            let c = capture(svc, &inst, name, CaptureMode::Copy).await?;
+            let c = capture(svc, &mut inst, name, CaptureMode::Copy).await?;
             let new_base = (!c.base_recorded).then_some(&c.base);
             svc.store
                 .insert_snapshot_with_base(&c.snap, new_base)

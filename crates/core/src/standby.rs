@@ -22,7 +22,7 @@ pub(crate) async fn standby(svc: &Services, id_or_name: &str) -> Result<Instance
             )));
         }
     }
-    let c = capture(svc, &inst, None, CaptureMode::Standby).await?;
+    let c = capture(svc, &mut inst, None, CaptureMode::Standby).await?;
     let snap = &c.snap;
     // The commit point: snapshot, base and Standby state in one
     // transaction, while the paused VM and its memory still exist. A crash

@@ -7,7 +7,7 @@
 //! happens exactly once.
 
 use crate::error::{CoreError, Result, StoreError};
-use crate::model::{Base, Instance, Snapshot};
+use crate::model::{Base, ImageRecord, Instance, Layer, Snapshot};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Mutex;
@@ -72,6 +72,14 @@ impl Store {
              CREATE TABLE IF NOT EXISTS bases (
                  id  TEXT PRIMARY KEY,
                  doc TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS layers (
+                 id  TEXT PRIMARY KEY,
+                 doc TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS images (
+                 name TEXT PRIMARY KEY,
+                 doc  TEXT NOT NULL
              );",
         )
         .map_err(db_err)?;
@@ -276,6 +284,91 @@ impl Store {
             rows.collect()
         })?;
         docs.iter().map(|d| decode(d, "base")).collect()
+    }
+
+    /// A disk layer, recorded before its file is made (a crash leaves a
+    /// record nobody refers to, which collection removes).
+    pub fn insert_layer(&self, layer: &Layer) -> Result<()> {
+        let doc = encode(layer)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO layers (id, doc) VALUES (?1, ?2)",
+                params![layer.id, doc],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn delete_layer(&self, id: &str) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM layers WHERE id = ?1", params![id]))?;
+        Ok(())
+    }
+
+    pub fn list_layers(&self) -> Result<Vec<Layer>> {
+        let docs: Vec<String> = self.with(|c| {
+            let mut st = c.prepare("SELECT doc FROM layers ORDER BY rowid")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        docs.iter().map(|d| decode(d, "layer")).collect()
+    }
+
+    /// Records a new image; a name already recorded is a Conflict.
+    pub fn insert_image(&self, img: &ImageRecord) -> Result<()> {
+        let doc = encode(img)?;
+        match self.with(|c| {
+            c.execute(
+                "INSERT INTO images (name, doc) VALUES (?1, ?2)",
+                params![img.name, doc],
+            )
+        }) {
+            Err(CoreError::Store(StoreError::Db(rusqlite::Error::SqliteFailure(e, _))))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(CoreError::Conflict(format!(
+                    "image {:?} is already known",
+                    img.name
+                )))
+            }
+            r => r.map(|_| ()),
+        }
+    }
+
+    pub fn update_image(&self, img: &ImageRecord) -> Result<()> {
+        let doc = encode(img)?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE images SET doc = ?2 WHERE name = ?1",
+                params![img.name, doc],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn delete_image(&self, name: &str) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM images WHERE name = ?1", params![name]))?;
+        Ok(())
+    }
+
+    pub fn find_image(&self, name: &str) -> Result<Option<ImageRecord>> {
+        let doc: Option<String> = self.with(|c| {
+            c.query_row(
+                "SELECT doc FROM images WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        doc.map(|d| decode(&d, "image")).transpose()
+    }
+
+    pub fn list_images(&self) -> Result<Vec<ImageRecord>> {
+        let docs: Vec<String> = self.with(|c| {
+            let mut st = c.prepare("SELECT doc FROM images ORDER BY rowid")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        docs.iter().map(|d| decode(d, "image")).collect()
     }
 
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {

@@ -225,6 +225,10 @@ pub struct InstanceCreateParams {
     pub entrypoint: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
+    /// Writable disk size of an OCI image instance, human-readable
+    /// ("10GB"); default 4 GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_size: Option<String>,
     /// Only "qemu" is available.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hypervisor: Option<String>,
@@ -261,15 +265,21 @@ impl InstanceCreateParams {
             (_, Some(0)) => return Err(ApiError::invalid("memory_mb must be at least 1")),
             (a, b) => a.or(b),
         };
-        let mut argv = self.entrypoint.unwrap_or_default();
-        argv.extend(self.cmd.unwrap_or_default());
+        let overlay_mib = self
+            .overlay_size
+            .as_deref()
+            .map(parse_size_mb)
+            .transpose()
+            .map_err(ApiError::invalid)?;
         Ok(core::CreateRequest {
             name: self.name,
             image: self.image,
             vcpus: self.vcpus,
             memory_mb,
             env: self.env.unwrap_or_default(),
-            entrypoint: argv,
+            entrypoint: self.entrypoint,
+            cmd: self.cmd,
+            overlay_mib: overlay_mib.map(u64::from),
             network_enabled: self.network.and_then(|n| n.enabled),
         })
     }
@@ -309,12 +319,15 @@ mod tests {
     fn create_params_conversion() {
         let p: InstanceCreateParams = serde_json::from_str(
             r#"{"name":"web-1","image":"x","size":"1GB","entrypoint":["/bin/sh"],"cmd":["-c","true"],
+                "overlay_size":"2GB",
                 "network":{"enabled":false,"bandwidth_upload":"1Gbps"},"tags":{"a":"b"},"ttl":"1h"}"#,
         )
         .unwrap();
         let r = p.into_core().unwrap();
         assert_eq!(r.memory_mb, Some(1024));
-        assert_eq!(r.entrypoint, vec!["/bin/sh", "-c", "true"]);
+        assert_eq!(r.entrypoint, Some(vec!["/bin/sh".to_string()]));
+        assert_eq!(r.cmd, Some(vec!["-c".to_string(), "true".to_string()]));
+        assert_eq!(r.overlay_mib, Some(2048));
         assert_eq!(r.network_enabled, Some(false));
 
         let p = InstanceCreateParams {
@@ -366,6 +379,9 @@ mod tests {
             vmm_gen: 0,
             handover: None,
             promoting: false,
+            disk_top: None,
+            handover_disk: None,
+            workload: None,
         };
         let v = serde_json::to_value(Instance::from(&core_inst)).unwrap();
         let expected: serde_json::Value = serde_json::from_str(

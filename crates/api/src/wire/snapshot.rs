@@ -211,6 +211,8 @@ mod tests {
             standby_of: None,
             mailbox: None,
             base_id: None,
+            disk_layer: None,
+            workload: None,
         };
         let v = serde_json::to_value(Snapshot::from(&core_snap)).unwrap();
         let expected: serde_json::Value = serde_json::from_str(

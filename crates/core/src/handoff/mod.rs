@@ -320,7 +320,7 @@ async fn handoff_failed(svc: &Services, inst: &mut Instance, mut rec: HandoffRec
     if let Err(e) = svc.store.update_instance(inst) {
         warn!(instance = %inst.id, error = %e, "recording the failed handoff failed");
     }
-    crate::bases::collect(svc);
+    svc.collect_unused();
 }
 
 #[cfg(test)]

@@ -41,6 +41,9 @@ pub enum Stage {
     Allocate,
     /// The fork's guest memory made ready from the base.
     MemoryPrepare,
+    /// The fork's own writable-disk layer made over the frozen one (image
+    /// instances only).
+    DiskPrepare,
     /// TAP created on the bridge.
     AllocateTap,
     /// QEMU launched, waiting for device state.
@@ -61,11 +64,12 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage in pipeline order.
-    pub const ALL: [Stage; 12] = [
+    pub const ALL: [Stage; 13] = [
         Self::Snapshot,
         Self::SourcePause,
         Self::Allocate,
         Self::MemoryPrepare,
+        Self::DiskPrepare,
         Self::AllocateTap,
         Self::VmmStart,
         Self::StateLoad,
@@ -82,6 +86,7 @@ impl Stage {
             Self::SourcePause => "source_pause",
             Self::Allocate => "allocate",
             Self::MemoryPrepare => "memory_prepare",
+            Self::DiskPrepare => "disk_prepare",
             Self::AllocateTap => "allocate_tap",
             Self::VmmStart => "vmm_start",
             Self::StateLoad => "state_load",

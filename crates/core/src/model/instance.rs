@@ -121,6 +121,18 @@ pub struct Instance {
     /// migration from the copy-on-write one.
     #[serde(default)]
     pub promoting: bool,
+    /// The top layer of its writable disk (`crate::layers`), for instances
+    /// of an image with a root filesystem; `None` for the `default` image.
+    #[serde(default)]
+    pub disk_top: Option<String>,
+    /// With `handover`: the new top layer (over `disk_top`) the next VMM
+    /// generation writes to.
+    #[serde(default)]
+    pub handover_disk: Option<String>,
+    /// The process it runs from its image's root (OCI images); the agent
+    /// starts it at every fresh boot.
+    #[serde(default)]
+    pub workload: Option<super::Workload>,
 }
 
 impl Instance {
@@ -159,6 +171,9 @@ impl Instance {
             vmm_gen: 0,
             handover: None,
             promoting: false,
+            disk_top: None,
+            handover_disk: None,
+            workload: None,
         }
     }
 

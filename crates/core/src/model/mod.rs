@@ -1,14 +1,18 @@
 //! The domain model: instances, their network identity, snapshots and the
 //! handoff record, as stored and as returned to API clients.
 
+mod disk;
 mod handoff;
+mod image;
 mod instance;
 mod memory;
 mod requests;
 mod snapshot;
 mod state;
 
+pub use disk::Layer;
 pub use handoff::{HandoffPath, HandoffRecord, Stage};
+pub use image::{ImageRecord, ImageRunConfig, ImageStatus, Workload};
 pub use instance::{Instance, MailboxInfo, NetworkInfo};
 pub use memory::{Base, Memory};
 pub use requests::{CreateRequest, ExecRequest, ExecResult, ForkRequest};

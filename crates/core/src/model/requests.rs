@@ -30,7 +30,13 @@ pub struct CreateRequest {
     pub vcpus: Option<u32>,
     pub memory_mb: Option<u32>,
     pub env: BTreeMap<String, String>,
-    pub entrypoint: Vec<String>,
+    /// Replaces the image's entrypoint (and drops its cmd).
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's cmd. For the `default` image the guest runs
+    /// `entrypoint ++ cmd` from its initramfs, if any.
+    pub cmd: Option<Vec<String>>,
+    /// Size of the writable disk of an OCI image instance (MiB).
+    pub overlay_mib: Option<u64>,
     /// Default true.
     pub network_enabled: Option<bool>,
 }

@@ -35,6 +35,13 @@ pub struct Snapshot {
     /// the snapshot's own id at start-up): use [`Snapshot::base`].
     #[serde(default)]
     pub base_id: Option<String>,
+    /// The frozen disk layer captured with the memory (instances of an
+    /// image with a root filesystem).
+    #[serde(default)]
+    pub disk_layer: Option<String>,
+    /// The source's workload (OCI images): forks run it already.
+    #[serde(default)]
+    pub workload: Option<super::Workload>,
 }
 
 impl Snapshot {

@@ -3,6 +3,7 @@
 //! restore's two failure modes, and adoption after a restart.
 
 mod adopt;
+mod disks;
 mod fork;
 mod handoff;
 mod handover;
