@@ -9,8 +9,8 @@
 //! way. The last component of a path is never followed.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -198,11 +198,4 @@ pub(crate) fn set_xattr(dir: &OwnedFd, name: &[u8], key: &[u8], value: &[u8]) ->
         )
     };
     Errno::result(rc).map(|_| ())
-}
-
-use std::os::unix::ffi::OsStringExt;
-
-/// The fd of an open file, for `f*` calls.
-pub(crate) fn raw(fd: &impl AsFd) -> i32 {
-    fd.as_fd().as_raw_fd()
 }
