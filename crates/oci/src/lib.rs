@@ -3,6 +3,7 @@
 mod blobs;
 mod erofs;
 mod error;
+mod layout;
 mod manifest;
 mod reference;
 mod registry;
@@ -12,6 +13,7 @@ mod unpack;
 pub use blobs::{BlobStore, BlobWriter};
 pub use erofs::{ErofsOptions, MKFS_EROFS, build_erofs, build_erofs_with};
 pub use error::{BoxError, OciError};
+pub use layout::{ImageName, import};
 pub use manifest::{Compression, Fetched, ImageConfig, Layer, MAX_JSON, MAX_LAYERS, PLATFORM};
 pub use reference::Reference;
 pub use registry::{Credentials, Progress, RegistryOptions, plain_http_allowed, pull};

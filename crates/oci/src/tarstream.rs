@@ -305,7 +305,11 @@ impl<R: Read> TarReader<R> {
             path,
             link,
             kind,
-            mode: h.mode().map_err(e)? & 0o7777,
+            mode: if blank(&old.mode) {
+                0
+            } else {
+                h.mode().map_err(e)? & 0o7777
+            },
             uid: to_u32(uid, "uid")?,
             gid: to_u32(gid, "gid")?,
             mtime,
