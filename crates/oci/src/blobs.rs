@@ -183,23 +183,23 @@ impl BlobWriter {
     /// directory fsync). Returns (digest, size).
     pub fn commit(self) -> Result<(String, u64), OciError> {
         let actual = format!("sha256:{}", hex::encode(self.hasher.finalize()));
-        if let Some(expected) = self.expected_size {
-            if expected != self.written {
-                return Err(OciError::SizeMismatch {
-                    what: self.what,
-                    expected,
-                    actual: self.written,
-                });
-            }
+        if let Some(expected) = self.expected_size
+            && expected != self.written
+        {
+            return Err(OciError::SizeMismatch {
+                what: self.what,
+                expected,
+                actual: self.written,
+            });
         }
-        if let Some(expected) = self.expected {
-            if expected != actual {
-                return Err(OciError::DigestMismatch {
-                    what: self.what,
-                    expected,
-                    actual,
-                });
-            }
+        if let Some(expected) = self.expected
+            && expected != actual
+        {
+            return Err(OciError::DigestMismatch {
+                what: self.what,
+                expected,
+                actual,
+            });
         }
         let dest = self.store.path(&actual)?;
         self.tmp

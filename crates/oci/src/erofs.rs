@@ -54,50 +54,7 @@ pub fn build_erofs_with(root: &Path, out: &Path, opts: &ErofsOptions) -> Result<
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| OciError::io("creating a temporary image in", dir, e))?;
-    let mut cmd = Command::new(MKFS_EROFS);
-    cmd.arg("--quiet").arg("--preserve-mtime");
-    if let Some(c) = &opts.compressor {
-        let algo = c.split(',').next().unwrap_or("");
-        if !matches!(algo, "lz4" | "lz4hc") {
-            return Err(OciError::InvalidInput(format!(
-                "erofs compressor {c:?} is not supported (use lz4 or lz4hc)"
-            )));
-        }
-        cmd.arg(format!("-z{c}"));
-    }
-    if let Some(u) = &opts.uuid {
-        cmd.arg(format!("-U{u}"));
-    }
-    cmd.arg(tmp.path()).arg(root);
-    let output = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| OciError::Erofs {
-            reason: if e.kind() == std::io::ErrorKind::NotFound {
-                format!("{MKFS_EROFS} not found; install erofs-utils (apt-get install erofs-utils)")
-            } else {
-                format!("running {MKFS_EROFS} failed")
-            },
-            source: Some(e),
-        })?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: String = stderr
-            .lines()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(OciError::Erofs {
-            reason: format!("{MKFS_EROFS} exited with {}: {tail}", output.status),
-            source: None,
-        });
-    }
+    run_mkfs(command(opts, tmp.path(), root)?)?;
     tmp.as_file()
         .sync_all()
         .map_err(|e| OciError::io("syncing", tmp.path(), e))?;
@@ -112,6 +69,51 @@ pub fn build_erofs_with(root: &Path, out: &Path, opts: &ErofsOptions) -> Result<
         .and_then(|d| d.sync_all())
         .map_err(|e| OciError::io("syncing", dir, e))?;
     Ok(size)
+}
+
+fn command(opts: &ErofsOptions, image: &Path, root: &Path) -> Result<Command, OciError> {
+    let mut cmd = Command::new(MKFS_EROFS);
+    cmd.arg("--quiet").arg("--preserve-mtime");
+    if let Some(c) = &opts.compressor {
+        let algo = c.split(',').next().unwrap_or("");
+        if !matches!(algo, "lz4" | "lz4hc") {
+            return Err(OciError::InvalidInput(format!(
+                "erofs compressor {c:?} is not supported (use lz4 or lz4hc)"
+            )));
+        }
+        cmd.arg(format!("-z{c}"));
+    }
+    if let Some(u) = &opts.uuid {
+        cmd.arg(format!("-U{u}"));
+    }
+    cmd.arg(image).arg(root);
+    Ok(cmd)
+}
+
+fn run_mkfs(mut cmd: Command) -> Result<(), OciError> {
+    let output = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| OciError::Erofs {
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                format!("{MKFS_EROFS} not found; install erofs-utils (apt-get install erofs-utils)")
+            } else {
+                format!("running {MKFS_EROFS} failed")
+            },
+            source: Some(e),
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join("; ");
+    Err(OciError::Erofs {
+        reason: format!("{MKFS_EROFS} exited with {}: {tail}", output.status),
+        source: None,
+    })
 }
 
 #[cfg(test)]

@@ -188,10 +188,10 @@ fn name_from(d: &Descriptor) -> Option<ImageName> {
     }
     let n = d.annotations.get(REF_NAME)?;
     // A ref.name with a '/' or ':' is a full reference (docker, skopeo with names).
-    if n.contains('/') || n.contains(':') {
-        if let Ok(r) = n.parse() {
-            return Some(ImageName::Reference(r));
-        }
+    if (n.contains('/') || n.contains(':'))
+        && let Ok(r) = n.parse()
+    {
+        return Some(ImageName::Reference(r));
     }
     Some(ImageName::Tag(n.clone()))
 }

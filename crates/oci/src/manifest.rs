@@ -200,10 +200,10 @@ pub(crate) fn select_platform(entries: &[Descriptor]) -> Result<&Descriptor, Oci
     if let Some(d) = amd64 {
         return Ok(d);
     }
-    if let [only] = manifests.as_slice() {
-        if only.platform.is_none() {
-            return Ok(only);
-        }
+    if let [only] = manifests.as_slice()
+        && only.platform.is_none()
+    {
+        return Ok(only);
     }
     let mut offered: Vec<String> = manifests
         .iter()

@@ -92,12 +92,12 @@ impl FromStr for Reference {
             Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
             None => (rest, None),
         };
-        if let Some(t) = tag {
-            if !valid_tag(t) {
-                return Err(bad(
-                    "tag must be 1-128 of [A-Za-z0-9_.-], not starting with . or -",
-                ));
-            }
+        if let Some(t) = tag
+            && !valid_tag(t)
+        {
+            return Err(bad(
+                "tag must be 1-128 of [A-Za-z0-9_.-], not starting with . or -",
+            ));
         }
         let (registry, repository) = split_registry(name);
         if !registry.is_empty() && !valid_registry(registry) {

@@ -229,28 +229,10 @@ impl<R: Read> TarReader<R> {
     }
 
     fn member(&mut self, h: &tar::Header, size: u64, p: Pending) -> Result<Member, OciError> {
-        use tar::EntryType as E;
-        let t = h.entry_type();
-        let kind = match t {
-            E::Regular | E::Continuous => Kind::File,
-            E::Directory => Kind::Dir,
-            E::Symlink => Kind::Symlink,
-            E::Link => Kind::HardLink,
-            E::Char => Kind::Char,
-            E::Block => Kind::Block,
-            E::Fifo => Kind::Fifo,
-            other => {
-                return Err(self.bad(format!(
-                    "unsupported tar member type {:?}",
-                    other.as_byte() as char
-                )));
-            }
-        };
+        let kind = self.kind_of(h.entry_type())?;
         if p.pax.iter().any(|(k, _)| k.starts_with("GNU.sparse.")) {
             return Err(self.bad("sparse files are not supported"));
         }
-        let what = self.what.clone();
-        let e = |e: io::Error| OciError::bad_src(&what, "bad tar header field", e);
         let path = match (pax_value(&p.pax, "path"), p.long_name) {
             (Some(v), _) => v.to_vec(),
             (None, Some(n)) => n,
@@ -264,29 +246,7 @@ impl<R: Read> TarReader<R> {
                 .map(|c| c.into_owned())
                 .unwrap_or_default(),
         };
-        let old = h.as_old();
-        let uid = match pax_number(&p.pax, "uid")? {
-            Some(v) => v,
-            None if blank(&old.uid) => 0,
-            None => h.uid().map_err(e)?,
-        };
-        let gid = match pax_number(&p.pax, "gid")? {
-            Some(v) => v,
-            None if blank(&old.gid) => 0,
-            None => h.gid().map_err(e)?,
-        };
-        let mtime = match pax_value(&p.pax, "mtime") {
-            Some(v) => parse_time(v).ok_or_else(|| self.bad("bad PAX mtime"))?,
-            None if blank(&old.mtime) => (0, 0),
-            None => (i64::try_from(h.mtime().map_err(e)?).unwrap_or(i64::MAX), 0),
-        };
-        let dev = match kind {
-            Kind::Char | Kind::Block => (
-                h.device_major().map_err(e)?.unwrap_or(0),
-                h.device_minor().map_err(e)?.unwrap_or(0),
-            ),
-            _ => (0, 0),
-        };
+        let (mode, uid, gid, mtime, dev) = self.numbers(h, &p.pax, kind)?;
         let xattrs = p
             .pax
             .iter()
@@ -298,25 +258,81 @@ impl<R: Read> TarReader<R> {
         self.count_bytes(size)?;
         self.remaining = size;
         self.padding = pad(size);
-        let to_u32 = |v: u64, f: &str| {
-            u32::try_from(v).map_err(|_| self.bad(format!("{f} {v} out of range")))
-        };
         Ok(Member {
             path,
             link,
             kind,
-            mode: if blank(&old.mode) {
-                0
-            } else {
-                h.mode().map_err(e)? & 0o7777
-            },
-            uid: to_u32(uid, "uid")?,
-            gid: to_u32(gid, "gid")?,
+            mode,
+            uid,
+            gid,
             mtime,
             size,
             dev,
             xattrs,
         })
+    }
+
+    fn kind_of(&self, t: tar::EntryType) -> Result<Kind, OciError> {
+        use tar::EntryType as E;
+        Ok(match t {
+            E::Regular | E::Continuous => Kind::File,
+            E::Directory => Kind::Dir,
+            E::Symlink => Kind::Symlink,
+            E::Link => Kind::HardLink,
+            E::Char => Kind::Char,
+            E::Block => Kind::Block,
+            E::Fifo => Kind::Fifo,
+            other => {
+                return Err(self.bad(format!(
+                    "unsupported tar member type {:?}",
+                    other.as_byte() as char
+                )));
+            }
+        })
+    }
+
+    /// Mode, uid, gid, mtime and device numbers, PAX overrides applied; blank
+    /// numeric fields (some writers leave them so) read as 0.
+    #[allow(clippy::type_complexity)]
+    fn numbers(
+        &self,
+        h: &tar::Header,
+        pax: &[(String, Vec<u8>)],
+        kind: Kind,
+    ) -> Result<(u32, u32, u32, (i64, u32), (u32, u32)), OciError> {
+        let e = |e: io::Error| OciError::bad_src(&self.what, "bad tar header field", e);
+        let old = h.as_old();
+        let uid = match pax_number(pax, "uid")? {
+            Some(v) => v,
+            None if blank(&old.uid) => 0,
+            None => h.uid().map_err(e)?,
+        };
+        let gid = match pax_number(pax, "gid")? {
+            Some(v) => v,
+            None if blank(&old.gid) => 0,
+            None => h.gid().map_err(e)?,
+        };
+        let mtime = match pax_value(pax, "mtime") {
+            Some(v) => parse_time(v).ok_or_else(|| self.bad("bad PAX mtime"))?,
+            None if blank(&old.mtime) => (0, 0),
+            None => (i64::try_from(h.mtime().map_err(e)?).unwrap_or(i64::MAX), 0),
+        };
+        let mode = if blank(&old.mode) {
+            0
+        } else {
+            h.mode().map_err(e)? & 0o7777
+        };
+        let dev = match kind {
+            Kind::Char | Kind::Block => (
+                h.device_major().map_err(e)?.unwrap_or(0),
+                h.device_minor().map_err(e)?.unwrap_or(0),
+            ),
+            _ => (0, 0),
+        };
+        let to_u32 = |v: u64, f: &str| {
+            u32::try_from(v).map_err(|_| self.bad(format!("{f} {v} out of range")))
+        };
+        Ok((mode, to_u32(uid, "uid")?, to_u32(gid, "gid")?, mtime, dev))
     }
 
     /// Reads the current member's data.

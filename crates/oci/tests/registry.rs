@@ -105,7 +105,12 @@ async fn pull_unpack_and_build_erofs() {
         "timings: pull {pull_ms:.1} ms, unpack {unpack_ms:.1} ms, erofs {erofs_ms:.1} ms ({size} bytes)"
     );
 
-    let view = ErofsView::open(&image);
+    check_erofs(&image);
+}
+
+/// The built image, mounted (or extracted), holds both layers' result.
+fn check_erofs(image: &std::path::Path) {
+    let view = ErofsView::open(image);
     let r = &view.root;
     assert_eq!(
         fs::read_to_string(r.join("etc/hello")).expect("hello"),

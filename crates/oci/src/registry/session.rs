@@ -150,23 +150,23 @@ impl Session {
         let claimed = expected
             .map(str::to_string)
             .or(header_digest.filter(|d| d.starts_with("sha256:")));
-        if let Some(expected) = claimed {
-            if expected != actual {
-                return Err(OciError::DigestMismatch {
-                    what,
-                    expected,
-                    actual,
-                });
-            }
+        if let Some(expected) = claimed
+            && expected != actual
+        {
+            return Err(OciError::DigestMismatch {
+                what,
+                expected,
+                actual,
+            });
         }
-        if let Some(s) = size {
-            if s != body.len() as u64 {
-                return Err(OciError::SizeMismatch {
-                    what,
-                    expected: s,
-                    actual: body.len() as u64,
-                });
-            }
+        if let Some(s) = size
+            && s != body.len() as u64
+        {
+            return Err(OciError::SizeMismatch {
+                what,
+                expected: s,
+                actual: body.len() as u64,
+            });
         }
         let doc = manifest::parse_doc(&body, content_type.as_deref(), &what)?;
         Ok((actual, doc))

@@ -358,7 +358,7 @@ impl State {
                 [&base[..], b"/", n].concat()
             }
         };
-        if [&WHITEOUT[..], target].concat() == OPAQUE {
+        if [WHITEOUT, target].concat() == OPAQUE {
             let names = fsops::list_dir(&dir).map_err(|e| self.os_err("listing", &base, e))?;
             for n in names.iter().filter(|n| !touched.contains(&join(n))) {
                 remove_at(&dir, n).map_err(|e| self.os_err("removing", &join(n), e))?;
