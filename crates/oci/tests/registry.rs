@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use common::{ErofsView, Registry, have, private_tempdir, two_layer_image, xattr};
+use common::{ErofsView, Registry, have, make_multi_arch, private_tempdir, two_layer_image, xattr};
 use forkvm_oci::{
     BlobStore, Credentials, Progress, Reference, RegistryOptions, UnpackLimits, build_erofs, pull,
     unpack,
@@ -255,5 +255,61 @@ async fn corrupted_blob_is_digest_mismatch() {
     assert!(
         !blobs.contains(victim),
         "a corrupt blob never becomes visible"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_index_resolves_linux_amd64_or_says_what_it_offers() {
+    if !tools("image_index_resolves_linux_amd64_or_says_what_it_offers") {
+        return;
+    }
+    let reg = Registry::start(None);
+    let multi = tempfile::tempdir().expect("tempdir");
+    let amd64_digest = two_layer_image(multi.path(), "multi");
+    make_multi_arch(
+        multi.path(),
+        "multi",
+        true,
+        &[("linux", "arm64"), ("linux", "s390x")],
+    );
+    reg.push(multi.path(), "multi", "forkvm/multi", None);
+    let foreign = tempfile::tempdir().expect("tempdir");
+    two_layer_image(foreign.path(), "arm");
+    make_multi_arch(
+        foreign.path(),
+        "arm",
+        false,
+        &[("linux", "arm64"), ("windows", "amd64")],
+    );
+    reg.push(foreign.path(), "arm", "forkvm/arm", None);
+
+    let work = private_tempdir();
+    let blobs = BlobStore::open(work.path()).expect("store");
+    let opts = RegistryOptions::default();
+    let fetched = pull(
+        &reference(&reg, "forkvm/multi", "multi"),
+        &opts,
+        &blobs,
+        &|_| {},
+    )
+    .await
+    .expect("pull through an index");
+    assert_eq!(
+        fetched.manifest_digest, amd64_digest,
+        "the linux/amd64 manifest is chosen"
+    );
+    let e = pull(
+        &reference(&reg, "forkvm/arm", "arm"),
+        &opts,
+        &blobs,
+        &|_| {},
+    )
+    .await
+    .expect_err("no linux/amd64");
+    assert_eq!(e.code(), "unsupported_platform", "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("linux/arm64") && msg.contains("windows/amd64"),
+        "{msg}"
     );
 }

@@ -135,6 +135,7 @@ impl Registry {
             "--insecure-policy",
             "copy",
             "--quiet",
+            "--all",
             "--dest-tls-verify=false",
         ]);
         if let Some(c) = creds {
@@ -301,6 +302,67 @@ pub fn write_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, &str)], cmd: &[&s
     .expect("index");
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
     mdigest
+}
+
+/// Turns the single-image layout at `dir` (from [`write_layout`]) into a
+/// multi-platform one: `index.json` points at an image index whose entries are
+/// the original manifest as linux/amd64 (when `with_amd64`) plus manifests for
+/// `others` (os, arch) with their own configs over the same layers.
+pub fn make_multi_arch(dir: &Path, tag: &str, with_amd64: bool, others: &[(&str, &str)]) {
+    let blobs = dir.join("blobs/sha256");
+    let read_blob = |d: &str| fs::read(blobs.join(d.trim_start_matches("sha256:"))).expect("blob");
+    let put = |data: &[u8]| {
+        let d = sha(data);
+        fs::write(blobs.join(d.trim_start_matches("sha256:")), data).expect("write blob");
+        d
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).expect("index")).expect("json");
+    let amd64 = index["manifests"][0].clone();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&read_blob(amd64["digest"].as_str().expect("digest")))
+            .expect("json");
+    let config: serde_json::Value = serde_json::from_slice(&read_blob(
+        manifest["config"]["digest"].as_str().expect("digest"),
+    ))
+    .expect("json");
+    let mut entries = Vec::new();
+    if with_amd64 {
+        entries.push(serde_json::json!({
+            "mediaType": amd64["mediaType"], "digest": amd64["digest"], "size": amd64["size"],
+            "platform": {"os": "linux", "architecture": "amd64"},
+        }));
+    }
+    for (os, arch) in others {
+        let mut c = config.clone();
+        c["os"] = serde_json::json!(os);
+        c["architecture"] = serde_json::json!(arch);
+        let c = serde_json::to_vec(&c).expect("json");
+        let mut m = manifest.clone();
+        m["config"]["digest"] = serde_json::json!(put(&c));
+        m["config"]["size"] = serde_json::json!(c.len());
+        let m = serde_json::to_vec(&m).expect("json");
+        entries.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(&m), "size": m.len(),
+            "platform": {"os": os, "architecture": arch},
+        }));
+    }
+    let inner = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries,
+    }))
+    .expect("json");
+    let top = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": put(&inner), "size": inner.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&top).expect("json"),
+    )
+    .expect("index");
 }
 
 /// The two-layer test image: the upper layer whites out `etc/gone`, adds
