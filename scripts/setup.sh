@@ -27,6 +27,10 @@ unshare            util-linux      agent VM tests: private network namespace
 strip              binutils        agent VM tests: strips the test agent
 cpio               cpio            tests: cross-check of the initramfs writer
 zstd               zstd            tests: zstd kernel payloads
+mkfs.erofs         erofs-utils     daemon: OCI images into erofs root disks; tests (fsck.erofs)
+docker-registry    docker-registry tests (crates/oci): a real registry on loopback
+skopeo             skopeo          tests (crates/oci): pushes test images into it
+htpasswd           apache2-utils   tests (crates/oci): basic-auth file for the registry
 '
 need=()
 while read -r cmd pkg _; do
