@@ -59,6 +59,11 @@ pub struct Config {
     /// passed on the kernel command line; forks inherit their source's.
     /// Checked by [`guest_agent_log_filter`].
     pub guest_agent_log: Option<String>,
+    /// Registries pulled from over plain HTTP (`host[:port]`); loopback
+    /// always is.
+    pub insecure_registries: Vec<String>,
+    /// Image pulls run at once; the rest wait as `pending`.
+    pub image_pulls_parallel: usize,
     pub test_hooks: TestHooks,
 }
 
@@ -86,6 +91,8 @@ impl Config {
             handover_min_mib: DEFAULT_HANDOVER_MIN_MIB,
             promote_after_handover: true,
             guest_agent_log: None,
+            insecure_registries: Vec::new(),
+            image_pulls_parallel: 2,
             test_hooks: TestHooks::default(),
         }
     }

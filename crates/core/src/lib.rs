@@ -56,8 +56,10 @@ mod vmm_switch;
 pub use config::{Config, TestHooks};
 pub use error::{CoreError, ErrorKind, Result};
 pub use fork::MAX_FORK_COUNT;
+pub use forkvm_oci::Credentials as RegistryCredentials;
 pub use guest::AgentHealth;
 pub use handoff::{HandoffError, MailboxFallback};
+pub use images::{ImageBackend, OciBackend, OciFuture, PLATFORM, PullRequest};
 pub use manager::{Deps, Manager};
 pub use model::*;
 

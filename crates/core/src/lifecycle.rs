@@ -91,7 +91,14 @@ pub(crate) async fn create(svc: &Services, req: CreateRequest) -> Result<Instanc
         entrypoint: workload.as_ref().map_or(argv, |w| w.argv.clone()),
         workload,
         network: NetworkInfo::unassigned(network),
-        ..Instance::created(id.clone(), req.name, image, vcpus, memory_mb, svc.now())
+        ..Instance::created(
+            id.clone(),
+            req.name,
+            boot_image.name.clone(),
+            vcpus,
+            memory_mb,
+            svc.now(),
+        )
     };
     svc.store.insert_instance(&inst)?;
     info!(instance = %id, name = %inst.name, "creating instance");

@@ -13,6 +13,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::error::{CoreError, Result};
 use crate::guest::AgentHealth;
+use crate::images::{ImageBackend, OciBackend, PullRequest};
 use crate::model::*;
 use crate::netalloc::{BridgeHost, HostNetwork, NetAllocator, bridge_config};
 use crate::services::{Locks, Services};
@@ -32,6 +33,7 @@ pub struct Deps {
     pub agent: Arc<dyn GuestAgent>,
     pub clock: Arc<dyn Clock>,
     pub accel: Accel,
+    pub images: Arc<dyn ImageBackend>,
 }
 
 impl Deps {
@@ -45,6 +47,10 @@ impl Deps {
             agent: Arc::new(AgentLinks::default()),
             clock: Arc::new(SystemClock),
             accel: detect_accel(cfg).await,
+            images: Arc::new(
+                OciBackend::open(&cfg.data_dir.join("oci"), cfg.insecure_registries.clone())
+                    .map_err(|e| CoreError::Internal(format!("image store: {e}")))?,
+            ),
         })
     }
 }
@@ -68,6 +74,7 @@ impl Manager {
         let store = Store::open(&cfg.data_dir.join("forkvm.db"))?;
         let net = NetAllocator::new(&bridge_config(&cfg.bridge, &cfg.subnet)?, deps.host_net)?;
         info!(accel = ?deps.accel, bridge = %cfg.bridge, subnet = %cfg.subnet, "manager ready");
+        let cfg_pulls = cfg.image_pulls_parallel.max(1);
         let svc = Arc::new(Services {
             memory_budget_mb: cfg
                 .memory_budget_mb
@@ -83,6 +90,8 @@ impl Manager {
             pins: Default::default(),
             ledger: Default::default(),
             promoter: Default::default(),
+            images: deps.images,
+            image_slots: Arc::new(tokio::sync::Semaphore::new(cfg_pulls)),
         });
         let (promoter, promotions) = crate::promote::Promoter::start(Arc::downgrade(&svc));
         let _ = svc.promoter.set(promoter);
@@ -90,6 +99,8 @@ impl Manager {
         crate::bases::reconcile(&svc)?;
         crate::adopt::adopt_all(&svc).await?;
         crate::layers::reconcile(&svc)?;
+        crate::images::catalog::reconcile(&svc)?;
+        crate::images::pull::resume_interrupted(&svc)?;
         svc.collect_unused();
         let weak = Arc::downgrade(&svc);
         tokio::spawn(async move {
@@ -111,6 +122,36 @@ impl Manager {
     fn collecting<T>(&self, r: T) -> T {
         self.svc.collect_unused();
         r
+    }
+
+    /// Start pulling an OCI image (see [`crate::images::pull`]).
+    pub async fn pull_image(&self, req: PullRequest) -> Result<ImageRecord> {
+        crate::images::pull::request(&self.svc, req).await
+    }
+
+    /// Import an OCI layout or `docker save` archive on this host.
+    pub async fn import_image(
+        &self,
+        path: &std::path::Path,
+        name: Option<&str>,
+        tags: std::collections::BTreeMap<String, String>,
+    ) -> Result<ImageRecord> {
+        crate::images::pull::import(&self.svc, path, name, tags).await
+    }
+
+    pub async fn list_images(
+        &self,
+        tags: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Vec<ImageRecord>> {
+        crate::images::catalog::list(&self.svc, tags)
+    }
+
+    pub async fn get_image(&self, name: &str) -> Result<ImageRecord> {
+        crate::images::catalog::get(&self.svc, name)
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<()> {
+        crate::images::catalog::delete(&self.svc, name).await
     }
 
     pub async fn list(&self) -> Result<Vec<Instance>> {

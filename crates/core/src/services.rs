@@ -34,6 +34,10 @@ pub(crate) struct Services {
     pub ledger: Arc<crate::capacity::Ledger>,
     /// Background promotions of handed-over VMs (set once at start).
     pub promoter: std::sync::OnceLock<crate::promote::Promoter>,
+    /// Fetches and converts OCI images.
+    pub images: Arc<dyn crate::images::ImageBackend>,
+    /// Slots for image pulls running at once.
+    pub image_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Bases pinned by operations in flight: [`crate::bases::collect`] leaves

@@ -58,12 +58,45 @@ pub struct ImageRecord {
     pub status: ImageStatus,
     /// Why it failed.
     pub error: Option<String>,
+    /// A stable code for `error` (`not_found`, `unauthorized`,
+    /// `digest_mismatch`, `interrupted`, …).
+    #[serde(default)]
+    pub error_code: Option<String>,
     /// Size of the root filesystem, once ready.
     pub size_bytes: Option<u64>,
     pub config: ImageRunConfig,
     /// `os/arch`, once resolved.
     pub platform: Option<String>,
+    /// User-defined key-value tags.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Where it comes from: pulled again or imported again after a restart
+    /// that interrupted it.
+    #[serde(default)]
+    pub source: ImageSource,
     pub created_at: DateTime<Utc>,
+    /// Pulls waiting ahead of this one (pending images only; computed when
+    /// read, never stored).
+    #[serde(skip)]
+    pub queue_position: Option<usize>,
+    /// Which run of the pipeline owns the record: a run that finds another
+    /// attempt here (started over after a restart, or retried) stops.
+    #[serde(default)]
+    pub attempt: String,
+}
+
+/// Where an image's content comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ImageSource {
+    /// The registry its name refers to.
+    #[default]
+    Registry,
+    /// The registry, with credentials that were never stored: an interrupted
+    /// pull cannot resume by itself.
+    RegistryWithCredentials,
+    /// An OCI layout or `docker save` archive on the daemon's host.
+    Archive { path: std::path::PathBuf },
 }
 
 impl ImageRecord {

@@ -12,7 +12,7 @@ const IMAGE: &str = "registry.test/py:1";
 
 async fn world_with(tweak: impl FnOnce(&mut crate::Config)) -> World {
     let w = World::with(tweak).await;
-    w.add_oci_image(IMAGE);
+    w.add_oci_image(IMAGE).await;
     w
 }
 

@@ -7,6 +7,7 @@ mod disks;
 mod fork;
 mod handoff;
 mod handover;
+mod images;
 mod restore;
 
 use crate::error::{CoreError, Result};

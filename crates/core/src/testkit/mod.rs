@@ -6,10 +6,12 @@
 
 mod agent;
 mod hv;
+mod images;
 mod net;
 mod world;
 
 pub(crate) use agent::{Answer, FakeAgent};
 pub(crate) use hv::{FakeHypervisor, FakeVm, HvOp, OnResume};
+pub(crate) use images::FakeImages;
 pub(crate) use net::FakeHostNet;
 pub(crate) use world::World;

@@ -17,6 +17,7 @@ pub(crate) struct World {
     pub hv: Arc<FakeHypervisor>,
     pub net: Arc<FakeHostNet>,
     pub agent: Arc<FakeAgent>,
+    pub images: Arc<FakeImages>,
     pub cfg: Config,
     /// Holds the world's directories until it is dropped.
     _dir: tempfile::TempDir,
@@ -70,12 +71,14 @@ impl World {
             Arc::new(FakeHostNet::default()),
             Arc::new(FakeAgent::default()),
         );
-        let mgr = Self::open(&cfg, &hv, &net, &agent).await.unwrap();
+        let images = Arc::new(FakeImages::default());
+        let mgr = Self::open(&cfg, &hv, &net, &agent, &images).await.unwrap();
         World {
             mgr,
             hv,
             net,
             agent,
+            images,
             cfg,
             _dir: dir,
         }
@@ -86,6 +89,7 @@ impl World {
         hv: &Arc<FakeHypervisor>,
         net: &Arc<FakeHostNet>,
         agent: &Arc<FakeAgent>,
+        images: &Arc<FakeImages>,
     ) -> Result<Arc<Manager>> {
         let deps = Deps {
             hv: hv.clone(),
@@ -93,6 +97,7 @@ impl World {
             agent: agent.clone(),
             clock: Arc::new(SystemClock),
             accel: Accel::Tcg,
+            images: images.clone(),
         };
         Manager::open_with(cfg.clone(), deps).await
     }
@@ -100,7 +105,7 @@ impl World {
     /// A second manager on the same state and the same outside world, as
     /// after a daemon restart (adoption runs).
     pub async fn restart(&mut self) {
-        self.mgr = Self::open(&self.cfg, &self.hv, &self.net, &self.agent)
+        self.mgr = Self::open(&self.cfg, &self.hv, &self.net, &self.agent, &self.images)
             .await
             .unwrap();
     }
@@ -118,30 +123,34 @@ impl World {
         i
     }
 
-    /// Records a ready OCI image `name` whose root filesystem is an empty
-    /// file (the fakes never read it).
-    pub fn add_oci_image(&self, name: &str) {
-        let hex = format!("{:064x}", name.len());
-        let svc = self.mgr.services();
-        let rootfs = crate::images::rootfs_path(svc, &hex);
-        std::fs::create_dir_all(rootfs.parent().unwrap()).unwrap();
-        std::fs::write(&rootfs, b"erofs").unwrap();
-        svc.store
-            .insert_image(&crate::model::ImageRecord {
+    /// OCI image `name` published by the fake registry and pulled until
+    /// ready (its root filesystem is a small file the fakes never read).
+    pub async fn add_oci_image(&self, name: &str) -> crate::model::ImageRecord {
+        self.images.publish(name, &["python3", "-m", "http.server"]);
+        self.mgr
+            .pull_image(crate::images::PullRequest {
                 name: name.into(),
-                digest: Some(format!("sha256:{hex}")),
-                status: crate::model::ImageStatus::Ready,
-                error: None,
-                size_bytes: Some(5),
-                config: crate::model::ImageRunConfig {
-                    cmd: Some(vec!["python3".into(), "-m".into(), "http.server".into()]),
-                    env: vec!["PATH=/usr/bin:/bin".into()],
-                    ..Default::default()
-                },
-                platform: Some("linux/amd64".into()),
-                created_at: chrono::Utc::now(),
+                ..Default::default()
             })
+            .await
             .unwrap();
+        self.image_settled(name).await
+    }
+
+    /// Image `name` once it is ready or failed.
+    pub async fn image_settled(&self, name: &str) -> crate::model::ImageRecord {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let rec = self.mgr.get_image(name).await.unwrap();
+            if !rec.status.in_progress() {
+                return rec;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never settled: {rec:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// A Running instance of OCI image `image`.

@@ -3,6 +3,13 @@
 //! the `default` guest image plus the image's root filesystem on a
 //! read-only disk (`<data_dir>/oci/rootfs/<digest>.erofs`).
 
+mod backend;
+pub(crate) mod catalog;
+pub(crate) mod pull;
+
+pub use backend::{ImageBackend, OciBackend, OciFuture};
+pub use pull::{PLATFORM, PullRequest};
+
 use crate::error::{CoreError, Result};
 use crate::model::{ImageRecord, ImageRunConfig, ImageStatus};
 use crate::services::Services;
@@ -11,6 +18,9 @@ use std::path::PathBuf;
 /// Everything a VMM of an instance needs from its image.
 #[derive(Clone, Debug)]
 pub(crate) struct BootImage {
+    /// The name instances record: a guest image's as given, an OCI image's
+    /// normalized reference.
+    pub name: String,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// The image's root filesystem (erofs), attached read-only; `None`:
@@ -38,6 +48,7 @@ pub(crate) fn resolve(svc: &Services, name: &str) -> Result<BootImage> {
     match load_guest(svc, name) {
         Ok(guest) => {
             return Ok(BootImage {
+                name: name.to_string(),
                 kernel: guest.kernel,
                 initrd: guest.initrd,
                 rootfs: None,
@@ -53,6 +64,7 @@ pub(crate) fn resolve(svc: &Services, name: &str) -> Result<BootImage> {
         .ok_or_else(|| CoreError::Internal(format!("ready image {} has no digest", rec.name)))?;
     let guest = load_guest(svc, GUEST_IMAGE)?;
     Ok(BootImage {
+        name: rec.name.clone(),
         kernel: guest.kernel,
         initrd: guest.initrd,
         rootfs: Some(rootfs_path(svc, hex)),
@@ -62,7 +74,7 @@ pub(crate) fn resolve(svc: &Services, name: &str) -> Result<BootImage> {
 
 /// The record of OCI image `name` (as given or normalized), if ready.
 fn find_ready(svc: &Services, name: &str) -> Result<ImageRecord> {
-    let rec = svc.store.find_image(&normalize(name))?.ok_or_else(|| {
+    let rec = svc.store.find_image(&normalize(name)?)?.ok_or_else(|| {
         CoreError::NotFound(format!(
             "image {name:?} not found: pull it first (POST /images or `forkvm image pull`)"
         ))
@@ -82,10 +94,9 @@ fn find_ready(svc: &Services, name: &str) -> Result<ImageRecord> {
     }
 }
 
-/// The name images are recorded under: a reference in normalized form,
-/// anything else (an imported image's name) as given.
-pub(crate) fn normalize(name: &str) -> String {
-    name.to_string()
+/// The name images are recorded under: the reference in normalized form.
+fn normalize(name: &str) -> Result<String> {
+    pull::parse(name).map(|r| r.to_string())
 }
 
 fn load_guest(svc: &Services, name: &str) -> Result<forkvm_image::GuestImage> {
