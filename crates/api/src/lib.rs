@@ -9,6 +9,7 @@
 //! rejections.
 
 pub mod error;
+mod images;
 pub mod routes;
 pub mod server;
 pub mod wire;

@@ -86,14 +86,20 @@ where
         get_snapshot,
         delete_snapshot,
         fork_snapshot,
+        crate::images::create_image,
+        crate::images::import_image,
+        crate::images::list_images,
+        crate::images::get_image,
+        crate::images::delete_image,
     ),
     components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
-        ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork)),
+        ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork, Image, ImageStatus, PullCredentials)),
     modifiers(&BearerAuth, &CommonErrors),
     security(("bearerAuth" = [])),
     tags(
         (name = "instances", description = "VM instances"),
         (name = "snapshots", description = "Snapshots and forks from them"),
+        (name = "images", description = "OCI images: pulled or imported, converted to read-only root disks"),
         (name = "health", description = "Liveness"),
     )
 )]
@@ -193,6 +199,15 @@ pub fn router(manager: Arc<Manager>) -> Router {
             get(get_snapshot).delete(delete_snapshot),
         )
         .route("/snapshots/{snapshot_id}/fork", post(fork_snapshot))
+        .route(
+            "/images",
+            get(crate::images::list_images).post(crate::images::create_image),
+        )
+        .route("/images/import", post(crate::images::import_image))
+        .route(
+            "/images/{*name}",
+            get(crate::images::get_image).delete(crate::images::delete_image),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(

@@ -1,8 +1,9 @@
 //! A small HTTP/1 client for the daemon's unix socket.
 
 use forkvm_api::wire::{
-    AgentHealth, ErrorBody, ExecParams, ExecResponse, ForkResponse, Health, Instance,
-    InstanceCreateParams, InstanceForkParams, Snapshot, SnapshotCreateParams, SnapshotForkParams,
+    AgentHealth, ErrorBody, ExecParams, ExecResponse, ForkResponse, Health, Image,
+    ImageCreateParams, ImageImportParams, Instance, InstanceCreateParams, InstanceForkParams,
+    Snapshot, SnapshotCreateParams, SnapshotForkParams,
 };
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -212,6 +213,34 @@ impl Client {
         self.send(
             Method::DELETE,
             &format!("/instances/{}", seg(id)),
+            None,
+            "*/*",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn pull_image(&self, p: &ImageCreateParams) -> Result<Image, ClientError> {
+        self.post("/images", p).await
+    }
+
+    pub async fn import_image(&self, p: &ImageImportParams) -> Result<Image, ClientError> {
+        self.post("/images/import", p).await
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<Image>, ClientError> {
+        self.json(Method::GET, "/images", None).await
+    }
+
+    pub async fn get_image(&self, name: &str) -> Result<Image, ClientError> {
+        self.json(Method::GET, &format!("/images/{}", seg(name)), None)
+            .await
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<(), ClientError> {
+        self.send(
+            Method::DELETE,
+            &format!("/images/{}", seg(name)),
             None,
             "*/*",
         )

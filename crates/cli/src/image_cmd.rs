@@ -1,7 +1,13 @@
-//! `forkvm image build`: builds the default guest image with forkvm-image.
+//! `forkvm image …`: `build` makes the guest image (kernel + initramfs
+//! with the agent) locally; `pull`, `import`, `ls`, `inspect` and `rm`
+//! manage OCI images through the daemon.
 
+use crate::client::Client;
+use crate::output::{bytes, images_table, print_json};
 use anyhow::{Context, bail};
+use forkvm_api::wire::{Image, ImageCreateParams, ImageImportParams, ImageStatus, PullCredentials};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -62,4 +68,152 @@ pub fn image_build(args: ImageBuildArgs) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `forkvm image pull`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImagePullArgs {
+    /// Image reference, e.g. `nginx:1.25` or `127.0.0.1:5000/app:1`.
+    pub name: String,
+    /// Registry user (the password is read from stdin, one line).
+    #[arg(long, requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the registry password from stdin.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+    /// Return once the pull is queued instead of waiting until it is ready.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `forkvm image import`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImageImportArgs {
+    /// OCI layout (directory, .tar, .tar.gz) or `docker save` archive.
+    pub path: PathBuf,
+    /// The image's name (default: the name the archive gives it).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// How long `image pull` waits between looks at the pull's progress.
+const POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+pub async fn pull(c: &Client, json: bool, a: &ImagePullArgs) -> anyhow::Result<ExitCode> {
+    let credentials = match &a.username {
+        Some(u) => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from stdin")?;
+            Some(PullCredentials {
+                username: Some(u.clone()),
+                password: Some(password.trim_end_matches(['\r', '\n']).to_string()),
+                registry_token: None,
+            })
+        }
+        None => None,
+    };
+    let t0 = Instant::now();
+    let p = ImageCreateParams {
+        name: a.name.clone(),
+        credentials,
+        platform: None,
+        tags: None,
+    };
+    let mut img = c.pull_image(&p).await?;
+    let mut last = None;
+    while !a.no_wait && !matches!(img.status, ImageStatus::Ready | ImageStatus::Failed) {
+        if !json && last != Some(img.status) {
+            eprintln!("{}: {}", img.name, status_word(img.status));
+            last = Some(img.status);
+        }
+        tokio::time::sleep(POLL).await;
+        img = c.get_image(&img.name).await?;
+    }
+    report(json, &img, t0)
+}
+
+pub async fn import(c: &Client, json: bool, a: &ImageImportArgs) -> anyhow::Result<ExitCode> {
+    let path =
+        std::path::absolute(&a.path).with_context(|| format!("resolving {}", a.path.display()))?;
+    let t0 = Instant::now();
+    let img = c
+        .import_image(&ImageImportParams {
+            path: path.to_string_lossy().into_owned(),
+            name: a.name.clone(),
+            tags: None,
+        })
+        .await?;
+    report(json, &img, t0)
+}
+
+fn report(json: bool, img: &Image, t0: Instant) -> anyhow::Result<ExitCode> {
+    if json {
+        print_json(img)?;
+    } else if img.status == ImageStatus::Failed {
+        eprintln!(
+            "{}: failed ({}): {}",
+            img.name,
+            img.error_code.as_deref().unwrap_or("error"),
+            img.error.as_deref().unwrap_or("no reason given")
+        );
+    } else {
+        println!(
+            "{} {} {} {} — {:.1} s",
+            img.name,
+            status_word(img.status),
+            if img.digest.is_empty() {
+                "-"
+            } else {
+                &img.digest
+            },
+            img.size_bytes.map(bytes).unwrap_or_else(|| "-".into()),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(if img.status == ImageStatus::Failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub async fn ls(c: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let list = c.list_images().await?;
+    if json {
+        print_json(&list)?;
+    } else {
+        print!("{}", images_table(&list, chrono::Utc::now()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn inspect(c: &Client, name: &str) -> anyhow::Result<ExitCode> {
+    print_json(&c.get_image(name).await?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rm(c: &Client, names: &[String]) -> anyhow::Result<ExitCode> {
+    let mut code = ExitCode::SUCCESS;
+    for n in names {
+        match c.delete_image(n).await {
+            Ok(()) => println!("{n}"),
+            Err(e) => {
+                eprintln!("error: {n}: {e}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    Ok(code)
+}
+
+fn status_word(s: ImageStatus) -> &'static str {
+    match s {
+        ImageStatus::Pending => "pending",
+        ImageStatus::Pulling => "pulling",
+        ImageStatus::Converting => "converting",
+        ImageStatus::Ready => "ready",
+        ImageStatus::Failed => "failed",
+    }
 }

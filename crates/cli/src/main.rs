@@ -95,7 +95,7 @@ enum Cmd {
         #[arg(long, short = 'f')]
         force: bool,
     },
-    /// Guest images.
+    /// Guest and OCI images.
     Image {
         #[command(subcommand)]
         cmd: ImageCmd,
@@ -120,6 +120,23 @@ enum BenchCmd {
 enum ImageCmd {
     /// Build the default guest image (kernel + initramfs with the agent).
     Build(image_cmd::ImageBuildArgs),
+    /// Pull an OCI image from a registry and convert it (waits until ready).
+    Pull(image_cmd::ImagePullArgs),
+    /// Import an OCI layout or `docker save` archive from this host.
+    Import(image_cmd::ImageImportArgs),
+    /// List OCI images.
+    Ls,
+    /// Show one OCI image as JSON.
+    Inspect {
+        /// Image reference.
+        name: String,
+    },
+    /// Delete OCI images (refused while an instance or snapshot uses one).
+    Rm {
+        /// Image references.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 fn init_logging(default: &str, json: bool) {
@@ -181,7 +198,15 @@ async fn main() -> ExitCode {
                 Cmd::Fork(a) => commands::fork(&c, json, &a).await,
                 Cmd::Snapshot { cmd } => commands::snapshot(&c, json, &cmd).await,
                 Cmd::Rm { ids, force } => commands::rm(&c, json, &ids, force).await,
-                Cmd::Serve(_) | Cmd::Image { .. } | Cmd::Bench { .. } => {
+                Cmd::Image { cmd } => match cmd {
+                    ImageCmd::Pull(a) => image_cmd::pull(&c, json, &a).await,
+                    ImageCmd::Import(a) => image_cmd::import(&c, json, &a).await,
+                    ImageCmd::Ls => image_cmd::ls(&c, json).await,
+                    ImageCmd::Inspect { name } => image_cmd::inspect(&c, &name).await,
+                    ImageCmd::Rm { names } => image_cmd::rm(&c, &names).await,
+                    ImageCmd::Build(_) => unreachable!("handled above"),
+                },
+                Cmd::Serve(_) | Cmd::Bench { .. } => {
                     unreachable!("handled above")
                 }
             }

@@ -1,7 +1,7 @@
 //! Human-readable tables and JSON output.
 
 use chrono::{DateTime, Utc};
-use forkvm_api::wire::{ForkOutcome, Instance, Snapshot};
+use forkvm_api::wire::{ForkOutcome, Image, Instance, Snapshot};
 use serde::Serialize;
 
 /// Pretty JSON on stdout.
@@ -190,6 +190,29 @@ pub fn snapshots_table(list: &[Snapshot], now: DateTime<Utc>) -> String {
         ],
         &rows,
     )
+}
+
+/// The `image ls` table: NAME STATUS DIGEST SIZE AGE.
+pub fn images_table(list: &[Image], now: DateTime<Utc>) -> String {
+    let rows: Vec<[String; 5]> = list
+        .iter()
+        .map(|i| {
+            let status = match (&i.error_code, i.queue_position) {
+                (Some(code), _) => format!("{:?} ({code})", i.status).to_lowercase(),
+                (None, Some(q)) => format!("pending (#{})", q + 1),
+                _ => format!("{:?}", i.status).to_lowercase(),
+            };
+            let digest = i.digest.strip_prefix("sha256:").unwrap_or("-");
+            [
+                i.name.clone(),
+                status,
+                digest.chars().take(12).collect(),
+                i.size_bytes.map(bytes).unwrap_or_else(|| "-".into()),
+                age(i.created_at, now),
+            ]
+        })
+        .collect();
+    table(["NAME", "STATUS", "DIGEST", "SIZE", "AGE"], &rows)
 }
 
 /// A key/value summary of one instance.

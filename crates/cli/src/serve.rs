@@ -62,6 +62,14 @@ pub struct ServeArgs {
     /// `forkvm_agent=trace`); one plain env-filter token.
     #[arg(long, env = "FORKVM_GUEST_AGENT_LOG", value_parser = forkvm_core::config::guest_agent_log_filter)]
     pub guest_agent_log: Option<String>,
+    /// Registries to pull from over plain HTTP (`host[:port]`, repeatable
+    /// or comma-separated); loopback registries always may be.
+    #[arg(long, env = "FORKVM_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure_registry: Vec<String>,
+    /// Image pulls that run at once; more wait as `pending`.
+    #[arg(long, env = "FORKVM_IMAGE_PULLS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub image_pulls: u16,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -98,6 +106,8 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         handover_min_mib: args.handover_min_mib,
         promote_after_handover: args.promote_after_handover,
         guest_agent_log: args.guest_agent_log.clone(),
+        insecure_registries: args.insecure_registry.clone(),
+        image_pulls_parallel: usize::from(args.image_pulls),
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())
             .map_err(anyhow::Error::msg)
             .context("test hooks")?,

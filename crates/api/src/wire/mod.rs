@@ -13,6 +13,7 @@ mod exec;
 mod fork;
 mod handoff;
 mod health;
+mod image;
 mod instance;
 mod logs;
 mod size;
@@ -26,6 +27,9 @@ pub use fork::{
 };
 pub use handoff::{Handoff, HandoffPath};
 pub use health::{AgentHealth, Health};
+pub use image::{
+    Image, ImageCreateParams, ImageImportParams, ImageListQuery, ImageStatus, PullCredentials,
+};
 pub use instance::{
     DeleteQuery, Instance, InstanceCreateParams, InstanceNetwork, InstanceStartParams,
     InstanceState, ListQuery, NetworkParams,

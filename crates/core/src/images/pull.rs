@@ -89,9 +89,12 @@ pub(crate) async fn import(
             path.display()
         )));
     }
-    if !path.exists() {
-        return Err(CoreError::NotFound(format!(
-            "no archive at {}",
+    let meta = std::fs::metadata(path)
+        .map_err(|_| CoreError::NotFound(format!("no archive at {}", path.display())))?;
+    // Devices and FIFOs are no archives (and could block a reader forever).
+    if !meta.is_file() && !meta.is_dir() {
+        return Err(CoreError::Invalid(format!(
+            "{} is neither a file nor a directory",
             path.display()
         )));
     }

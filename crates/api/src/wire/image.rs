@@ -1,0 +1,243 @@
+//! OCI images: the image as returned by the API (hypeman's `Image`), the
+//! pull and import parameters and the list filter.
+
+use crate::error::ApiError;
+use chrono::{DateTime, Utc};
+use forkvm_core as core;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::{IntoParams, ToSchema};
+
+/// Image status (hypeman's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageStatus {
+    Pending,
+    Pulling,
+    Converting,
+    Ready,
+    Failed,
+}
+
+impl From<core::ImageStatus> for ImageStatus {
+    fn from(s: core::ImageStatus) -> Self {
+        match s {
+            core::ImageStatus::Pending => Self::Pending,
+            core::ImageStatus::Pulling => Self::Pulling,
+            core::ImageStatus::Converting => Self::Converting,
+            core::ImageStatus::Ready => Self::Ready,
+            core::ImageStatus::Failed => Self::Failed,
+        }
+    }
+}
+
+/// An OCI image, converted once into a read-only root disk.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    /// Normalized reference (`docker.io/library/nginx:latest`).
+    pub name: String,
+    /// Resolved manifest digest; empty until resolved.
+    pub digest: String,
+    pub status: ImageStatus,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// forkvm: a stable code for `error` (`not_found`, `unauthorized`,
+    /// `digest_mismatch`, `interrupted`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// `os/arch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// Pulls waiting ahead of this one (pending images only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<usize>,
+    /// Root disk size in bytes (once ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+impl From<core::ImageRecord> for Image {
+    fn from(r: core::ImageRecord) -> Self {
+        let ready = r.status != core::ImageStatus::Pending && r.digest.is_some();
+        let env = r
+            .config
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>();
+        Image {
+            digest: r.digest.unwrap_or_default(),
+            status: r.status.into(),
+            created_at: r.created_at,
+            cmd: r.config.cmd,
+            entrypoint: r.config.entrypoint,
+            env: ready.then_some(env),
+            working_dir: r.config.working_dir,
+            error: r.error,
+            error_code: r.error_code,
+            platform: r.platform,
+            queue_position: r.queue_position,
+            size_bytes: r.size_bytes,
+            tags: r.tags,
+            name: r.name,
+        }
+    }
+}
+
+/// Registry credentials for one pull; never stored or logged.
+#[derive(Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct PullCredentials {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Not supported: answered with 400 `unsupported`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_token: Option<String>,
+}
+
+impl std::fmt::Debug for PullCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullCredentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /images` body (hypeman's ImageCreateParams).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ImageCreateParams {
+    /// OCI image reference (`nginx:1.25`, `registry:5000/team/app@sha256:…`).
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PullCredentials>,
+    /// `os/arch[/variant]`; only `linux/amd64` runs here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+impl ImageCreateParams {
+    pub fn into_core(self) -> Result<core::PullRequest, ApiError> {
+        let credentials = match self.credentials {
+            None => None,
+            Some(c) if c.registry_token.as_deref().is_some_and(|t| !t.is_empty()) => {
+                return Err(ApiError::unsupported(
+                    "registry_token is not supported: give username and password",
+                ));
+            }
+            Some(c) => match (c.username, c.password) {
+                (None, None) => None,
+                (Some(u), Some(p)) if !u.is_empty() => Some(core::RegistryCredentials {
+                    username: u,
+                    password: p,
+                }),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "credentials need both a username and a password",
+                    ));
+                }
+            },
+        };
+        Ok(core::PullRequest {
+            name: self.name,
+            credentials,
+            platform: self.platform,
+            tags: self.tags.unwrap_or_default(),
+        })
+    }
+}
+
+/// `POST /images/import` body (forkvm): an OCI layout (directory, `.tar`,
+/// `.tar.gz`) or a `docker save` archive on the daemon's host.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ImageImportParams {
+    /// Absolute path on the daemon's host.
+    pub path: String,
+    /// The image's name; default: the name the archive gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+/// `GET /images` filter: `?tags[key]=value` as the hypeman client sends it.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+pub struct ImageListQuery {
+    /// Only images with every one of these tags.
+    #[serde(flatten)]
+    #[param(value_type = Option<Object>)]
+    pub tags: BTreeMap<String, String>,
+}
+
+impl ImageListQuery {
+    /// The tag filter from `tags[key]=value` pairs; other keys are a 400.
+    pub fn tag_filter(&self) -> Result<BTreeMap<String, String>, ApiError> {
+        let mut out = BTreeMap::new();
+        for (k, v) in &self.tags {
+            let key = k
+                .strip_prefix("tags[")
+                .and_then(|r| r.strip_suffix(']'))
+                .ok_or_else(|| ApiError::invalid(format!("unknown query parameter {k:?}")))?;
+            out.insert(key.to_string(), v.clone());
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_never_print_their_secret() {
+        let c = PullCredentials {
+            username: Some("u".into()),
+            password: Some("hunter2".into()),
+            registry_token: Some("tok".into()),
+        };
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter2") && !s.contains("tok"), "{s}");
+    }
+
+    #[test]
+    fn half_credentials_and_tokens_are_refused() {
+        let p = |c: PullCredentials| ImageCreateParams {
+            name: "a".into(),
+            credentials: Some(c),
+            platform: None,
+            tags: None,
+        };
+        let only_user = PullCredentials {
+            username: Some("u".into()),
+            ..Default::default()
+        };
+        assert!(p(only_user).into_core().is_err());
+        let token = PullCredentials {
+            registry_token: Some("t".into()),
+            ..Default::default()
+        };
+        assert!(p(token).into_core().is_err());
+        assert!(
+            p(PullCredentials::default())
+                .into_core()
+                .unwrap()
+                .credentials
+                .is_none()
+        );
+    }
+}
