@@ -100,6 +100,7 @@ pub fn load_modules() -> (usize, usize) {
         }
     };
     let base = Path::new("/lib/modules").join(&release);
+    let started = std::time::Instant::now();
     let (mut ok, mut failed) = (0, 0);
     for rel in list
         .lines()
@@ -120,7 +121,8 @@ pub fn load_modules() -> (usize, usize) {
             }
         }
     }
-    info!(loaded = ok, failed, "modules loaded");
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    info!(loaded = ok, failed, elapsed_ms, "modules loaded");
     (ok, failed)
 }
 
@@ -146,6 +148,14 @@ pub fn read_boot_config() -> BootConfig {
             BootConfig::default()
         }
     }
+}
+
+/// The kernel's uptime in milliseconds (`/proc/uptime`), for boot timing
+/// in the log; `None` if unreadable.
+pub fn kernel_uptime_ms() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some((secs * 1e3) as u64)
 }
 
 /// Last resort when the agent cannot continue: PID 1 must not exit (the kernel

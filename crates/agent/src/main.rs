@@ -70,7 +70,12 @@ fn main() {
         init::attach_console();
     }
     init_logging();
-    info!(version = env!("CARGO_PKG_VERSION"), pid1, "starting");
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pid1,
+        kernel_uptime_ms = init::kernel_uptime_ms(),
+        "starting"
+    );
     // Current-thread: spawning and reaping happen on one thread (see exec.rs).
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -159,7 +164,12 @@ async fn agent_main(pid1: bool) -> anyhow::Result<()> {
     let path = port::wait_for_port(&port_name).await;
     let port = port::Port::open(&path)?;
     eprintln!("forkvm-agent: ready");
-    info!(port = %port_name, path = %path.display(), "serving");
+    info!(
+        port = %port_name,
+        path = %path.display(),
+        kernel_uptime_ms = init::kernel_uptime_ms(),
+        "serving"
+    );
     rpc::serve_port(port, rpc::AgentService::new(state)).await?;
     Ok(())
 }
