@@ -3,6 +3,9 @@
 //! applies the boot configuration from the kernel command line (hostname,
 //! network via netlink), starts the optional entrypoint, reaps orphans, and
 //! serves the `forkvm.agent.v1.Agent` gRPC API over a virtio-serial port.
+//! On StartWorkload it mounts an OCI image's root from the host's disks
+//! (erofs image + ext4 writable layer under an overlay) and starts the
+//! image's command chrooted into it (`workload`, docs/guest-workload.md).
 //! It also arms a mailbox page and watches for resumed forks whose host wrote
 //! a new identity into it (`mailbox`, `resume`).
 //!
@@ -16,6 +19,7 @@ mod netconf;
 mod port;
 mod resume;
 mod rpc;
+mod workload;
 
 use std::io::Write;
 use std::sync::Arc;
