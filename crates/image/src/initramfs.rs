@@ -149,7 +149,10 @@ pub fn write<W: Write>(out: W, c: &Contents<'_>) -> std::io::Result<u64> {
     w.file("etc/hostname", 0o644, b"forkvm\n")?;
     w.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
     let base = format!("lib/modules/{}", c.kernel_version);
-    for (set, list_path) in [(c.modules, MODULES_LIST), (c.disk_modules, DISK_MODULES_LIST)] {
+    for (set, list_path) in [
+        (c.modules, MODULES_LIST),
+        (c.disk_modules, DISK_MODULES_LIST),
+    ] {
         let mut list = String::new();
         for m in set {
             w.file(&format!("{base}/{}", m.rel_path), 0o644, &m.data)?;
