@@ -27,6 +27,9 @@ unshare            util-linux      agent VM tests: private network namespace
 strip              binutils        agent VM tests: strips the test agent
 cpio               cpio            tests: cross-check of the initramfs writer
 zstd               zstd            tests: zstd kernel payloads
+mkfs.erofs         erofs-utils     agent VM tests: the OCI image disk (erofs)
+mkfs.ext4          e2fsprogs       agent VM tests: the writable layer's ext4 template
+qemu-img           qemu-utils      agent VM tests: the qcow2 over the template
 '
 need=()
 while read -r cmd pkg _; do
