@@ -221,7 +221,8 @@ fn wait_for_disk(sys_block: &Path, serial: &'static str) -> Result<PathBuf, Work
     }
 }
 
-/// Errno of a failed mount, for the status code mapping.
+/// Whether a mount failed because its disk or filesystem is missing (the
+/// host attached no such disk, or the module is absent): a precondition.
 pub fn is_missing_fs(errno: Errno) -> bool {
     matches!(errno, Errno::ENODEV | Errno::ENOENT | Errno::ENXIO)
 }
