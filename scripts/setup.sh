@@ -28,8 +28,8 @@ strip              binutils        agent VM tests: strips the test agent
 cpio               cpio            tests: cross-check of the initramfs writer
 zstd               zstd            tests: zstd kernel payloads
 mkfs.erofs         erofs-utils     daemon: OCI images into erofs root disks; tests (fsck.erofs)
-qemu-img           qemu-utils      daemon: qcow2 layers of writable disks
-mkfs.ext4          e2fsprogs       daemon: the empty ext4 under writable disks
+qemu-img           qemu-utils      daemon, agent VM tests: qcow2 layers of writable disks
+mkfs.ext4          e2fsprogs       daemon, agent VM tests: the empty ext4 under writable disks
 docker-registry    docker-registry tests (crates/oci): a real registry on loopback
 skopeo             skopeo          tests (crates/oci): pushes test images into it
 htpasswd           apache2-utils   tests (crates/oci): basic-auth file for the registry

@@ -483,6 +483,8 @@ mod tests {
             .unwrap();
         assert_eq!(o.exit.signal, 9);
         assert!(t0.elapsed() < Duration::from_secs(5));
+
+        crate::workload::tests::host_root_workload_starts_once(&reaper).await;
     }
 
     #[test]

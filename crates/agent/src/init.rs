@@ -14,6 +14,9 @@ use tracing::{info, warn};
 
 /// Modules to load, one path per line relative to `/lib/modules/<release>/`.
 pub const MODULES_LIST: &str = "/etc/forkvm/modules";
+/// The disk modules (virtio_blk, erofs, ext4, overlay and their dependencies),
+/// same format, loaded when a workload starts rather than at boot.
+pub const DISK_MODULES_LIST: &str = "/etc/forkvm/modules-disk";
 
 /// Mounts the pseudo filesystems. Failures are logged (stderr; logging is not
 /// up yet) and skipped: an agent with fewer mounts beats a dead PID 1.
@@ -84,11 +87,18 @@ pub fn attach_console() {
 
 /// Loads the modules listed in [`MODULES_LIST`] in order. Returns (loaded, failed).
 pub fn load_modules() -> (usize, usize) {
-    let list = match std::fs::read_to_string(MODULES_LIST) {
+    load_module_list(MODULES_LIST)
+}
+
+/// Loads the modules listed in the file `list_path` in order (a missing list
+/// loads nothing). Returns (loaded, failed); an already loaded module counts
+/// as loaded.
+pub fn load_module_list(list_path: &str) -> (usize, usize) {
+    let list = match std::fs::read_to_string(list_path) {
         Ok(l) => l,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return (0, 0),
         Err(e) => {
-            warn!(path = MODULES_LIST, error = %e, "cannot read module list");
+            warn!(path = list_path, error = %e, "cannot read module list");
             return (0, 0);
         }
     };
@@ -100,6 +110,7 @@ pub fn load_modules() -> (usize, usize) {
         }
     };
     let base = Path::new("/lib/modules").join(&release);
+    let started = std::time::Instant::now();
     let (mut ok, mut failed) = (0, 0);
     for rel in list
         .lines()
@@ -120,7 +131,14 @@ pub fn load_modules() -> (usize, usize) {
             }
         }
     }
-    info!(loaded = ok, failed, "modules loaded");
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    info!(
+        list = list_path,
+        loaded = ok,
+        failed,
+        elapsed_ms,
+        "modules loaded"
+    );
     (ok, failed)
 }
 
@@ -146,6 +164,14 @@ pub fn read_boot_config() -> BootConfig {
             BootConfig::default()
         }
     }
+}
+
+/// The kernel's uptime in milliseconds (`/proc/uptime`), for boot timing
+/// in the log; `None` if unreadable.
+pub fn kernel_uptime_ms() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some((secs * 1e3) as u64)
 }
 
 /// Last resort when the agent cannot continue: PID 1 must not exit (the kernel

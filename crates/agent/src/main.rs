@@ -3,6 +3,9 @@
 //! applies the boot configuration from the kernel command line (hostname,
 //! network via netlink), starts the optional entrypoint, reaps orphans, and
 //! serves the `forkvm.agent.v1.Agent` gRPC API over a virtio-serial port.
+//! On StartWorkload it mounts an OCI image's root from the host's disks
+//! (erofs image + ext4 writable layer under an overlay) and starts the
+//! image's command chrooted into it (`workload`, docs/guest-workload.md).
 //! It also arms a mailbox page and watches for resumed forks whose host wrote
 //! a new identity into it (`mailbox`, `resume`).
 //!
@@ -16,6 +19,7 @@ mod netconf;
 mod port;
 mod resume;
 mod rpc;
+mod workload;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -70,7 +74,12 @@ fn main() {
         init::attach_console();
     }
     init_logging();
-    info!(version = env!("CARGO_PKG_VERSION"), pid1, "starting");
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pid1,
+        kernel_uptime_ms = init::kernel_uptime_ms(),
+        "starting"
+    );
     // Current-thread: spawning and reaping happen on one thread (see exec.rs).
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -159,7 +168,12 @@ async fn agent_main(pid1: bool) -> anyhow::Result<()> {
     let path = port::wait_for_port(&port_name).await;
     let port = port::Port::open(&path)?;
     eprintln!("forkvm-agent: ready");
-    info!(port = %port_name, path = %path.display(), "serving");
+    info!(
+        port = %port_name,
+        path = %path.display(),
+        kernel_uptime_ms = init::kernel_uptime_ms(),
+        "serving"
+    );
     rpc::serve_port(port, rpc::AgentService::new(state)).await?;
     Ok(())
 }

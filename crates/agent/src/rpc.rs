@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use forkvm_proto::agent::agent_server::{Agent, AgentServer};
 use forkvm_proto::agent::{
     ExecExit, ExecOutput, ExecRequest, ExecResponse, HealthRequest, HealthResponse, NetworkConfig,
-    ReconfigureResponse, SetClockRequest, SetClockResponse, exec_output,
+    ReconfigureResponse, SetClockRequest, SetClockResponse, WorkloadSpec, WorkloadStatus,
+    exec_output,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
@@ -22,6 +23,7 @@ use crate::exec::{self, ExecError, ExecEvent, ExecSpec, Reaper};
 use crate::mailbox::Mailbox;
 use crate::netconf::{self, ApplyReport, LinkHint, NetApplyError, NetDesired, NetRequest};
 use crate::port::{MAX_FRAME_SIZE, Port};
+use crate::workload::Workload;
 
 /// Boot env flag that makes ReconfigureNetwork answer `Unimplemented`, so hosts
 /// can test their fallback path.
@@ -48,6 +50,8 @@ pub struct AgentState {
     pub netlink: rtnetlink::Handle,
     /// The armed mailbox page; `None` if setting it up failed.
     pub mailbox: Option<Arc<Mailbox>>,
+    /// The OCI workload (StartWorkload).
+    pub workload: Workload,
     counts: Mutex<BTreeMap<String, u64>>,
     // Serialises re-addressing: two concurrent plans would interleave steps.
     net_lock: tokio::sync::Mutex<()>,
@@ -67,6 +71,7 @@ impl AgentState {
             reaper,
             netlink,
             mailbox,
+            workload: Workload::default(),
             counts: Mutex::new(BTreeMap::new()),
             net_lock: tokio::sync::Mutex::new(()),
         }
@@ -232,6 +237,7 @@ impl Agent for AgentService {
             mailbox_applied_generation: mb.applied_generation,
             mailbox_applied: mb.applied,
             mailbox_rejected: mb.rejected,
+            workload: Some(self.state.workload.status()),
         }))
     }
 
@@ -349,6 +355,19 @@ impl Agent for AgentService {
         let stepped_ns = want - before_ns;
         info!(stepped_ns, "clock stepped");
         Ok(Response::new(SetClockResponse { stepped_ns }))
+    }
+
+    async fn start_workload(
+        &self,
+        req: Request<WorkloadSpec>,
+    ) -> Result<Response<WorkloadStatus>, Status> {
+        self.state.count("StartWorkload");
+        self.state.hang_if_asked().await;
+        let spec = req.into_inner();
+        match self.state.workload.start(&self.state.reaper, &spec).await {
+            Ok(status) => Ok(Response::new(status)),
+            Err(e) => Err(Status::new(e.code(), e.to_string())),
+        }
     }
 }
 

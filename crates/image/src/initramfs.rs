@@ -81,6 +81,9 @@ pub const APPLETS: &[&str] = &[
 
 /// Where the agent reads the module load order from.
 pub const MODULES_LIST: &str = "etc/forkvm/modules";
+/// Where the agent reads the load order of the disk modules from when a
+/// workload starts (after the boot modules).
+pub const DISK_MODULES_LIST: &str = "etc/forkvm/modules-disk";
 
 pub struct Contents<'a> {
     pub init: &'a [u8],
@@ -89,6 +92,8 @@ pub struct Contents<'a> {
     pub applets: &'a [&'a str],
     pub kernel_version: &'a str,
     pub modules: &'a [SelectedModule],
+    /// Loaded by the agent when a workload starts, after `modules`.
+    pub disk_modules: &'a [SelectedModule],
 }
 
 /// Applets the given busybox actually provides (`busybox --list`). If the binary can't
@@ -144,13 +149,18 @@ pub fn write<W: Write>(out: W, c: &Contents<'_>) -> std::io::Result<u64> {
     w.file("etc/hostname", 0o644, b"forkvm\n")?;
     w.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n")?;
     let base = format!("lib/modules/{}", c.kernel_version);
-    let mut list = String::new();
-    for m in c.modules {
-        w.file(&format!("{base}/{}", m.rel_path), 0o644, &m.data)?;
-        list.push_str(&m.rel_path);
-        list.push('\n');
+    for (set, list_path) in [
+        (c.modules, MODULES_LIST),
+        (c.disk_modules, DISK_MODULES_LIST),
+    ] {
+        let mut list = String::new();
+        for m in set {
+            w.file(&format!("{base}/{}", m.rel_path), 0o644, &m.data)?;
+            list.push_str(&m.rel_path);
+            list.push('\n');
+        }
+        w.file(list_path, 0o644, list.as_bytes())?;
     }
-    w.file(MODULES_LIST, 0o644, list.as_bytes())?;
     w.file(
         "etc/forkvm/kernel-version",
         0o644,

@@ -3,8 +3,9 @@
 //! Builds the image every forkvm guest boots: Debian's own kernel (resolved and
 //! downloaded with apt, never installed), unpacked to an uncompressed PVH-bootable
 //! `vmlinux` because that boots ~2 s faster under TCG than the bzImage, and an
-//! uncompressed cpio initramfs holding the forkvm agent as `/init`, busybox, and the
-//! virtio modules the agent loads in order from `/etc/forkvm/modules`.
+//! uncompressed cpio initramfs holding the forkvm agent as `/init`, busybox, the
+//! virtio modules the agent loads in order from `/etc/forkvm/modules`, and the disk
+//! modules (`/etc/forkvm/modules-disk`) it loads when an OCI workload starts.
 //!
 //! Layout under the data directory:
 //! - `images/<name>/{vmlinux,initrd.cpio,manifest.json}` — replaced atomically as a whole;
@@ -31,11 +32,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use apt::METAPACKAGE;
-pub use initramfs::{APPLETS, MODULES_LIST};
-pub use modules::WANTED_MODULES;
+pub use initramfs::{APPLETS, DISK_MODULES_LIST, MODULES_LIST};
+pub use modules::{BOOT_MODULES, DISK_MODULES};
 
 /// Bump when the image layout or builder logic changes: it invalidates every cached image.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Name of the image [`build_default_image`] builds.
 pub const DEFAULT_IMAGE: &str = "default";
 /// Default busybox binary (Debian's `busybox-static`).
@@ -80,7 +81,8 @@ pub struct GuestImage {
     pub initrd: PathBuf,
     /// `uname -r` of the kernel, e.g. `6.1.0-56-amd64`.
     pub kernel_version: String,
-    /// Modules packed, in load order, relative to `/lib/modules/<kernel_version>/`.
+    /// Modules packed, in load order, relative to `/lib/modules/<kernel_version>/`:
+    /// the boot modules, then the disk modules the agent loads on demand.
     pub modules: Vec<String>,
     pub built_at: DateTime<Utc>,
     /// sha256 (hex) over the build inputs; equal digest = same image.
@@ -274,7 +276,12 @@ pub fn build_image(
         kernel: final_dir.join(KERNEL_FILE),
         initrd: final_dir.join(INITRD_FILE),
         kernel_version: kernel.kernel_version.clone(),
-        modules: kernel.modules.iter().map(|m| m.rel_path.clone()).collect(),
+        modules: kernel
+            .modules
+            .iter()
+            .chain(&kernel.disk_modules)
+            .map(|m| m.rel_path.clone())
+            .collect(),
         built_at: Utc::now(),
         inputs_digest: digest,
         kernel_package: resolved.package.clone(),
@@ -381,7 +388,8 @@ fn inputs_digest(agent: &[u8], busybox: &[u8], resolved: &apt::Resolved) -> Stri
     field("busybox", busybox);
     field("kernel-package", resolved.package.as_bytes());
     field("kernel-version", resolved.version.as_bytes());
-    field("modules", WANTED_MODULES.join(",").as_bytes());
+    field("modules", BOOT_MODULES.join(",").as_bytes());
+    field("disk-modules", DISK_MODULES.join(",").as_bytes());
     field("applets", APPLETS.join(",").as_bytes());
     hex::encode(h.finalize())
 }
@@ -390,7 +398,10 @@ fn inputs_digest(agent: &[u8], busybox: &[u8], resolved: &apt::Resolved) -> Stri
 struct KernelArtifacts {
     vmlinux: PathBuf,
     kernel_version: String,
+    /// Loaded at boot, in order.
     modules: Vec<modules::SelectedModule>,
+    /// Loaded when a workload starts, in order, after `modules`.
+    disk_modules: Vec<modules::SelectedModule>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -400,8 +411,11 @@ struct KernelMeta {
     version: String,
     kernel_version: String,
     wanted: Vec<String>,
-    /// (name, rel_path) in load order.
+    wanted_disk: Vec<String>,
+    /// (name, rel_path) in load order: at boot.
     modules: Vec<(String, String)>,
+    /// (name, rel_path) in load order: when a workload starts, after `modules`.
+    disk_modules: Vec<(String, String)>,
 }
 
 /// The initramfs (agent as `/init`, busybox, modules) at `path`, synced;
@@ -424,6 +438,7 @@ fn write_initrd(
             applets: &applets,
             kernel_version: &kernel.kernel_version,
             modules: &kernel.modules,
+            disk_modules: &kernel.disk_modules,
         },
     )
     .map_err(|e| ImageError::io(path, e))?;
@@ -486,8 +501,9 @@ fn ensure_kernel(
 ) -> Result<KernelArtifacts, ImageError> {
     let dir = kernel_cache.join(format!("{}_{}", resolved.package, resolved.version));
     let extracted = dir.join("extracted");
-    let wanted: Vec<String> = WANTED_MODULES.iter().map(|s| s.to_string()).collect();
-    if let Some(k) = load_extracted(&extracted, resolved, &wanted) {
+    let wanted: Vec<String> = BOOT_MODULES.iter().map(|s| s.to_string()).collect();
+    let wanted_disk: Vec<String> = DISK_MODULES.iter().map(|s| s.to_string()).collect();
+    if let Some(k) = load_extracted(&extracted, resolved, &wanted, &wanted_disk) {
         tracing::info!(dir = %extracted.display(), "kernel cache hit");
         return Ok(k);
     }
@@ -518,8 +534,14 @@ fn ensure_kernel(
 
     progress.stage("selecting modules");
     let modules_dir = root.join("lib/modules").join(&kernel_version);
-    let wanted_refs: Vec<&str> = wanted.iter().map(String::as_str).collect();
-    let selected = modules::select_modules(&modules_dir, &wanted_refs)?;
+    let mut sets = modules::select_module_sets(&modules_dir, &[BOOT_MODULES, DISK_MODULES])?;
+    let disk = sets.pop().unwrap_or_default();
+    let at_boot = sets.pop().unwrap_or_default();
+    let pairs = |set: &[modules::SelectedModule]| -> Vec<(String, String)> {
+        set.iter()
+            .map(|m| (m.name.clone(), m.rel_path.clone()))
+            .collect()
+    };
 
     let out = work.path().join("extracted");
     let meta = KernelMeta {
@@ -528,27 +550,29 @@ fn ensure_kernel(
         version: resolved.version.clone(),
         kernel_version: kernel_version.clone(),
         wanted,
-        modules: selected
-            .iter()
-            .map(|m| (m.name.clone(), m.rel_path.clone()))
-            .collect(),
+        wanted_disk,
+        modules: pairs(&at_boot),
+        disk_modules: pairs(&disk),
     };
     let extras = [
         (boot.join(format!("config-{kernel_version}")), "config"),
         (modules_dir.join("modules.builtin"), "modules.builtin"),
     ];
-    write_extraction(&out, &vmlinux, &extras, &selected, &meta)?;
+    let all: Vec<modules::SelectedModule> = at_boot.iter().chain(&disk).cloned().collect();
+    write_extraction(&out, &vmlinux, &extras, &all, &meta)?;
     install_dir(&out, &extracted)?;
     tracing::info!(
         kernel_version = %kernel_version,
         vmlinux_bytes = vmlinux.len(),
         modules = ?meta.modules.iter().map(|m| m.0.as_str()).collect::<Vec<_>>(),
+        disk_modules = ?meta.disk_modules.iter().map(|m| m.0.as_str()).collect::<Vec<_>>(),
         "kernel extracted"
     );
     Ok(KernelArtifacts {
         vmlinux: extracted.join(KERNEL_FILE),
         kernel_version,
-        modules: selected,
+        modules: at_boot,
+        disk_modules: disk,
     })
 }
 
@@ -556,6 +580,7 @@ fn load_extracted(
     extracted: &Path,
     resolved: &apt::Resolved,
     wanted: &[String],
+    wanted_disk: &[String],
 ) -> Option<KernelArtifacts> {
     let meta: KernelMeta =
         serde_json::from_slice(&fs::read(extracted.join("kernel.json")).ok()?).ok()?;
@@ -563,24 +588,32 @@ fn load_extracted(
         || meta.package != resolved.package
         || meta.version != resolved.version
         || meta.wanted != wanted
+        || meta.wanted_disk != wanted_disk
     {
         return None;
     }
-    let mut modules = Vec::new();
-    for (name, rel_path) in meta.modules {
-        let data = fs::read(extracted.join("modules").join(&rel_path)).ok()?;
-        modules.push(modules::SelectedModule {
-            name,
-            rel_path,
-            data,
-        });
-    }
+    let read = |pairs: Vec<(String, String)>| -> Option<Vec<modules::SelectedModule>> {
+        pairs
+            .into_iter()
+            .map(|(name, rel_path)| {
+                let data = fs::read(extracted.join("modules").join(&rel_path)).ok()?;
+                Some(modules::SelectedModule {
+                    name,
+                    rel_path,
+                    data,
+                })
+            })
+            .collect()
+    };
+    let modules = read(meta.modules)?;
+    let disk_modules = read(meta.disk_modules)?;
     let vmlinux = extracted.join(KERNEL_FILE);
     fs::metadata(&vmlinux).ok()?;
     Some(KernelArtifacts {
         vmlinux,
         kernel_version: meta.kernel_version,
         modules,
+        disk_modules,
     })
 }
 

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use crate::ImageError;
 use crate::decompress::module_bytes;
 
-/// The virtio stack the guest needs, in the load order that works (qemu-facts.md).
-pub const WANTED_MODULES: &[&str] = &[
+/// The virtio stack every guest needs at boot, in the load order that works
+/// (qemu-facts.md). The agent loads these before it serves.
+pub const BOOT_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_pci_legacy_dev",
@@ -22,6 +23,24 @@ pub const WANTED_MODULES: &[&str] = &[
     "net_failover",
     "virtio_net",
     "virtio_console",
+];
+
+/// What an OCI image's workload needs from its disks (docs/guest-workload.md):
+/// the block driver, erofs for the read-only image, ext4 for the writable
+/// layer and overlayfs joining them; dependencies (jbd2, mbcache, crc16,
+/// libcrc32c…) follow from each module's `depends=`. Packed beside the boot
+/// modules but loaded by the agent only when a workload starts: loading them
+/// at boot cost ~200 ms of every boot under TCG (docs/image.md).
+pub const DISK_MODULES: &[&str] = &[
+    "virtio_blk",
+    // Not a `depends=` of anything: ext4 and jbd2 ask the crypto API for
+    // "crc32c" at mount time and libcrc32c (erofs' dependency) at load time,
+    // which would need modprobe (absent) to find it. So it is listed, and
+    // before erofs.
+    "crc32c_generic",
+    "erofs",
+    "ext4",
+    "overlay",
 ];
 
 /// One module selected for the initramfs, already decompressed.
@@ -85,11 +104,23 @@ pub fn index_modules(modules_dir: &Path) -> Result<BTreeMap<String, PathBuf>, Im
 /// Resolves `wanted` plus their module dependencies into load order. Builtins are skipped;
 /// a wanted module that is neither builtin nor present is skipped with a warning (the
 /// kernel config may not have it), but a missing *dependency* is an error because the
-/// dependent module could not load.
+/// dependent module could not load. (The one-list form of [`select_module_sets`].)
+#[cfg(test)]
 pub fn select_modules(
     modules_dir: &Path,
     wanted: &[&str],
 ) -> Result<Vec<SelectedModule>, ImageError> {
+    let mut sets = select_module_sets(modules_dir, &[wanted])?;
+    Ok(sets.pop().unwrap_or_default())
+}
+
+/// [`select_modules`] for several lists loaded one after the other: each
+/// list's result holds only what the lists before it did not already load,
+/// so every list is a valid load order once its predecessors are loaded.
+pub fn select_module_sets(
+    modules_dir: &Path,
+    sets: &[&[&str]],
+) -> Result<Vec<Vec<SelectedModule>>, ImageError> {
     let builtin = builtin_names(modules_dir)?;
     let index = index_modules(modules_dir)?;
     let mut ctx = Ctx {
@@ -100,19 +131,23 @@ pub fn select_modules(
         visiting: BTreeSet::new(),
         out: Vec::new(),
     };
-    for name in wanted {
-        let name = normalize(name);
-        if builtin.contains(&name) {
-            tracing::debug!(module = %name, "builtin; not packed");
-            continue;
+    let mut result = Vec::new();
+    for wanted in sets {
+        for name in *wanted {
+            let name = normalize(name);
+            if builtin.contains(&name) {
+                tracing::debug!(module = %name, "builtin; not packed");
+                continue;
+            }
+            if !index.contains_key(&name) {
+                tracing::warn!(module = %name, "module not in this kernel; skipped");
+                continue;
+            }
+            ctx.visit(&name)?;
         }
-        if !index.contains_key(&name) {
-            tracing::warn!(module = %name, "module not in this kernel; skipped");
-            continue;
-        }
-        ctx.visit(&name)?;
+        result.push(std::mem::take(&mut ctx.out));
     }
-    Ok(ctx.out)
+    Ok(result)
 }
 
 struct Ctx<'a> {
@@ -337,6 +372,27 @@ mod tests {
             sel[6].rel_path,
             "kernel/drivers/char/hw_random/virtio-rng.ko"
         );
+    }
+
+    #[test]
+    fn later_sets_hold_only_what_earlier_ones_did_not_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path();
+        let put = |rel: &str, deps: &str| {
+            let p = m.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, fake_module(deps)).unwrap();
+        };
+        put("kernel/drivers/virtio/virtio_ring.ko", "");
+        put("kernel/drivers/virtio/virtio.ko", "virtio_ring");
+        put("kernel/drivers/block/virtio_blk.ko", "virtio,virtio_ring");
+        put("kernel/fs/ext4/ext4.ko", "jbd2,crc16");
+        put("kernel/fs/jbd2/jbd2.ko", "");
+        put("kernel/lib/crc16.ko", "");
+        let sets = select_module_sets(m, &[&["virtio"], &["virtio_blk", "ext4"]]).unwrap();
+        let names = |s: &[SelectedModule]| s.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&sets[0]), ["virtio_ring", "virtio"]);
+        assert_eq!(names(&sets[1]), ["virtio_blk", "jbd2", "crc16", "ext4"]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Builds the real image from Debian's kernel package (apt-get download, the product
 //! path) and boots it once under QEMU TCG with a test `/init` script that loads the
-//! modules listed in `/etc/forkvm/modules`. Skip with `FORKVM_TEST_IMAGE=0`.
+//! modules listed in `/etc/forkvm/modules` and then those in `/etc/forkvm/modules-disk`
+//! (which the agent loads when a workload starts). Skip with `FORKVM_TEST_IMAGE=0`.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -10,7 +11,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use forkvm_image::{
-    ImageInputs, MODULES_LIST, NoProgress, build_default_image, list_images, load_image,
+    DISK_MODULES_LIST, ImageInputs, MODULES_LIST, NoProgress, build_default_image, list_images,
+    load_image,
 };
 
 /// Stand-in for the agent: busybox sh script as /init (the real agent is another crate).
@@ -20,10 +22,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo FVT-INIT-START
 v=$(cat /etc/forkvm/kernel-version)
-while read -r m; do
-  if insmod "/lib/modules/$v/$m"; then echo "FVT-LOADED $m"; else echo "FVT-FAILED $m"; fi
-done < /etc/forkvm/modules
+for list in /etc/forkvm/modules /etc/forkvm/modules-disk; do
+  while read -r m; do
+    if insmod "/lib/modules/$v/$m"; then echo "FVT-LOADED $m"; else echo "FVT-FAILED $m"; fi
+  done < $list
+done
 echo "FVT-NET $(ls /sys/class/net | tr '\n' ' ')"
+echo "FVT-FS $(grep -oE 'erofs|ext4|overlay' /proc/filesystems | tr '\n' ' ')"
 echo "FVT-DRIVERS $(ls /sys/bus/virtio/drivers | tr '\n' ' ')"
 echo "FVT-APPLETS $(ls /bin | wc -l)"
 echo FVT-DONE
@@ -135,6 +140,7 @@ fn builds_real_image_caches_it_and_boots_it() {
             "etc/group",
             "etc/hostname",
             MODULES_LIST,
+            DISK_MODULES_LIST,
         ] {
             assert!(entries.contains(must), "initramfs lacks {must}");
         }
@@ -305,8 +311,14 @@ fn boot(img: &forkvm_image::GuestImage) {
     );
     let drivers = line("FVT-DRIVERS");
     // virtio bus drivers register whether modular or builtin (6.1 and 6.12 alike).
-    for d in ["virtio_net", "virtio_console"] {
+    for d in ["virtio_net", "virtio_console", "virtio_blk"] {
         assert!(drivers.contains(d), "{d} driver missing: {drivers}");
+    }
+    // The disk modules register their filesystems (crc32c was found by
+    // libcrc32c and ext4 without modprobe).
+    let fs = line("FVT-FS");
+    for f in ["erofs", "ext4", "overlay"] {
+        assert!(fs.contains(f), "{f} filesystem missing: {fs}");
     }
     eprintln!("{}", line("FVT-APPLETS"));
 }

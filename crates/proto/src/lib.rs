@@ -5,14 +5,18 @@
 //!   over a virtio-serial port; the host reaches it through QEMU's unix socket.
 //! * [`boot`]: the [`BootConfig`] the host puts on the guest kernel command line
 //!   (`forkvm.cfg=<base64url(json)>`) and the agent reads back at start.
+//! * [`workload`]: the checks of a [`agent::WorkloadSpec`] (bounds, `KEY=VALUE`
+//!   env, the OCI `user` forms) shared by the agent and hosts.
 //! * [`client`]: a host-side helper to open an [`agent::agent_client::AgentClient`]
 //!   over a unix socket.
 
 pub mod boot;
 pub mod client;
+pub mod workload;
 
 pub use boot::{AGENT_PORT_NAME, BootConfig, BootConfigError, BootNetwork, CMDLINE_KEY};
 pub use client::{ConnectError, connect_unix};
+pub use workload::{IdOrName, SpecError, UserSpec, ValidSpec};
 
 /// Most output the non-streaming Exec returns per stream (stdout, stderr);
 /// the agent reads and discards the rest so the command never blocks.

@@ -6,7 +6,7 @@
 use forkvm_proto::agent::agent_server::{Agent, AgentServer};
 use forkvm_proto::agent::{
     ExecOutput, ExecRequest, ExecResponse, HealthRequest, HealthResponse, NetworkConfig,
-    ReconfigureResponse, SetClockRequest, SetClockResponse,
+    ReconfigureResponse, SetClockRequest, SetClockResponse, WorkloadSpec, WorkloadStatus,
 };
 use forkvm_proto::{MAX_REPLY_BYTES, connect_unix};
 use std::time::Duration;
@@ -48,6 +48,12 @@ impl Agent for Bloated {
         &self,
         _: Request<SetClockRequest>,
     ) -> Result<Response<SetClockResponse>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
+    async fn start_workload(
+        &self,
+        _: Request<WorkloadSpec>,
+    ) -> Result<Response<WorkloadStatus>, Status> {
         Err(Status::unimplemented("not here"))
     }
 }

@@ -48,8 +48,26 @@ const MODULES: &[&str] = &[
     "kernel/drivers/char/virtio_console.ko",
 ];
 const APPLETS: &[&str] = &[
-    "sh", "ip", "ls", "cat", "echo", "httpd", "sleep", "date", "true", "ps",
+    "sh", "ip", "ls", "cat", "echo", "httpd", "sleep", "date", "true", "ps", "sync",
 ];
+
+/// The disk modules (`disk_modules` of kernel.json: name and path, in load
+/// order) the agent loads on StartWorkload; empty for a kernel extraction
+/// made before they were packed.
+pub fn disk_modules() -> Vec<String> {
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(kdir().join("kernel.json")).expect("kernel.json in FORKVM_TEST_KERNEL_DIR"),
+    )
+    .expect("kernel.json");
+    meta["disk_modules"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m[1].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 /// Fails unless the agent binary has no ELF interpreter (i.e. is static).
 fn assert_static(bin: &Path) {
@@ -115,6 +133,17 @@ fn build_initramfs(dir: &Path) -> PathBuf {
         (MODULES.join("\n") + "\n").as_bytes(),
     )
     .unwrap();
+    let disk = disk_modules();
+    for m in &disk {
+        let ko = std::fs::read(kdir().join("modules").join(m)).unwrap();
+        w.file(&format!("{mdir}/{m}"), 0o644, &ko).unwrap();
+    }
+    w.file(
+        "etc/forkvm/modules-disk",
+        0o644,
+        (disk.join("\n") + "\n").as_bytes(),
+    )
+    .unwrap();
     w.finish().unwrap();
     img
 }
@@ -138,6 +167,8 @@ pub struct BootOpts {
     /// Guest RAM in a shared memory file on /dev/shm, `-device vmgenid` and a
     /// QMP socket: what a forkvm host uses for snapshots and mailbox patches.
     pub mem_file: bool,
+    /// More QEMU arguments (disks).
+    pub qemu_args: Vec<String>,
 }
 
 /// A running guest; killed and reaped on drop.
@@ -175,7 +206,7 @@ impl Vm {
             cfg,
             BootOpts {
                 nic,
-                mem_file: false,
+                ..Default::default()
             },
         )
     }
@@ -281,6 +312,7 @@ impl Vm {
                 .arg("-object")
                 .arg(format!("filter-dump,id=dump0,netdev=n0,file={}", pcap.display()));
         }
+        cmd.args(&opts.qemu_args);
         let launched = Instant::now();
         let child = cmd.stdin(Stdio::null()).spawn().unwrap();
         Vm {
@@ -294,6 +326,12 @@ impl Vm {
             launched,
             _dir: dir,
         }
+    }
+
+    /// Kills QEMU and waits for it (the guest gets no shutdown: sync first).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn console(&self) -> String {

@@ -23,6 +23,7 @@ pub fn boot_mailbox_vm(env: BTreeMap<String, String>) -> Vm {
         BootOpts {
             nic: Nic::Switch,
             mem_file: true,
+            ..Default::default()
         },
     )
 }

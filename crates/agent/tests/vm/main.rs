@@ -1,7 +1,8 @@
 //! Boots the static agent as /init in a real QEMU guest (TCG) and drives it
 //! over the virtio-serial unix socket with the forkvm-proto client.
 //!
-//! Needs qemu-system-x86_64, busybox-static, `unshare` (util-linux) and the
+//! Needs qemu-system-x86_64, busybox-static, `unshare` (util-linux), mkfs.erofs,
+//! mkfs.ext4 and qemu-img (the workload test's disks) and the
 //! extracted Debian kernel of the image cache (`FORKVM_TEST_KERNEL_DIR`; all set
 //! up by `scripts/setup.sh`). Ignored by default because the agent must be built
 //! static: run `crates/agent/scripts/vm-test.sh`, as `scripts/test.sh` does.
@@ -15,12 +16,14 @@
 //! Layout: the tests are here, each a list of phases; [`guest`] boots the VM
 //! and runs commands in it, [`switch`] is the other end of the NIC for the
 //! mailbox tests, [`qmp`] pauses and resumes the VM and [`mailbox`] plays the
-//! host's side of a handoff.
+//! host's side of a handoff; [`workload`] boots with an OCI image's disks and
+//! drives StartWorkload.
 
 mod guest;
 mod mailbox;
 mod qmp;
 mod switch;
+mod workload;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
