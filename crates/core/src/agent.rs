@@ -115,6 +115,16 @@ pub trait GuestAgent: Send + Sync {
         policy: CallPolicy,
     ) -> AgentFuture<'a, ()>;
 
+    /// Start the image's workload (idempotent: a started one is reported
+    /// as it is, never started twice).
+    fn start_workload<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        spec: pb::WorkloadSpec,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::WorkloadStatus>;
+
     /// Drop the cached connection of an instance (stop, delete, restore).
     fn forget(&self, id: &str);
 }
@@ -138,7 +148,11 @@ fn map_status(op: &'static str, status: Status) -> AgentError {
     let message = status.message().to_string();
     match status.code() {
         Code::Unimplemented => AgentError::Unimplemented { op, message },
-        Code::InvalidArgument => AgentError::Rejected { op, message },
+        // The request or the image is at fault (no such program, user or
+        // disk in the image): the caller can fix it.
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => {
+            AgentError::Rejected { op, message }
+        }
         _ => AgentError::Failed { op, message },
     }
 }
@@ -240,6 +254,21 @@ impl GuestAgent for AgentLinks {
             let req = req.clone();
             async move { c.exec(req).await }
         }))
+    }
+
+    fn start_workload<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        spec: pb::WorkloadSpec,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::WorkloadStatus> {
+        Box::pin(
+            self.call(id, socket, "StartWorkload", policy, move |mut c| {
+                let spec = spec.clone();
+                async move { c.start_workload(spec).await }
+            }),
+        )
     }
 
     fn set_clock<'a>(

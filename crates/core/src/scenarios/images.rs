@@ -306,3 +306,56 @@ async fn an_archive_is_imported_under_its_own_name_or_a_given_one() {
         .expect_err("relative");
     assert_eq!(e.kind(), ErrorKind::Invalid);
 }
+
+#[tokio::test]
+async fn an_image_instance_starts_its_workload_with_the_overrides() {
+    let w = World::new().await;
+    w.add_oci_image("registry.test/app:1").await;
+    let i = w
+        .mgr
+        .create(CreateRequest {
+            name: "vm".into(),
+            image: Some("registry.test/app:1".into()),
+            cmd: Some(vec!["-m".into(), "http.server".into(), "9000".into()]),
+            env: [("MODE".to_string(), "test".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = w.agent.workloads();
+    assert_eq!(started.len(), 1);
+    let (id, spec) = &started[0];
+    assert_eq!(id, &i.id);
+    assert_eq!(
+        spec.argv,
+        ["-m", "http.server", "9000"],
+        "cmd replaces the image's"
+    );
+    assert!(
+        spec.env.contains(&"MODE=test".to_string()),
+        "{:?}",
+        spec.env
+    );
+    assert!(!spec.host_root);
+    // A guest-image instance runs its entrypoint from the initramfs.
+    w.running("plain").await;
+    assert_eq!(w.agent.workloads().len(), 1);
+}
+
+#[tokio::test]
+async fn a_workload_the_guest_refuses_fails_the_create_and_leaves_nothing() {
+    let w = World::new().await;
+    w.add_oci_image("registry.test/app:1").await;
+    w.agent.workload(crate::testkit::Answer::Fail);
+    let e = w
+        .mgr
+        .create(CreateRequest {
+            name: "vm".into(),
+            image: Some("registry.test/app:1".into()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("workload failed");
+    assert_eq!(e.kind(), ErrorKind::Failed, "{e}");
+    w.assert_only(&[]).await;
+}

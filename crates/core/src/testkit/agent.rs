@@ -19,6 +19,9 @@ struct AgentState {
     reconfigure: Answer,
     exec: Answer,
     exec_exit: i32,
+    workload: Answer,
+    /// The last workload spec per instance.
+    workloads: Vec<(String, pb::WorkloadSpec)>,
     /// `(marker, gpa)` reported in Health.
     mailbox: Option<([u8; 16], u64)>,
     /// `(op, instance id)` of every call.
@@ -37,6 +40,8 @@ impl Default for FakeAgent {
                 reconfigure: Answer::Ok,
                 exec: Answer::Ok,
                 exec_exit: 0,
+                workload: Answer::Ok,
+                workloads: vec![],
                 mailbox: None,
                 calls: vec![],
             }),
@@ -61,6 +66,15 @@ impl FakeAgent {
         let mut st = self.st();
         st.exec = a;
         st.exec_exit = exit;
+    }
+
+    pub fn workload(&self, a: Answer) {
+        self.st().workload = a;
+    }
+
+    /// The workloads started, `(instance id, spec)`, in order.
+    pub fn workloads(&self) -> Vec<(String, pb::WorkloadSpec)> {
+        self.st().workloads.clone()
     }
 
     pub fn report_mailbox(&self, marker: [u8; 16], gpa: u64) {
@@ -167,6 +181,26 @@ impl GuestAgent for FakeAgent {
     ) -> AgentFuture<'a, ()> {
         let _ = self.answer("SetClock", id, |_| Answer::Ok);
         Box::pin(respond("SetClock", Answer::Ok, policy, ()))
+    }
+
+    fn start_workload<'a>(
+        &'a self,
+        id: &'a str,
+        _socket: &'a Path,
+        spec: pb::WorkloadSpec,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::WorkloadStatus> {
+        let a = self.answer("StartWorkload", id, |s| s.workload.clone());
+        if a == Answer::Ok {
+            self.st().workloads.push((id.to_string(), spec));
+        }
+        let status = pb::WorkloadStatus {
+            state: pb::workload_status::State::Running as i32,
+            pid: 100,
+            started: true,
+            ..Default::default()
+        };
+        Box::pin(respond("StartWorkload", a, policy, status))
     }
 
     fn forget(&self, _id: &str) {}
