@@ -33,6 +33,8 @@ mkfs.ext4          e2fsprogs       daemon, agent VM tests: the empty ext4 under 
 docker-registry    docker-registry tests (crates/oci): a real registry on loopback
 skopeo             skopeo          tests (crates/oci): pushes test images into it
 htpasswd           apache2-utils   tests (crates/oci): basic-auth file for the registry
+mmdebstrap         mmdebstrap      OCI test image (scripts/oci-fixture.sh): the Debian rootfs
+umoci              umoci           OCI test image: layers and config of the layout
 '
 need=()
 while read -r cmd pkg _; do

@@ -19,6 +19,9 @@ export FORKVM_TEST_IMAGES=$DATA_DIR/images
 # The extracted guest kernel (vmlinux + modules) for tests that build their own initramfs.
 FORKVM_TEST_KERNEL_DIR=$(ls -d "$DATA_DIR"/cache/kernel/*/extracted | tail -n 1)
 export FORKVM_TEST_KERNEL_DIR FORKVM_TEST_KERNEL=$FORKVM_TEST_KERNEL_DIR/vmlinux
+# The OCI test image (cached by its inputs) the image tests push into registries.
+FORKVM_TEST_OCI_LAYOUT=$(FORKVM_DATA_DIR=$DATA_DIR ./scripts/oci-fixture.sh)
+export FORKVM_TEST_OCI_LAYOUT
 echo "==> cargo fmt --check / clippy" >&2
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

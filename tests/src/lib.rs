@@ -10,6 +10,8 @@
 //! `$FORKVM_TEST_IMAGES`, default `/var/lib/forkvm/images`) and linked into
 //! each test's data directory.
 
+pub mod registry;
+
 use anyhow::{Context, Result, bail, ensure};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;

@@ -19,6 +19,8 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Loading the disk modules and mounting is ~0.5 s under TCG; a retry of
 /// the (idempotent) call is safe.
 const WORKLOAD_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The guest's sync before a stop.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MEMORY_MB: u32 = 256;
 const DEFAULT_VCPUS: u32 = 1;
 const MAX_VCPUS: u32 = 64;
@@ -290,11 +292,32 @@ pub(crate) async fn stop(svc: &Services, id_or_name: &str) -> Result<Instance> {
         }
         _ => {}
     }
+    if inst.state == InstanceState::Running && inst.disk_top.is_some() {
+        flush_disks(svc, &inst).await;
+    }
     teardown::stop_vmm(svc, &inst).await;
     inst.to_stopped(None, svc.now());
     svc.store.update_instance(&inst)?;
     info!(instance = %inst.id, "instance stopped");
     Ok(inst)
+}
+
+/// Stopping ends the VMM at once; what the guest still holds in its page
+/// cache would be lost with it, so the writable disk is synced first. Best
+/// effort and bounded: a guest that does not answer is stopped anyway.
+async fn flush_disks(svc: &Services, inst: &Instance) {
+    let req = pb::ExecRequest {
+        argv: vec!["sync".into()],
+        timeout_ms: FLUSH_TIMEOUT.as_millis() as u32,
+        ..Default::default()
+    };
+    let socket = svc.paths(inst).agent_socket;
+    let policy = CallPolicy::within(FLUSH_TIMEOUT, FLUSH_TIMEOUT);
+    match svc.agent.exec(&inst.id, &socket, req, policy).await {
+        Ok(r) if r.exit_code == 0 => {}
+        Ok(r) => warn!(instance = %inst.id, exit = r.exit_code, "sync before stop failed"),
+        Err(e) => warn!(instance = %inst.id, error = %e, "sync before stop failed"),
+    }
 }
 
 pub(crate) async fn delete(svc: &Services, id_or_name: &str) -> Result<()> {

@@ -24,9 +24,10 @@ fn top_file(w: &World, i: &Instance) -> PathBuf {
     crate::layers::path(w.mgr.services(), i.disk_top.as_deref().unwrap())
 }
 
-/// What the instance's VMM writes to, as the hypervisor sees it.
+/// What the instance's VMM (by its recorded pid: an old generation may
+/// still be retiring) writes to, as the hypervisor sees it.
 fn vm_disk(w: &World, i: &Instance) -> Option<PathBuf> {
-    w.hv.live().get(&i.id).and_then(|v| v.disk_top.clone())
+    w.hv.vm_of(i.pid?).and_then(|v| v.disk_top)
 }
 
 #[tokio::test]

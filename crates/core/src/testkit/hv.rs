@@ -120,6 +120,11 @@ impl FakeHypervisor {
             .collect()
     }
 
+    /// VMM `pid`, if it lives.
+    pub fn vm_of(&self, pid: u32) -> Option<FakeVm> {
+        self.st().vms.get(&pid).cloned()
+    }
+
     /// The run state of VMM `pid`, if it lives.
     pub fn state_of(&self, pid: u32) -> Option<RunState> {
         self.st().vms.get(&pid).map(|v| v.state.clone())
