@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Builds the OCI test image (an OCI layout) the demo and the end-to-end tests
-# push into a local registry: a Debian rootfs with busybox made by
-# mmdebstrap, plus a second layer with a web root, served by busybox httpd
-# on port 8080 as user `web`.
+# push into a local registry: a Debian root with python3 made by mmdebstrap
+# from the package mirror, plus a second layer with a web root that
+# `python3 -m http.server 8080` serves as user `web`.
 #
 # Cached: the layout lands in $DATA_DIR/cache/oci-fixture/<key>/layout,
 # <key> hashing this script and the versions of the packages it installs;
 # an unchanged key reuses it. Prints the layout's path (tag `1`).
 set -euo pipefail
 DATA_DIR=${FORKVM_DATA_DIR:-/var/lib/forkvm}
-PACKAGES=busybox-static,base-files,netbase
+PACKAGES=python3
 log() { echo "==> oci-fixture: $*" >&2; }
 
 versions=$(apt-cache policy ${PACKAGES//,/ } | awk '/^[a-z]/{p=$1} /Candidate:/{print p, $2}')
@@ -26,13 +26,14 @@ rm -rf "$out" && mkdir -p "$out"
 work=$(mktemp -d "$out/work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-# Layer 1: Debian's busybox (packages extracted, no maintainer scripts;
-# the extract variant runs no customize hooks, so the rest is done here),
-# its applets, and users root and web.
-mmdebstrap --quiet --variant=extract --include="$PACKAGES" bookworm "$work/rootfs" >&2
-chroot "$work/rootfs" /bin/busybox --install -s /bin
-printf 'root:x:0:0:root:/root:/bin/sh\nweb:x:1000:1000:web:/srv:/bin/sh\n' > "$work/rootfs/etc/passwd"
-printf 'root:x:0:\nweb:x:1000:\n' > "$work/rootfs/etc/group"
+# Layer 1: Debian's essential set and python3 (docs, man pages and
+# locales left out), and a user `web`.
+mmdebstrap --quiet --variant=essential --include="$PACKAGES" \
+  --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+  --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+  bookworm "$work/rootfs" >&2
+echo 'web:x:1000:1000:web:/srv:/bin/sh' >> "$work/rootfs/etc/passwd"
+echo 'web:x:1000:' >> "$work/rootfs/etc/group"
 layout=$work/layout
 umoci init --layout "$layout"
 umoci new --image "$layout:1"
@@ -50,11 +51,11 @@ umoci repack --image "$layout:1" "$work/bundle"
 rm -rf "$work/bundle"
 
 umoci config --image "$layout:1" \
-  --config.user web --config.workingdir /srv \
+  --config.user web --config.workingdir /srv/www \
   --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   --config.env GREETING=hello \
-  --config.entrypoint httpd --config.cmd -f --config.cmd -p --config.cmd 8080 \
-  --config.cmd -h --config.cmd /srv/www \
+  --config.entrypoint python3 --config.entrypoint -m --config.entrypoint http.server \
+  --config.cmd 8080 \
   --config.exposedports 8080/tcp \
   --architecture amd64 --os linux
 umoci gc --layout "$layout"
