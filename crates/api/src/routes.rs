@@ -93,7 +93,7 @@ where
         crate::images::delete_image,
     ),
     components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
-        ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork, Image, ImageStatus, PullCredentials)),
+        ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork, Image, ImageStatus, PullCredentials, PullProgress)),
     modifiers(&BearerAuth, &CommonErrors),
     security(("bearerAuth" = [])),
     tags(

@@ -6,6 +6,7 @@ use crate::client::Client;
 use crate::output::{bytes, images_table, print_json};
 use anyhow::{Context, bail};
 use forkvm_api::wire::{Image, ImageCreateParams, ImageImportParams, ImageStatus, PullCredentials};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -122,16 +123,43 @@ pub async fn pull(c: &Client, json: bool, a: &ImagePullArgs) -> anyhow::Result<E
         tags: None,
     };
     let mut img = c.pull_image(&p).await?;
-    let mut last = None;
+    let bar = (!json && !a.no_wait).then(|| progress_bar(&img.name));
     while !a.no_wait && !matches!(img.status, ImageStatus::Ready | ImageStatus::Failed) {
-        if !json && last != Some(img.status) {
-            eprintln!("{}: {}", img.name, status_word(img.status));
-            last = Some(img.status);
+        if let Some(bar) = &bar {
+            show(bar, &img);
         }
         tokio::time::sleep(POLL).await;
         img = c.get_image(&img.name).await?;
     }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     report(json, &img, t0)
+}
+
+fn progress_bar(name: &str) -> ProgressBar {
+    let bar = ProgressBar::new(0).with_prefix(name.to_string());
+    let style = ProgressStyle::with_template("{prefix} {msg} [{bar:30}] {bytes}/{total_bytes}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+/// The status, and while pulling the bytes of the layers so far.
+fn show(bar: &ProgressBar, img: &Image) {
+    match (img.status, &img.pull_progress, img.queue_position) {
+        (ImageStatus::Pulling, Some(p), _) => {
+            bar.set_length(p.bytes_total);
+            bar.set_position(p.bytes_done);
+            bar.set_message(format!(
+                "pulling {}/{} layers",
+                p.layers_done, p.layers_total
+            ));
+        }
+        (ImageStatus::Pending, _, Some(q)) => bar.set_message(format!("pending (#{})", q + 1)),
+        (s, _, _) => bar.set_message(status_word(s)),
+    }
 }
 
 pub async fn import(c: &Client, json: bool, a: &ImageImportArgs) -> anyhow::Result<ExitCode> {

@@ -59,7 +59,9 @@ pub use fork::MAX_FORK_COUNT;
 pub use forkvm_oci::Credentials as RegistryCredentials;
 pub use guest::AgentHealth;
 pub use handoff::{HandoffError, MailboxFallback};
-pub use images::{ImageBackend, OciBackend, OciFuture, PLATFORM, PullRequest};
+pub use images::{
+    ImageBackend, OciBackend, OciFuture, PLATFORM, ProgressFn, PullProgress, PullRequest,
+};
 pub use manager::{Deps, Manager};
 pub use model::*;
 

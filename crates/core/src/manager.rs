@@ -92,6 +92,7 @@ impl Manager {
             promoter: Default::default(),
             images: deps.images,
             image_slots: Arc::new(tokio::sync::Semaphore::new(cfg_pulls)),
+            pulls: Default::default(),
         });
         let (promoter, promotions) = crate::promote::Promoter::start(Arc::downgrade(&svc));
         let _ = svc.promoter.set(promoter);

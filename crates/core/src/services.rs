@@ -38,6 +38,8 @@ pub(crate) struct Services {
     pub images: Arc<dyn crate::images::ImageBackend>,
     /// Slots for image pulls running at once.
     pub image_slots: Arc<tokio::sync::Semaphore>,
+    /// How far the running pulls have got.
+    pub pulls: crate::images::progress::Pulls,
 }
 
 /// Bases pinned by operations in flight: [`crate::bases::collect`] leaves

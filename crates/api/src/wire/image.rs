@@ -61,6 +61,9 @@ pub struct Image {
     /// Pulls waiting ahead of this one (pending images only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<usize>,
+    /// forkvm: how far the pull has got (while `pulling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_progress: Option<PullProgress>,
     /// Root disk size in bytes (once ready).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
@@ -90,11 +93,26 @@ impl From<core::ImageRecord> for Image {
             error_code: r.error_code,
             platform: r.platform,
             queue_position: r.queue_position,
+            pull_progress: r.progress.map(|p| PullProgress {
+                bytes_done: p.bytes_done,
+                bytes_total: p.bytes_total,
+                layers_done: p.layers_done,
+                layers_total: p.layers_total,
+            }),
             size_bytes: r.size_bytes,
             tags: r.tags,
             name: r.name,
         }
     }
+}
+
+/// Bytes and layers of a running pull, of the totals its manifest gives.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema)]
+pub struct PullProgress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub layers_done: usize,
+    pub layers_total: usize,
 }
 
 /// Registry credentials for one pull; never stored or logged.

@@ -29,6 +29,7 @@ pub use handoff::{Handoff, HandoffPath};
 pub use health::{AgentHealth, Health};
 pub use image::{
     Image, ImageCreateParams, ImageImportParams, ImageListQuery, ImageStatus, PullCredentials,
+    PullProgress,
 };
 pub use instance::{
     DeleteQuery, Instance, InstanceCreateParams, InstanceNetwork, InstanceStartParams,

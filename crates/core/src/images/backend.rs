@@ -12,10 +12,18 @@ use std::pin::Pin;
 
 pub type OciFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, OciError>> + Send + 'a>>;
 
+/// Where a pull reports its progress.
+pub type ProgressFn<'a> = dyn Fn(forkvm_oci::Progress) + Send + Sync + 'a;
+
 /// Fetching and converting images.
 pub trait ImageBackend: Send + Sync {
     /// Pulls `r`'s linux/amd64 manifest, config and layers (verified).
-    fn pull<'a>(&'a self, r: &'a Reference, creds: Option<Credentials>) -> OciFuture<'a, Fetched>;
+    fn pull<'a>(
+        &'a self,
+        r: &'a Reference,
+        creds: Option<Credentials>,
+        progress: &'a ProgressFn<'a>,
+    ) -> OciFuture<'a, Fetched>;
     /// Reads an OCI layout or `docker save` archive at `path`.
     fn import<'a>(&'a self, path: &'a Path) -> OciFuture<'a, (Option<ImageName>, Fetched)>;
     /// Applies `fetched`'s layers and writes the root filesystem to `out`
@@ -60,13 +68,18 @@ impl OciBackend {
 }
 
 impl ImageBackend for OciBackend {
-    fn pull<'a>(&'a self, r: &'a Reference, creds: Option<Credentials>) -> OciFuture<'a, Fetched> {
+    fn pull<'a>(
+        &'a self,
+        r: &'a Reference,
+        creds: Option<Credentials>,
+        progress: &'a ProgressFn<'a>,
+    ) -> OciFuture<'a, Fetched> {
         Box::pin(async move {
             let opts = RegistryOptions {
                 insecure: self.insecure.clone(),
                 credentials: creds,
             };
-            forkvm_oci::pull(r, &opts, &self.blobs, &|_| {}).await
+            forkvm_oci::pull(r, &opts, &self.blobs, progress).await
         })
     }
 

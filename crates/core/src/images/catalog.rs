@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 /// All images, oldest first, those with every tag in `tags` only.
 pub(crate) fn list(svc: &Services, tags: &BTreeMap<String, String>) -> Result<Vec<ImageRecord>> {
-    let all = with_queue_positions(svc.store.list_images()?);
+    let all = annotated(svc, svc.store.list_images()?);
     Ok(all
         .into_iter()
         .filter(|i| tags.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
@@ -22,7 +22,7 @@ pub(crate) fn list(svc: &Services, tags: &BTreeMap<String, String>) -> Result<Ve
 /// By name, normalized (`nginx` finds `docker.io/library/nginx:latest`).
 pub(crate) fn get(svc: &Services, name: &str) -> Result<ImageRecord> {
     let key = key_of(name)?;
-    with_queue_positions(svc.store.list_images()?)
+    annotated(svc, svc.store.list_images()?)
         .into_iter()
         .find(|i| i.name == key)
         .ok_or_else(|| CoreError::NotFound(format!("image {name:?} not found")))
@@ -119,12 +119,18 @@ fn key_of(name: &str) -> Result<String> {
         .map_err(|_| CoreError::NotFound(format!("image {name:?} not found")))
 }
 
-fn with_queue_positions(mut all: Vec<ImageRecord>) -> Vec<ImageRecord> {
+/// Records with what is known only in memory: queue positions of pending
+/// pulls and the progress of running ones.
+fn annotated(svc: &Services, mut all: Vec<ImageRecord>) -> Vec<ImageRecord> {
     let mut ahead = 0;
     for i in all.iter_mut() {
-        if i.status == ImageStatus::Pending {
-            i.queue_position = Some(ahead);
-            ahead += 1;
+        match i.status {
+            ImageStatus::Pending => {
+                i.queue_position = Some(ahead);
+                ahead += 1;
+            }
+            ImageStatus::Pulling => i.progress = svc.pulls.get(&i.name),
+            _ => {}
         }
     }
     all

@@ -5,9 +5,12 @@
 
 mod backend;
 pub(crate) mod catalog;
+pub(crate) mod progress;
 pub(crate) mod pull;
 
-pub use backend::{ImageBackend, OciBackend, OciFuture};
+pub use backend::{ImageBackend, OciBackend, OciFuture, ProgressFn};
+
+pub use progress::PullProgress;
 pub use pull::{PLATFORM, PullRequest};
 
 use crate::error::{CoreError, Result};

@@ -183,10 +183,12 @@ fn spawn(svc: &Arc<Services>, rec: &ImageRecord, job: Job) {
             if !advance(&svc, &name, &attempt, |r| r.status = ImageStatus::Pulling) {
                 return;
             }
+            let report = |p| svc.pulls.report(&name, p);
             let fetched = match job {
-                Job::Pull(r, creds) => svc.images.pull(&r, creds).await,
+                Job::Pull(r, creds) => svc.images.pull(&r, creds, &report).await,
                 Job::Import(path) => svc.images.import(&path).await.map(|(_, f)| f),
             };
+            svc.pulls.done(&name);
             finish(&svc, &name, &attempt, fetched).await;
         }
         .instrument(span),
@@ -309,6 +311,7 @@ fn pending(
         source,
         created_at: svc.now(),
         queue_position: None,
+        progress: None,
         attempt: new_attempt(),
     }
 }

@@ -79,6 +79,9 @@ pub struct ImageRecord {
     /// read, never stored).
     #[serde(skip)]
     pub queue_position: Option<usize>,
+    /// How far a running pull has got (computed when read, never stored).
+    #[serde(skip)]
+    pub progress: Option<crate::images::PullProgress>,
     /// Which run of the pipeline owns the record: a run that finds another
     /// attempt here (started over after a restart, or retried) stops.
     #[serde(default)]

@@ -36,6 +36,17 @@ async fn a_pull_is_queued_then_ready_with_the_image_config() {
     // Asking again while it pulls returns the same record, no second pull.
     let again = w.mgr.pull_image(pull("registry.test/app:1")).await.unwrap();
     assert_eq!(again.name, first.name);
+    // While it pulls, the image shows how far it has got.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = w.mgr.get_image("registry.test/app:1").await.unwrap();
+        if let Some(p) = now.progress {
+            assert_eq!((now.status, p.layers_total), (ImageStatus::Pulling, 1));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress: {now:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     w.images.open_gate();
     let rec = w.image_settled("registry.test/app:1").await;
     assert_eq!(rec.status, ImageStatus::Ready, "{rec:?}");
@@ -43,6 +54,7 @@ async fn a_pull_is_queued_then_ready_with_the_image_config() {
     assert_eq!(rec.config.cmd, Some(vec!["/app".into(), "serve".into()]));
     assert_eq!(rec.size_bytes, Some(5));
     assert_eq!(w.images.pulls(), 1);
+    assert_eq!(rec.progress, None, "progress is shown while pulling only");
     assert!(rootfs_path(w.mgr.services(), rec.digest_hex().unwrap()).exists());
 }
 

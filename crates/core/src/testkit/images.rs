@@ -1,7 +1,7 @@
 //! A fake image backend: a "registry" of images a test publishes, pulls
 //! a test can hold at a gate, conversions that write a small file.
 
-use crate::images::{ImageBackend, OciFuture};
+use crate::images::{ImageBackend, OciFuture, ProgressFn};
 use forkvm_oci::{
     Compression, Credentials, Fetched, ImageConfig, ImageName, Layer, OciError, Reference,
 };
@@ -104,8 +104,18 @@ impl FakeImages {
 }
 
 impl ImageBackend for FakeImages {
-    fn pull<'a>(&'a self, r: &'a Reference, creds: Option<Credentials>) -> OciFuture<'a, Fetched> {
+    fn pull<'a>(
+        &'a self,
+        r: &'a Reference,
+        creds: Option<Credentials>,
+        progress: &'a ProgressFn<'a>,
+    ) -> OciFuture<'a, Fetched> {
         Box::pin(async move {
+            progress(forkvm_oci::Progress::Resolved {
+                manifest_digest: fake_digest(&r.to_string()),
+                layers: 1,
+                bytes: 1,
+            });
             let _permit = self.gate.acquire().await;
             let mut st = self.st();
             st.pulls += 1;
