@@ -32,13 +32,21 @@ pub struct RunArgs {
     /// Environment variable for the guest command (repeatable).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     pub env: Vec<(String, String)>,
-    /// Guest image (default: "default").
+    /// Image: the guest image ("default"), or an OCI image pulled with
+    /// `forkvm image pull` (e.g. `nginx:1.25`).
     #[arg(long)]
     pub image: Option<String>,
+    /// OCI images: size of the writable disk (e.g. `10G`; default 4G).
+    #[arg(long)]
+    pub overlay_size: Option<String>,
+    /// OCI images: replace the image's entrypoint (its cmd is dropped
+    /// unless a command follows `--`).
+    #[arg(long)]
+    pub entrypoint: Option<String>,
     /// Do not attach a network interface.
     #[arg(long)]
     pub no_network: bool,
-    /// Command the guest runs (after `--`).
+    /// Command the guest runs (after `--`); for an OCI image, its cmd.
     #[arg(last = true)]
     pub cmd: Vec<String>,
 }
@@ -52,6 +60,8 @@ impl RunArgs {
             memory_mb: self.memory,
             env: (!self.env.is_empty()).then(|| self.env.iter().cloned().collect()),
             cmd: (!self.cmd.is_empty()).then(|| self.cmd.clone()),
+            entrypoint: self.entrypoint.clone().map(|e| vec![e]),
+            overlay_size: self.overlay_size.clone(),
             network: self.no_network.then_some(NetworkParams {
                 enabled: Some(false),
             }),
