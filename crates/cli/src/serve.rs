@@ -97,6 +97,9 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
 }
 
 pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
+    // Everything the daemon and its VMMs create (store, memory files,
+    // disks, consoles, the API socket) is for the daemon's user alone.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let token = token_for(args.listen, std::env::var(TOKEN_ENV).ok())?;
     let cfg = Config {
         handoff_timeout: Duration::from_millis(args.handoff_timeout_ms),

@@ -38,6 +38,7 @@ pub mod model;
 pub mod netalloc;
 mod orphans;
 pub mod paths;
+mod private_dir;
 mod promote;
 mod reaper;
 mod restore;

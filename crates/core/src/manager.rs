@@ -68,9 +68,12 @@ impl Manager {
 
     /// [`Manager::open`] with the outside world given (tests use fakes).
     pub async fn open_with(cfg: Config, deps: Deps) -> Result<Arc<Self>> {
-        for d in [&cfg.data_dir, &cfg.mem_dir, &cfg.data_dir.join("instances")] {
-            std::fs::create_dir_all(d).map_err(CoreError::io(format!("create {}", d.display())))?;
+        for d in [&cfg.data_dir, &cfg.mem_dir] {
+            crate::private_dir::ensure(d)?;
         }
+        let instances = cfg.data_dir.join("instances");
+        std::fs::create_dir_all(&instances)
+            .map_err(CoreError::io(format!("create {}", instances.display())))?;
         let store = Store::open(&cfg.data_dir.join("forkvm.db"))?;
         let net = NetAllocator::new(&bridge_config(&cfg.bridge, &cfg.subnet)?, deps.host_net)?;
         info!(accel = ?deps.accel, bridge = %cfg.bridge, subnet = %cfg.subnet, "manager ready");

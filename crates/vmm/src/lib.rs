@@ -40,7 +40,7 @@ pub use args::build_qemu_args;
 pub use disk::DISK_RW_DRIVE;
 pub use error::VmmError;
 pub use process::{is_qemu_for, qemu_name, take_tap_fd};
-pub use qemu::{AGENT_PORT_NAME, QemuHypervisor, qemu_log_path, stderr_log_path};
+pub use qemu::{AGENT_PORT_NAME, QEMU_PATH, QemuHypervisor, qemu_log_path, stderr_log_path};
 pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};
 
 /// CPU virtualisation backend for a VM.

@@ -17,6 +17,8 @@ use crate::qmp::QmpClient;
 use crate::{Hypervisor, MigrationReport, NetBackend, RunState, VmHandle, VmSpec, VmmFuture};
 
 /// Bound on QEMU's foreground process (init + daemonize) at start.
+/// The only environment variable QEMU gets (`PATH`, for its helpers).
+pub const QEMU_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on reaching QMP once QEMU has daemonized.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -215,6 +217,7 @@ impl QemuHypervisor {
     }
 
     /// Runs QEMU (daemonizing) and returns the VM's pid from its pidfile.
+    /// Its environment is [`QEMU_PATH`] alone.
     async fn launch(&self, spec: &VmSpec, args: &[OsString]) -> Result<u32, VmmError> {
         let err_path = stderr_log_path(spec);
         let err_file = File::create(&err_path).map_err(|e| VmmError::io("create", &err_path, e))?;
@@ -225,7 +228,11 @@ impl QemuHypervisor {
             mem_share = spec.mem_share, "starting qemu");
         tracing::debug!(id = %spec.id, args = ?args, "qemu command line");
         let mut cmd = tokio::process::Command::new(&self.qemu_bin);
-        cmd.args(args)
+        // QEMU gets nothing of the daemon's environment (its API token,
+        // credentials): a device escape must not find them in its memory.
+        cmd.env_clear()
+            .env("PATH", QEMU_PATH)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(out_file)
             .stderr(err_file);

@@ -153,6 +153,13 @@ async fn boot_pause_resume_stop() {
         ms(t_start),
         ms(t_marker)
     );
+    // QEMU inherits nothing of the caller's environment.
+    let environ = std::fs::read(format!("/proc/{}/environ", h.pid)).expect("environ");
+    assert_eq!(
+        environ,
+        format!("PATH={}\0", forkvm_vmm::QEMU_PATH).into_bytes(),
+        "QEMU's environment"
+    );
     // The RAM file is created by QEMU at the requested size.
     let mem_len = std::fs::metadata(&spec.mem_path).expect("mem file").len();
     assert_eq!(mem_len, 256 << 20);
