@@ -35,3 +35,46 @@ async fn state_is_private_and_qemu_gets_no_secrets() -> Result<()> {
     ensure!(st == 204);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_flooding_its_console_stays_within_its_bound() -> Result<()> {
+    const MAX: u64 = 64 << 10;
+    let env = TestEnv::start_env(&[("FORKVM_CONSOLE_MAX_BYTES", &MAX.to_string())]).await?;
+    let i = env.create(json!({"name": "loud"})).await?;
+    let id = s(&i, "id");
+    // 1 MiB of console output, then a last line.
+    let flood = "head -c 1048576 /dev/zero | tr '\\0' 'x' | fold -w 79 > /dev/console; \
+                 echo flood-end > /dev/console";
+    env.exec_ok(&id, &["sh", "-c", flood]).await?;
+    let log = env.data_dir.join("instances").join(&id).join("console.log");
+    let rotated = env
+        .data_dir
+        .join("instances")
+        .join(&id)
+        .join("console.log.1");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    // The watch runs every second; a rotation happened once the older half exists.
+    forkvm_e2e::wait_for(
+        "a rotation",
+        std::time::Duration::from_secs(10),
+        async || (size(&rotated) > 0 && size(&log) <= MAX).then_some(()),
+    )
+    .await?;
+    ensure!(
+        size(&rotated) <= MAX / 2,
+        "rotated half: {}",
+        size(&rotated)
+    );
+    let (st, logs) = env
+        .request("GET", &format!("/instances/{id}/logs"), None)
+        .await?;
+    ensure!(st == 200);
+    let logs = logs.as_str().unwrap_or_default();
+    ensure!(
+        logs.len() as u64 <= MAX + 4096,
+        "logs answer of {} bytes",
+        logs.len()
+    );
+    ensure!(logs.contains("flood-end"), "the last line is kept");
+    Ok(())
+}

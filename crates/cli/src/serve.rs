@@ -70,6 +70,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FORKVM_IMAGE_PULLS", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=16))]
     pub image_pulls: u16,
+    /// Bytes of serial console kept per VM before it is rotated (the
+    /// rotated file keeps half of it).
+    #[arg(long, env = "FORKVM_CONSOLE_MAX_BYTES",
+          default_value_t = forkvm_core::config::DEFAULT_CONSOLE_MAX_BYTES,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    pub console_max_bytes: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -111,6 +117,7 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         guest_agent_log: args.guest_agent_log.clone(),
         insecure_registries: args.insecure_registry.clone(),
         image_pulls_parallel: usize::from(args.image_pulls),
+        console_max_bytes: args.console_max_bytes,
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())
             .map_err(anyhow::Error::msg)
             .context("test hooks")?,

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Default deadline for a fork to answer on its new address after resume.
+/// 8 MiB of console per VM (plus the rotated half).
+pub const DEFAULT_CONSOLE_MAX_BYTES: u64 = 8 << 20;
 pub const DEFAULT_HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default deadline for the mailbox ack before falling back to the RPC path.
 pub const DEFAULT_MAILBOX_ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,6 +66,8 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// Image pulls run at once; the rest wait as `pending`.
     pub image_pulls_parallel: usize,
+    /// A guest's console file is rotated past this size (`crate::console`).
+    pub console_max_bytes: u64,
     pub test_hooks: TestHooks,
 }
 
@@ -93,6 +97,7 @@ impl Config {
             guest_agent_log: None,
             insecure_registries: Vec::new(),
             image_pulls_parallel: 2,
+            console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
             test_hooks: TestHooks::default(),
         }
     }

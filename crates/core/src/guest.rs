@@ -61,11 +61,8 @@ pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> 
 pub(crate) fn logs(svc: &Services, id_or_name: &str, tail: Option<usize>) -> Result<String> {
     let inst = svc.find(id_or_name)?;
     let path = svc.paths(&inst).console_log;
-    let text = match std::fs::read(&path) {
-        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(CoreError::io("reading console log")(e)),
-    };
+    let max = svc.cfg.console_max_bytes;
+    let text = crate::console::read(&path, max).map_err(CoreError::io("reading console log"))?;
     Ok(match tail {
         Some(n) => last_lines(&text, n),
         None => text,

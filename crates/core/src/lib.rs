@@ -24,6 +24,7 @@ mod capacity;
 mod capture;
 pub mod clock;
 pub mod config;
+mod console;
 pub mod error;
 mod fork;
 mod guest;

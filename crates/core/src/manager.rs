@@ -26,6 +26,19 @@ use tracing::info;
 /// How often the daemon checks that Running instances still have their VMM.
 const VM_WATCH_PERIOD: Duration = Duration::from_secs(1);
 
+/// Keeps the consoles of VMs with a VMM within their bound.
+async fn bound_consoles(svc: &Services) {
+    let Ok(all) = svc.store.list_instances() else {
+        return;
+    };
+    let paths = all
+        .iter()
+        .filter(|i| i.state.has_vmm())
+        .map(|i| svc.paths(i).console_log)
+        .collect();
+    crate::console::bound_all(paths, svc.cfg.console_max_bytes).await;
+}
+
 /// The outside world as the core uses it.
 pub struct Deps {
     pub hv: Arc<dyn Hypervisor>,
@@ -116,6 +129,7 @@ impl Manager {
                 if crate::reaper::reap_dead_vms(&svc).await > 0 {
                     svc.collect_unused();
                 }
+                bound_consoles(&svc).await;
             }
         });
         Ok(Arc::new(Self { svc }))

@@ -82,10 +82,10 @@ impl InstancePaths {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
+    /// The console's last `n` lines (read from its last 64 KiB).
     pub fn console_tail(&self, n: usize) -> String {
-        std::fs::read(&self.console_log)
-            .map(|b| {
-                let t = String::from_utf8_lossy(&b);
+        crate::console::read(&self.console_log, 64 << 10)
+            .map(|t| {
                 let lines: Vec<&str> = t.lines().collect();
                 lines[lines.len().saturating_sub(n)..].join("\n")
             })
