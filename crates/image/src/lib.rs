@@ -17,6 +17,7 @@
 
 mod apt;
 mod decompress;
+mod elf;
 mod initramfs;
 mod modules;
 
@@ -115,6 +116,8 @@ pub enum ImageError {
     Decompress(String),
     #[error("kernel package layout: {0}")]
     Package(String),
+    #[error("guest agent {}: {reason}", path.display())]
+    AgentNotStatic { path: PathBuf, reason: String },
     #[error("module {name}: {reason}")]
     Module { name: String, reason: String },
     #[error("invalid manifest {}: {source}", path.display())]
@@ -222,6 +225,12 @@ pub fn build_image(
     let started = Instant::now();
     let agent =
         fs::read(&inputs.agent_binary).map_err(|e| ImageError::io(&inputs.agent_binary, e))?;
+    if let Some(reason) = elf::not_static(&agent) {
+        return Err(ImageError::AgentNotStatic {
+            path: inputs.agent_binary.clone(),
+            reason,
+        });
+    }
     let busybox = fs::read(&inputs.busybox).map_err(|e| ImageError::io(&inputs.busybox, e))?;
     let kernel_cache = inputs.data_dir.join("cache").join("kernel");
     fs::create_dir_all(&kernel_cache).map_err(|e| ImageError::io(&kernel_cache, e))?;
