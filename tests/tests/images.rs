@@ -42,9 +42,8 @@ fn served(env: &TestEnv, ip: &str, file: &str) -> Option<String> {
 }
 
 async fn write_www(env: &TestEnv, id: &str, file: &str, text: &str) -> Result<()> {
-    // Exec runs in the agent's root; the workload's root is mounted at
-    // /run/forkvm/root.
-    let cmd = format!("echo {text} > /run/forkvm/root/srv/www/{file}");
+    // Exec in an OCI image's instance runs in the image's root.
+    let cmd = format!("echo {text} > /srv/www/{file}");
     env.exec_ok(id, &["sh", "-c", &cmd]).await.map(|_| ())
 }
 
@@ -71,6 +70,22 @@ async fn an_image_from_a_registry_boots_forks_with_its_disk_and_is_cleaned_up() 
     })
     .await?;
     ensure!(page == "forkvm oci fixture", "{page}");
+    // Exec sees the image's files and not the agent's /run/forkvm.
+    let out = env
+        .exec_ok(&src_id, &["cat", "/srv/www/index.html"])
+        .await?;
+    ensure!(out == "forkvm oci fixture\n", "{out:?}");
+    let out = env
+        .exec_ok(
+            &src_id,
+            &[
+                "sh",
+                "-c",
+                "test -e /run/forkvm && echo agent-root || echo image-root",
+            ],
+        )
+        .await?;
+    ensure!(out == "image-root\n", "{out:?}");
     write_www(&env, &src_id, "state.txt", "source").await?;
     ensure!(served(&env, &src_ip, "state.txt").as_deref() == Some("source"));
 
