@@ -35,8 +35,8 @@ async fn pull_ready(env: &TestEnv, name: &str) -> Result<(Value, Duration)> {
     Ok((img, t.elapsed()))
 }
 
-/// Where the image's web root is, as exec sees it.
-const WWW: &str = "/run/forkvm/root/srv/www";
+/// Where the image's web root is, as exec (in the image's root) sees it.
+const WWW: &str = "/srv/www";
 
 /// A file the image's `python3 -m http.server` serves from `/srv/www`;
 /// `None` when it answers 404 (or not at all).
@@ -232,6 +232,22 @@ async fn an_image_from_a_registry_boots_forks_with_its_disk_and_is_cleaned_up() 
     )
     .await?;
     ensure!(page == "forkvm oci fixture", "{page}");
+    // Exec runs in the image's root: its files, not the agent's.
+    let seen = env
+        .exec_ok(
+            &s(&src, "id"),
+            &[
+                "sh",
+                "-c",
+                "cat /srv/www/index.html; ls /run/forkvm 2>&1 || true",
+            ],
+        )
+        .await?;
+    ensure!(seen.starts_with("forkvm oci fixture"), "{seen}");
+    ensure!(
+        !seen.contains("root"),
+        "exec sees the agent's /run/forkvm: {seen}"
+    );
     // The workload's output goes to the instance's log.
     let (_, logs) = env
         .request("GET", &format!("/instances/{}/logs", s(&src, "id")), None)

@@ -12,9 +12,12 @@
 //! a failed exec from racing with the reaper.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::CString;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -129,7 +132,12 @@ pub struct ExecSpec {
     pub env: BTreeMap<String, String>,
     pub stdin: Vec<u8>,
     pub timeout: Option<Duration>,
+    /// Working directory; with `chroot`, relative to the new root (`/` if
+    /// unset), else the agent's own when unset.
     pub cwd: Option<String>,
+    /// Run chrooted here: argv[0] is then looked up (execvp) in the env's
+    /// PATH inside this root, never on the agent's side.
+    pub chroot: Option<PathBuf>,
 }
 
 /// Output chunk of a running command.
@@ -198,7 +206,10 @@ pub async fn run(
     out: mpsc::Sender<ExecEvent>,
 ) -> Result<ExecOutcome, ExecError> {
     let program = spec.argv.first().ok_or(ExecError::EmptyArgv)?.clone();
-    let mut cmd = command(&program, &spec);
+    let mut cmd = command(&program, &spec).map_err(|source| ExecError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let (mut child, exit_rx) = reaper.spawn(&mut cmd).map_err(|source| ExecError::Spawn {
         program: program.clone(),
         source,
@@ -232,7 +243,8 @@ pub async fn run(
 
 /// The command for `spec`: only the given environment, output piped, and its
 /// own process group, so a timeout kills `sh -c` *and* what it started.
-fn command(program: &str, spec: &ExecSpec) -> Command {
+/// A path with a NUL byte is an `InvalidInput` error.
+fn command(program: &str, spec: &ExecSpec) -> io::Result<Command> {
     let mut cmd = Command::new(program);
     cmd.args(&spec.argv[1..])
         .env_clear()
@@ -245,10 +257,47 @@ fn command(program: &str, spec: &ExecSpec) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    if let Some(cwd) = &spec.cwd {
-        cmd.current_dir(cwd);
+    match &spec.chroot {
+        Some(root) => chroot_into(&mut cmd, root, spec.cwd.as_deref().unwrap_or("/"))?,
+        None => {
+            if let Some(cwd) = &spec.cwd {
+                cmd.current_dir(cwd);
+            }
+        }
     }
-    cmd
+    Ok(cmd)
+}
+
+/// Makes `cmd` chroot to `root` and change to `cwd` inside it before exec.
+/// std runs the pre_exec hook after its own set-up and then calls execvp
+/// with the command's environment, so the program is looked up in that
+/// PATH inside the new root: the agent's side never resolves a path (or
+/// follows a symbolic link) of the image.
+fn chroot_into(cmd: &mut Command, root: &Path, cwd: &str) -> io::Result<()> {
+    let cstr = |b: &[u8]| {
+        CString::new(b).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{:?} contains a NUL byte", String::from_utf8_lossy(b)),
+            )
+        })
+    };
+    let root_c = cstr(root.as_os_str().as_bytes())?;
+    let cwd_c = cstr(cwd.as_bytes())?;
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe system calls (chroot, chdir) on C strings prepared
+    // before the fork; it allocates nothing. chdir("/") first: chroot keeps
+    // the old working directory (outside the root), and a relative `cwd` is
+    // then relative to the new root.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::chroot(root_c.as_c_str())?;
+            nix::unistd::chdir(c"/")?;
+            nix::unistd::chdir(cwd_c.as_c_str())?;
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Writes `data` to the child's stdin from a task, then closes it.
@@ -484,7 +533,113 @@ mod tests {
         assert_eq!(o.exit.signal, 9);
         assert!(t0.elapsed() < Duration::from_secs(5));
 
+        chrooted(&reaper).await;
         crate::workload::tests::host_root_workload_starts_once(&reaper).await;
+    }
+
+    /// A 64-bit little-endian ELF without a PT_INTERP program header.
+    fn is_static_elf64(b: &[u8]) -> bool {
+        let num = |off: usize, len: usize| -> Option<usize> {
+            let mut v = 0usize;
+            for (i, byte) in b.get(off..off + len)?.iter().enumerate() {
+                v |= usize::from(*byte) << (8 * i);
+            }
+            Some(v)
+        };
+        if !b.starts_with(b"\x7fELF\x02\x01") {
+            return false;
+        }
+        let (Some(phoff), Some(phentsize), Some(phnum)) =
+            (num(0x20, 8), num(0x36, 2), num(0x38, 2))
+        else {
+            return false;
+        };
+        (0..phnum).all(|i| num(phoff + i * phentsize, 4).is_some_and(|t| t != 3))
+    }
+
+    /// A tiny root: a static busybox as /bin/sh, cat, ls, pwd and sleep, a script
+    /// only the root has, a data file, and a symbolic link to a host path.
+    fn busybox_root() -> Option<tempfile::TempDir> {
+        let busybox = Path::new("/usr/bin/busybox");
+        let bin = std::fs::read(busybox).ok()?;
+        // A dynamic busybox would need the host's loader inside the root.
+        if !is_static_elf64(&bin) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["bin", "srv"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+        for a in ["sh", "cat", "ls", "pwd", "sleep"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
+        }
+        let script = root.join("bin/only-in-image");
+        std::fs::write(&script, "#!/bin/sh\necho inside $PWD\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::os::unix::fs::symlink("/usr/bin/busybox", root.join("bin/hostlink")).unwrap();
+        std::fs::write(root.join("srv/data.txt"), "in the image\n").unwrap();
+        Some(dir)
+    }
+
+    /// Exec with a chroot: programs come from the root's PATH, paths and
+    /// the working directory are the root's, symbolic links resolve inside.
+    async fn chrooted(reaper: &Reaper) {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipping the chroot cases: not root");
+            return;
+        }
+        let Some(dir) = busybox_root() else {
+            eprintln!("skipping the chroot cases: no static /usr/bin/busybox");
+            return;
+        };
+        let spec = |argv: &[&str], cwd: Option<&str>| ExecSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: merge_env(&BTreeMap::new(), [("PATH".into(), "/bin".into())]),
+            cwd: cwd.map(Into::into),
+            chroot: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let run = |s| async move { run_collect(reaper, s).await };
+
+        let (o, c) = run(spec(&["cat", "/srv/data.txt"], None)).await.unwrap();
+        assert_eq!(
+            (o.exit.code, c.stdout.as_slice()),
+            (0, &b"in the image\n"[..])
+        );
+        let (_, c) = run(spec(&["ls", "/"], None)).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&c.stdout), "bin\nsrv\n");
+        // PATH lookup inside the root; cwd absolute, relative, or "/".
+        let (_, c) = run(spec(&["only-in-image"], Some("/srv"))).await.unwrap();
+        assert_eq!(c.stdout, b"inside /srv\n");
+        let (_, c) = run(spec(&["pwd"], Some("srv"))).await.unwrap();
+        assert_eq!(c.stdout, b"/srv\n");
+        let (_, c) = run(spec(&["pwd"], None)).await.unwrap();
+        assert_eq!(c.stdout, b"/\n");
+        // stdin and timeout as without a chroot.
+        let mut s = spec(&["cat"], None);
+        s.stdin = b"piped".to_vec();
+        assert_eq!(run(s).await.unwrap().1.stdout, b"piped");
+        let mut s = spec(&["sh", "-c", "sleep 30"], None);
+        s.timeout = Some(Duration::from_millis(200));
+        assert!(run(s).await.unwrap().0.timed_out);
+        // Host paths do not exist in there, not even through a link.
+        for argv in [&["/usr/bin/busybox"][..], &["hostlink"], &["/bin/hostlink"]] {
+            let err = run(spec(argv, None)).await.unwrap_err();
+            assert!(
+                matches!(&err, ExecError::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound),
+                "{argv:?}: {err:?}"
+            );
+        }
+        let err = run(spec(&["pwd"], Some("/nonexistent"))).await.unwrap_err();
+        assert!(matches!(err, ExecError::Spawn { .. }), "{err:?}");
+        let err = run(spec(&["pwd"], Some("a\0b"))).await.unwrap_err();
+        assert!(
+            matches!(&err, ExecError::Spawn { source, .. } if source.kind() == io::ErrorKind::InvalidInput),
+            "{err:?}"
+        );
     }
 
     #[test]

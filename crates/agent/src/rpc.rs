@@ -23,7 +23,7 @@ use crate::exec::{self, ExecError, ExecEvent, ExecSpec, Reaper};
 use crate::mailbox::Mailbox;
 use crate::netconf::{self, ApplyReport, LinkHint, NetApplyError, NetDesired, NetRequest};
 use crate::port::{MAX_FRAME_SIZE, Port};
-use crate::workload::Workload;
+use crate::workload::{Workload, mounts};
 
 /// Boot env flag that makes ReconfigureNetwork answer `Unimplemented`, so hosts
 /// can test their fallback path.
@@ -149,14 +149,35 @@ impl AgentState {
             == Some("1")
     }
 
-    fn exec_spec(&self, req: ExecRequest) -> ExecSpec {
-        ExecSpec {
+    /// The command of an Exec. With `image_root` it runs chrooted in the
+    /// workload's root, which must be the overlay StartWorkload mounted
+    /// (FAILED_PRECONDITION otherwise), with the request's env over a
+    /// default PATH: the boot env is the agent's, not the image's.
+    fn exec_spec(&self, req: ExecRequest) -> Result<ExecSpec, Status> {
+        let (chroot, env) = if req.image_root {
+            match mounts::image_root_mounted() {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Status::failed_precondition(format!(
+                        "no image root is mounted at {} (StartWorkload of an OCI image mounts it)",
+                        mounts::ROOT_DIR
+                    )));
+                }
+                Err(e) => return Err(Status::internal(e.to_string())),
+            }
+            let env = exec::merge_env(&BTreeMap::new(), req.env);
+            (Some(mounts::ROOT_DIR.into()), env)
+        } else {
+            (None, exec::merge_env(&self.boot_env, req.env))
+        };
+        Ok(ExecSpec {
             argv: req.argv,
-            env: exec::merge_env(&self.boot_env, req.env),
+            env,
             stdin: req.stdin,
             timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(u64::from(req.timeout_ms))),
             cwd: (!req.cwd.is_empty()).then_some(req.cwd),
-        }
+            chroot,
+        })
     }
 }
 
@@ -180,6 +201,7 @@ fn exec_status(e: ExecError) -> Status {
         ExecError::Spawn { source, .. } => match source.kind() {
             std::io::ErrorKind::NotFound => Status::not_found(e.to_string()),
             std::io::ErrorKind::PermissionDenied => Status::permission_denied(e.to_string()),
+            std::io::ErrorKind::InvalidInput => Status::invalid_argument(e.to_string()),
             _ => Status::internal(e.to_string()),
         },
         _ => Status::internal(e.to_string()),
@@ -244,7 +266,7 @@ impl Agent for AgentService {
     async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
         self.state.count("Exec");
         self.state.hang_if_asked().await;
-        let spec = self.state.exec_spec(req.into_inner());
+        let spec = self.state.exec_spec(req.into_inner())?;
         let (outcome, out) = exec::run_collect(&self.state.reaper, spec)
             .await
             .map_err(exec_status)?;
@@ -265,7 +287,7 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::ExecStreamStream>, Status> {
         self.state.count("ExecStream");
         self.state.hang_if_asked().await;
-        let spec = self.state.exec_spec(req.into_inner());
+        let spec = self.state.exec_spec(req.into_inner())?;
         if spec.argv.is_empty() {
             return Err(exec_status(ExecError::EmptyArgv));
         }

@@ -31,13 +31,7 @@ pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> 
     } else {
         Duration::from_secs(u64::from(timeout_s) + 10)
     };
-    let msg = pb::ExecRequest {
-        argv: req.command,
-        env: req.env.into_iter().collect(),
-        stdin: req.stdin.unwrap_or_default().into_bytes(),
-        timeout_ms: timeout_s.saturating_mul(1000),
-        cwd: String::new(),
-    };
+    let msg = exec_message(&inst, req);
     let t0 = std::time::Instant::now();
     let resp = svc
         .agent
@@ -55,6 +49,20 @@ pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> 
         timed_out: resp.timed_out,
         duration_ms: t0.elapsed().as_millis() as u64,
     })
+}
+
+/// The agent's request for a user's exec: in an OCI image's instance (one
+/// with a workload) it runs in the image's root, as `docker exec` does; in
+/// the `default` image's, in the agent's own.
+fn exec_message(inst: &Instance, req: ExecRequest) -> pb::ExecRequest {
+    pb::ExecRequest {
+        argv: req.command,
+        env: req.env.into_iter().collect(),
+        stdin: req.stdin.unwrap_or_default().into_bytes(),
+        timeout_ms: req.timeout_s.unwrap_or(0).saturating_mul(1000),
+        cwd: String::new(),
+        image_root: inst.workload.is_some(),
+    }
 }
 
 /// Serial console output; `tail` = last N lines.
@@ -131,7 +139,33 @@ pub(crate) async fn set_clock(svc: &Services, inst: &Instance) {
 
 #[cfg(test)]
 mod tests {
-    use super::last_lines;
+    use super::*;
+    use crate::model::Workload;
+
+    #[test]
+    fn exec_runs_in_the_image_root_of_oci_instances_only() {
+        let now = chrono::Utc::now();
+        let mut inst = Instance::created("i1".into(), "web".into(), "default".into(), 1, 128, now);
+        let req = ExecRequest {
+            command: vec!["cat".into(), "/etc/os-release".into()],
+            env: [("K".to_string(), "v".to_string())].into(),
+            stdin: Some("in".into()),
+            timeout_s: Some(3),
+        };
+        let msg = exec_message(&inst, req.clone());
+        assert!(!msg.image_root);
+        assert_eq!(msg.argv, ["cat", "/etc/os-release"]);
+        assert_eq!(msg.env["K"], "v");
+        assert_eq!((msg.stdin.as_slice(), msg.timeout_ms), (&b"in"[..], 3000));
+        assert!(msg.cwd.is_empty());
+        inst.workload = Some(Workload {
+            argv: vec!["httpd".into()],
+            ..Default::default()
+        });
+        let msg = exec_message(&inst, req);
+        assert!(msg.image_root);
+        assert_eq!(msg.argv, ["cat", "/etc/os-release"]);
+    }
 
     #[test]
     fn tail_keeps_the_last_lines() {

@@ -306,6 +306,8 @@ pub(crate) async fn stop(svc: &Services, id_or_name: &str) -> Result<Instance> {
 /// cache would be lost with it, so the writable disk is synced first. Best
 /// effort and bounded: a guest that does not answer is stopped anyway.
 async fn flush_disks(svc: &Services, inst: &Instance) {
+    // In the agent's own root (image_root false): the image's may have no
+    // sync, and sync(1) flushes every filesystem from anywhere.
     let req = pb::ExecRequest {
         argv: vec!["sync".into()],
         timeout_ms: FLUSH_TIMEOUT.as_millis() as u32,

@@ -191,6 +191,34 @@ pub fn mount_points(mountinfo: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether the mount visible at [`ROOT_DIR`] in a `/proc/self/mountinfo`
+/// text is the overlay [`prepare_root`] mounts (fstype `overlay`, lower
+/// layer [`IMAGE_DIR`]), not a plain directory or some other filesystem.
+/// With mounts stacked on the same point the last one is the visible one.
+pub fn is_image_root(mountinfo: &str) -> bool {
+    let top = mountinfo
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(ROOT_DIR));
+    let Some((_, tail)) = top.and_then(|l| l.split_once(" - ")) else {
+        return false;
+    };
+    let mut fields = tail.split(' ');
+    let (fstype, _source, opts) = (fields.next(), fields.next(), fields.next());
+    let lower = format!("lowerdir={IMAGE_DIR}");
+    fstype == Some("overlay") && opts.is_some_and(|o| o.split(',').any(|opt| opt == lower))
+}
+
+/// [`is_image_root`] of this process's mount table: whether StartWorkload
+/// mounted the image's root.
+pub fn image_root_mounted() -> Result<bool, WorkloadError> {
+    let path = "/proc/self/mountinfo";
+    let table = std::fs::read_to_string(path).map_err(|source| WorkloadError::Io {
+        path: path.into(),
+        source,
+    })?;
+    Ok(is_image_root(&table))
+}
+
 /// The device node of the block device whose `serial` is `serial`, among the
 /// entries of `sys_block` (`/sys/block`); `None` if there is none.
 pub fn find_disk(sys_block: &Path, serial: &str) -> Option<PathBuf> {
@@ -237,6 +265,31 @@ mod tests {
             30 22 254:0 / /run/forkvm/image ro,relatime - erofs /dev/vda ro\n\
             garbage\n";
         assert_eq!(mount_points(text), ["/proc", "/run/forkvm/image"]);
+    }
+
+    #[test]
+    fn image_root_is_the_agents_overlay() {
+        let overlay = "40 1 0:30 / /run/forkvm/root rw,relatime - overlay overlay \
+            rw,lowerdir=/run/forkvm/image,upperdir=/run/forkvm/rw/upper,workdir=/run/forkvm/rw/work\n";
+        let proc_inside = "41 40 0:5 / /run/forkvm/root/proc rw - proc proc rw\n";
+        assert!(is_image_root(overlay));
+        assert!(is_image_root(&format!("{overlay}{proc_inside}")));
+        // Nothing mounted there (a plain directory), or only below it.
+        assert!(!is_image_root(""));
+        assert!(!is_image_root(proc_inside));
+        // Something else on the point, or another overlay.
+        let tmpfs = "42 1 0:31 / /run/forkvm/root rw - tmpfs tmpfs rw\n";
+        assert!(!is_image_root(tmpfs));
+        let other = "43 1 0:32 / /run/forkvm/root rw - overlay overlay \
+            rw,lowerdir=/elsewhere,upperdir=/u,workdir=/w\n";
+        assert!(!is_image_root(other));
+        // Stacked: the last mount on the point is the visible one.
+        assert!(!is_image_root(&format!("{overlay}{tmpfs}")));
+        assert!(is_image_root(&format!("{tmpfs}{overlay}")));
+        // Optional fields before the separator.
+        let shared = "44 1 0:30 / /run/forkvm/root rw shared:7 master:2 - overlay overlay \
+            rw,lowerdir=/run/forkvm/image,upperdir=/x,workdir=/y\n";
+        assert!(is_image_root(shared));
     }
 
     #[test]

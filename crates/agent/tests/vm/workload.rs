@@ -3,6 +3,8 @@
 //! a qcow2 over a sparse ext4 template, serial `forkvm-rw`), the workload
 //! writing into the writable layer as the image's user, and the data still
 //! there when a second boot of the same qcow2 starts a workload reading it.
+//! Exec with `image_root` runs in the image's root once it is mounted, and
+//! is refused before.
 //!
 //! Needs mkfs.erofs (erofs-utils), mkfs.ext4 (e2fsprogs), qemu-img
 //! (qemu-utils), and a kernel extraction with the disk modules.
@@ -13,9 +15,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use forkvm_proto::agent::workload_status::State;
-use forkvm_proto::agent::{HealthRequest, WorkloadSpec, WorkloadStatus};
+use forkvm_proto::agent::{ExecResponse, HealthRequest, WorkloadSpec, WorkloadStatus, exec_output};
 
-use crate::guest::{BootOpts, Client, Vm, boot_cfg, disk_modules, exec, out, wait_until};
+use crate::guest::{BootOpts, Client, Vm, boot_cfg, disk_modules, exec, out, req, wait_until};
 
 /// The rootfs in the image: busybox, an `app` user (1000:1001) owning /srv.
 fn build_rootfs(dir: &Path) -> PathBuf {
@@ -24,7 +26,7 @@ fn build_rootfs(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for a in ["sh", "echo", "cat", "id", "pwd"] {
+    for a in ["sh", "echo", "cat", "id", "pwd", "ls"] {
         symlink("busybox", root.join("bin").join(a)).unwrap();
     }
     std::fs::write(
@@ -131,6 +133,14 @@ async fn workload_in_vm() {
     assert_eq!(workload(&mut c).await.state, State::None as i32);
     let e = c.start_workload(WorkloadSpec::default()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    // No image root before StartWorkload mounted it (a plain directory
+    // there is not one either).
+    let r = exec(&mut c, &["busybox", "mkdir", "-p", "/run/forkvm/root/bin"]).await;
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let e = c.exec(image_req(&["true"], "")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let e = c.exec_stream(image_req(&["true"], "")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
 
     let spec = sh(
         "echo written-by-workload > data.txt; \
@@ -177,6 +187,7 @@ async fn workload_in_vm() {
     );
 
     mounts_and_data_are_in_place(&mut c).await;
+    exec_in_the_image_root(&mut c).await;
     let r = exec(&mut c, &["sync"]).await;
     assert_eq!(r.exit_code, 0, "{r:?}");
     drop(c);
@@ -203,6 +214,69 @@ async fn mounts_and_data_are_in_place(c: &mut Client) {
     assert_eq!(out(&r), "written-by-workload\n", "{r:?}");
     let r = exec(c, &["ls", "-n", "/run/forkvm/rw/upper/srv/data.txt"]).await;
     assert!(out(&r).contains(" 1000 "), "{}", out(&r));
+}
+
+/// An Exec request in the image's root.
+fn image_req(argv: &[&str], cwd: &str) -> forkvm_proto::agent::ExecRequest {
+    let mut r = req(argv);
+    r.image_root = true;
+    r.cwd = cwd.into();
+    r
+}
+
+async fn image_exec(c: &mut Client, argv: &[&str], cwd: &str) -> ExecResponse {
+    c.exec(image_req(argv, cwd)).await.unwrap().into_inner()
+}
+
+/// Exec with image_root: the workload's file at its path in the image, the
+/// image's own /etc and no /run/forkvm (chrooted), cwd inside the image, as
+/// root although the workload ran as `app`; output streamed as well.
+async fn exec_in_the_image_root(c: &mut Client) {
+    let r = image_exec(c, &["cat", "/srv/data.txt"], "").await;
+    assert_eq!(
+        (r.exit_code, out(&r).as_str()),
+        (0, "written-by-workload\n"),
+        "{r:?}"
+    );
+    let r = image_exec(c, &["cat", "/etc/passwd"], "").await;
+    assert!(out(&r).contains("app:x:1000:1001"), "{r:?}");
+    let r = image_exec(c, &["ls", "/run/forkvm"], "").await;
+    assert_ne!(
+        r.exit_code, 0,
+        "/run/forkvm seen from the image root: {r:?}"
+    );
+    let r = image_exec(c, &["sh", "-c", "echo $(id -u) $(pwd) $PATH"], "/srv").await;
+    assert!(out(&r).starts_with("0 /srv /usr/local/sbin:"), "{r:?}");
+    let r = image_exec(c, &["pwd"], "").await;
+    assert_eq!(out(&r), "/\n", "{r:?}");
+    let e = c
+        .exec(image_req(&["no-such-program"], ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    // Writes land in the writable layer, visible from the agent's root.
+    let r = image_exec(c, &["sh", "-c", "echo via-exec > /srv/exec.txt"], "").await;
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let r = exec(c, &["cat", "/run/forkvm/rw/upper/srv/exec.txt"]).await;
+    assert_eq!(out(&r), "via-exec\n", "{r:?}");
+
+    let mut s = c
+        .exec_stream(image_req(&["cat", "/srv/data.txt"], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut so, mut code) = (Vec::new(), None);
+    while let Some(m) = s.message().await.unwrap() {
+        match m.kind {
+            Some(exec_output::Kind::Stdout(b)) => so.extend(b),
+            Some(exec_output::Kind::Exit(e)) => code = Some(e.exit_code),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        (so.as_slice(), code),
+        (&b"written-by-workload\n"[..], Some(0))
+    );
 }
 
 /// A second boot of the same qcow2: the workload (as root, default working

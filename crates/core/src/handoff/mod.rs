@@ -244,6 +244,8 @@ impl HostPaths<'_> {
             stdin: vec![],
             timeout_ms: 20_000,
             cwd: String::new(),
+            // The agent's own root: the handoff configures the guest, not the image.
+            image_root: false,
         };
         let socket = self.svc.paths(self.inst).agent_socket;
         let out = self
