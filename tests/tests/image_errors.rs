@@ -164,12 +164,25 @@ async fn a_registry_with_auth_wants_the_right_credentials() -> Result<()> {
     )
     .await?;
     nothing_left(&env, &[&name]).await?;
+    // A bearer token is sent as one; this registry knows only basic auth.
+    let token = json!({"registry_token": "not-a-token"});
+    pull_fails(
+        &env,
+        json!({"name": name, "credentials": token}),
+        "unauthorized",
+    )
+    .await?;
+    nothing_left(&env, &[&name]).await?;
+
     let right = json!({"username": "alice", "password": "s3cret-pw"});
     let img = pull_settled(&env, json!({"name": name, "credentials": right})).await?;
     ensure!(s(&img, "status") == "ready", "{img}\n{}", env.daemon_log());
     ensure!(img.get("error_code").is_none(), "{img}");
     let log = env.daemon_log();
-    ensure!(!log.contains("s3cret-pw"), "the password reached the log");
+    ensure!(
+        !log.contains("s3cret-pw") && !log.contains("not-a-token"),
+        "a secret reached the log"
+    );
     let (st, _) = env.request("DELETE", &image_path(&name), None).await?;
     ensure!(st == 204);
     nothing_left(&env, &[]).await
@@ -251,6 +264,7 @@ async fn bad_pull_requests_are_400_and_record_nothing() -> Result<()> {
         json!({"name": "UPPER/Case"}),
         json!({"name": name, "platform": "linux"}),
         json!({"name": name, "credentials": {"username": "u"}}),
+        json!({"name": name, "credentials": {"username": "u", "password": "p", "registry_token": "t"}}),
     ];
     for body in bad {
         let (st, v) = env.request("POST", "/images", Some(body.clone())).await?;
