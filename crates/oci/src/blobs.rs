@@ -128,7 +128,12 @@ impl BlobStore {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(OciError::bad_src(what, "reading the blob failed", e)),
+                // The cause (e.g. "archive is truncated inside a file") is
+                // what the caller needs to read.
+                Err(e) => {
+                    let reason = format!("reading the blob failed: {e}");
+                    return Err(OciError::bad_src(what, reason, e));
+                }
             };
             w.write(&buf[..n])?;
         }

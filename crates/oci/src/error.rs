@@ -25,7 +25,7 @@ pub enum OciError {
     },
     /// The registry requires authentication and none, or wrong, credentials were given.
     #[error(
-        "registry {registry} refused access to {repository}; give valid credentials (user and password) for it"
+        "registry {registry} refused access to {repository}; give valid credentials for it (user and password, or a registry token)"
     )]
     Unauthorized {
         registry: String,

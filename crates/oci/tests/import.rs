@@ -143,6 +143,13 @@ fn truncated_archives_are_bad_archive() {
                 "{} cut at {cut}: {e}",
                 full.display()
             );
+            // The message says why, not only where (a cut on a member
+            // boundary reads as an archive without its end marker).
+            let m = e.to_string();
+            assert!(
+                m.contains("truncated") || (cut % 512 == 0 && m.contains("missing")),
+                "cut at {cut}: {e}"
+            );
         }
     }
 }

@@ -199,21 +199,24 @@ async fn htpasswd_registry_needs_credentials() {
         .expect_err("no credentials");
     assert_eq!(e.code(), "unauthorized", "{e}");
     let wrong = RegistryOptions {
-        credentials: Some(Credentials {
-            username: "forkvm".into(),
-            password: "wrong".into(),
-        }),
+        credentials: Some(Credentials::basic("forkvm", "wrong")),
         ..RegistryOptions::default()
     };
     let e = pull(&r, &wrong, &blobs, &|_| {})
         .await
         .expect_err("wrong password");
     assert_eq!(e.code(), "unauthorized", "{e}");
+    // htpasswd auth takes no bearer token: it is sent, and refused.
+    let token = RegistryOptions {
+        credentials: Some(Credentials::bearer("s3cret")),
+        ..RegistryOptions::default()
+    };
+    let e = pull(&r, &token, &blobs, &|_| {})
+        .await
+        .expect_err("a bearer token");
+    assert_eq!(e.code(), "unauthorized", "{e}");
     let right = RegistryOptions {
-        credentials: Some(Credentials {
-            username: "forkvm".into(),
-            password: "s3cret".into(),
-        }),
+        credentials: Some(Credentials::basic("forkvm", "s3cret")),
         ..RegistryOptions::default()
     };
     let fetched = pull(&r, &right, &blobs, &|_| {})

@@ -122,9 +122,31 @@ pub struct PullCredentials {
     pub username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
-    /// Not supported: answered with 400 `unsupported`.
+    /// A bearer token, sent as `Authorization: Bearer <token>` as it is;
+    /// instead of username and password, not with them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry_token: Option<String>,
+}
+
+impl PullCredentials {
+    /// Basic (username and password) or bearer (a token); `None` when
+    /// empty. Half a pair, or a token with a pair, is a 400.
+    fn into_core(self) -> Result<Option<core::RegistryCredentials>, ApiError> {
+        let token = self.registry_token.filter(|t| !t.is_empty());
+        match (self.username, self.password, token) {
+            (None, None, None) => Ok(None),
+            (None, None, Some(t)) => Ok(Some(core::RegistryCredentials::bearer(t))),
+            (Some(u), Some(p), None) if !u.is_empty() => {
+                Ok(Some(core::RegistryCredentials::basic(u, p)))
+            }
+            (_, _, Some(_)) => Err(ApiError::invalid(
+                "credentials take either a registry_token or a username and password, not both",
+            )),
+            _ => Err(ApiError::invalid(
+                "credentials need both a username and a password",
+            )),
+        }
+    }
 }
 
 impl std::fmt::Debug for PullCredentials {
@@ -151,26 +173,11 @@ pub struct ImageCreateParams {
 
 impl ImageCreateParams {
     pub fn into_core(self) -> Result<core::PullRequest, ApiError> {
-        let credentials = match self.credentials {
-            None => None,
-            Some(c) if c.registry_token.as_deref().is_some_and(|t| !t.is_empty()) => {
-                return Err(ApiError::unsupported(
-                    "registry_token is not supported: give username and password",
-                ));
-            }
-            Some(c) => match (c.username, c.password) {
-                (None, None) => None,
-                (Some(u), Some(p)) if !u.is_empty() => Some(core::RegistryCredentials {
-                    username: u,
-                    password: p,
-                }),
-                _ => {
-                    return Err(ApiError::invalid(
-                        "credentials need both a username and a password",
-                    ));
-                }
-            },
-        };
+        let credentials = self
+            .credentials
+            .map(|c| c.into_core())
+            .transpose()?
+            .flatten();
         Ok(core::PullRequest {
             name: self.name,
             credentials,
@@ -232,30 +239,52 @@ mod tests {
         assert!(!s.contains("hunter2") && !s.contains("tok"), "{s}");
     }
 
-    #[test]
-    fn half_credentials_and_tokens_are_refused() {
-        let p = |c: PullCredentials| ImageCreateParams {
+    fn params(c: PullCredentials) -> ImageCreateParams {
+        ImageCreateParams {
             name: "a".into(),
             credentials: Some(c),
             platform: None,
             tags: None,
-        };
+        }
+    }
+
+    #[test]
+    fn half_credentials_and_mixed_ones_are_refused() {
         let only_user = PullCredentials {
             username: Some("u".into()),
             ..Default::default()
         };
-        assert!(p(only_user).into_core().is_err());
-        let token = PullCredentials {
+        assert!(params(only_user).into_core().is_err());
+        let both = PullCredentials {
+            username: Some("u".into()),
+            password: Some("p".into()),
             registry_token: Some("t".into()),
-            ..Default::default()
         };
-        assert!(p(token).into_core().is_err());
+        let e = params(both).into_core().unwrap_err();
+        assert!(format!("{e:?}").contains("not both"), "{e:?}");
         assert!(
-            p(PullCredentials::default())
+            params(PullCredentials::default())
                 .into_core()
                 .unwrap()
                 .credentials
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_token_is_bearer_and_a_pair_is_basic() {
+        let token = PullCredentials {
+            registry_token: Some("t0k".into()),
+            ..Default::default()
+        };
+        let c = params(token).into_core().unwrap().credentials;
+        assert_eq!(c, Some(core::RegistryCredentials::bearer("t0k")));
+        let pair = PullCredentials {
+            username: Some("u".into()),
+            password: Some("p".into()),
+            registry_token: Some(String::new()),
+        };
+        let c = params(pair).into_core().unwrap().credentials;
+        assert_eq!(c, Some(core::RegistryCredentials::basic("u", "p")));
     }
 }

@@ -29,7 +29,8 @@ const MAX_TAG_VALUE: usize = 256;
 pub struct PullRequest {
     /// An image reference (`nginx:1.25`, `127.0.0.1:5000/app@sha256:…`).
     pub name: String,
-    /// Used for this pull only, never stored or logged.
+    /// Basic (user and password) or a bearer token; used for this pull
+    /// only, never stored or logged.
     pub credentials: Option<Credentials>,
     /// `os/arch[/variant]`; only `linux/amd64` runs here.
     pub platform: Option<String>,

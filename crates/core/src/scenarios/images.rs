@@ -3,7 +3,7 @@
 //! shared by names of one image and never left behind.
 
 use crate::images::{PullRequest, rootfs_path};
-use crate::model::{CreateRequest, ImageStatus};
+use crate::model::{CreateRequest, ImageSource, ImageStatus};
 use crate::testkit::World;
 use crate::{ErrorKind, RegistryCredentials};
 
@@ -156,10 +156,7 @@ async fn credentials_are_used_for_one_pull_and_never_stored() {
     assert_eq!(rec.error_code.as_deref(), Some("unauthorized"));
     w.mgr
         .pull_image(PullRequest {
-            credentials: Some(RegistryCredentials {
-                username: "u".into(),
-                password: "s3cret".into(),
-            }),
+            credentials: Some(RegistryCredentials::basic("u", "s3cret")),
             ..pull("registry.test/private:1")
         })
         .await
@@ -174,6 +171,39 @@ async fn credentials_are_used_for_one_pull_and_never_stored() {
 }
 
 #[tokio::test]
+async fn a_bearer_token_is_used_for_one_pull_and_never_stored() {
+    let w = World::new().await;
+    w.images.publish("registry.test/tok:1", &["x"]);
+    w.images
+        .require_token("registry.test/tok:1", "t0ken-s3cret");
+    let with = |c| PullRequest {
+        credentials: Some(c),
+        ..pull("registry.test/tok:1")
+    };
+    for wrong in [
+        RegistryCredentials::bearer("other"),
+        RegistryCredentials::basic("t0ken-s3cret", "t0ken-s3cret"),
+    ] {
+        w.mgr.pull_image(with(wrong)).await.unwrap();
+        let rec = w.image_settled("registry.test/tok:1").await;
+        assert_eq!(rec.error_code.as_deref(), Some("unauthorized"), "{rec:?}");
+    }
+    let rec = w
+        .mgr
+        .pull_image(with(RegistryCredentials::bearer("t0ken-s3cret")))
+        .await
+        .unwrap();
+    assert_eq!(rec.source, ImageSource::RegistryWithCredentials);
+    let rec = w.image_settled("registry.test/tok:1").await;
+    assert_eq!(rec.status, ImageStatus::Ready, "{rec:?}");
+    let db = std::fs::read(w.cfg.data_dir.join("forkvm.db")).unwrap();
+    assert!(
+        !db.windows(12).any(|x| x == b"t0ken-s3cret"),
+        "the token reached the store"
+    );
+}
+
+#[tokio::test]
 async fn a_restart_mid_pull_starts_it_over_but_not_one_with_credentials() {
     let mut w = World::new().await;
     w.images.publish("registry.test/a:1", &["a"]);
@@ -182,10 +212,7 @@ async fn a_restart_mid_pull_starts_it_over_but_not_one_with_credentials() {
     w.mgr.pull_image(pull("registry.test/a:1")).await.unwrap();
     w.mgr
         .pull_image(PullRequest {
-            credentials: Some(RegistryCredentials {
-                username: "u".into(),
-                password: "p".into(),
-            }),
+            credentials: Some(RegistryCredentials::basic("u", "p")),
             ..pull("registry.test/b:1")
         })
         .await

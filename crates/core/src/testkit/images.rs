@@ -14,8 +14,8 @@ use tokio::sync::Semaphore;
 struct State {
     /// Reference (normalized) → its image.
     published: HashMap<String, Fetched>,
-    /// Images that need credentials: reference → (user, password).
-    private: HashMap<String, (String, String)>,
+    /// Images that need credentials: reference → the ones that work.
+    private: HashMap<String, Credentials>,
     pulls: usize,
     converts: usize,
 }
@@ -82,7 +82,15 @@ impl FakeImages {
         let r: Reference = reference.parse().unwrap();
         self.st()
             .private
-            .insert(r.to_string(), (user.into(), password.into()));
+            .insert(r.to_string(), Credentials::basic(user, password));
+    }
+
+    /// Only this bearer token may pull `reference`.
+    pub fn require_token(&self, reference: &str, token: &str) {
+        let r: Reference = reference.parse().unwrap();
+        self.st()
+            .private
+            .insert(r.to_string(), Credentials::bearer(token));
     }
 
     /// Holds every pull until [`FakeImages::open_gate`].
@@ -119,15 +127,14 @@ impl ImageBackend for FakeImages {
             let _permit = self.gate.acquire().await;
             let mut st = self.st();
             st.pulls += 1;
-            if let Some((u, p)) = st.private.get(&r.to_string()) {
-                let ok = creds.is_some_and(|c| &c.username == u && &c.password == p);
-                if !ok {
-                    return Err(OciError::Unauthorized {
-                        registry: r.registry.clone(),
-                        repository: r.repository.clone(),
-                        source: None,
-                    });
-                }
+            if let Some(want) = st.private.get(&r.to_string())
+                && creds.as_ref() != Some(want)
+            {
+                return Err(OciError::Unauthorized {
+                    registry: r.registry.clone(),
+                    repository: r.repository.clone(),
+                    source: None,
+                });
             }
             st.published
                 .get(&r.to_string())

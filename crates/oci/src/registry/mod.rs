@@ -1,8 +1,9 @@
 //! Pulling an image from a registry (OCI distribution API) into the blob store.
 //!
-//! `oci-client` does the authentication (anonymous, basic, bearer-token flow)
-//! and streams the blobs; manifests are fetched here with a hard size bound
-//! (the client would buffer a body of any size). Every document and blob is
+//! `oci-client` does the authentication (anonymous, basic, the bearer-token
+//! flow, or a bearer token the caller already has) and streams the blobs;
+//! manifests are fetched here with a hard size bound (the client would
+//! buffer a body of any size). Every document and blob is
 //! verified against its digest before it is used or becomes visible.
 
 mod session;
@@ -19,19 +20,47 @@ use session::Session;
 /// How many layers download at once.
 const PARALLEL_LAYERS: usize = 3;
 
-/// User name and password for a registry (HTTP basic, or exchanged for a token).
+/// How to authenticate to a registry for one pull.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
+pub enum Credentials {
+    /// User name and password: HTTP basic, or exchanged for a token when the
+    /// registry runs the token flow.
+    Basic { username: String, password: String },
+    /// A bearer token obtained elsewhere, sent as `Authorization: Bearer`
+    /// as it is (no token flow).
+    Bearer { token: String },
+}
+
+impl Credentials {
+    /// User name and password.
+    pub fn basic(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Credentials::Basic {
+            username: username.into(),
+            password: password.into(),
+        }
+    }
+
+    /// A bearer token.
+    pub fn bearer(token: impl Into<String>) -> Self {
+        Credentials::Bearer {
+            token: token.into(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
+        match self {
+            Credentials::Basic { username, .. } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Credentials::Bearer { .. } => f
+                .debug_struct("Bearer")
+                .field("token", &"<redacted>")
+                .finish(),
+        }
     }
 }
 
@@ -180,11 +209,11 @@ mod tests {
 
     #[test]
     fn credentials_are_not_printed() {
-        let c = Credentials {
-            username: "u".into(),
-            password: "hunter2".into(),
-        };
-        assert!(!format!("{c:?}").contains("hunter2"));
+        let c = Credentials::basic("u", "hunter2");
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter2") && s.contains("\"u\""), "{s}");
+        let s = format!("{:?}", Credentials::bearer("tok-secret"));
+        assert!(!s.contains("tok-secret") && s.contains("Bearer"), "{s}");
     }
 
     #[test]
@@ -239,5 +268,61 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), "registry", "{e}");
+    }
+
+    /// A registry that lets only `Authorization: Bearer good` in, and then
+    /// has no such manifest: a bearer token is sent as it is (no token
+    /// flow), and without it or with another one the pull is unauthorized.
+    #[tokio::test]
+    async fn a_bearer_token_is_sent_as_it_is() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 65536 {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
+                    let resp = if head.contains("\r\nauthorization: bearer good\r\n") {
+                        let body = r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#;
+                        format!(
+                            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    } else {
+                        let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+                        format!(
+                            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"t\"\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        let r: Reference = format!("127.0.0.1:{port}/x:y").parse().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(tmp.path()).unwrap();
+        let code = async |credentials| {
+            let opts = RegistryOptions {
+                insecure: vec![],
+                credentials,
+            };
+            pull(&r, &opts, &blobs, &|_| {}).await.unwrap_err().code()
+        };
+        assert_eq!(code(Some(Credentials::bearer("good"))).await, "not_found");
+        assert_eq!(code(Some(Credentials::bearer("bad"))).await, "unauthorized");
+        assert_eq!(
+            code(Some(Credentials::basic("good", "x"))).await,
+            "unauthorized"
+        );
+        assert_eq!(code(None).await, "unauthorized");
     }
 }

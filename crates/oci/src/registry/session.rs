@@ -11,7 +11,7 @@ use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 
-use super::{Progress, RegistryOptions};
+use super::{Credentials, Progress, RegistryOptions};
 use crate::blobs::sha256_of;
 use crate::error::BoxError;
 use crate::manifest::{self, Doc, Layer, MANIFEST_TYPES, MAX_JSON};
@@ -28,8 +28,10 @@ pub(super) struct Session {
     scheme: &'static str,
     registry: String,
     repository: String,
-    /// A bearer token from the token flow, if the registry uses one.
+    /// A bearer token: the caller's, or from the token flow if the
+    /// registry uses one.
     token: Option<String>,
+    /// User name and password for HTTP basic.
     credentials: Option<(String, String)>,
     plain: bool,
 }
@@ -66,13 +68,14 @@ impl Session {
             .user_agent(USER_AGENT)
             .build()
             .map_err(|e| registry_err(&r.registry, "building the HTTP client", e))?;
-        let credentials = opts
-            .credentials
-            .as_ref()
-            .map(|c| (c.username.clone(), c.password.clone()));
-        let auth = match &credentials {
-            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
-            None => RegistryAuth::Anonymous,
+        let (auth, credentials) = match &opts.credentials {
+            Some(Credentials::Basic { username, password }) => (
+                RegistryAuth::Basic(username.clone(), password.clone()),
+                Some((username.clone(), password.clone())),
+            ),
+            // Returned by `auth` as the session's token, used as it is.
+            Some(Credentials::Bearer { token }) => (RegistryAuth::Bearer(token.clone()), None),
+            None => (RegistryAuth::Anonymous, None),
         };
         let mut s = Session {
             client,
