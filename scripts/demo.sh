@@ -30,6 +30,7 @@ trap cleanup EXIT
 
 ip netns del "$NS" 2>/dev/null || true
 ip netns add "$NS"
+ip -n "$NS" link set lo up  # the registry of part two listens on loopback
 echo "==> starting the daemon in network namespace $NS (log: $RUN/daemon.log)"
 ip netns exec "$NS" "$BIN" serve >"$RUN/daemon.log" 2>&1 &
 DAEMON=$!
