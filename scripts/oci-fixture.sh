@@ -20,9 +20,9 @@ if [ -f "$out/done" ]; then
   exit 0
 fi
 log "building the OCI test image ($key)"
+rm -rf "$out" && mkdir -p "$out"
 # Layouts of older inputs are of no further use.
 find "$DATA_DIR/cache/oci-fixture" -mindepth 1 -maxdepth 1 ! -name "$key" -exec rm -rf {} +
-rm -rf "$out" && mkdir -p "$out"
 work=$(mktemp -d "$out/work.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
