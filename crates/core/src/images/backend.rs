@@ -29,6 +29,10 @@ pub trait ImageBackend: Send + Sync {
     /// Applies `fetched`'s layers and writes the root filesystem to `out`
     /// (atomically); returns its size in bytes.
     fn convert<'a>(&'a self, fetched: &'a Fetched, out: &'a Path) -> OciFuture<'a, u64>;
+    /// The digests of the blobs kept (the pull cache).
+    fn blobs(&self) -> Vec<String>;
+    /// Removes these blobs (missing ones are no error).
+    fn remove_blobs(&self, digests: &[String]);
 }
 
 /// `forkvm-oci` with a blob store and a private scratch directory under the
@@ -68,6 +72,28 @@ impl OciBackend {
 }
 
 impl ImageBackend for OciBackend {
+    fn blobs(&self) -> Vec<String> {
+        let dir = self.blobs.root().join("sha256");
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn remove_blobs(&self, digests: &[String]) {
+        for d in digests {
+            if let Ok(p) = self.blobs.path(d)
+                && let Err(e) = std::fs::remove_file(&p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(blob = %d, error = %e, "removing a blob failed");
+            }
+        }
+    }
+
     fn pull<'a>(
         &'a self,
         r: &'a Reference,

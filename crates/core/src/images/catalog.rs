@@ -52,23 +52,48 @@ pub(crate) async fn delete(svc: &Services, name: &str) -> Result<()> {
         )));
     }
     svc.store.delete_image(&key)?;
-    if let Some(hex) = rec.digest_hex() {
-        let shared = svc
-            .store
-            .list_images()?
+    let others = svc.store.list_images()?;
+    if let Some(hex) = rec.digest_hex()
+        && !others.iter().any(|o| o.digest_hex() == Some(hex))
+    {
+        remove(&rootfs_path(svc, hex));
+    }
+    // A pull in flight may be using a blob no record names yet: its
+    // unreferenced blobs go at the next delete or start.
+    if !others.iter().any(|o| o.status.in_progress()) {
+        let kept: HashSet<&String> = others.iter().flat_map(|o| &o.blobs).collect();
+        let gone: Vec<String> = rec
+            .blobs
             .iter()
-            .any(|o| o.digest_hex() == Some(hex));
-        if !shared {
-            remove(&rootfs_path(svc, hex));
-        }
+            .filter(|b| !kept.contains(b))
+            .cloned()
+            .collect();
+        svc.images.remove_blobs(&gone);
     }
     info!(image = %key, "image deleted");
     Ok(())
 }
 
-/// Root disks no image record names: left by a crash between a
-/// conversion and its record, or by a deletion cut short.
+/// Root disks and cached blobs no image record names: left by a crash
+/// between a conversion and its record, by a deletion cut short, or by
+/// failed pulls. Runs at start, before interrupted pulls resume.
 pub(crate) fn reconcile(svc: &Services) -> Result<()> {
+    let records = svc.store.list_images()?;
+    // Records of pulls that will resume may not name their blobs yet:
+    // keep everything then (the next start or delete collects).
+    if !records.iter().any(|r| r.status.in_progress()) {
+        let kept: HashSet<&String> = records.iter().flat_map(|r| &r.blobs).collect();
+        let unused: Vec<String> = svc
+            .images
+            .blobs()
+            .into_iter()
+            .filter(|b| !kept.contains(b))
+            .collect();
+        if !unused.is_empty() {
+            info!(blobs = unused.len(), "removing cached blobs no image names");
+            svc.images.remove_blobs(&unused);
+        }
+    }
     let dir = rootfs_path(svc, "x");
     let Some(dir) = dir.parent() else {
         return Ok(());

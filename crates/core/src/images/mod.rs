@@ -33,6 +33,13 @@ pub(crate) struct BootImage {
     pub run: Option<ImageRunConfig>,
 }
 
+/// The blobs an image is made of (what the pull cache keeps for it).
+pub(crate) fn blobs_of(f: &forkvm_oci::Fetched) -> Vec<String> {
+    let mut v = vec![f.manifest_digest.clone(), f.config_digest.clone()];
+    v.extend(f.layers.iter().map(|l| l.digest.clone()));
+    v
+}
+
 /// The guest image OCI images boot with (its kernel, initramfs and agent).
 pub(crate) const GUEST_IMAGE: &str = "default";
 

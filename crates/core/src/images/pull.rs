@@ -255,6 +255,7 @@ async fn convert(
         rec.digest = Some(f.manifest_digest.clone());
         rec.config = run_config(f);
         rec.platform = Some(f.config.platform.clone());
+        rec.blobs = super::blobs_of(f);
     });
     if !moved {
         return Err(OciError::InvalidInput(
@@ -311,6 +312,7 @@ fn pending(
         tags,
         source,
         created_at: svc.now(),
+        blobs: Vec::new(),
         queue_position: None,
         progress: None,
         attempt: new_attempt(),

@@ -70,6 +70,10 @@ pub struct ImageRecord {
     /// User-defined key-value tags.
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// The blobs it was made of (manifest, config, layers): kept in the
+    /// pull cache while an image names them.
+    #[serde(default)]
+    pub blobs: Vec<String>,
     /// Where it comes from: pulled again or imported again after a restart
     /// that interrupted it.
     #[serde(default)]

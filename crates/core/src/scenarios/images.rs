@@ -2,7 +2,7 @@
 //! codes, restarts mid-pull, deletion refused while in use, root disks
 //! shared by names of one image and never left behind.
 
-use crate::images::{PullRequest, rootfs_path};
+use crate::images::{ImageBackend, PullRequest, rootfs_path};
 use crate::model::{CreateRequest, ImageSource, ImageStatus};
 use crate::testkit::World;
 use crate::{ErrorKind, RegistryCredentials};
@@ -397,4 +397,34 @@ async fn a_workload_the_guest_refuses_fails_the_create_and_leaves_nothing() {
         .expect_err("workload failed");
     assert_eq!(e.kind(), ErrorKind::Failed, "{e}");
     w.assert_only(&[]).await;
+}
+
+#[tokio::test]
+async fn cached_blobs_go_with_the_last_image_that_names_them() {
+    let mut w = World::new().await;
+    let a = w.add_oci_image("registry.test/a:1").await;
+    w.add_oci_image("registry.test/b:1").await;
+    assert_eq!(a.blobs.len(), 3, "manifest, config, one layer: {a:?}");
+    let before = w.images.stored_blobs();
+    w.mgr.delete_image("registry.test/a:1").await.unwrap();
+    let after = w.images.stored_blobs();
+    assert_eq!(after.len(), before.len() - 3);
+    assert!(a.blobs.iter().all(|b| !after.contains(b)));
+    // Blobs of a failed pull that no record names go at the next start.
+    w.images.publish("registry.test/c:1", &["c"]);
+    w.mgr.pull_image(pull("registry.test/c:1")).await.unwrap();
+    w.image_settled("registry.test/c:1").await;
+    w.mgr.delete_image("registry.test/c:1").await.unwrap();
+    w.images.publish("registry.test/orphan:1", &["o"]);
+    w.images
+        .pull(&"registry.test/orphan:1".parse().unwrap(), None, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(w.images.stored_blobs().len(), after.len() + 3);
+    w.restart().await;
+    assert_eq!(
+        w.images.stored_blobs(),
+        after,
+        "only image b's blobs are kept"
+    );
 }

@@ -18,6 +18,8 @@ struct State {
     private: HashMap<String, Credentials>,
     pulls: usize,
     converts: usize,
+    /// The "blob store": digests of what pulls and imports fetched.
+    blobs: std::collections::BTreeSet<String>,
 }
 
 pub(crate) struct FakeImages {
@@ -109,9 +111,25 @@ impl FakeImages {
     pub fn converts(&self) -> usize {
         self.st().converts
     }
+
+    /// The blobs the "store" keeps.
+    pub fn stored_blobs(&self) -> Vec<String> {
+        self.st().blobs.iter().cloned().collect()
+    }
 }
 
 impl ImageBackend for FakeImages {
+    fn blobs(&self) -> Vec<String> {
+        self.st().blobs.iter().cloned().collect()
+    }
+
+    fn remove_blobs(&self, digests: &[String]) {
+        let mut st = self.st();
+        for d in digests {
+            st.blobs.remove(d);
+        }
+    }
+
     fn pull<'a>(
         &'a self,
         r: &'a Reference,
@@ -136,14 +154,17 @@ impl ImageBackend for FakeImages {
                     source: None,
                 });
             }
-            st.published
-                .get(&r.to_string())
-                .cloned()
-                .ok_or_else(|| OciError::NotFound {
-                    registry: r.registry.clone(),
-                    what: format!("{r}"),
-                    source: None,
-                })
+            let f =
+                st.published
+                    .get(&r.to_string())
+                    .cloned()
+                    .ok_or_else(|| OciError::NotFound {
+                        registry: r.registry.clone(),
+                        what: format!("{r}"),
+                        source: None,
+                    })?;
+            st.blobs.extend(crate::images::blobs_of(&f));
+            Ok(f)
         })
     }
 
@@ -158,6 +179,7 @@ impl ImageBackend for FakeImages {
             let r: Reference = text.trim().parse()?;
             let f = self.st().published.get(&r.to_string()).cloned();
             let f = f.ok_or_else(|| OciError::InvalidInput(format!("bad archive {text}")))?;
+            self.st().blobs.extend(crate::images::blobs_of(&f));
             Ok((Some(ImageName::Reference(r)), f))
         })
     }
