@@ -6,6 +6,7 @@ use crate::error::{CoreError, Result};
 use crate::model::{ExecRequest, ExecResult, Instance, InstanceState, MailboxInfo};
 use crate::services::Services;
 use forkvm_proto::agent as pb;
+use std::collections::HashMap;
 use std::time::Duration;
 
 fn require_running(inst: &Instance, what: &str) -> Result<()> {
@@ -19,19 +20,65 @@ fn require_running(inst: &Instance, what: &str) -> Result<()> {
     )))
 }
 
+/// An exec without a timeout is killed after this long.
+pub const DEFAULT_EXEC_TIMEOUT_S: u32 = 600;
+/// Execs one instance may run at once; more are refused (409).
+pub const MAX_EXECS_PER_INSTANCE: usize = 16;
+
+/// Execs running now, per instance.
+#[derive(Default)]
+pub(crate) struct ExecSlots(std::sync::Mutex<HashMap<String, usize>>);
+
+/// One running exec; its slot is freed when dropped.
+pub(crate) struct ExecSlot<'a> {
+    slots: &'a ExecSlots,
+    id: String,
+}
+
+impl ExecSlots {
+    fn take(&self, id: &str) -> Option<ExecSlot<'_>> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(id.to_string()).or_insert(0);
+        if *n >= MAX_EXECS_PER_INSTANCE {
+            return None;
+        }
+        *n += 1;
+        Some(ExecSlot {
+            slots: self,
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for ExecSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.id);
+            }
+        }
+    }
+}
+
 pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> Result<ExecResult> {
     let inst = svc.find(id_or_name)?;
     require_running(&inst, "exec needs a Running instance")?;
     if req.command.first().is_none_or(|p| p.is_empty()) {
         return Err(CoreError::Invalid("command must name a program".into()));
     }
-    let timeout_s = req.timeout_s.unwrap_or(0);
-    let per_try = if timeout_s == 0 {
-        Duration::from_secs(24 * 3600)
-    } else {
-        Duration::from_secs(u64::from(timeout_s) + 10)
-    };
-    let msg = exec_message(&inst, req);
+    let _slot = svc.execs.take(&inst.id).ok_or_else(|| {
+        CoreError::Exhausted(format!(
+            "instance {} already runs {MAX_EXECS_PER_INSTANCE} execs; wait for one to finish",
+            inst.name
+        ))
+    })?;
+    let timeout_s = req.timeout_s.unwrap_or(DEFAULT_EXEC_TIMEOUT_S);
+    // The agent kills the command at its timeout; the call waits a little
+    // longer for the answer.
+    let per_try = Duration::from_secs(u64::from(timeout_s) + 10);
+    let msg = exec_message(&inst, req, timeout_s);
     let t0 = std::time::Instant::now();
     let resp = svc
         .agent
@@ -54,12 +101,12 @@ pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> 
 /// The agent's request for a user's exec: in an OCI image's instance (one
 /// with a workload) it runs in the image's root, as `docker exec` does; in
 /// the `default` image's, in the agent's own.
-fn exec_message(inst: &Instance, req: ExecRequest) -> pb::ExecRequest {
+fn exec_message(inst: &Instance, req: ExecRequest, timeout_s: u32) -> pb::ExecRequest {
     pb::ExecRequest {
         argv: req.command,
         env: req.env.into_iter().collect(),
         stdin: req.stdin.unwrap_or_default().into_bytes(),
-        timeout_ms: req.timeout_s.unwrap_or(0).saturating_mul(1000),
+        timeout_ms: timeout_s.saturating_mul(1000),
         cwd: String::new(),
         image_root: inst.workload.is_some(),
     }
@@ -152,7 +199,7 @@ mod tests {
             stdin: Some("in".into()),
             timeout_s: Some(3),
         };
-        let msg = exec_message(&inst, req.clone());
+        let msg = exec_message(&inst, req.clone(), 3);
         assert!(!msg.image_root);
         assert_eq!(msg.argv, ["cat", "/etc/os-release"]);
         assert_eq!(msg.env["K"], "v");
@@ -162,7 +209,7 @@ mod tests {
             argv: vec!["httpd".into()],
             ..Default::default()
         });
-        let msg = exec_message(&inst, req);
+        let msg = exec_message(&inst, req, 3);
         assert!(msg.image_root);
         assert_eq!(msg.argv, ["cat", "/etc/os-release"]);
     }

@@ -109,6 +109,7 @@ impl Manager {
             images: deps.images,
             image_slots: Arc::new(tokio::sync::Semaphore::new(cfg_pulls)),
             pulls: Default::default(),
+            execs: Default::default(),
         });
         let (promoter, promotions) = crate::promote::Promoter::start(Arc::downgrade(&svc));
         let _ = svc.promoter.set(promoter);

@@ -40,6 +40,8 @@ pub(crate) struct Services {
     pub image_slots: Arc<tokio::sync::Semaphore>,
     /// How far the running pulls have got.
     pub pulls: crate::images::progress::Pulls,
+    /// Execs running now, per instance.
+    pub execs: crate::guest::ExecSlots,
 }
 
 /// Bases pinned by operations in flight: [`crate::bases::collect`] leaves

@@ -16,7 +16,8 @@ pub struct ExecParams {
     /// Data written to the command's stdin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
-    /// Kill the command after this many seconds.
+    /// Kill the command after this many seconds (default 600). An instance
+    /// runs at most 16 execs at once; more get 409.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u32>,
 }

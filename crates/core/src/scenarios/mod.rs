@@ -4,6 +4,7 @@
 
 mod adopt;
 mod disks;
+mod exec;
 mod fork;
 mod handoff;
 mod handover;

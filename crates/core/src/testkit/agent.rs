@@ -20,6 +20,8 @@ struct AgentState {
     exec: Answer,
     exec_exit: i32,
     workload: Answer,
+    /// Every exec request, in order.
+    exec_requests: Vec<pb::ExecRequest>,
     /// The last workload spec per instance.
     workloads: Vec<(String, pb::WorkloadSpec)>,
     /// `(marker, gpa)` reported in Health.
@@ -41,6 +43,7 @@ impl Default for FakeAgent {
                 exec: Answer::Ok,
                 exec_exit: 0,
                 workload: Answer::Ok,
+                exec_requests: vec![],
                 workloads: vec![],
                 mailbox: None,
                 calls: vec![],
@@ -66,6 +69,11 @@ impl FakeAgent {
         let mut st = self.st();
         st.exec = a;
         st.exec_exit = exit;
+    }
+
+    /// The exec requests the agent got, in order.
+    pub fn exec_requests(&self) -> Vec<pb::ExecRequest> {
+        self.st().exec_requests.clone()
     }
 
     pub fn workload(&self, a: Answer) {
@@ -160,10 +168,11 @@ impl GuestAgent for FakeAgent {
         &'a self,
         id: &'a str,
         _socket: &'a Path,
-        _req: pb::ExecRequest,
+        req: pb::ExecRequest,
         policy: CallPolicy,
     ) -> AgentFuture<'a, pb::ExecResponse> {
         let a = self.answer("Exec", id, |s| s.exec.clone());
+        self.st().exec_requests.push(req);
         let resp = pb::ExecResponse {
             exit_code: self.st().exec_exit,
             stderr: b"fake stderr".to_vec(),
