@@ -39,6 +39,12 @@ started = client.instances.start(inst.id)
 assert started.state == "Running", started.state
 assert started.network.ip == inst.network.ip
 
+# instances.wait: at once when there; timed out when the state does not come.
+waited = client.instances.wait(inst.id, state="Running", api_timeout="10s")
+assert waited.state == "Running" and not waited.timed_out, waited
+waited = client.instances.wait(inst.id, state="Standby", api_timeout="300ms")
+assert waited.state == "Running" and waited.timed_out, waited
+
 # The client reads logs as a server-sent event stream of lines.
 logs = " ".join(str(line) for line in client.instances.logs(inst.id))
 assert "forkvm-agent" in logs, logs[-500:]

@@ -78,6 +78,7 @@ where
         restore_instance,
         fork_instance,
         instance_logs,
+        wait_instance,
         instance_agent,
         exec_instance,
         create_snapshot,
@@ -93,7 +94,7 @@ where
         crate::images::delete_image,
     ),
     components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
-        ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork, Image, ImageStatus, PullCredentials, PullProgress)),
+        ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork, WaitForStateResponse, Image, ImageStatus, PullCredentials, PullProgress)),
     modifiers(&BearerAuth, &CommonErrors),
     security(("bearerAuth" = [])),
     tags(
@@ -186,6 +187,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/instances/{id}/restore", post(restore_instance))
         .route("/instances/{id}/fork", post(fork_instance))
         .route("/instances/{id}/logs", get(instance_logs))
+        .route("/instances/{id}/wait", get(wait_instance))
         .route("/instances/{id}/agent", get(instance_agent))
         .route("/instances/{id}/exec", post(exec_instance))
         .route("/instances/{id}/snapshots", post(create_snapshot))
@@ -334,6 +336,22 @@ async fn stop_instance(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Instance>, ApiError> {
     Ok(Json(m.stop(&id).await?.into()))
+}
+
+/// Wait until the instance reaches `state`, fails, or `timeout` passes
+/// (hypeman's `instances.wait`).
+#[utoipa::path(get, path = "/instances/{id}/wait", tag = "instances",
+    params(("id" = String, Path, description = "Instance id or name"), WaitQuery),
+    responses((status = 200, body = WaitForStateResponse), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn wait_instance(
+    State(m): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
+) -> Result<Json<WaitForStateResponse>, ApiError> {
+    let timeout = q.timeout()?;
+    let outcome = m.wait(&id, q.state.into(), timeout).await?;
+    Ok(Json(outcome.into()))
 }
 
 /// Put a Running instance into standby: snapshot its memory and device

@@ -3,7 +3,7 @@
 use forkvm_api::wire::{
     AgentHealth, ErrorBody, ExecParams, ExecResponse, ForkResponse, Health, Image,
     ImageCreateParams, ImageImportParams, Instance, InstanceCreateParams, InstanceForkParams,
-    Snapshot, SnapshotCreateParams, SnapshotForkParams,
+    Snapshot, SnapshotCreateParams, SnapshotForkParams, WaitForStateResponse,
 };
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -197,6 +197,21 @@ impl Client {
     pub async fn get(&self, id: &str) -> Result<Instance, ClientError> {
         self.json(Method::GET, &format!("/instances/{}", seg(id)), None)
             .await
+    }
+
+    pub async fn wait(
+        &self,
+        id: &str,
+        state: &str,
+        timeout: &str,
+    ) -> Result<WaitForStateResponse, ClientError> {
+        let path = format!(
+            "/instances/{}/wait?state={}&timeout={}",
+            seg(id),
+            seg(state),
+            seg(timeout)
+        );
+        self.json(Method::GET, &path, None).await
     }
 
     pub async fn start(&self, id: &str) -> Result<Instance, ClientError> {

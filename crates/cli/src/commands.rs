@@ -424,6 +424,33 @@ pub fn exit_byte(code: i32) -> u8 {
     u8::try_from(code).unwrap_or(1)
 }
 
+/// `forkvm wait`: exits 0 when the state was reached, 1 otherwise.
+pub async fn wait(
+    c: &Client,
+    json: bool,
+    id: &str,
+    state: &str,
+    timeout: &str,
+) -> anyhow::Result<ExitCode> {
+    let r = c.wait(id, state, timeout).await?;
+    if json {
+        crate::output::print_json(&r)?;
+    } else if r.timed_out {
+        eprintln!("{id}: still {:?} after {timeout}", r.state);
+    } else {
+        println!("{id}: {:?}", r.state);
+        if let Some(e) = &r.state_error {
+            eprintln!("{id}: {e}");
+        }
+    }
+    let reached = !r.timed_out && format!("{:?}", r.state) == state;
+    Ok(if reached {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

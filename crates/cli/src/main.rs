@@ -59,6 +59,17 @@ enum Cmd {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// Wait until an instance is in a state (or failed, or the time is up).
+    Wait {
+        /// Instance id or name.
+        id: String,
+        /// Created, Initializing, Running, Paused, Shutdown, Stopped, Standby.
+        #[arg(long, default_value = "Running")]
+        state: String,
+        /// Go duration, at most 5m.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
     /// Start a stopped instance.
     Start {
         /// Instance id or name.
@@ -192,6 +203,9 @@ async fn main() -> ExitCode {
                 Cmd::Exec(a) => commands::exec(&c, json, &a).await,
                 Cmd::Logs { id, tail } => commands::logs(&c, &id, tail).await,
                 Cmd::Start { id } => commands::start(&c, json, &id).await,
+                Cmd::Wait { id, state, timeout } => {
+                    commands::wait(&c, json, &id, &state, &timeout).await
+                }
                 Cmd::Stop { id } => commands::stop(&c, json, &id).await,
                 Cmd::Standby { id } => commands::standby(&c, json, &id).await,
                 Cmd::Restore { id } => commands::restore(&c, json, &id).await,

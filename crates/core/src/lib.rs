@@ -54,6 +54,7 @@ mod teardown;
 #[cfg(test)]
 mod testkit;
 mod vmm_switch;
+mod wait;
 
 pub use config::{Config, TestHooks};
 pub use error::{CoreError, ErrorKind, Result};
@@ -66,6 +67,7 @@ pub use images::{
 };
 pub use manager::{Deps, Manager};
 pub use model::*;
+pub use wait::{MAX_WAIT, WaitOutcome};
 
 /// Instance names: lowercase letters, digits and dashes, not starting or
 /// ending with a dash, at most 63 characters (a DNS label).

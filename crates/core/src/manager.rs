@@ -173,6 +173,17 @@ impl Manager {
         crate::images::catalog::delete(&self.svc, name).await
     }
 
+    /// Until the instance is in `state`, has failed, or `timeout` (at most
+    /// [`crate::MAX_WAIT`]) passed.
+    pub async fn wait(
+        &self,
+        id_or_name: &str,
+        state: InstanceState,
+        timeout: Duration,
+    ) -> Result<crate::WaitOutcome> {
+        crate::wait::wait(&self.svc, id_or_name, state, timeout).await
+    }
+
     pub async fn list(&self) -> Result<Vec<Instance>> {
         self.svc.store.list_instances()
     }

@@ -24,6 +24,22 @@ pub enum InstanceState {
     Unknown,
 }
 
+impl From<InstanceState> for core::InstanceState {
+    fn from(s: InstanceState) -> Self {
+        use core::InstanceState as C;
+        match s {
+            InstanceState::Created => C::Created,
+            InstanceState::Initializing => C::Initializing,
+            InstanceState::Running => C::Running,
+            InstanceState::Paused => C::Paused,
+            InstanceState::Shutdown => C::Shutdown,
+            InstanceState::Stopped => C::Stopped,
+            InstanceState::Standby => C::Standby,
+            InstanceState::Unknown => C::Unknown,
+        }
+    }
+}
+
 impl From<core::InstanceState> for InstanceState {
     fn from(s: core::InstanceState) -> Self {
         use core::InstanceState as C;

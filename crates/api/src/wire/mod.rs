@@ -18,6 +18,7 @@ mod instance;
 mod logs;
 mod size;
 mod snapshot;
+mod wait;
 
 pub use error::ErrorBody;
 pub use exec::{ExecParams, ExecResponse};
@@ -41,3 +42,4 @@ pub use snapshot::{
     InstanceStandbyParams, Snapshot, SnapshotCreateParams, SnapshotKind, SnapshotListQuery,
     SnapshotNetwork, reject_compression,
 };
+pub use wait::{WaitForStateResponse, WaitQuery, parse_go_duration};

@@ -10,6 +10,7 @@ mod handoff;
 mod handover;
 mod images;
 mod restore;
+mod wait;
 
 use crate::error::{CoreError, Result};
 use crate::model::{ForkRequest, HandoffPath, Instance, InstanceState};
