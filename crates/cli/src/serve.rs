@@ -70,6 +70,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FORKVM_IMAGE_PULLS", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=16))]
     pub image_pulls: u16,
+    /// Name servers for guests (comma-separated IPv4, at most 3; `none` for
+    /// none). Default: those of this namespace's /etc/resolv.conf, loopback
+    /// stubs skipped.
+    #[arg(long, env = "FORKVM_DNS")]
+    pub dns: Option<String>,
     /// Bytes of serial console kept per VM before it is rotated (the
     /// rotated file keeps half of it).
     #[arg(long, env = "FORKVM_CONSOLE_MAX_BYTES",
@@ -102,6 +107,29 @@ async fn wait_for(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// The name servers guests get: `--dns`, or the host's resolv.conf.
+fn guest_dns(flag: Option<&str>) -> anyhow::Result<Vec<std::net::Ipv4Addr>> {
+    let Some(list) = flag else {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        return Ok(forkvm_core::config::dns_from_resolv_conf(&text));
+    };
+    if list == "none" {
+        return Ok(Vec::new());
+    }
+    let servers = list
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<std::net::Ipv4Addr>()
+                .with_context(|| format!("--dns: {s:?} is not an IPv4 address"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if servers.len() > forkvm_core::config::MAX_DNS {
+        anyhow::bail!("--dns: at most {} servers", forkvm_core::config::MAX_DNS);
+    }
+    Ok(servers)
+}
+
 pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
     // Everything the daemon and its VMMs create (store, memory files,
     // disks, consoles, the API socket) is for the daemon's user alone.
@@ -118,6 +146,7 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         insecure_registries: args.insecure_registry.clone(),
         image_pulls_parallel: usize::from(args.image_pulls),
         console_max_bytes: args.console_max_bytes,
+        dns: guest_dns(args.dns.as_deref())?,
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())
             .map_err(anyhow::Error::msg)
             .context("test hooks")?,

@@ -66,6 +66,9 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// Image pulls run at once; the rest wait as `pending`.
     pub image_pulls_parallel: usize,
+    /// Name servers given to guests (resolv.conf) at boot and in every
+    /// fork's handoff; empty: none.
+    pub dns: Vec<std::net::Ipv4Addr>,
     /// A guest's console file is rotated past this size (`crate::console`).
     pub console_max_bytes: u64,
     pub test_hooks: TestHooks,
@@ -98,6 +101,7 @@ impl Config {
             insecure_registries: Vec::new(),
             image_pulls_parallel: 2,
             console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
+            dns: Vec::new(),
             test_hooks: TestHooks::default(),
         }
     }
@@ -270,5 +274,36 @@ mod tests {
         for bad in ["", "debug init=/bin/sh", "a\"b", "x;y", "a\nb"] {
             assert!(guest_agent_log_filter(bad).is_err(), "{bad:?}");
         }
+    }
+}
+
+/// The most name servers a guest gets (resolv.conf's own limit).
+pub const MAX_DNS: usize = 3;
+
+/// The IPv4 name servers of a resolv.conf, loopback stubs (systemd-resolved,
+/// dnsmasq on 127.0.0.x) skipped: a guest cannot reach the host's loopback.
+pub fn dns_from_resolv_conf(text: &str) -> Vec<std::net::Ipv4Addr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<std::net::Ipv4Addr>().ok())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .take(MAX_DNS)
+        .collect()
+}
+
+#[cfg(test)]
+mod dns_tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_servers_without_loopback() {
+        let text = "# comment\nnameserver 127.0.0.53\nnameserver 10.0.0.2\n\
+                    nameserver ::1\nsearch x\nnameserver 1.1.1.1\nnameserver 8.8.8.8\nnameserver 9.9.9.9\n";
+        let got: Vec<String> = dns_from_resolv_conf(text)
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(got, ["10.0.0.2", "1.1.1.1", "8.8.8.8"]);
+        assert!(dns_from_resolv_conf("nameserver 127.0.0.1\n").is_empty());
     }
 }

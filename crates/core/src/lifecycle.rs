@@ -194,7 +194,7 @@ async fn boot(svc: &Services, inst: &mut Instance, previous: Option<NetworkInfo>
         inst.network = lease.info(svc.net.bridge());
         svc.store.update_instance(inst)?;
         svc.net.create_tap(&lease).await?;
-        Some(lease.boot_network())
+        Some(lease.boot_network(&svc.cfg.dns))
     } else {
         None
     };

@@ -54,26 +54,26 @@ impl Lease {
     }
 
     /// As the agent reads it from the kernel command line at boot.
-    pub fn boot_network(&self) -> BootNetwork {
+    pub fn boot_network(&self, dns: &[Ipv4Addr]) -> BootNetwork {
         BootNetwork {
             interface: GUEST_INTERFACE.into(),
             mac: self.mac.to_string(),
             ipv4: self.ip.to_string(),
             prefix_len: self.prefix_len,
             gateway: self.gateway.to_string(),
-            dns: vec![],
+            dns: dns.iter().map(Ipv4Addr::to_string).collect(),
         }
     }
 
     /// As the agent's ReconfigureNetwork RPC takes it.
-    pub fn rpc_config(&self, hostname: &str) -> pb::NetworkConfig {
+    pub fn rpc_config(&self, hostname: &str, dns: &[Ipv4Addr]) -> pb::NetworkConfig {
         pb::NetworkConfig {
             interface: GUEST_INTERFACE.into(),
             mac: self.mac.to_string(),
             ipv4: self.ip.to_string(),
             prefix_len: u32::from(self.prefix_len),
             gateway: self.gateway.to_string(),
-            dns: vec![],
+            dns: dns.iter().map(Ipv4Addr::to_string).collect(),
             hostname: hostname.to_string(),
         }
     }

@@ -24,6 +24,8 @@ pub(crate) struct MailboxPlan<'a> {
     pub info: &'a MailboxInfo,
     pub lease: &'a Lease,
     pub hostname: &'a str,
+    /// Name servers for the guest's resolv.conf.
+    pub dns: &'a [Ipv4Addr],
     pub memory_mb: u32,
     /// The file behind the fork's RAM (its base when copy-on-write), scanned
     /// when the page is not where reported.
@@ -123,7 +125,7 @@ impl MailboxHandoff {
             ipv4: lease.ip,
             prefix_len: lease.prefix_len,
             gateway: lease.gateway,
-            dns: vec![],
+            dns: plan.dns.to_vec(),
             hostname: plan.hostname.to_string(),
             host_time_unix_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -124,6 +124,7 @@ pub(crate) async fn prepare(
                 info,
                 lease,
                 hostname: &inst.name,
+                dns: &svc.cfg.dns,
                 memory_mb: inst.memory_mb,
                 mem_file: &vm.mem_path,
                 ack_timeout: svc.cfg.mailbox_ack_timeout,
@@ -225,7 +226,7 @@ impl HostPaths<'_> {
 
     async fn via_rpc(&self) -> std::result::Result<(), HandoffError> {
         let socket = self.svc.paths(self.inst).agent_socket;
-        let cfg = self.lease.rpc_config(&self.inst.name);
+        let cfg = self.lease.rpc_config(&self.inst.name, &self.svc.cfg.dns);
         self.svc
             .agent
             .reconfigure_network(&self.inst.id, &socket, cfg, self.policy())
