@@ -18,7 +18,7 @@ async fn guests_and_their_forks_get_the_daemons_name_servers() -> Result<()> {
         resolv.contains("nameserver 10.77.0.53") && resolv.contains("nameserver 10.77.0.54"),
         "boot: {resolv}"
     );
-    for path in ["mailbox", "rpc"] {
+    for path in ["mailbox", "rpc", "exec"] {
         let (st, v) = env
             .request(
                 "POST",

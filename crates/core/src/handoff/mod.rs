@@ -239,7 +239,7 @@ impl HostPaths<'_> {
             argv: vec![
                 "/bin/sh".into(),
                 "-c".into(),
-                shell_script(&self.lease, &self.inst.name),
+                shell_script(&self.lease, &self.inst.name, &self.svc.cfg.dns),
             ],
             env: Default::default(),
             stdin: vec![],
@@ -267,9 +267,14 @@ impl HostPaths<'_> {
 /// The RPC's change as busybox `ip` commands. Every value is typed (MAC,
 /// addresses, prefix) or a validated instance name, so nothing in it can
 /// break out of the script.
-fn shell_script(l: &Lease, hostname: &str) -> String {
+fn shell_script(l: &Lease, hostname: &str, dns: &[Ipv4Addr]) -> String {
     debug_assert!(crate::validate_name(hostname).is_ok());
-    format!(
+    let resolv: String = dns.iter().map(|d| format!("nameserver {d}\\n")).collect();
+    let resolv = match resolv.is_empty() {
+        true => String::new(),
+        false => format!("; printf '{resolv}' > /etc/resolv.conf"),
+    };
+    let script = format!(
         "set -e; ip link set dev eth0 down; ip link set dev eth0 address {mac}; \
          ip -4 addr flush dev eth0; ip addr add {ip}/{p} dev eth0; ip link set dev eth0 up; \
          ip route replace default via {gw} dev eth0; ip neigh flush dev eth0 || true; hostname {h}; \
@@ -279,7 +284,8 @@ fn shell_script(l: &Lease, hostname: &str) -> String {
         p = l.prefix_len,
         gw = l.gateway,
         h = hostname
-    )
+    );
+    script + &resolv
 }
 
 /// Owner of a `wait_for_network: false` handoff: its outcome lands on the
@@ -351,7 +357,12 @@ mod tests {
             gateway: Ipv4Addr::new(10, 0, 0, 1),
             prefix_len: 24,
         };
-        let s = shell_script(&l, "web-1");
+        let s = shell_script(&l, "web-1", &[Ipv4Addr::new(10, 0, 0, 53)]);
+        assert!(
+            s.ends_with("; printf 'nameserver 10.0.0.53\\n' > /etc/resolv.conf"),
+            "{s}"
+        );
+        assert!(!shell_script(&l, "web-1", &[]).contains("resolv"));
         for part in [
             "address 02:fc:00:00:00:07",
             "ip addr add 10.0.0.7/24",
