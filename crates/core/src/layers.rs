@@ -183,9 +183,7 @@ pub(crate) fn size_of(svc: &Services, id: &str) -> Result<u64> {
 
 fn find(svc: &Services, id: &str) -> Result<Layer> {
     svc.store
-        .list_layers()?
-        .into_iter()
-        .find(|l| l.id == id)
+        .find_layer(id)?
         .ok_or_else(|| CoreError::Internal(format!("disk layer {id} has no record")))
 }
 

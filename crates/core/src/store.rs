@@ -304,6 +304,16 @@ impl Store {
         Ok(())
     }
 
+    pub fn find_layer(&self, id: &str) -> Result<Option<Layer>> {
+        let doc: Option<String> = self.with(|c| {
+            c.query_row("SELECT doc FROM layers WHERE id = ?1", params![id], |r| {
+                r.get(0)
+            })
+            .optional()
+        })?;
+        doc.map(|d| decode(&d, "layer")).transpose()
+    }
+
     pub fn list_layers(&self) -> Result<Vec<Layer>> {
         let docs: Vec<String> = self.with(|c| {
             let mut st = c.prepare("SELECT doc FROM layers ORDER BY rowid")?;

@@ -94,11 +94,7 @@ pub(crate) fn reconcile(svc: &Services) -> Result<()> {
             svc.images.remove_blobs(&unused);
         }
     }
-    let dir = rootfs_path(svc, "x");
-    let Some(dir) = dir.parent() else {
-        return Ok(());
-    };
-    let Ok(rd) = std::fs::read_dir(dir) else {
+    let Ok(rd) = std::fs::read_dir(super::rootfs_dir(svc)) else {
         return Ok(());
     };
     let known: HashSet<String> = svc

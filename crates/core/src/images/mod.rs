@@ -43,13 +43,14 @@ pub(crate) fn blobs_of(f: &forkvm_oci::Fetched) -> Vec<String> {
 /// The guest image OCI images boot with (its kernel, initramfs and agent).
 pub(crate) const GUEST_IMAGE: &str = "default";
 
+/// Where the images' root filesystems are.
+pub(crate) fn rootfs_dir(svc: &Services) -> PathBuf {
+    svc.cfg.data_dir.join("oci").join("rootfs")
+}
+
 /// The root filesystem of the image whose manifest digest is `sha256:<hex>`.
 pub(crate) fn rootfs_path(svc: &Services, hex: &str) -> PathBuf {
-    svc.cfg
-        .data_dir
-        .join("oci")
-        .join("rootfs")
-        .join(format!("{hex}.erofs"))
+    rootfs_dir(svc).join(format!("{hex}.erofs"))
 }
 
 /// Resolves image `name` for booting: a built guest image by that name,

@@ -56,19 +56,11 @@ pub(crate) async fn request(svc: &Arc<Services>, req: PullRequest) -> Result<Ima
         Some(_) => ImageSource::RegistryWithCredentials,
         None => ImageSource::Registry,
     };
-    match svc.store.find_image(&name)? {
+    let known = match svc.store.find_image(&name)? {
         Some(rec) if rec.status != ImageStatus::Failed => return Ok(rec),
-        Some(_) => svc
-            .store
-            .update_image(&pending(svc, &name, req.tags, source))?,
-        None => svc
-            .store
-            .insert_image(&pending(svc, &name, req.tags, source))?,
-    }
-    let rec = svc
-        .store
-        .find_image(&name)?
-        .ok_or_else(|| CoreError::Internal(format!("image {name} vanished while queued")))?;
+        known => known.is_some(),
+    };
+    let rec = record_pending(svc, known, pending(svc, &name, req.tags, source))?;
     info!(image = %name, "image pull queued");
     spawn(svc, &rec, Job::Pull(r, req.credentials));
     Ok(rec)
@@ -118,23 +110,18 @@ pub(crate) async fn import(
     let source = ImageSource::Archive {
         path: path.to_path_buf(),
     };
-    match svc.store.find_image(&name)? {
+    let known = match svc.store.find_image(&name)? {
         Some(rec) if rec.status.in_progress() => {
             return Err(CoreError::Conflict(format!(
                 "image {name} is {}; wait until it is done",
                 rec.status.as_str()
             )));
         }
-        Some(_) => svc.store.update_image(&pending(svc, &name, tags, source))?,
-        None => svc.store.insert_image(&pending(svc, &name, tags, source))?,
-    }
-    let attempt = svc
-        .store
-        .find_image(&name)?
-        .map(|r| r.attempt)
-        .unwrap_or_default();
+        known => known.is_some(),
+    };
+    let rec = record_pending(svc, known, pending(svc, &name, tags, source))?;
     drop(guard);
-    finish(svc, &name, &attempt, Ok(fetched)).await;
+    finish(svc, &name, &rec.attempt, Ok(fetched)).await;
     svc.store
         .find_image(&name)?
         .ok_or_else(|| CoreError::Internal(format!("image {name} vanished while imported")))
@@ -262,10 +249,7 @@ async fn convert(
             "superseded by another attempt".into(),
         ));
     }
-    let hex = f
-        .manifest_digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    let hex = crate::model::sha256_hex(&f.manifest_digest)
         .ok_or_else(|| OciError::InvalidInput(format!("digest {}", f.manifest_digest)))?
         .to_string();
     let _guard = svc.locks.acquire(&format!("rootfs:{hex}")).await;
@@ -292,6 +276,16 @@ fn run_config(f: &Fetched) -> ImageRunConfig {
         working_dir: c.working_dir.clone(),
         user: c.user.clone(),
     }
+}
+
+/// Stores a new pending record, over an old one of the name if `known`.
+fn record_pending(svc: &Services, known: bool, rec: ImageRecord) -> Result<ImageRecord> {
+    if known {
+        svc.store.update_image(&rec)?;
+    } else {
+        svc.store.insert_image(&rec)?;
+    }
+    Ok(rec)
 }
 
 fn pending(

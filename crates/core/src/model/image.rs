@@ -109,9 +109,14 @@ pub enum ImageSource {
 impl ImageRecord {
     /// The hex part of the digest: names the root filesystem file.
     pub fn digest_hex(&self) -> Option<&str> {
-        let d = self.digest.as_deref()?.strip_prefix("sha256:")?;
-        (d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())).then_some(d)
+        sha256_hex(self.digest.as_deref()?)
     }
+}
+
+/// The hex part of a `sha256:<64 hex>` digest (it names files on the host).
+pub fn sha256_hex(digest: &str) -> Option<&str> {
+    let d = digest.strip_prefix("sha256:")?;
+    (d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())).then_some(d)
 }
 
 /// The process an instance of an OCI image runs from the image's root:

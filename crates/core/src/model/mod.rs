@@ -12,7 +12,7 @@ mod state;
 
 pub use disk::Layer;
 pub use handoff::{HandoffPath, HandoffRecord, Stage};
-pub use image::{ImageRecord, ImageRunConfig, ImageSource, ImageStatus, Workload};
+pub use image::{ImageRecord, ImageRunConfig, ImageSource, ImageStatus, Workload, sha256_hex};
 pub use instance::{Instance, MailboxInfo, NetworkInfo};
 pub use memory::{Base, Memory};
 pub use requests::{CreateRequest, ExecRequest, ExecResult, ForkRequest};

@@ -15,8 +15,7 @@ fn pull(name: &str) -> PullRequest {
 }
 
 fn rootfs_files(w: &World) -> Vec<String> {
-    let dir = rootfs_path(w.mgr.services(), "x");
-    std::fs::read_dir(dir.parent().unwrap())
+    std::fs::read_dir(crate::images::rootfs_dir(w.mgr.services()))
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
