@@ -334,16 +334,20 @@ pub(crate) async fn flatten_if_deep(svc: &Services, inst: &Instance, vm: &VmHand
 /// (a capture waits for it; a deep chain is rare and flattening bounded by
 /// what the layers hold).
 pub(crate) fn flatten_later(svc: &std::sync::Arc<Services>, id: &str) {
-    let (svc, id) = (svc.clone(), id.to_string());
+    // Most chains are shallow: no task, no lock taken behind the caller's back.
+    let deep = |top: &str| depth(svc, top).unwrap_or(0) > svc.cfg.disk_max_depth;
+    let Ok(inst) = svc.find(id) else { return };
+    if !inst.disk_top.as_deref().is_some_and(deep) {
+        return;
+    }
+    let (svc, id) = (svc.clone(), inst.id);
     tokio::spawn(async move {
         let guard = svc.locks.acquire(&id).await;
+        // Re-read under the lock; flatten_if_deep checks the depth again.
         let Ok(inst) = svc.find(&id) else { return };
-        let (Some(pid), Some(top)) = (inst.pid, inst.disk_top.as_deref()) else {
+        let Some(pid) = inst.pid.filter(|_| inst.state.has_vmm()) else {
             return;
         };
-        if !inst.state.has_vmm() || depth(&svc, top).unwrap_or(0) <= svc.cfg.disk_max_depth {
-            return;
-        }
         let vm = svc.handle(&inst, pid);
         if let Err(e) = flatten_if_deep(&svc, &inst, &vm).await {
             warn!(instance = %id, error = %e, "flattening the disk chain failed");

@@ -252,11 +252,9 @@ impl Manager {
     /// Disk chains a capture or fork made too deep are flattened in the
     /// background (`crate::layers`).
     fn flatten_deep_disks(&self, source: Option<&str>, forks: &[Result<Instance>]) {
-        let src = source.and_then(|s| self.svc.find(s).ok());
-        for i in src.iter().chain(forks.iter().flatten()) {
-            if i.disk_top.is_some() {
-                crate::layers::flatten_later(&self.svc, &i.id);
-            }
+        let forks = forks.iter().flatten().map(|i| i.id.as_str());
+        for id in source.into_iter().chain(forks) {
+            crate::layers::flatten_later(&self.svc, id);
         }
     }
 
