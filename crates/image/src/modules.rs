@@ -319,15 +319,18 @@ mod tests {
         assert!(modinfo_depends(b"garbage").is_err());
     }
 
+    /// A fake module at `rel` under the modules dir `m`.
+    fn put_module(m: &std::path::Path, rel: &str, deps: &str) {
+        let p = m.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, fake_module(deps)).unwrap();
+    }
+
     #[test]
     fn selects_in_dependency_order_skipping_builtins() {
         let dir = tempfile::tempdir().unwrap();
         let m = dir.path();
-        let put = |rel: &str, deps: &str| {
-            let p = m.join(rel);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(p, fake_module(deps)).unwrap();
-        };
+        let put = |rel: &str, deps: &str| put_module(m, rel, deps);
         put("kernel/drivers/virtio/virtio_ring.ko", "");
         put("kernel/drivers/virtio/virtio.ko", "virtio_ring");
         put("kernel/drivers/virtio/virtio_pci.ko", "virtio,virtio_ring");
@@ -378,11 +381,7 @@ mod tests {
     fn later_sets_hold_only_what_earlier_ones_did_not_load() {
         let dir = tempfile::tempdir().unwrap();
         let m = dir.path();
-        let put = |rel: &str, deps: &str| {
-            let p = m.join(rel);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(p, fake_module(deps)).unwrap();
-        };
+        let put = |rel: &str, deps: &str| put_module(m, rel, deps);
         put("kernel/drivers/virtio/virtio_ring.ko", "");
         put("kernel/drivers/virtio/virtio.ko", "virtio_ring");
         put("kernel/drivers/block/virtio_blk.ko", "virtio,virtio_ring");

@@ -73,7 +73,8 @@ pub struct Image {
 
 impl From<core::ImageRecord> for Image {
     fn from(r: core::ImageRecord) -> Self {
-        let ready = r.status != core::ImageStatus::Pending && r.digest.is_some();
+        // The config (and so env) is known once the manifest is resolved.
+        let resolved = r.digest.is_some();
         let env = r
             .config
             .env
@@ -87,7 +88,7 @@ impl From<core::ImageRecord> for Image {
             created_at: r.created_at,
             cmd: r.config.cmd,
             entrypoint: r.config.entrypoint,
-            env: ready.then_some(env),
+            env: resolved.then_some(env),
             working_dir: r.config.working_dir,
             error: r.error,
             error_code: r.error_code,
