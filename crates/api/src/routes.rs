@@ -92,6 +92,8 @@ where
         crate::images::list_images,
         crate::images::get_image,
         crate::images::delete_image,
+        crate::observe::metrics,
+        crate::observe::events,
     ),
     components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
         ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork, WaitForStateResponse, Image, ImageStatus, PullCredentials, PullProgress)),
@@ -101,7 +103,7 @@ where
         (name = "instances", description = "VM instances"),
         (name = "snapshots", description = "Snapshots and forks from them"),
         (name = "images", description = "OCI images: pulled or imported, converted to read-only root disks"),
-        (name = "health", description = "Liveness"),
+        (name = "health", description = "Liveness, metrics and events"),
     )
 )]
 pub struct ApiDoc;
@@ -179,6 +181,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(crate::observe::metrics))
+        .route("/events", get(crate::observe::events))
         .route("/instances", get(list_instances).post(create_instance))
         .route("/instances/{id}", get(get_instance).delete(delete_instance))
         .route("/instances/{id}/start", post(start_instance))
@@ -212,6 +216,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            manager.clone(),
+            crate::observe::time_requests,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(DefaultMakeSpan::new().level(Level::INFO))

@@ -146,6 +146,19 @@ pub(crate) fn reserve(svc: &Services, d: Demand) -> Result<Reservation> {
     })
 }
 
+/// The figures behind the capacity gauges (`GET /metrics`).
+pub(crate) fn figures(svc: &Services) -> Result<crate::observe::metrics::CapacityFigures> {
+    let (used, mem_dir_used) = usage(svc)?;
+    let held = *svc.ledger.0.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(crate::observe::metrics::CapacityFigures {
+        budget_mb: svc.memory_budget_mb,
+        used_mb: used,
+        reserved_mb: held.host_mb,
+        mem_dir_capacity_mb: tmpfs_capacity_mb(svc),
+        mem_dir_used_mb: mem_dir_used,
+    })
+}
+
 /// 90 % of the host's RAM: guest memory is tmpfs-backed and must fit.
 pub(crate) fn default_memory_budget_mb() -> u64 {
     std::fs::read_to_string("/proc/meminfo")

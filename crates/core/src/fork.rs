@@ -272,6 +272,10 @@ async fn fork_one(svc: &Arc<Services>, base: &Base, name: &str, plan: &Plan) -> 
         return Err(e);
     }
     rec.record(Stage::Total, t_total);
+    // A background handoff reports its pipeline when it ends.
+    if rec.path.is_some() || plan.target != InstanceState::Running {
+        svc.store.observer().metrics.pipeline("fork", &rec);
+    }
     if plan.target == InstanceState::Running {
         let total = rec.get(Stage::Total).unwrap_or_default();
         inst.handoff

@@ -37,6 +37,7 @@ pub mod manager;
 pub mod memory;
 pub mod model;
 pub mod netalloc;
+pub mod observe;
 mod orphans;
 pub mod paths;
 mod private_dir;

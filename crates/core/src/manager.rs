@@ -298,6 +298,27 @@ impl Manager {
         self.collecting(crate::snapshot::delete(&self.svc, id_or_name).await)
     }
 
+    /// The Prometheus exposition, gauges refreshed from the store first.
+    pub fn metrics_text(&self) -> Result<String> {
+        let observer = self.svc.store.observer();
+        let states = self
+            .svc
+            .store
+            .list_instances()?
+            .into_iter()
+            .map(|i| i.state);
+        observer.metrics.set_instances(states);
+        observer
+            .metrics
+            .set_capacity(crate::capacity::figures(&self.svc)?);
+        Ok(observer.metrics.encode())
+    }
+
+    /// Metrics and events (the API's request timings go here too).
+    pub fn observer(&self) -> &Arc<crate::observe::Observer> {
+        self.svc.store.observer()
+    }
+
     /// The parts every operation uses (for the crate's own tests).
     #[cfg(test)]
     pub(crate) fn services(&self) -> &Arc<Services> {

@@ -57,6 +57,7 @@ pub(crate) async fn restore(svc: &Services, id_or_name: &str) -> Result<Instance
     match bring_back(svc, &mut inst, &snap, &sp, &mut rec).await {
         Ok(()) => {
             rec.record(Stage::Total, t);
+            svc.store.observer().metrics.pipeline("restore", &rec);
             inst.snapshot_id = None;
             if rec.path.is_some() {
                 inst.handoff = Some(rec);

@@ -8,9 +8,10 @@
 
 use crate::error::{CoreError, Result, StoreError};
 use crate::model::{Base, ImageRecord, Instance, Layer, Snapshot};
+use crate::observe::Observer;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Kinds of allocated network resources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +35,8 @@ pub struct Store {
     // rusqlite's Connection is not Sync; every operation is short, so a mutex
     // around one connection is simpler than a pool and serialises writers.
     conn: Mutex<Connection>,
+    /// Told of every committed instance and snapshot write (metrics, events).
+    observer: Arc<Observer>,
 }
 
 fn db_err(e: rusqlite::Error) -> CoreError {
@@ -83,9 +86,17 @@ impl Store {
              );",
         )
         .map_err(db_err)?;
-        Ok(Self {
+        let store = Self {
             conn: Mutex::new(conn),
-        })
+            observer: Arc::default(),
+        };
+        store.observer.seed(&store.list_instances()?);
+        Ok(store)
+    }
+
+    /// Metrics and events of what this store records.
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.observer
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
@@ -107,7 +118,10 @@ impl Store {
             "INSERT INTO instances (id, name, doc) VALUES (?1, ?2, ?3)",
             params![inst.id, inst.name, doc],
         ) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.observer.instance(inst);
+                Ok(())
+            }
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
@@ -134,6 +148,7 @@ impl Store {
                 inst.id
             )));
         }
+        self.observer.instance(inst);
         Ok(())
     }
 
@@ -145,6 +160,7 @@ impl Store {
             )?;
             c.execute("DELETE FROM instances WHERE id = ?1", params![id])
         })?;
+        self.observer.instance_deleted(id);
         Ok(())
     }
 
@@ -225,7 +241,9 @@ impl Store {
         if let Some(b) = base {
             insert_base_in(&tx, b)?;
         }
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(db_err)?;
+        self.observer.snapshot_created(snap);
+        Ok(())
     }
 
     /// Records a standby in one transaction: the snapshot, its new base and
@@ -248,7 +266,10 @@ impl Store {
                 inst.id
             )));
         }
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(db_err)?;
+        self.observer.snapshot_created(snap);
+        self.observer.instance(inst);
+        Ok(())
     }
 
     /// A finished handover in one transaction: the instance on its new VMM
@@ -263,7 +284,9 @@ impl Store {
             params![inst.id, inst_doc],
         )
         .map_err(db_err)?;
-        tx.commit().map_err(db_err)
+        tx.commit().map_err(db_err)?;
+        self.observer.instance(inst);
+        Ok(())
     }
 
     /// A base known before (an upgraded legacy snapshot's memory).
@@ -382,7 +405,10 @@ impl Store {
     }
 
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
-        self.with(|c| c.execute("DELETE FROM snapshots WHERE id = ?1", params![id]))?;
+        let n = self.with(|c| c.execute("DELETE FROM snapshots WHERE id = ?1", params![id]))?;
+        if n > 0 {
+            self.observer.snapshot_deleted(id);
+        }
         Ok(())
     }
 

@@ -63,6 +63,28 @@ pub enum MailboxFallback {
     NoAck(Duration),
 }
 
+impl MailboxFallback {
+    /// A stable name for the reason (a metrics label: a closed set).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::PathRequested(_) => "path_requested",
+            Self::NoArmedMailbox => "no_armed_mailbox",
+            Self::DaemonRestarted => "daemon_restarted",
+            Self::NoLease => "no_lease",
+            Self::BadMarker(_) => "bad_marker",
+            Self::AckBind { .. } => "ack_bind",
+            Self::AckListener(_) => "ack_listener",
+            Self::Scan(_) => "scan",
+            Self::MarkerNotFound => "marker_not_found",
+            Self::GuestMemory(_) => "guest_memory",
+            Self::Patch(_) => "patch",
+            Self::Rejected(_) => "rejected",
+            Self::NotPickedUp(_) => "not_picked_up",
+            Self::NoAck(_) => "no_ack",
+        }
+    }
+}
+
 /// The identity did not reach the guest on any path.
 #[derive(Debug, thiserror::Error)]
 pub enum HandoffError {
@@ -154,10 +176,13 @@ pub(crate) async fn complete(
 ) -> Result<()> {
     svc.cfg.test_hooks.crash_point("fork:handoff");
     let (id, pid) = (inst.id.clone(), inst.pid);
-    let path = tokio::select! {
-        r = run(svc, inst, rec, prepared) => r?,
-        e = teardown::vmm_exit(svc, &id, pid, "during the network handoff") => return Err(e.into()),
+    let outcome: Result<HandoffPath> = tokio::select! {
+        r = run(svc, inst, rec, prepared) => r.map_err(Into::into),
+        e = teardown::vmm_exit(svc, &id, pid, "during the network handoff") => Err(e.into()),
     };
+    let observer = svc.store.observer();
+    observer.handoff(inst, rec, outcome.as_ref().err().map(ToString::to_string));
+    let path = outcome?;
     rec.record(Stage::NetworkReady, resumed_at);
     if path != HandoffPath::Mailbox {
         // The mailbox payload carries the host clock; the other paths don't.
@@ -191,6 +216,7 @@ async fn run(
         warn!(instance = %inst.id, reason = %why, "mailbox handoff not used; falling back");
     }
     rec.fallback_reason = Some(why.to_string());
+    svc.store.observer().metrics.fallback(why.code());
     let host = HostPaths { svc, inst, lease };
     let path = if prepared.prefer == HandoffPath::Exec {
         host.via_exec().await?;
@@ -201,6 +227,7 @@ async fn run(
             Err(HandoffError::Agent(e @ AgentError::Unimplemented { .. })) => {
                 warn!(instance = %inst.id, reason = %e, "falling back to exec handoff");
                 rec.fallback_reason = Some(format!("{why}; {e}"));
+                svc.store.observer().metrics.fallback("rpc_unimplemented");
                 host.via_exec().await?;
                 HandoffPath::Exec
             }
@@ -306,7 +333,10 @@ pub(crate) fn spawn_observer(
                 return;
             }
             match complete(&svc, &mut inst, &mut rec, prepared, resumed_at).await {
-                Ok(()) => info!(instance = %inst.id, path = ?rec.path, "background handoff done"),
+                Ok(()) => {
+                    svc.store.observer().metrics.pipeline("fork", &rec);
+                    info!(instance = %inst.id, path = ?rec.path, "background handoff done")
+                }
                 Err(e) => handoff_failed(&svc, &mut inst, rec, e).await,
             }
         }

@@ -9,6 +9,7 @@ mod fork;
 mod handoff;
 mod handover;
 mod images;
+mod observe;
 mod restore;
 mod wait;
 
