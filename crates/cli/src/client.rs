@@ -7,7 +7,7 @@ use forkvm_api::wire::{
 };
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -53,6 +53,51 @@ impl Client {
         body: Option<Vec<u8>>,
         accept: &str,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let (resp, conn_task) = self.request(method, path, body, accept).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        conn_task.abort();
+        if status.is_success() {
+            Ok((status, bytes))
+        } else {
+            Err(api_error(status, &bytes))
+        }
+    }
+
+    /// A GET whose body is read as it arrives (event and log streams); an
+    /// error status is read whole and returned as the error.
+    pub async fn stream(
+        &self,
+        path: &str,
+        accept: &str,
+    ) -> Result<(Incoming, tokio::task::JoinHandle<()>), ClientError> {
+        let (resp, conn_task) = self.request(Method::GET, path, None, accept).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok((resp.into_body(), conn_task));
+        }
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        conn_task.abort();
+        Err(api_error(status, &bytes))
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        accept: &str,
+    ) -> Result<(http::Response<Incoming>, tokio::task::JoinHandle<()>), ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -83,19 +128,7 @@ impl Client {
             .send_request(req)
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
-        conn_task.abort();
-        if status.is_success() {
-            Ok((status, bytes))
-        } else {
-            Err(api_error(status, &bytes))
-        }
+        Ok((resp, conn_task))
     }
 
     async fn json<T: DeserializeOwned>(
@@ -301,7 +334,7 @@ fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
 
 /// Percent-encode one path segment (ids and names are user input). Hand-rolled:
 /// the RFC 3986 unreserved set is all we need and it saves a dependency.
-fn seg(s: &str) -> String {
+pub(crate) fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

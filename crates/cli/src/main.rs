@@ -7,6 +7,7 @@
 mod bench;
 mod client;
 mod commands;
+mod events_cmd;
 mod image_cmd;
 mod output;
 mod serve;
@@ -69,6 +70,12 @@ enum Cmd {
         /// Go duration, at most 5m.
         #[arg(long, default_value = "60s")]
         timeout: String,
+    },
+    /// Stream what happens (state changes, handoffs, snapshots) as it happens.
+    Events {
+        /// Only events about this instance (id or name).
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Start a stopped instance.
     Start {
@@ -203,6 +210,7 @@ async fn main() -> ExitCode {
                 Cmd::Exec(a) => commands::exec(&c, json, &a).await,
                 Cmd::Logs { id, tail } => commands::logs(&c, &id, tail).await,
                 Cmd::Start { id } => commands::start(&c, json, &id).await,
+                Cmd::Events { instance } => events_cmd::events(&c, json, instance.as_deref()).await,
                 Cmd::Wait { id, state, timeout } => {
                     commands::wait(&c, json, &id, &state, &timeout).await
                 }

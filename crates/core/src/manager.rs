@@ -311,6 +311,9 @@ impl Manager {
         observer
             .metrics
             .set_capacity(crate::capacity::figures(&self.svc)?);
+        observer
+            .metrics
+            .set_subscribers(observer.events.subscribers());
         Ok(observer.metrics.encode())
     }
 

@@ -91,6 +91,7 @@ pub struct Metrics {
     reserved: Gauge,
     mem_dir_capacity: Gauge,
     mem_dir_used: Gauge,
+    subscribers: Gauge,
 }
 
 impl Default for Metrics {
@@ -115,6 +116,7 @@ impl Metrics {
             reserved: Gauge::default(),
             mem_dir_capacity: Gauge::default(),
             mem_dir_used: Gauge::default(),
+            subscribers: Gauge::default(),
         };
         m.register();
         m
@@ -177,6 +179,11 @@ impl Metrics {
             "mem_dir_used_mib",
             "Memory-directory space promised to memory files and bases",
             self.mem_dir_used.clone(),
+        );
+        r.register(
+            "event_subscribers",
+            "Event streams (GET /events) open now",
+            self.subscribers.clone(),
         );
     }
 
@@ -259,6 +266,10 @@ impl Metrics {
         self.mem_dir_capacity
             .set(c.mem_dir_capacity_mb.map_or(-1, g));
         self.mem_dir_used.set(g(c.mem_dir_used_mb));
+    }
+
+    pub fn set_subscribers(&self, n: usize) {
+        self.subscribers.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The exposition text (OpenMetrics).
