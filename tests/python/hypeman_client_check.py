@@ -5,6 +5,8 @@ HYPEMAN_API_KEY set. Exits non-zero (with a message) on the first mismatch.
 """
 import os
 import sys
+import threading
+import time
 
 import hypeman
 
@@ -48,6 +50,33 @@ assert waited.state == "Running" and waited.timed_out, waited
 # The client reads logs as a server-sent event stream of lines.
 logs = " ".join(str(line) for line in client.instances.logs(inst.id))
 assert "forkvm-agent" in logs, logs[-500:]
+
+# logs(follow=True) streams what is written next and ends when the
+# instance stops. The line is written through forkvm's JSON exec (the
+# client's own exec is a WebSocket).
+followed = []
+follower = threading.Thread(
+    target=lambda: followed.extend(
+        str(line) for line in client.instances.logs(inst.id, follow=True)
+    ),
+    daemon=True,
+)
+follower.start()
+client.post(
+    f"/instances/{inst.id}/exec",
+    body={"command": ["sh", "-c", "echo follow-marker-4711 > /dev/console"]},
+    cast_to=object,
+)
+deadline = time.monotonic() + 30
+while not any("follow-marker-4711" in l for l in followed):
+    assert time.monotonic() < deadline, followed[-20:]
+    time.sleep(0.1)
+client.instances.stop(inst.id)
+follower.join(30)
+assert not follower.is_alive(), "the followed log did not end when the instance stopped"
+
+vmm_log = list(client.instances.logs(inst.id, source="vmm"))
+assert isinstance(vmm_log, list)
 
 try:
     client.instances.get("does-not-exist")

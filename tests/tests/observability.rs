@@ -225,3 +225,62 @@ async fn events_show_a_forks_transitions_and_wait_returns_when_it_runs() -> Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_follow_prints_new_console_lines_and_ends_when_the_instance_stops() -> Result<()> {
+    let env = TestEnv::start().await?;
+    let inst = env.create(json!({"name": "tail"})).await?;
+    let id = s(&inst, "id");
+    let mut child = Command::new(forkvm_bin())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["logs", "-f", "--tail", "1", &id])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("forkvm logs -f")?;
+    let out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut child = Reaped(child);
+    for n in 0..3 {
+        env.exec_ok(
+            &id,
+            &[
+                "sh",
+                "-c",
+                &format!("echo followed-line-{n} > /dev/console"),
+            ],
+        )
+        .await?;
+        let want = format!("followed-line-{n}");
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .with_context(|| format!("{want} never came"))?;
+            if line.contains(&want) {
+                break;
+            }
+        }
+    }
+    let (st, v) = env
+        .request("POST", &format!("/instances/{id}/stop"), None)
+        .await?;
+    ensure!(st == 200, "{v}");
+    let status = wait_for("logs -f to end", Duration::from_secs(20), async || {
+        child.0.try_wait().ok().flatten()
+    })
+    .await?;
+    ensure!(status.success(), "{status}");
+    // QEMU's own log is there too (empty when QEMU had nothing to say).
+    let (st, _) = env
+        .request("GET", &format!("/instances/{id}/logs?source=vmm"), None)
+        .await?;
+    ensure!(st == 200);
+    Ok(())
+}

@@ -10,6 +10,7 @@
 
 pub mod error;
 mod images;
+mod logs;
 mod observe;
 pub mod routes;
 pub mod server;

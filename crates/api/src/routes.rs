@@ -4,8 +4,8 @@ use crate::error::ApiError;
 use crate::wire::*;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use forkvm_core::Manager;
@@ -77,7 +77,7 @@ where
         standby_instance,
         restore_instance,
         fork_instance,
-        instance_logs,
+        crate::logs::instance_logs,
         wait_instance,
         instance_agent,
         exec_instance,
@@ -190,7 +190,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/instances/{id}/standby", post(standby_instance))
         .route("/instances/{id}/restore", post(restore_instance))
         .route("/instances/{id}/fork", post(fork_instance))
-        .route("/instances/{id}/logs", get(instance_logs))
+        .route("/instances/{id}/logs", get(crate::logs::instance_logs))
         .route("/instances/{id}/wait", get(wait_instance))
         .route("/instances/{id}/agent", get(instance_agent))
         .route("/instances/{id}/exec", post(exec_instance))
@@ -481,66 +481,6 @@ async fn instance_agent(
     Ok(Json(m.agent_health(&id).await?.into()))
 }
 
-/// Serial console output of an instance.
-///
-/// Plain text by default; with `Accept: text/event-stream` (as the hypeman
-/// client sends) one server-sent event per line whose data is the line as a
-/// JSON string.
-#[utoipa::path(get, path = "/instances/{id}/logs", tag = "instances",
-    params(("id" = String, Path, description = "Instance id or name"), LogsQuery),
-    responses((status = 200, description = "Log lines",
-               content((String = "text/plain"), (String = "text/event-stream"))),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn instance_logs(
-    State(m): State<AppState>,
-    ApiPath(id): ApiPath<String>,
-    ApiQuery(q): ApiQuery<LogsQuery>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    match q.source.as_deref() {
-        None | Some("app") => {}
-        Some("vmm") | Some("hypeman") => {
-            return Err(ApiError::unsupported(
-                "only the \"app\" log source is available",
-            ));
-        }
-        Some(other) => {
-            return Err(ApiError::invalid(format!("unknown log source {other:?}")));
-        }
-    }
-    if q.follow == Some(true) {
-        return Err(ApiError::unsupported("follow is not supported yet"));
-    }
-    let text = m.logs(&id, q.tail).await?;
-    let sse = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
-    if sse {
-        Ok((
-            [(header::CONTENT_TYPE, "text/event-stream")],
-            sse_body(&text),
-        )
-            .into_response())
-    } else {
-        Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
-    }
-}
-
-/// One server-sent event per line, its data the line as a JSON string (the
-/// hypeman client JSON-decodes each event's data into a `str`).
-pub(crate) fn sse_body(text: &str) -> String {
-    let mut body = String::with_capacity(text.len() + text.len() / 4);
-    for line in text.lines() {
-        // Serializing a &str cannot fail.
-        let data = serde_json::to_string(line).unwrap_or_default();
-        body.push_str("data: ");
-        body.push_str(&data);
-        body.push_str("\n\n");
-    }
-    body
-}
-
 /// forkvm: run a command in the guest through its agent.
 #[utoipa::path(post, path = "/instances/{id}/exec", tag = "instances",
     params(("id" = String, Path, description = "Instance id or name")),
@@ -660,16 +600,6 @@ async fn fork_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sse_lines_are_json_strings() {
-        let body = sse_body("boot ok\r\nsaid \"hi\"\n\nend");
-        assert_eq!(
-            body,
-            "data: \"boot ok\"\n\ndata: \"said \\\"hi\\\"\"\n\ndata: \"\"\n\ndata: \"end\"\n\n"
-        );
-        assert_eq!(sse_body(""), "");
-    }
 
     fn core_instance(name: &str) -> forkvm_core::Instance {
         serde_json::from_value(serde_json::json!({

@@ -235,7 +235,7 @@ async fn request_validation_before_lookup() {
     r.assert_error(StatusCode::BAD_REQUEST, "invalid_request");
     let r = call(&app, req(Method::GET, "/instances/x/logs?tail=-1")).await;
     r.assert_error(StatusCode::BAD_REQUEST, "invalid_request");
-    let r = call(&app, req(Method::GET, "/instances/x/logs?follow=true")).await;
+    let r = call(&app, req(Method::GET, "/instances/x/logs?source=hypeman")).await;
     r.assert_error(StatusCode::BAD_REQUEST, "unsupported");
     let r = call(&app, req(Method::GET, "/instances/x/logs?source=nonsense")).await;
     r.assert_error(StatusCode::BAD_REQUEST, "invalid_request");

@@ -300,13 +300,41 @@ impl Client {
         self.post(&format!("/instances/{}/exec", seg(id)), p).await
     }
 
-    pub async fn logs(&self, id: &str, tail: Option<usize>) -> Result<String, ClientError> {
-        let mut path = format!("/instances/{}/logs", seg(id));
-        if let Some(n) = tail {
-            path.push_str(&format!("?tail={n}"));
-        }
-        let (_, bytes) = self.send(Method::GET, &path, None, "text/plain").await?;
+    pub async fn logs(&self, id: &str, q: &LogsQuery) -> Result<String, ClientError> {
+        let (_, bytes) = self
+            .send(Method::GET, &q.path(id), None, "text/plain")
+            .await?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// What `GET /instances/{id}/logs` is asked for.
+#[derive(Clone, Debug, Default)]
+pub struct LogsQuery {
+    pub tail: Option<usize>,
+    pub follow: bool,
+    /// `app` or `vmm`.
+    pub source: Option<String>,
+}
+
+impl LogsQuery {
+    pub fn path(&self, id: &str) -> String {
+        let mut q = Vec::new();
+        if let Some(n) = self.tail {
+            q.push(format!("tail={n}"));
+        }
+        if self.follow {
+            q.push("follow=true".to_string());
+        }
+        if let Some(s) = &self.source {
+            q.push(format!("source={}", seg(s)));
+        }
+        let mut path = format!("/instances/{}/logs", seg(id));
+        if !q.is_empty() {
+            path.push('?');
+            path.push_str(&q.join("&"));
+        }
+        path
     }
 }
 

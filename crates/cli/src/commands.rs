@@ -1,13 +1,14 @@
 //! Client commands: each talks to the daemon through [`Client`] and prints
 //! either a human view or JSON (`--json`).
 
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, LogsQuery};
 use crate::output;
 use anyhow::Context;
 use forkvm_api::wire::{
     ExecParams, ForkOutcome, ForkResponse, ForkTargetState, InstanceCreateParams,
     InstanceForkParams, NetworkParams, SnapshotCreateParams, SnapshotForkParams, SnapshotKind,
 };
+use http_body_util::BodyExt;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -376,11 +377,24 @@ pub async fn rm(c: &Client, json: bool, ids: &[String], force: bool) -> anyhow::
     })
 }
 
-pub async fn logs(c: &Client, id: &str, tail: Option<usize>) -> anyhow::Result<ExitCode> {
-    let text = c.logs(id, tail).await?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
+pub async fn logs(c: &Client, id: &str, q: &LogsQuery) -> anyhow::Result<ExitCode> {
+    if !q.follow {
+        let text = c.logs(id, q).await?;
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Followed: bytes as they come, until the instance stops.
+    let (mut body, _conn) = c.stream(&q.path(id), "text/plain").await?;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("reading the log stream")?;
+        if let Some(bytes) = frame.data_ref() {
+            let mut out = std::io::stdout().lock();
+            out.write_all(bytes)?;
+            out.flush()?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

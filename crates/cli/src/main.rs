@@ -59,6 +59,12 @@ enum Cmd {
         /// Only the last N lines.
         #[arg(long)]
         tail: Option<usize>,
+        /// Keep printing new output until the instance stops.
+        #[arg(short, long)]
+        follow: bool,
+        /// `app` (the serial console) or `vmm` (QEMU's own log).
+        #[arg(long, default_value = "app")]
+        source: String,
     },
     /// Wait until an instance is in a state (or failed, or the time is up).
     Wait {
@@ -208,7 +214,19 @@ async fn main() -> ExitCode {
                 Cmd::Ps => commands::ps(&c, json).await,
                 Cmd::Inspect { id } => commands::inspect(&c, &id).await,
                 Cmd::Exec(a) => commands::exec(&c, json, &a).await,
-                Cmd::Logs { id, tail } => commands::logs(&c, &id, tail).await,
+                Cmd::Logs {
+                    id,
+                    tail,
+                    follow,
+                    source,
+                } => {
+                    let q = client::LogsQuery {
+                        tail,
+                        follow,
+                        source: Some(source),
+                    };
+                    commands::logs(&c, &id, &q).await
+                }
                 Cmd::Start { id } => commands::start(&c, json, &id).await,
                 Cmd::Events { instance } => events_cmd::events(&c, json, instance.as_deref()).await,
                 Cmd::Wait { id, state, timeout } => {

@@ -93,9 +93,63 @@ pub(crate) async fn bound_all(paths: Vec<PathBuf>, max: u64) {
     }
 }
 
+/// Reads what is appended to a console from a point on. A file shorter
+/// than what was read has been rotated: it is read again from its start
+/// (what was appended between the last read and the rotation is in the
+/// rotated half, and not returned).
+#[derive(Clone, Debug)]
+pub(crate) struct Follower {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Follower {
+    /// From the file's current end (its start if it does not exist yet).
+    pub fn from_end(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            offset: std::fs::metadata(path).map_or(0, |m| m.len()),
+        }
+    }
+
+    /// Bytes appended since the last call, at most `max`.
+    pub fn read_new(&mut self, max: u64) -> std::io::Result<Vec<u8>> {
+        let mut f = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let len = f.metadata()?.len();
+        if len < self.offset {
+            self.offset = 0;
+        }
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        f.take(max).read_to_end(&mut buf)?;
+        self.offset += buf.len() as u64;
+        Ok(buf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follower_reads_appends_in_bounded_chunks_and_survives_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        std::fs::write(&p, "old\n").unwrap();
+        let mut f = Follower::from_end(&p);
+        assert!(f.read_new(4).unwrap().is_empty());
+        let mut file = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        file.write_all(b"hello world\n").unwrap();
+        assert_eq!(f.read_new(6).unwrap(), b"hello ");
+        assert_eq!(f.read_new(64).unwrap(), b"world\n");
+        assert!(bound(&p, 8).unwrap(), "rotated");
+        file.write_all(b"new\n").unwrap();
+        assert_eq!(f.read_new(64).unwrap(), b"new\n");
+    }
 
     #[test]
     fn a_console_past_its_limit_keeps_its_last_half_and_starts_over() {

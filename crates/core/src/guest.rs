@@ -112,28 +112,6 @@ fn exec_message(inst: &Instance, req: ExecRequest, timeout_s: u32) -> pb::ExecRe
     }
 }
 
-/// Serial console output; `tail` = last N lines.
-pub(crate) fn logs(svc: &Services, id_or_name: &str, tail: Option<usize>) -> Result<String> {
-    let inst = svc.find(id_or_name)?;
-    let path = svc.paths(&inst).console_log;
-    let max = svc.cfg.console_max_bytes;
-    let text = crate::console::read(&path, max).map_err(CoreError::io("reading console log"))?;
-    Ok(match tail {
-        Some(n) => last_lines(&text, n),
-        None => text,
-    })
-}
-
-fn last_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(n);
-    let mut out = lines[start..].join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    out
-}
-
 /// What the guest agent says about itself (forkvm extra, for operators and
 /// tests: RPC counters prove which handoff path a fork took).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -212,12 +190,5 @@ mod tests {
         let msg = exec_message(&inst, req, 3);
         assert!(msg.image_root);
         assert_eq!(msg.argv, ["cat", "/etc/os-release"]);
-    }
-
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc\n");
-        assert_eq!(last_lines("a\nb", 5), "a\nb\n");
-        assert_eq!(last_lines("", 3), "");
     }
 }

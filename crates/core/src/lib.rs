@@ -33,6 +33,7 @@ mod handover;
 mod images;
 mod layers;
 mod lifecycle;
+mod logs;
 pub mod manager;
 pub mod memory;
 pub mod model;
@@ -66,6 +67,7 @@ pub use handoff::{HandoffError, MailboxFallback};
 pub use images::{
     ImageBackend, OciBackend, OciFuture, PLATFORM, ProgressFn, PullProgress, PullRequest,
 };
+pub use logs::{LogFollow, LogSource};
 pub use manager::{Deps, Manager};
 pub use model::*;
 pub use wait::{MAX_WAIT, WaitOutcome};

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::error::{CoreError, Result};
 use crate::guest::AgentHealth;
 use crate::images::{ImageBackend, OciBackend, PullRequest};
+use crate::logs::{LogFollow, LogSource};
 use crate::model::*;
 use crate::netalloc::{BridgeHost, HostNetwork, NetAllocator, bridge_config};
 use crate::services::{Locks, Services};
@@ -215,8 +216,24 @@ impl Manager {
     }
 
     /// Serial console output; `tail` = last N lines.
-    pub async fn logs(&self, id_or_name: &str, tail: Option<usize>) -> Result<String> {
-        crate::guest::logs(&self.svc, id_or_name, tail)
+    pub async fn logs(
+        &self,
+        id_or_name: &str,
+        tail: Option<usize>,
+        source: LogSource,
+    ) -> Result<String> {
+        crate::logs::read(&self.svc, id_or_name, tail, source).await
+    }
+
+    /// The log so far and a follower of what is written next (until the
+    /// instance stops).
+    pub async fn follow_logs(
+        &self,
+        id_or_name: &str,
+        tail: Option<usize>,
+        source: LogSource,
+    ) -> Result<(String, LogFollow)> {
+        crate::logs::follow(&self.svc, id_or_name, tail, source).await
     }
 
     /// Ask a Running instance's agent for its Health.

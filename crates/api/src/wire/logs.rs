@@ -9,8 +9,9 @@ use utoipa::IntoParams;
 pub struct LogsQuery {
     /// Number of lines to return from the end.
     pub tail: Option<usize>,
-    /// Streaming new lines is not supported yet: `true` is answered with 400 `unsupported`.
+    /// Keep the response open and send new output as it is written, until
+    /// the instance stops (or the client leaves).
     pub follow: Option<bool>,
-    /// Log source: only "app" (serial console) is available.
+    /// `app` (default): the serial console; `vmm`: QEMU's own log.
     pub source: Option<String>,
 }
