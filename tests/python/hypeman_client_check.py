@@ -90,6 +90,14 @@ try:
 except hypeman.BadRequestError:
     pass
 
+# A field forkvm does not implement is refused by name, not dropped.
+try:
+    client.instances.create(image="default", name="py-ttl", ttl="1h")
+    sys.exit("an unsupported field (ttl) was accepted")
+except hypeman.BadRequestError as e:
+    assert "ttl" in str(e), e
+assert all(i.name != "py-ttl" for i in client.instances.list())
+
 client.instances.delete(inst.id)
 assert all(i.id != inst.id for i in client.instances.list())
 print("hypeman client: ok")

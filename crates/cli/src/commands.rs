@@ -217,6 +217,7 @@ impl ForkArgs {
             count: self.opts.count,
             wait_for_network: self.opts.wait_for_network(),
             handoff: None,
+            unsupported: Default::default(),
         }
     }
 }

@@ -55,11 +55,20 @@ pub struct InstanceForkParams {
     /// to `rpc`, then `exec`); `rpc` or `exec` skip the faster ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffPath>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "no_fields")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
+}
+
+fn no_fields(u: &super::Unsupported) -> bool {
+    u.0.is_empty()
 }
 
 impl InstanceForkParams {
     /// Validate and convert into the core's request.
     pub fn into_core(self) -> Result<core::ForkRequest, ApiError> {
+        self.unsupported.refuse("fork")?;
         validate_fork(&self.name, self.count)?;
         Ok(core::ForkRequest {
             name: self.name,

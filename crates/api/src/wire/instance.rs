@@ -4,6 +4,7 @@
 
 use super::handoff::Handoff;
 use super::size::{format_size_mb, parse_size_mb};
+use super::unknown::Unsupported;
 use crate::error::ApiError;
 use chrono::{DateTime, Utc};
 use forkvm_core as core;
@@ -218,7 +219,7 @@ pub struct NetworkParams {
 }
 
 /// `POST /instances` body: hypeman's InstanceCreateParams subset plus forkvm
-/// extras. Unknown fields are ignored so hypeman clients can send theirs.
+/// extras. Any other field is refused (400 `unsupported`), never ignored.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct InstanceCreateParams {
     /// Lowercase letters, digits and dashes; not starting or ending with a dash; ≤ 63.
@@ -250,11 +251,21 @@ pub struct InstanceCreateParams {
     pub hypervisor: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkParams>,
+    /// Fields forkvm does not support (hypeman's `volumes`, `ttl`, …):
+    /// answered with 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "is_empty")]
+    #[schema(ignore)]
+    pub unsupported: Unsupported,
+}
+
+fn is_empty(u: &Unsupported) -> bool {
+    u.0.is_empty()
 }
 
 impl InstanceCreateParams {
     /// Validate and convert into the core's request.
     pub fn into_core(self) -> Result<core::CreateRequest, ApiError> {
+        self.unsupported.refuse("instance create")?;
         core::validate_name(&self.name)?;
         if self.vcpus == Some(0) {
             return Err(ApiError::invalid("vcpus must be at least 1"));
@@ -336,7 +347,7 @@ mod tests {
         let p: InstanceCreateParams = serde_json::from_str(
             r#"{"name":"web-1","image":"x","size":"1GB","entrypoint":["/bin/sh"],"cmd":["-c","true"],
                 "overlay_size":"2GB",
-                "network":{"enabled":false,"bandwidth_upload":"1Gbps"},"tags":{"a":"b"},"ttl":"1h"}"#,
+                "network":{"enabled":false}}"#,
         )
         .unwrap();
         let r = p.into_core().unwrap();

@@ -18,6 +18,7 @@ mod instance;
 mod logs;
 mod size;
 mod snapshot;
+mod unknown;
 mod wait;
 
 pub use error::ErrorBody;
@@ -42,4 +43,5 @@ pub use snapshot::{
     InstanceStandbyParams, Snapshot, SnapshotCreateParams, SnapshotKind, SnapshotListQuery,
     SnapshotNetwork, reject_compression,
 };
+pub use unknown::Unsupported;
 pub use wait::{WaitForStateResponse, WaitQuery, parse_go_duration};
