@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 pub const MAX_CAPTURE: usize = forkvm_proto::EXEC_OUTPUT_CAP;
 /// After the child exits, how long to keep draining pipes still held open by
 /// its descendants before returning.
-const DRAIN_GRACE: Duration = Duration::from_millis(500);
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_millis(500);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How a child ended.
@@ -140,6 +140,14 @@ pub struct ExecSpec {
     pub chroot: Option<PathBuf>,
 }
 
+/// Where a command's stdin comes from.
+pub enum StdinFeed {
+    /// `spec.stdin`, then EOF (nothing: /dev/null).
+    Spec,
+    /// Chunks as they arrive; the channel's end is the command's EOF.
+    Channel(mpsc::Receiver<Vec<u8>>),
+}
+
 /// Output chunk of a running command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
@@ -205,8 +213,19 @@ pub async fn run(
     spec: ExecSpec,
     out: mpsc::Sender<ExecEvent>,
 ) -> Result<ExecOutcome, ExecError> {
+    run_fed(reaper, spec, StdinFeed::Spec, out).await
+}
+
+/// [`run`] with stdin from `feed`.
+pub async fn run_fed(
+    reaper: &Reaper,
+    spec: ExecSpec,
+    feed: StdinFeed,
+    out: mpsc::Sender<ExecEvent>,
+) -> Result<ExecOutcome, ExecError> {
     let program = spec.argv.first().ok_or(ExecError::EmptyArgv)?.clone();
-    let mut cmd = command(&program, &spec).map_err(|source| ExecError::Spawn {
+    let piped = !spec.stdin.is_empty() || matches!(feed, StdinFeed::Channel(_));
+    let mut cmd = command(&program, &spec, piped).map_err(|source| ExecError::Spawn {
         program: program.clone(),
         source,
     })?;
@@ -220,7 +239,10 @@ pub async fn run(
     let stdout = child.stdout.take().map(pipe_rx).transpose()?;
     let stderr = child.stderr.take().map(pipe_rx).transpose()?;
     if let Some(stdin) = child.stdin.take() {
-        feed_stdin(stdin, spec.stdin)?;
+        match feed {
+            StdinFeed::Spec => feed_stdin(stdin, spec.stdin)?,
+            StdinFeed::Channel(rx) => stream_stdin(stdin, rx)?,
+        }
     }
     let running = Running {
         pid,
@@ -244,15 +266,15 @@ pub async fn run(
 /// The command for `spec`: only the given environment, output piped, and its
 /// own process group, so a timeout kills `sh -c` *and* what it started.
 /// A path with a NUL byte is an `InvalidInput` error.
-fn command(program: &str, spec: &ExecSpec) -> io::Result<Command> {
+fn command(program: &str, spec: &ExecSpec, stdin_piped: bool) -> io::Result<Command> {
     let mut cmd = Command::new(program);
     cmd.args(&spec.argv[1..])
         .env_clear()
         .envs(&spec.env)
-        .stdin(if spec.stdin.is_empty() {
-            Stdio::null()
-        } else {
+        .stdin(if stdin_piped {
             Stdio::piped()
+        } else {
+            Stdio::null()
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -273,7 +295,7 @@ fn command(program: &str, spec: &ExecSpec) -> io::Result<Command> {
 /// with the command's environment, so the program is looked up in that
 /// PATH inside the new root: the agent's side never resolves a path (or
 /// follows a symbolic link) of the image.
-fn chroot_into(cmd: &mut Command, root: &Path, cwd: &str) -> io::Result<()> {
+pub(crate) fn chroot_into(cmd: &mut Command, root: &Path, cwd: &str) -> io::Result<()> {
     let cstr = |b: &[u8]| {
         CString::new(b).map_err(|_| {
             io::Error::new(
@@ -310,8 +332,22 @@ fn feed_stdin(stdin: ChildStdin, data: Vec<u8>) -> Result<(), ExecError> {
     Ok(())
 }
 
+/// Writes what arrives on `rx` to the child's stdin from a task; closes it
+/// when the channel ends.
+fn stream_stdin(stdin: ChildStdin, mut rx: mpsc::Receiver<Vec<u8>>) -> Result<(), ExecError> {
+    let mut tx = pipe::Sender::from_owned_fd(stdin.into()).map_err(ExecError::Pipe)?;
+    tokio::spawn(async move {
+        while let Some(chunk) = rx.recv().await {
+            if tx.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
 /// SIGKILL to the child's process group (already gone is fine).
-fn kill_group(pid: Pid) {
+pub(crate) fn kill_group(pid: Pid) {
     if let Err(e) = killpg(pid, Signal::SIGKILL)
         && e != Errno::ESRCH
     {
@@ -533,6 +569,21 @@ mod tests {
         assert_eq!(o.exit.signal, 9);
         assert!(t0.elapsed() < Duration::from_secs(5));
 
+        // stdin streamed from a channel; its end is EOF
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (tx, mut rx) = mpsc::channel(16);
+        in_tx.send(b"\x00\xffab".to_vec()).await.unwrap();
+        drop(in_tx);
+        let o = run_fed(&reaper, spec(&["/bin/cat"]), StdinFeed::Channel(in_rx), tx)
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while let Some(ExecEvent::Stdout(b)) = rx.recv().await {
+            got.extend(b);
+        }
+        assert_eq!((o.exit.code, got.as_slice()), (0, &b"\x00\xffab"[..]));
+
+        crate::session::tests::tty_session(&reaper, spec(&["/bin/sh"])).await;
         chrooted(&reaper).await;
         crate::workload::tests::host_root_workload_starts_once(&reaper).await;
     }

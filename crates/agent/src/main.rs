@@ -19,6 +19,7 @@ mod netconf;
 mod port;
 mod resume;
 mod rpc;
+mod session;
 mod workload;
 
 use std::io::Write;

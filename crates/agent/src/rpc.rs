@@ -1,22 +1,23 @@
 //! The `forkvm.agent.v1.Agent` gRPC service and the per-connection server loop.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use forkvm_proto::agent::agent_server::{Agent, AgentServer};
 use forkvm_proto::agent::{
-    ExecExit, ExecOutput, ExecRequest, ExecResponse, HealthRequest, HealthResponse, NetworkConfig,
-    ReconfigureResponse, SetClockRequest, SetClockResponse, WorkloadSpec, WorkloadStatus,
-    exec_output,
+    ExecExit, ExecInput, ExecOutput, ExecRequest, ExecResponse, HealthRequest, HealthResponse,
+    NetworkConfig, ReconfigureResponse, SetClockRequest, SetClockResponse, WorkloadSpec,
+    WorkloadStatus, exec_input, exec_output,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use nix::time::{ClockId, clock_gettime, clock_settime};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::exec::{self, ExecError, ExecEvent, ExecSpec, Reaper};
@@ -291,43 +292,52 @@ impl Agent for AgentService {
         if spec.argv.is_empty() {
             return Err(exec_status(ExecError::EmptyArgv));
         }
-        let (tx, rx) = mpsc::channel::<Result<ExecOutput, Status>>(16);
-        let (ev_tx, mut ev_rx) = mpsc::channel::<ExecEvent>(16);
+        let (ev_tx, ev_rx) = mpsc::channel::<ExecEvent>(16);
         let state = self.state.clone();
-        let fwd_tx = tx.clone();
-        // Forward output chunks; if the client goes away, dropping ev_rx makes
-        // exec::run kill the command.
-        let forward = async move {
-            while let Some(ev) = ev_rx.recv().await {
-                let kind = match ev {
-                    ExecEvent::Stdout(b) => exec_output::Kind::Stdout(b),
-                    ExecEvent::Stderr(b) => exec_output::Kind::Stderr(b),
-                };
-                if fwd_tx
-                    .send(Ok(ExecOutput { kind: Some(kind) }))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
+        let run = async move { exec::run(&state.reaper, spec, ev_tx).await };
+        Ok(Response::new(output_stream(ev_rx, run)))
+    }
+
+    type ExecSessionStream = ExecStreamOut;
+
+    async fn exec_session(
+        &self,
+        req: Request<Streaming<ExecInput>>,
+    ) -> Result<Response<Self::ExecSessionStream>, Status> {
+        self.state.count("ExecSession");
+        self.state.hang_if_asked().await;
+        let mut inbound = req.into_inner();
+        let Some(ExecInput {
+            kind: Some(exec_input::Kind::Start(start)),
+        }) = inbound.message().await?
+        else {
+            return Err(Status::invalid_argument(
+                "the first message must be `start`",
+            ));
         };
-        tokio::spawn(async move {
-            let (res, ()) = tokio::join!(exec::run(&state.reaper, spec, ev_tx), forward);
-            let last = match res {
-                Ok(o) => Ok(ExecOutput {
-                    kind: Some(exec_output::Kind::Exit(ExecExit {
-                        exit_code: o.exit.code,
-                        timed_out: o.timed_out,
-                        signal: o.exit.signal,
-                    })),
-                }),
-                Err(e) => Err(exec_status(e)),
+        let mut spec = self.state.exec_spec(start.request.unwrap_or_default())?;
+        if spec.argv.is_empty() {
+            return Err(exec_status(ExecError::EmptyArgv));
+        }
+        spec.stdin.clear();
+        let (ev_tx, ev_rx) = mpsc::channel::<ExecEvent>(16);
+        let state = self.state.clone();
+        if start.tty {
+            let size = start
+                .size
+                .map_or((0, 0), |w| (clamp16(w.rows), clamp16(w.cols)));
+            let (in_tx, in_rx) = mpsc::channel(16);
+            tokio::spawn(pump_tty_input(inbound, in_tx));
+            let run = async move {
+                crate::session::run_tty(&state.reaper, spec, size, in_rx, ev_tx).await
             };
-            // Receiver gone means the client left; nothing to report to.
-            let _ = tx.send(last).await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            return Ok(Response::new(output_stream(ev_rx, run)));
+        }
+        let (in_tx, in_rx) = mpsc::channel(16);
+        tokio::spawn(pump_stdin(inbound, in_tx));
+        let feed = exec::StdinFeed::Channel(in_rx);
+        let run = async move { exec::run_fed(&state.reaper, spec, feed, ev_tx).await };
+        Ok(Response::new(output_stream(ev_rx, run)))
     }
 
     async fn reconfigure_network(
@@ -389,6 +399,89 @@ impl Agent for AgentService {
         match self.state.workload.start(&self.state.reaper, &spec).await {
             Ok(status) => Ok(Response::new(status)),
             Err(e) => Err(Status::new(e.code(), e.to_string())),
+        }
+    }
+}
+
+fn clamp16(v: u32) -> u16 {
+    u16::try_from(v).unwrap_or(u16::MAX)
+}
+
+/// Output events as they come, then the exit (or the error) as the last
+/// message. A caller that goes away closes the events channel, which kills
+/// the command.
+fn output_stream(
+    mut ev_rx: mpsc::Receiver<ExecEvent>,
+    run: impl Future<Output = Result<exec::ExecOutcome, ExecError>> + Send + 'static,
+) -> ExecStreamOut {
+    let (tx, rx) = mpsc::channel::<Result<ExecOutput, Status>>(16);
+    let fwd_tx = tx.clone();
+    let forward = async move {
+        while let Some(ev) = ev_rx.recv().await {
+            let kind = match ev {
+                ExecEvent::Stdout(b) => exec_output::Kind::Stdout(b),
+                ExecEvent::Stderr(b) => exec_output::Kind::Stderr(b),
+            };
+            if fwd_tx
+                .send(Ok(ExecOutput { kind: Some(kind) }))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    tokio::spawn(async move {
+        let (res, ()) = tokio::join!(run, forward);
+        let last = match res {
+            Ok(o) => Ok(ExecOutput {
+                kind: Some(exec_output::Kind::Exit(ExecExit {
+                    exit_code: o.exit.code,
+                    timed_out: o.timed_out,
+                    signal: o.exit.signal,
+                })),
+            }),
+            Err(e) => Err(exec_status(e)),
+        };
+        // Receiver gone means the client left; nothing to report to.
+        let _ = tx.send(last).await;
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// A session's later messages to a piped stdin: chunks, then EOF at
+/// `stdin_close` (or when the caller's stream ends).
+async fn pump_stdin(mut inbound: Streaming<ExecInput>, tx: mpsc::Sender<Vec<u8>>) {
+    while let Ok(Some(msg)) = inbound.message().await {
+        let go_on = match msg.kind {
+            Some(exec_input::Kind::Stdin(b)) => tx.send(b).await.is_ok(),
+            Some(exec_input::Kind::StdinClose(_)) => false,
+            _ => true,
+        };
+        if !go_on {
+            return;
+        }
+    }
+}
+
+/// A terminal session's later messages. The end of the caller's stream
+/// ends the session (a terminal has no EOF to pass on).
+async fn pump_tty_input(
+    mut inbound: Streaming<ExecInput>,
+    tx: mpsc::Sender<crate::session::TtyInput>,
+) {
+    use crate::session::TtyInput;
+    while let Ok(Some(msg)) = inbound.message().await {
+        let input = match msg.kind {
+            Some(exec_input::Kind::Stdin(b)) => TtyInput::Stdin(b),
+            Some(exec_input::Kind::Resize(w)) => TtyInput::Resize {
+                rows: clamp16(w.rows),
+                cols: clamp16(w.cols),
+            },
+            _ => continue,
+        };
+        if tx.send(input).await.is_err() {
+            return;
         }
     }
 }

@@ -9,6 +9,7 @@
 //! rejections.
 
 pub mod error;
+pub mod exec_ws;
 mod images;
 mod logs;
 mod observe;

@@ -81,6 +81,7 @@ where
         wait_instance,
         instance_agent,
         exec_instance,
+        crate::exec_ws::exec_ws,
         create_snapshot,
         restore_snapshot,
         list_snapshots,
@@ -193,7 +194,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/instances/{id}/logs", get(crate::logs::instance_logs))
         .route("/instances/{id}/wait", get(wait_instance))
         .route("/instances/{id}/agent", get(instance_agent))
-        .route("/instances/{id}/exec", post(exec_instance))
+        .route(
+            "/instances/{id}/exec",
+            post(exec_instance).get(crate::exec_ws::exec_ws),
+        )
         .route("/instances/{id}/snapshots", post(create_snapshot))
         .route(
             "/instances/{id}/snapshots/{snapshot_id}/restore",

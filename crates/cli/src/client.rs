@@ -45,6 +45,10 @@ impl Client {
         }
     }
 
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
     /// One request on a fresh connection; returns status, content type and body.
     async fn send(
         &self,
@@ -338,7 +342,7 @@ impl LogsQuery {
     }
 }
 
-fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+pub(crate) fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => ClientError::Api {
             status,

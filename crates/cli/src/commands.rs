@@ -84,6 +84,9 @@ pub struct ExecArgs {
     /// Send this process's stdin to the command.
     #[arg(short = 'i', long = "interactive")]
     pub stdin: bool,
+    /// Run on a terminal (with -i: this terminal, in raw mode).
+    #[arg(short = 't', long = "tty")]
+    pub tty: bool,
     /// The command and its arguments (`--` before it is optional).
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
@@ -402,7 +405,12 @@ pub async fn logs(c: &Client, id: &str, q: &LogsQuery) -> anyhow::Result<ExitCod
 /// Exit status of `forkvm exec` when the guest command timed out (as timeout(1)).
 pub const EXIT_TIMED_OUT: u8 = 124;
 
+/// `forkvm exec`: streamed and byte-exact over the WebSocket exec; with
+/// `--json`, the buffered JSON exec (its output as UTF-8 text).
 pub async fn exec(c: &Client, json: bool, a: &ExecArgs) -> anyhow::Result<ExitCode> {
+    if !json {
+        return crate::exec_stream::exec(c.socket(), a).await;
+    }
     let stdin = if a.stdin {
         let mut s = String::new();
         std::io::stdin()

@@ -8,6 +8,7 @@ mod bench;
 mod client;
 mod commands;
 mod events_cmd;
+mod exec_stream;
 mod image_cmd;
 mod output;
 mod serve;

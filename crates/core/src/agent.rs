@@ -125,9 +125,26 @@ pub trait GuestAgent: Send + Sync {
         policy: CallPolicy,
     ) -> AgentFuture<'a, pb::WorkloadStatus>;
 
+    /// An interactive command: `input` is sent as it comes (its first
+    /// message must be `start`), the output streams back, the last item
+    /// being the exit. Sent once and never retried — the command may have
+    /// started — so a transport failure is an error at once. Connecting is
+    /// bounded by `connect`.
+    fn exec_session<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        input: tokio::sync::mpsc::Receiver<pb::ExecInput>,
+        connect: Duration,
+    ) -> AgentFuture<'a, ExecOutputStream>;
+
     /// Drop the cached connection of an instance (stop, delete, restore).
     fn forget(&self, id: &str);
 }
+
+/// What [`GuestAgent::exec_session`] streams back.
+pub type ExecOutputStream =
+    Pin<Box<dyn futures::Stream<Item = Result<pb::ExecOutput, AgentError>> + Send>>;
 
 /// [`GuestAgent`] over gRPC, one cached connection per instance.
 #[derive(Default)]
@@ -284,6 +301,46 @@ impl GuestAgent for AgentLinks {
             })
             .await
             .map(|_| ())
+        })
+    }
+
+    fn exec_session<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        input: tokio::sync::mpsc::Receiver<pb::ExecInput>,
+        connect: Duration,
+    ) -> AgentFuture<'a, ExecOutputStream> {
+        use futures::StreamExt;
+        const OP: &str = "ExecSession";
+        Box::pin(async move {
+            let mut client = match self.cached(id) {
+                Some(c) => c,
+                None => {
+                    let c =
+                        tokio::time::timeout(connect, forkvm_proto::client::connect_unix(socket))
+                            .await
+                            .map_err(|_| AgentError::Timeout {
+                                op: OP,
+                                last: format!("no connection within {connect:?}"),
+                            })?
+                            .map_err(|e| AgentError::Failed {
+                                op: OP,
+                                message: e.to_string(),
+                            })?;
+                    self.remember(id, c.clone());
+                    c
+                }
+            };
+            let input = tokio_stream::wrappers::ReceiverStream::new(input);
+            let resp = client.exec_session(input).await.map_err(|s| {
+                if is_transport(&s) {
+                    self.forget(id);
+                }
+                map_status(OP, s)
+            })?;
+            let out = resp.into_inner().map(|r| r.map_err(|s| map_status(OP, s)));
+            Ok(Box::pin(out) as ExecOutputStream)
         })
     }
 

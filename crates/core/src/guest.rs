@@ -9,7 +9,7 @@ use forkvm_proto::agent as pb;
 use std::collections::HashMap;
 use std::time::Duration;
 
-fn require_running(inst: &Instance, what: &str) -> Result<()> {
+pub(crate) fn require_running(inst: &Instance, what: &str) -> Result<()> {
     if inst.state == InstanceState::Running {
         return Ok(());
     }
@@ -29,6 +29,13 @@ pub const MAX_EXECS_PER_INSTANCE: usize = 16;
 #[derive(Default)]
 pub(crate) struct ExecSlots(std::sync::Mutex<HashMap<String, usize>>);
 
+fn full(inst: &Instance) -> CoreError {
+    CoreError::Exhausted(format!(
+        "instance {} already runs {MAX_EXECS_PER_INSTANCE} execs; wait for one to finish",
+        inst.name
+    ))
+}
+
 /// One running exec; its slot is freed when dropped.
 pub(crate) struct ExecSlot<'a> {
     slots: &'a ExecSlots,
@@ -36,14 +43,34 @@ pub(crate) struct ExecSlot<'a> {
 }
 
 impl ExecSlots {
-    fn take(&self, id: &str) -> Option<ExecSlot<'_>> {
+    /// A slot for `id`, or the error a full instance answers.
+    pub(crate) fn claim(&self, inst: &Instance) -> Result<ExecSlot<'_>> {
+        self.take(&inst.id).ok_or_else(|| full(inst))
+    }
+
+    fn release(&self, id: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(id);
+            }
+        }
+    }
+
+    /// Counts one more exec of `id` unless it runs the most already.
+    fn acquire(&self, id: &str) -> bool {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(id.to_string()).or_insert(0);
         if *n >= MAX_EXECS_PER_INSTANCE {
-            return None;
+            return false;
         }
         *n += 1;
-        Some(ExecSlot {
+        true
+    }
+
+    fn take(&self, id: &str) -> Option<ExecSlot<'_>> {
+        self.acquire(id).then(|| ExecSlot {
             slots: self,
             id: id.to_string(),
         })
@@ -52,13 +79,31 @@ impl ExecSlots {
 
 impl Drop for ExecSlot<'_> {
     fn drop(&mut self) {
-        let mut m = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.id);
-            }
+        self.slots.release(&self.id);
+    }
+}
+
+/// An [`ExecSlot`] that outlives the call taking it (a streaming session).
+pub(crate) struct OwnedExecSlot {
+    svc: std::sync::Arc<Services>,
+    id: String,
+}
+
+impl OwnedExecSlot {
+    pub(crate) fn claim(svc: &std::sync::Arc<Services>, inst: &Instance) -> Result<Self> {
+        if !svc.execs.acquire(&inst.id) {
+            return Err(full(inst));
         }
+        Ok(Self {
+            svc: svc.clone(),
+            id: inst.id.clone(),
+        })
+    }
+}
+
+impl Drop for OwnedExecSlot {
+    fn drop(&mut self) {
+        self.svc.execs.release(&self.id);
     }
 }
 
@@ -68,12 +113,7 @@ pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> 
     if req.command.first().is_none_or(|p| p.is_empty()) {
         return Err(CoreError::Invalid("command must name a program".into()));
     }
-    let _slot = svc.execs.take(&inst.id).ok_or_else(|| {
-        CoreError::Exhausted(format!(
-            "instance {} already runs {MAX_EXECS_PER_INSTANCE} execs; wait for one to finish",
-            inst.name
-        ))
-    })?;
+    let _slot = svc.execs.claim(&inst)?;
     let timeout_s = req.timeout_s.unwrap_or(DEFAULT_EXEC_TIMEOUT_S);
     // The agent kills the command at its timeout; the call waits a little
     // longer for the answer.
@@ -101,7 +141,7 @@ pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> 
 /// The agent's request for a user's exec: in an OCI image's instance (one
 /// with a workload) it runs in the image's root, as `docker exec` does; in
 /// the `default` image's, in the agent's own.
-fn exec_message(inst: &Instance, req: ExecRequest, timeout_s: u32) -> pb::ExecRequest {
+pub(crate) fn exec_message(inst: &Instance, req: ExecRequest, timeout_s: u32) -> pb::ExecRequest {
     pb::ExecRequest {
         argv: req.command,
         env: req.env.into_iter().collect(),

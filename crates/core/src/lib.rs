@@ -49,6 +49,7 @@ mod resume;
 #[cfg(test)]
 mod scenarios;
 mod services;
+pub mod session;
 mod snapshot;
 mod standby;
 pub mod store;
@@ -70,6 +71,7 @@ pub use images::{
 pub use logs::{LogFollow, LogSource};
 pub use manager::{Deps, Manager};
 pub use model::*;
+pub use session::{ExecSession, SessionInput, SessionOutput, SessionRequest};
 pub use wait::{MAX_WAIT, WaitOutcome};
 
 /// Instance names: lowercase letters, digits and dashes, not starting or

@@ -18,6 +18,7 @@ use crate::logs::{LogFollow, LogSource};
 use crate::model::*;
 use crate::netalloc::{BridgeHost, HostNetwork, NetAllocator, bridge_config};
 use crate::services::{Locks, Services};
+use crate::session::{ExecSession, SessionRequest};
 use crate::store::Store;
 use forkvm_vmm::{Accel, Hypervisor, QemuHypervisor};
 use std::sync::Arc;
@@ -313,6 +314,12 @@ impl Manager {
     /// (delete or restore the instance instead).
     pub async fn delete_snapshot(&self, id_or_name: &str) -> Result<()> {
         self.collecting(crate::snapshot::delete(&self.svc, id_or_name).await)
+    }
+
+    /// Start an interactive exec (streamed input and output, optionally on
+    /// a terminal).
+    pub async fn exec_session(&self, id_or_name: &str, req: SessionRequest) -> Result<ExecSession> {
+        crate::session::start(&self.svc, id_or_name, req).await
     }
 
     /// The Prometheus exposition, gauges refreshed from the store first.

@@ -38,6 +38,13 @@ impl Agent for Bloated {
     ) -> Result<Response<Self::ExecStreamStream>, Status> {
         Err(Status::unimplemented("not here"))
     }
+    type ExecSessionStream = ReceiverStream<Result<ExecOutput, Status>>;
+    async fn exec_session(
+        &self,
+        _: Request<tonic::Streaming<forkvm_proto::agent::ExecInput>>,
+    ) -> Result<Response<Self::ExecSessionStream>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
     async fn reconfigure_network(
         &self,
         _: Request<NetworkConfig>,

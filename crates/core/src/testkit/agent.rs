@@ -181,6 +181,22 @@ impl GuestAgent for FakeAgent {
         Box::pin(respond("Exec", a, policy, resp))
     }
 
+    fn exec_session<'a>(
+        &'a self,
+        id: &'a str,
+        _socket: &'a Path,
+        _input: tokio::sync::mpsc::Receiver<pb::ExecInput>,
+        _connect: std::time::Duration,
+    ) -> AgentFuture<'a, crate::agent::ExecOutputStream> {
+        let _ = self.answer("ExecSession", id, |_| Answer::Ok);
+        Box::pin(async {
+            Err(crate::agent::AgentError::Unimplemented {
+                op: "ExecSession",
+                message: "the fake agent has no sessions".into(),
+            })
+        })
+    }
+
     fn set_clock<'a>(
         &'a self,
         id: &'a str,
