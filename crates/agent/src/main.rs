@@ -13,6 +13,7 @@
 //! modules, hostname), which is handy for development.
 
 mod exec;
+mod files;
 mod init;
 mod mailbox;
 mod netconf;

@@ -8,19 +8,22 @@ use std::time::{Duration, Instant};
 
 use forkvm_proto::agent::agent_server::{Agent, AgentServer};
 use forkvm_proto::agent::{
-    ExecExit, ExecInput, ExecOutput, ExecRequest, ExecResponse, HealthRequest, HealthResponse,
-    NetworkConfig, ReconfigureResponse, SetClockRequest, SetClockResponse, WorkloadSpec,
-    WorkloadStatus, exec_input, exec_output,
+    CopyInRequest, CopyInResult, CopyOutMessage, CopyOutRequest, ExecExit, ExecInput, ExecOutput,
+    ExecRequest, ExecResponse, HealthRequest, HealthResponse, NetworkConfig, ReconfigureResponse,
+    SetClockRequest, SetClockResponse, StatRequest, StatResponse, WorkloadSpec, WorkloadStatus,
+    copy_in_request, exec_input, exec_output,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use nix::time::{ClockId, clock_gettime, clock_settime};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::exec::{self, ExecError, ExecEvent, ExecSpec, Reaper};
+use crate::files;
 use crate::mailbox::Mailbox;
 use crate::netconf::{self, ApplyReport, LinkHint, NetApplyError, NetDesired, NetRequest};
 use crate::port::{MAX_FRAME_SIZE, Port};
@@ -338,6 +341,88 @@ impl Agent for AgentService {
         let feed = exec::StdinFeed::Channel(in_rx);
         let run = async move { exec::run_fed(&state.reaper, spec, feed, ev_tx).await };
         Ok(Response::new(output_stream(ev_rx, run)))
+    }
+
+    async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+        self.state.count("Stat");
+        let req = req.into_inner();
+        let resp = tokio::task::spawn_blocking(move || {
+            let root = files::root(req.image_root)?;
+            Ok::<_, files::FileError>(files::stat(&root, &req.path, req.follow_links))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| e.status())?;
+        Ok(Response::new(resp))
+    }
+
+    async fn copy_in(
+        &self,
+        req: Request<Streaming<CopyInRequest>>,
+    ) -> Result<Response<CopyInResult>, Status> {
+        self.state.count("CopyIn");
+        let mut inbound = req.into_inner();
+        let Some(CopyInRequest {
+            kind: Some(copy_in_request::Kind::Start(start)),
+        }) = inbound.message().await?
+        else {
+            return Err(Status::invalid_argument(
+                "the first message must be `start`",
+            ));
+        };
+        let image_root = start.image_root;
+        let blocking =
+            |f: Box<dyn FnOnce() -> Result<files::Incoming, files::FileError> + Send>| async move {
+                tokio::task::spawn_blocking(f)
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| e.status())
+            };
+        let mut file = blocking(Box::new(move || {
+            files::begin(&files::root(image_root)?, start)
+        }))
+        .await?;
+        loop {
+            match inbound.message().await? {
+                Some(CopyInRequest {
+                    kind: Some(copy_in_request::Kind::Data(d)),
+                }) => {
+                    file = blocking(Box::new(move || file.write(&d).map(|()| file))).await?;
+                }
+                Some(CopyInRequest {
+                    kind: Some(copy_in_request::Kind::End(_)),
+                }) => break,
+                Some(_) => return Err(Status::invalid_argument("unexpected message")),
+                None => return Err(Status::cancelled("the copy ended before `end`")),
+            }
+        }
+        let written = tokio::task::spawn_blocking(move || file.finish(&files::root(image_root)?))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| e.status())?;
+        Ok(Response::new(CopyInResult {
+            bytes_written: written,
+        }))
+    }
+
+    type CopyOutStream =
+        Pin<Box<dyn futures::Stream<Item = Result<CopyOutMessage, Status>> + Send>>;
+
+    async fn copy_out(
+        &self,
+        req: Request<CopyOutRequest>,
+    ) -> Result<Response<Self::CopyOutStream>, Status> {
+        self.state.count("CopyOut");
+        let req = req.into_inner();
+        let root = tokio::task::spawn_blocking(move || files::root(req.image_root))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| e.status())?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::task::spawn_blocking(move || {
+            files::copy_out(&root, &req.path, req.follow_links, &tx)
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
     }
 
     async fn reconfigure_network(

@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod exec_ws;
+pub mod files;
 mod images;
 mod logs;
 mod observe;

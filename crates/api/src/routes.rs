@@ -82,6 +82,8 @@ where
         instance_agent,
         exec_instance,
         crate::exec_ws::exec_ws,
+        crate::files::stat,
+        crate::files::cp,
         create_snapshot,
         restore_snapshot,
         list_snapshots,
@@ -194,6 +196,8 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/instances/{id}/logs", get(crate::logs::instance_logs))
         .route("/instances/{id}/wait", get(wait_instance))
         .route("/instances/{id}/agent", get(instance_agent))
+        .route("/instances/{id}/stat", get(crate::files::stat))
+        .route("/instances/{id}/cp", get(crate::files::cp))
         .route(
             "/instances/{id}/exec",
             post(exec_instance).get(crate::exec_ws::exec_ws),

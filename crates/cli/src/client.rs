@@ -49,6 +49,11 @@ impl Client {
         &self.socket
     }
 
+    /// `GET path` decoded as `T`.
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.json(Method::GET, path, None).await
+    }
+
     /// One request on a fresh connection; returns status, content type and body.
     async fn send(
         &self,

@@ -93,24 +93,29 @@ fn pump_resizes(tx: mpsc::Sender<Message>) -> Result<()> {
     Ok(())
 }
 
-pub async fn exec(socket: &Path, a: &ExecArgs) -> Result<ExitCode> {
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>;
+
+/// A WebSocket to `path` on the daemon's socket; an error answer before
+/// the upgrade comes back as the API's error.
+pub(crate) async fn connect(socket: &Path, path: &str) -> Result<Ws> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| format!("connecting to {}", socket.display()))?;
-    let url = format!(
-        "ws://localhost/instances/{}/exec",
-        crate::client::seg(&a.id)
-    );
-    let (ws, _) = tokio_tungstenite::client_async(url, stream)
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://localhost{path}"), stream)
         .await
         .map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(resp) => {
                 let body = resp.body().as_deref().unwrap_or_default();
                 crate::client::api_error(resp.status(), body).into()
             }
-            e => anyhow::anyhow!("exec: {e}"),
+            e => anyhow::anyhow!("{path}: {e}"),
         })?;
-    let (mut sink, mut source) = ws.split();
+    Ok(ws)
+}
+
+pub async fn exec(socket: &Path, a: &ExecArgs) -> Result<ExitCode> {
+    let path = format!("/instances/{}/exec", crate::client::seg(&a.id));
+    let (mut sink, mut source) = connect(socket, &path).await?.split();
     let size = a.tty.then(term_size).flatten().unwrap_or((0, 0));
     let req = serde_json::json!({
         "command": a.command, "tty": a.tty, "channels": true,

@@ -7,6 +7,7 @@
 mod bench;
 mod client;
 mod commands;
+mod cp_cmd;
 mod events_cmd;
 mod exec_stream;
 mod image_cmd;
@@ -78,6 +79,9 @@ enum Cmd {
         #[arg(long, default_value = "60s")]
         timeout: String,
     },
+    /// Copy files or directories into or out of a running instance, as
+    /// `docker cp`: `forkvm cp LOCAL NAME:PATH`, `forkvm cp NAME:PATH LOCAL`.
+    Cp(cp_cmd::CpArgs),
     /// Stream what happens (state changes, handoffs, snapshots) as it happens.
     Events {
         /// Only events about this instance (id or name).
@@ -229,6 +233,7 @@ async fn main() -> ExitCode {
                     commands::logs(&c, &id, &q).await
                 }
                 Cmd::Start { id } => commands::start(&c, json, &id).await,
+                Cmd::Cp(a) => cp_cmd::cp(&c, &a).await,
                 Cmd::Events { instance } => events_cmd::events(&c, json, instance.as_deref()).await,
                 Cmd::Wait { id, state, timeout } => {
                     commands::wait(&c, json, &id, &state, &timeout).await

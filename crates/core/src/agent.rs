@@ -138,9 +138,41 @@ pub trait GuestAgent: Send + Sync {
         connect: Duration,
     ) -> AgentFuture<'a, ExecOutputStream>;
 
+    /// What is at a guest path (read-only: retried like the other calls).
+    fn stat<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        req: pb::StatRequest,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::StatResponse>;
+
+    /// Writes one file or directory (`input` starts with `start`, ends with
+    /// `end`); sent once, never retried.
+    fn copy_in<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        input: tokio::sync::mpsc::Receiver<pb::CopyInRequest>,
+        connect: Duration,
+    ) -> AgentFuture<'a, pb::CopyInResult>;
+
+    /// Streams a file or tree out of the guest.
+    fn copy_out<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        req: pb::CopyOutRequest,
+        connect: Duration,
+    ) -> AgentFuture<'a, CopyOutStream>;
+
     /// Drop the cached connection of an instance (stop, delete, restore).
     fn forget(&self, id: &str);
 }
+
+/// What [`GuestAgent::copy_out`] streams back.
+pub type CopyOutStream =
+    Pin<Box<dyn futures::Stream<Item = Result<pb::CopyOutMessage, AgentError>> + Send>>;
 
 /// What [`GuestAgent::exec_session`] streams back.
 pub type ExecOutputStream =
@@ -183,6 +215,40 @@ impl AgentLinks {
         if let Ok(mut l) = self.links.lock() {
             l.insert(id.to_string(), c);
         }
+    }
+
+    /// The cached connection, or a new one within `connect`; for calls that
+    /// are made once (streams whose requests may already have run).
+    async fn client_once(
+        &self,
+        id: &str,
+        socket: &Path,
+        connect: Duration,
+        op: &'static str,
+    ) -> Result<Client, AgentError> {
+        if let Some(c) = self.cached(id) {
+            return Ok(c);
+        }
+        let c = tokio::time::timeout(connect, forkvm_proto::client::connect_unix(socket))
+            .await
+            .map_err(|_| AgentError::Timeout {
+                op,
+                last: format!("no connection within {connect:?}"),
+            })?
+            .map_err(|e| AgentError::Failed {
+                op,
+                message: e.to_string(),
+            })?;
+        self.remember(id, c.clone());
+        Ok(c)
+    }
+
+    /// A failed once-only call: the connection goes if the transport broke.
+    fn failed_once(&self, id: &str, op: &'static str, s: Status) -> AgentError {
+        if is_transport(&s) {
+            self.forget(id);
+        }
+        map_status(op, s)
     }
 
     /// Run `f` against the instance's agent, reconnecting and retrying
@@ -314,33 +380,66 @@ impl GuestAgent for AgentLinks {
         use futures::StreamExt;
         const OP: &str = "ExecSession";
         Box::pin(async move {
-            let mut client = match self.cached(id) {
-                Some(c) => c,
-                None => {
-                    let c =
-                        tokio::time::timeout(connect, forkvm_proto::client::connect_unix(socket))
-                            .await
-                            .map_err(|_| AgentError::Timeout {
-                                op: OP,
-                                last: format!("no connection within {connect:?}"),
-                            })?
-                            .map_err(|e| AgentError::Failed {
-                                op: OP,
-                                message: e.to_string(),
-                            })?;
-                    self.remember(id, c.clone());
-                    c
-                }
-            };
+            let mut client = self.client_once(id, socket, connect, OP).await?;
             let input = tokio_stream::wrappers::ReceiverStream::new(input);
-            let resp = client.exec_session(input).await.map_err(|s| {
-                if is_transport(&s) {
-                    self.forget(id);
-                }
-                map_status(OP, s)
-            })?;
+            let resp = client
+                .exec_session(input)
+                .await
+                .map_err(|s| self.failed_once(id, OP, s))?;
             let out = resp.into_inner().map(|r| r.map_err(|s| map_status(OP, s)));
             Ok(Box::pin(out) as ExecOutputStream)
+        })
+    }
+
+    fn stat<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        req: pb::StatRequest,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::StatResponse> {
+        Box::pin(self.call(id, socket, "Stat", policy, move |mut c| {
+            let req = req.clone();
+            async move { c.stat(req).await }
+        }))
+    }
+
+    fn copy_in<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        input: tokio::sync::mpsc::Receiver<pb::CopyInRequest>,
+        connect: Duration,
+    ) -> AgentFuture<'a, pb::CopyInResult> {
+        const OP: &str = "CopyIn";
+        Box::pin(async move {
+            let mut client = self.client_once(id, socket, connect, OP).await?;
+            let input = tokio_stream::wrappers::ReceiverStream::new(input);
+            client
+                .copy_in(input)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| self.failed_once(id, OP, s))
+        })
+    }
+
+    fn copy_out<'a>(
+        &'a self,
+        id: &'a str,
+        socket: &'a Path,
+        req: pb::CopyOutRequest,
+        connect: Duration,
+    ) -> AgentFuture<'a, CopyOutStream> {
+        use futures::StreamExt;
+        const OP: &str = "CopyOut";
+        Box::pin(async move {
+            let mut client = self.client_once(id, socket, connect, OP).await?;
+            let resp = client
+                .copy_out(req)
+                .await
+                .map_err(|s| self.failed_once(id, OP, s))?;
+            let out = resp.into_inner().map(|r| r.map_err(|s| map_status(OP, s)));
+            Ok(Box::pin(out) as CopyOutStream)
         })
     }
 

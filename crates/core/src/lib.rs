@@ -26,6 +26,7 @@ pub mod clock;
 pub mod config;
 mod console;
 pub mod error;
+pub mod files;
 mod fork;
 mod guest;
 mod handoff;

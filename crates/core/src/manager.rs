@@ -12,6 +12,7 @@ use crate::agent::{AgentLinks, GuestAgent};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::error::{CoreError, Result};
+use crate::files::{CopyIn, CopyInStart, CopyOut, PathInfo};
 use crate::guest::AgentHealth;
 use crate::images::{ImageBackend, OciBackend, PullRequest};
 use crate::logs::{LogFollow, LogSource};
@@ -320,6 +321,21 @@ impl Manager {
     /// a terminal).
     pub async fn exec_session(&self, id_or_name: &str, req: SessionRequest) -> Result<ExecSession> {
         crate::session::start(&self.svc, id_or_name, req).await
+    }
+
+    /// What is at a path in a Running guest.
+    pub async fn stat(&self, id_or_name: &str, path: &str, follow: bool) -> Result<PathInfo> {
+        crate::files::stat(&self.svc, id_or_name, path, follow).await
+    }
+
+    /// Start writing one file or directory into a Running guest.
+    pub async fn copy_in(&self, id_or_name: &str, start: CopyInStart) -> Result<CopyIn> {
+        crate::files::copy_in(&self.svc, id_or_name, start).await
+    }
+
+    /// Stream a file or tree out of a Running guest.
+    pub async fn copy_out(&self, id_or_name: &str, path: &str, follow: bool) -> Result<CopyOut> {
+        crate::files::copy_out(&self.svc, id_or_name, path, follow).await
     }
 
     /// The Prometheus exposition, gauges refreshed from the store first.

@@ -45,6 +45,25 @@ impl Agent for Bloated {
     ) -> Result<Response<Self::ExecSessionStream>, Status> {
         Err(Status::unimplemented("not here"))
     }
+    async fn stat(
+        &self,
+        _: Request<forkvm_proto::agent::StatRequest>,
+    ) -> Result<Response<forkvm_proto::agent::StatResponse>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
+    async fn copy_in(
+        &self,
+        _: Request<tonic::Streaming<forkvm_proto::agent::CopyInRequest>>,
+    ) -> Result<Response<forkvm_proto::agent::CopyInResult>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
+    type CopyOutStream = ReceiverStream<Result<forkvm_proto::agent::CopyOutMessage, Status>>;
+    async fn copy_out(
+        &self,
+        _: Request<forkvm_proto::agent::CopyOutRequest>,
+    ) -> Result<Response<Self::CopyOutStream>, Status> {
+        Err(Status::unimplemented("not here"))
+    }
     async fn reconfigure_network(
         &self,
         _: Request<NetworkConfig>,

@@ -197,6 +197,47 @@ impl GuestAgent for FakeAgent {
         })
     }
 
+    fn stat<'a>(
+        &'a self,
+        id: &'a str,
+        _socket: &'a Path,
+        _req: pb::StatRequest,
+        policy: CallPolicy,
+    ) -> AgentFuture<'a, pb::StatResponse> {
+        let a = self.answer("Stat", id, |_| Answer::Ok);
+        Box::pin(respond("Stat", a, policy, pb::StatResponse::default()))
+    }
+
+    fn copy_in<'a>(
+        &'a self,
+        _id: &'a str,
+        _socket: &'a Path,
+        _input: tokio::sync::mpsc::Receiver<pb::CopyInRequest>,
+        _connect: std::time::Duration,
+    ) -> AgentFuture<'a, pb::CopyInResult> {
+        Box::pin(async {
+            Err(crate::agent::AgentError::Unimplemented {
+                op: "CopyIn",
+                message: "the fake agent has no files".into(),
+            })
+        })
+    }
+
+    fn copy_out<'a>(
+        &'a self,
+        _id: &'a str,
+        _socket: &'a Path,
+        _req: pb::CopyOutRequest,
+        _connect: std::time::Duration,
+    ) -> AgentFuture<'a, crate::agent::CopyOutStream> {
+        Box::pin(async {
+            Err(crate::agent::AgentError::Unimplemented {
+                op: "CopyOut",
+                message: "the fake agent has no files".into(),
+            })
+        })
+    }
+
     fn set_clock<'a>(
         &'a self,
         id: &'a str,
