@@ -21,10 +21,12 @@ mod args;
 mod disk;
 mod error;
 pub mod guest_ram;
+mod launch;
 mod migrate;
 mod process;
 mod qemu;
 mod qmp;
+mod rlimits;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -40,8 +42,9 @@ pub use args::build_qemu_args;
 pub use disk::DISK_RW_DRIVE;
 pub use error::VmmError;
 pub use process::{is_qemu_for, qemu_name, take_tap_fd};
-pub use qemu::{AGENT_PORT_NAME, QEMU_PATH, QemuHypervisor, qemu_log_path, stderr_log_path};
+pub use qemu::{AGENT_PORT_NAME, QEMU_PATH, QemuHypervisor, qemu_log_path};
 pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};
+pub use rlimits::QEMU_NOFILE;
 
 /// CPU virtualisation backend for a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -144,8 +147,8 @@ pub struct VmSpec {
     /// Unix socket QEMU listens on for the virtio-serial port `forkvm.agent`.
     pub agent_socket: PathBuf,
     pub qmp_socket: PathBuf,
-    /// Serial console output (appended to). QEMU's start-up stderr goes to
-    /// [`stderr_log_path`] and its runtime log to [`qemu_log_path`], beside it.
+    /// Serial console output (appended to). QEMU's own output (stdout,
+    /// stderr) goes to [`qemu_log_path`], beside it.
     pub console_log: PathBuf,
     pub pidfile: PathBuf,
     pub accel: Accel,

@@ -116,8 +116,8 @@ fn ms(d: Duration) -> f64 {
 
 fn assert_gone(hv: &QemuHypervisor, h: &VmHandle) {
     assert!(!hv.is_alive(&h.id, h.pid));
-    // Gone, or a zombie waiting for init to reap it (QEMU daemonized, so init
-    // is its parent); either way nothing runs any more.
+    // Gone, or a zombie not yet reaped (by tokio while the starter runs,
+    // else by init); either way nothing runs any more.
     let state = std::fs::read_to_string(format!("/proc/{}/stat", h.pid))
         .ok()
         .and_then(|s| {
@@ -160,6 +160,37 @@ async fn boot_pause_resume_stop() {
         format!("PATH={}\0", forkvm_vmm::QEMU_PATH).into_bytes(),
         "QEMU's environment"
     );
+    // QEMU runs under its seccomp filter (-sandbox), in a session of its own.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h.pid)).expect("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+        "QEMU is not in seccomp filter mode:\n{status}"
+    );
+    let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(h.pid as i32))).expect("getsid");
+    assert_eq!(sid.as_raw(), h.pid as i32, "QEMU leads its own session");
+    // Its resource limits: files up to the memory size plus an allowance,
+    // a bounded fd table, no core dumps.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", h.pid)).expect("limits");
+    let limit = |name: &str| -> Vec<String> {
+        let l = limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing:\n{limits}"));
+        l[name.len()..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let fsize = (256u64 << 20) + (32 << 20) + (64 << 20);
+    assert_eq!(
+        limit("Max file size")[..2],
+        [fsize.to_string(), fsize.to_string()]
+    );
+    let nofile = forkvm_vmm::QEMU_NOFILE.to_string();
+    assert_eq!(limit("Max open files")[..2], [nofile.clone(), nofile]);
+    assert_eq!(limit("Max core file size")[..2], ["0", "0"]);
     // The RAM file is created by QEMU at the requested size.
     let mem_len = std::fs::metadata(&spec.mem_path).expect("mem file").len();
     assert_eq!(mem_len, 256 << 20);
