@@ -1,5 +1,6 @@
-//! Launching QEMU confined: a seccomp sandbox, a session of its own, and
-//! resource limits ([`crate::rlimits`]) applied between fork and exec.
+//! Launching QEMU confined: a seccomp sandbox, a session of its own, its
+//! cgroup ([`crate::cgroup`]) and resource limits ([`crate::rlimits`]),
+//! the last two applied between fork and exec.
 //!
 //! QEMU is *not* started with `-daemonize`: its seccomp filter is installed
 //! before it would daemonize, and daemonizing needs `fork` (denied by
@@ -27,6 +28,7 @@ use crate::qemu::{QEMU_PATH, QemuHypervisor, qemu_log_path, query_status, start_
 use crate::qmp::QmpClient;
 use crate::rlimits::Rlimits;
 use crate::{NetBackend, RunState, VmSpec};
+use forkvm_cgroup::{JoinFds, Joiner, VmCgroup};
 
 /// Bound on QEMU's start: spawn until QMP answers.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,6 +49,7 @@ impl QemuHypervisor {
         &self,
         spec: &VmSpec,
         args: &[OsString],
+        cgroup: Option<&VmCgroup>,
     ) -> Result<(u32, RunState), VmmError> {
         // QEMU's stdout and stderr, for its whole life (it keeps no -D log:
         // without -daemonize its errors go to stderr).
@@ -71,14 +74,17 @@ impl QemuHypervisor {
             // A VM outlives the daemon and the future that started it.
             .kill_on_drop(false);
         let tap = taken_over_tap(spec)?;
+        // Open until the child has exec'd; it writes into them.
+        let joiner = cgroup.map(VmCgroup::joiner).transpose()?;
         let child_setup = ChildSetup {
+            join: joiner.as_ref().map(Joiner::fds),
             tap: tap.as_ref().map(AsRawFd::as_raw_fd),
             rlimits: Rlimits::for_spec(spec)?,
         };
         // SAFETY: the closure runs in the forked child before exec, where
         // only async-signal-safe calls are allowed; ChildSetup::apply makes
-        // only such calls (setsid, dup2, fcntl, setrlimit, signal) on values
-        // captured by copy.
+        // only such calls (write, setsid, dup2, fcntl, setrlimit, signal) on
+        // values captured by copy.
         unsafe {
             cmd.pre_exec(move || child_setup.apply());
         }
@@ -86,8 +92,10 @@ impl QemuHypervisor {
             bin: self.qemu_bin.clone(),
             source: e,
         })?;
-        // The child has its own copy of the TAP fd from here on.
+        // The child has exec'd: it has its own copy of the TAP fd, and is
+        // in its cgroup.
         drop(tap);
+        drop(joiner);
         let pid = child.id().ok_or_else(|| VmmError::QemuExited {
             status: "exited at once".into(),
             stderr_tail: start_output_tail(spec),
@@ -151,6 +159,9 @@ async fn qmp_ready(socket: &Path) -> Result<RunState, VmmError> {
 /// so nothing is allocated or dropped in the child.
 #[derive(Clone, Copy)]
 struct ChildSetup {
+    /// The VM cgroup's `cgroup.procs` files: joined first, so QEMU never
+    /// runs outside it.
+    join: Option<JoinFds>,
     /// A taken-over TAP's fd, to become [`TAKEOVER_FD`].
     tap: Option<i32>,
     rlimits: Rlimits,
@@ -159,6 +170,9 @@ struct ChildSetup {
 impl ChildSetup {
     /// Only async-signal-safe calls: this runs after fork in the child.
     fn apply(&self) -> std::io::Result<()> {
+        if let Some(j) = &self.join {
+            j.join_self()?;
+        }
         // SAFETY: setsid takes no arguments and only affects this process.
         if unsafe { libc::setsid() } < 0 {
             return Err(std::io::Error::last_os_error());

@@ -18,6 +18,7 @@
 
 mod accel;
 mod args;
+mod cgroup;
 mod disk;
 mod error;
 pub mod guest_ram;
@@ -39,8 +40,10 @@ pub use accel::{
     ACCEL_ENV, PROBE_MARKER, PROBE_TIMEOUT, detect_accel, detect_accel_with, probe_boot,
 };
 pub use args::build_qemu_args;
+pub use cgroup::{QEMU_MEMORY_OVERHEAD, QEMU_PIDS_BASE, limits_for, release as release_cgroup};
 pub use disk::DISK_RW_DRIVE;
 pub use error::VmmError;
+pub use forkvm_cgroup::{CgroupError, CgroupRoot, Layout as CgroupLayout, Limits as CgroupLimits};
 pub use process::{is_qemu_for, qemu_name, take_tap_fd};
 pub use qemu::{AGENT_PORT_NAME, QEMU_PATH, QemuHypervisor, qemu_log_path};
 pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};

@@ -33,6 +33,8 @@ pub struct QemuHypervisor {
     /// `qemu-img`, which makes disk overlays: beside `qemu_bin` when that
     /// is a path, else found on `PATH`.
     pub qemu_img: PathBuf,
+    /// Where each VM's cgroup goes (`None`: QEMU stays in the caller's).
+    pub cgroups: Option<forkvm_cgroup::CgroupRoot>,
 }
 
 impl QemuHypervisor {
@@ -42,7 +44,18 @@ impl QemuHypervisor {
             Some(d) if !d.as_os_str().is_empty() => d.join("qemu-img"),
             _ => PathBuf::from("qemu-img"),
         };
-        QemuHypervisor { qemu_bin, qemu_img }
+        QemuHypervisor {
+            qemu_bin,
+            qemu_img,
+            cgroups: None,
+        }
+    }
+
+    /// Puts every VM's QEMU into a cgroup of its own beneath `root`
+    /// (`crate::cgroup` has the limits).
+    pub fn with_cgroups(mut self, root: forkvm_cgroup::CgroupRoot) -> Self {
+        self.cgroups = Some(root);
+        self
     }
 }
 
@@ -142,7 +155,21 @@ impl QemuHypervisor {
         let t0 = Instant::now();
         let args = build_qemu_args(spec)?;
         self.check_start(spec)?;
-        let (pid, st) = self.launch(spec, &args).await?;
+        // The cgroup of a QEMU of this VM that died without cleanup.
+        crate::cgroup::release(&spec.pidfile).await?;
+        let cg = match &self.cgroups {
+            Some(root) => Some(crate::cgroup::create(root, spec)?),
+            None => None,
+        };
+        let (pid, st) = match self.launch(spec, &args, cg.as_ref()).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Err(re) = crate::cgroup::release(&spec.pidfile).await {
+                    tracing::warn!(id = %spec.id, error = %re, "removing the vm cgroup failed");
+                }
+                return Err(e);
+            }
+        };
         let h = VmHandle::for_spec(spec, pid);
         tracing::info!(id = %spec.id, pid, status = ?st, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
             "qemu started");
@@ -207,7 +234,7 @@ impl QemuHypervisor {
             Some(p) if is_qemu_for(&h.id, h.pid) => p,
             _ => {
                 tracing::info!(id = %h.id, pid = h.pid, "stop: vm already gone");
-                return self.cleanup(h);
+                return self.cleanup(h).await;
             }
         };
         let quit = async {
@@ -243,12 +270,14 @@ impl QemuHypervisor {
         }
         tracing::info!(id = %h.id, pid = h.pid, how, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
             "qemu stopped");
-        self.cleanup(h)
+        self.cleanup(h).await
     }
 
-    fn cleanup(&self, h: &VmHandle) -> Result<(), VmmError> {
+    /// What a gone QEMU leaves: its sockets, pidfile and cgroup.
+    async fn cleanup(&self, h: &VmHandle) -> Result<(), VmmError> {
         remove_if_exists(&h.qmp_socket)?;
         remove_if_exists(&h.agent_socket)?;
+        crate::cgroup::release(&h.pidfile).await?;
         remove_if_exists(&h.pidfile)
     }
 

@@ -613,3 +613,85 @@ async fn disk_layers_freeze_migrate_flatten() {
         hv.stop(x, Duration::from_secs(5)).await.expect("stop");
     }
 }
+
+/// The cgroup directory of `pid` in the hierarchy whose controllers
+/// include `ctrl` (v1) or the v2 one (`ctrl` empty).
+fn cgroup_of(pid: u32, ctrl: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+            let hit = if ctrl.is_empty() {
+                ctrls.is_empty()
+            } else {
+                ctrls.split(',').any(|c| c == ctrl)
+            };
+            hit.then(|| path.to_string())
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_vm_runs_in_a_cgroup_of_its_own_with_limits() {
+    let env = Env::new();
+    let root = forkvm_vmm::CgroupRoot::detect().expect("cgroups of this process");
+    let hv = QemuHypervisor::new("qemu-system-x86_64").with_cgroups(root.clone());
+    let spec = env.spec("cgvm", "mem", "g");
+    let h = hv.start(&spec).await.expect("start");
+    let limits = forkvm_vmm::limits_for(&spec);
+    let dirs: Vec<PathBuf> = match root.layout() {
+        forkvm_vmm::CgroupLayout::V1 { dirs } => {
+            let mine = std::process::id();
+            let mut out = vec![];
+            // The layout's dirs are in this order (forkvm_cgroup::CONTROLLERS).
+            for (i, (ctrl, file, want)) in [
+                ("memory", "memory.limit_in_bytes", limits.memory_bytes),
+                ("cpu", "cpu.cfs_quota_us", limits.cpu_quota_us),
+                ("pids", "pids.max", limits.pids_max),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let ours = cgroup_of(mine, ctrl).expect("our cgroup");
+                let its = cgroup_of(h.pid, ctrl).expect("its cgroup");
+                // Beneath ours, named after the VM and its pidfile.
+                assert_eq!(
+                    its,
+                    format!("{}/forkvm-cgvm-g", ours.trim_end_matches('/')),
+                    "{ctrl}"
+                );
+                let d = dirs[i].join("forkvm-cgvm-g");
+                let v = std::fs::read_to_string(d.join(file)).expect("limit");
+                assert_eq!(v.trim(), want.to_string(), "{file}");
+                out.push(d);
+            }
+            out
+        }
+        forkvm_vmm::CgroupLayout::V2 { dir } => {
+            let d = dir.join("forkvm-cgvm-g");
+            let v = std::fs::read_to_string(d.join("pids.max")).expect("pids.max");
+            assert_eq!(v.trim(), limits.pids_max.to_string());
+            vec![d]
+        }
+    };
+    assert_eq!(
+        limits.memory_bytes,
+        (256 << 20) + forkvm_vmm::QEMU_MEMORY_OVERHEAD
+    );
+    assert_eq!(limits.cpu_quota_us, 200_000);
+    hv.stop(&h, Duration::from_secs(5)).await.expect("stop");
+    assert_gone(&hv, &h);
+    for d in &dirs {
+        assert!(!d.exists(), "{} left over", d.display());
+    }
+    // A start that fails leaves no cgroup either.
+    let mut bad = env.spec("cgbad", "mem-bad", "b");
+    bad.kernel = env.dir.path().join("garbage");
+    std::fs::write(&bad.kernel, b"no kernel").expect("write");
+    assert!(hv.start(&bad).await.is_err());
+    for d in &dirs {
+        let leftover = d.with_file_name("forkvm-cgbad-b");
+        assert!(!leftover.exists(), "{} left over", leftover.display());
+    }
+}
