@@ -16,8 +16,8 @@ async fn state_is_private_and_qemu_gets_no_secrets() -> Result<()> {
         let mode = std::fs::metadata(d)?.mode() & 0o777;
         ensure!(mode == 0o700, "{} has mode {mode:o}", d.display());
     }
-    // Those two are the barrier (QEMU sets its own umask, 027, for the
-    // files it makes inside them); the daemon's own files are 0600.
+    // Those two are the barrier; the daemon's own files are 0600 (QEMU
+    // inherits its umask, 077).
     let mode = std::fs::metadata(env.data_dir.join("forkvm.db"))?.mode() & 0o777;
     ensure!(mode == 0o600, "forkvm.db has mode {mode:o}");
     let pids = env.qemu_pids();
