@@ -115,7 +115,8 @@ impl VmCgroup {
                     &l.memory_bytes.to_string(),
                 )?;
                 write(&cpu.join("cpu.cfs_period_us"), &l.cpu_period_us.to_string())?;
-                write(&cpu.join("cpu.cfs_quota_us"), &l.cpu_quota_us.to_string())?;
+                let quota = v1_quota_within_parent(cpu, l.cpu_quota_us, l.cpu_period_us);
+                write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 write(&pids.join("pids.max"), &l.pids_max.to_string())
             }
         }
@@ -209,6 +210,27 @@ impl JoinFds {
             }
         }
         Ok(())
+    }
+}
+
+/// v1 refuses (EINVAL) a child CFS quota above its parent's (per period):
+/// a VM in a daemon limited to fewer CPUs than the VM's quota gets the
+/// daemon's share instead of failing to start. v2 has no such rule.
+fn v1_quota_within_parent(dir: &Path, quota: u64, period: u64) -> u64 {
+    let read = |f: &str| -> Option<i64> {
+        let parent = dir.parent()?;
+        std::fs::read_to_string(parent.join(f))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    match (read("cpu.cfs_quota_us"), read("cpu.cfs_period_us")) {
+        (Some(pq), Some(pp)) if pq > 0 && pp > 0 => {
+            let cap = (pq as u128 * u128::from(period) / pp as u128) as u64;
+            quota.min(cap.max(1000))
+        }
+        _ => quota,
     }
 }
 

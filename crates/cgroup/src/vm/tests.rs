@@ -159,3 +159,19 @@ fn a_failed_create_leaves_nothing() {
             .exists()
     );
 }
+
+#[test]
+fn a_v1_cpu_quota_never_exceeds_the_daemons() {
+    let t = fake_root();
+    let cpu = t.path().join("sys/fs/cgroup/cpu");
+    // The daemon may use 1.5 CPUs (per 200 ms); the VM asks for 2.
+    std::fs::write(cpu.join("cpu.cfs_quota_us"), "300000\n").unwrap();
+    std::fs::write(cpu.join("cpu.cfs_period_us"), "200000\n").unwrap();
+    let root = CgroupRoot::from_proc(t.path(), SELF_CGROUP, MOUNTINFO).unwrap();
+    root.create("forkvm-q", &LIMITS).unwrap();
+    assert_eq!(read(&cpu.join("forkvm-q/cpu.cfs_quota_us")), "150000");
+    // Unlimited (-1): the VM's own quota.
+    std::fs::write(cpu.join("cpu.cfs_quota_us"), "-1\n").unwrap();
+    root.create("forkvm-r", &LIMITS).unwrap();
+    assert_eq!(read(&cpu.join("forkvm-r/cpu.cfs_quota_us")), "200000");
+}
