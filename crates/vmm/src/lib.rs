@@ -1,6 +1,7 @@
 //! forkvm-vmm: the [`Hypervisor`] trait and its QEMU backend.
 //!
-//! A VM is one daemonized QEMU process (`-daemonize`), so VMs outlive the
+//! A VM is one QEMU process in a session of its own, confined (seccomp,
+//! rlimits, a cgroup: `launch`, `rlimits`, `cgroup`), that outlives the
 //! forkvm daemon; after a restart the daemon re-finds them from their pidfile
 //! with [`Hypervisor::adopt`], and [`Hypervisor::is_alive`] checks the pid
 //! still belongs to *that* VM's QEMU (pid-reuse guard).
@@ -122,8 +123,8 @@ pub struct MigrationReport {
 
 /// Everything needed to launch one QEMU process.
 ///
-/// All paths must be absolute: a daemonized QEMU changes its working
-/// directory to `/`.
+/// All paths must be absolute: QEMU runs with `/` as its working
+/// directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     /// Instance id (`[A-Za-z0-9._-]`, at most 64 chars); QEMU runs as

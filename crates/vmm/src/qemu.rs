@@ -16,7 +16,7 @@ use crate::{Hypervisor, MigrationReport, RunState, VmHandle, VmSpec, VmmFuture};
 
 /// The only environment variable QEMU gets (`PATH`, for its helpers).
 pub const QEMU_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
-/// Bound on reaching QMP once QEMU has daemonized.
+/// Bound on reaching QMP of a running QEMU.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait after SIGKILL before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -26,7 +26,8 @@ const STDERR_TAIL: u64 = 2048;
 /// The virtio-serial port name the guest agent looks for.
 pub const AGENT_PORT_NAME: &str = "forkvm.agent";
 
-/// Runs VMs as daemonized `qemu-system-x86_64` processes.
+/// Runs VMs as confined `qemu-system-x86_64` processes that outlive the
+/// daemon (`crate::launch`).
 #[derive(Debug, Clone)]
 pub struct QemuHypervisor {
     pub qemu_bin: PathBuf,
