@@ -378,6 +378,8 @@ impl Drop for TestEnv {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        // The daemon that would have removed their cgroups is gone.
+        remove_vm_cgroups(&self.data_dir);
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
@@ -385,6 +387,38 @@ impl Drop for TestEnv {
             let _ = std::fs::remove_dir_all(&self.root);
         }
         let _ = std::fs::remove_dir_all(&self.mem_dir);
+    }
+}
+
+/// Removes the VM cgroups recorded under `dir` (`*.cgroup` files beside
+/// pidfiles), waiting up to 5 s for killed QEMUs to leave them.
+pub fn remove_vm_cgroups(dir: &Path) {
+    let mut records = vec![];
+    let mut todo = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() && depth < 4 {
+                todo.push((p, depth + 1));
+            } else if p.extension().is_some_and(|x| x == "cgroup") {
+                records.push(p);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for r in records {
+        for line in std::fs::read_to_string(&r).unwrap_or_default().lines() {
+            let cg = Path::new(line);
+            if !cg
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("forkvm-"))
+            {
+                continue;
+            }
+            while cg.exists() && std::fs::remove_dir(cg).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 }
 

@@ -128,6 +128,19 @@ async fn daemon_sigkill_adopts_live_vms_and_releases_dead_ones() -> Result<()> {
     assert_eq!(st, 201, "{b}");
     let b_ip = s(&b["network"], "ip");
     let b_pid = b["pid"].as_i64().expect("pid") as i32;
+    // Its cgroup in the pids hierarchy (v1 on these hosts), to see it go.
+    let b_cgroup = std::fs::read_to_string(format!("/proc/{b_pid}/cgroup"))?
+        .lines()
+        .find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_string()))
+        .map(|p| std::path::Path::new("/sys/fs/cgroup/pids").join(p.trim_start_matches('/')));
+    if let Some(d) = &b_cgroup {
+        assert!(
+            d.ends_with(format!("forkvm-{}-qemu", s(&b, "id"))),
+            "{}",
+            d.display()
+        );
+        assert!(d.is_dir());
+    }
 
     env.kill_daemon()?;
     // While the daemon is down, one VM dies.
@@ -156,6 +169,10 @@ async fn daemon_sigkill_adopts_live_vms_and_releases_dead_ones() -> Result<()> {
         !s(&b2, "state_error").is_empty(),
         "no reason recorded: {b2}"
     );
+    // The restarted daemon removed the dead VM's cgroup.
+    if let Some(d) = &b_cgroup {
+        assert!(!d.exists(), "{} outlived its VM", d.display());
+    }
     // Its IP is free again: a new instance may take it.
     let (st, c) = env
         .request("POST", "/instances", Some(json!({"name": "newcomer"})))

@@ -81,6 +81,11 @@ pub struct ServeArgs {
           default_value_t = forkvm_core::config::DEFAULT_CONSOLE_MAX_BYTES,
           value_parser = clap::value_parser!(u64).range(4096..))]
     pub console_max_bytes: u64,
+    /// Run VMs without a cgroup of their own (no memory, CPU or pids
+    /// limit per VM); by default the daemon refuses to start where it
+    /// can't make them.
+    #[arg(long, env = "FORKVM_NO_CGROUPS")]
+    pub no_cgroups: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -146,6 +151,7 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         insecure_registries: args.insecure_registry.clone(),
         image_pulls_parallel: usize::from(args.image_pulls),
         console_max_bytes: args.console_max_bytes,
+        cgroups: !args.no_cgroups,
         dns: guest_dns(args.dns.as_deref())?,
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())
             .map_err(anyhow::Error::msg)

@@ -71,6 +71,10 @@ pub struct Config {
     pub dns: Vec<std::net::Ipv4Addr>,
     /// A guest's console file is rotated past this size (`crate::console`).
     pub console_max_bytes: u64,
+    /// Each VM's QEMU in a cgroup of its own beneath the daemon's, with
+    /// memory, CPU and pids limits (`forkvm_vmm` `limits_for`). Start-up
+    /// fails if the daemon's cgroups can't hold them.
+    pub cgroups: bool,
     pub test_hooks: TestHooks,
 }
 
@@ -101,6 +105,7 @@ impl Config {
             insecure_registries: Vec::new(),
             image_pulls_parallel: 2,
             console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
+            cgroups: true,
             dns: Vec::new(),
             test_hooks: TestHooks::default(),
         }

@@ -57,8 +57,17 @@ impl Deps {
     /// system clock, and the accelerator that really boots guests here.
     pub async fn real(cfg: &Config) -> Result<Self> {
         let bridge = bridge_config(&cfg.bridge, &cfg.subnet)?;
+        let mut hv = QemuHypervisor::new(cfg.qemu_bin.clone());
+        if cfg.cgroups {
+            let root = forkvm_vmm::CgroupRoot::detect().map_err(|e| {
+                CoreError::Invalid(format!(
+                    "per-VM cgroups: {e} (or start the daemon with --no-cgroups)"
+                ))
+            })?;
+            hv = hv.with_cgroups(root);
+        }
         Ok(Self {
-            hv: Arc::new(QemuHypervisor::new(cfg.qemu_bin.clone())),
+            hv: Arc::new(hv),
             host_net: Arc::new(BridgeHost::new(bridge).await?),
             agent: Arc::new(AgentLinks::default()),
             clock: Arc::new(SystemClock),

@@ -31,7 +31,7 @@ pub(crate) async fn remove_orphans(svc: &Services) {
     // crash (transient fork snapshots are never recorded); and the helper
     // VM of an interrupted copy-on-write capture.
     for sid in dir_names(&svc.cfg.data_dir.join("snapshots")) {
-        kill_capture_helper(&svc.snapshot_paths(&sid).dir.join("helper"));
+        kill_capture_helper(&svc.snapshot_paths(&sid).dir.join("helper")).await;
         if matches!(svc.store.find_snapshot(&sid), Ok(None)) {
             warn!(snapshot = %sid, "removing orphan snapshot files");
             svc.snapshot_paths(&sid).remove();
@@ -42,10 +42,11 @@ pub(crate) async fn remove_orphans(svc: &Services) {
             continue;
         }
         let paths = svc.paths_of_id(&id);
-        if let Some(pid) = paths.read_pid()
-            && svc.hv.is_alive(&id, pid)
-        {
-            warn!(instance = %id, pid, "killing orphan QEMU");
+        // Stopped whether it lives or not: a gone one's cgroup goes too.
+        if let Some(pid) = paths.read_pid() {
+            if svc.hv.is_alive(&id, pid) {
+                warn!(instance = %id, pid, "killing orphan QEMU");
+            }
             let _ = svc
                 .hv
                 .stop(&paths.handle(&id, pid), Duration::from_secs(2))
@@ -57,8 +58,8 @@ pub(crate) async fn remove_orphans(svc: &Services) {
 }
 
 /// A capture helper's QEMU still running from before a crash: killed (it
-/// only ever waited or held a copy), its directory removed.
-fn kill_capture_helper(dir: &std::path::Path) {
+/// only ever waited or held a copy), its cgroup and directory removed.
+async fn kill_capture_helper(dir: &std::path::Path) {
     if !dir.exists() {
         return;
     }
@@ -75,6 +76,10 @@ fn kill_capture_helper(dir: &std::path::Path) {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+    // Waits (bounded) for the killed QEMU to leave its cgroup.
+    if let Err(e) = forkvm_vmm::release_cgroup(&dir.join("qemu.pid")).await {
+        warn!(dir = %dir.display(), error = %e, "removing a capture helper's cgroup failed");
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -18,8 +18,9 @@ pub(crate) async fn stop_vmm(svc: &Services, inst: &Instance) {
     svc.agent.forget(&inst.id);
     let paths = svc.paths(inst);
     let pid = inst.pid.or_else(|| paths.read_pid());
+    // Also when it is gone already: stop then removes what it left (its
+    // sockets, pidfile and cgroup).
     if let Some(pid) = pid
-        && svc.hv.is_alive(&inst.id, pid)
         && let Err(e) = svc.hv.stop(&svc.handle(inst, pid), STOP_GRACE).await
     {
         warn!(instance = %inst.id, error = %e, "stopping QEMU failed");

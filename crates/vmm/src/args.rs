@@ -7,8 +7,9 @@ use std::path::Path;
 
 use crate::disk::{DISK_IMAGE_DRIVE, DISK_RW_DRIVE};
 use crate::error::VmmError;
+use crate::launch::SANDBOX;
 use crate::process::qemu_name;
-use crate::qemu::{AGENT_PORT_NAME, qemu_log_path};
+use crate::qemu::AGENT_PORT_NAME;
 use crate::{Accel, DiskRole, NetBackend, VmSpec};
 
 /// Unix socket paths longer than this don't fit `sockaddr_un.sun_path`.
@@ -74,7 +75,6 @@ struct ArgPaths {
     agent: String,
     qmp: String,
     pidfile: String,
-    qemu_log: String,
     kernel: String,
     initrd: String,
 }
@@ -87,7 +87,6 @@ impl ArgPaths {
             agent: socket_path("agent_socket", &spec.agent_socket)?,
             qmp: socket_path("qmp_socket", &spec.qmp_socket)?,
             pidfile: opt_path("pidfile", &spec.pidfile)?,
-            qemu_log: opt_path("console_log", &qemu_log_path(spec))?,
             kernel: opt_path("kernel", &spec.kernel)?,
             initrd: opt_path("initrd", &spec.initrd)?,
         })
@@ -146,7 +145,9 @@ pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
     if spec.incoming {
         push(&["-S", "-incoming", "defer"]);
     }
-    push(&["-daemonize", "-pidfile", &p.pidfile, "-D", &p.qemu_log]);
+    push(&["-sandbox", SANDBOX]);
+    // No -daemonize: it is incompatible with the sandbox (crate::launch).
+    push(&["-pidfile", &p.pidfile]);
     Ok(a.into_iter().map(OsString::from).collect())
 }
 
@@ -301,7 +302,13 @@ mod tests {
         );
         assert!(j.contains("-append console=ttyS0 quiet"), "{j}");
         assert!(j.contains("name=forkvm.agent"), "{j}");
-        assert!(j.contains("-daemonize -pidfile /run/x/pid"), "{j}");
+        assert!(
+            j.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny -pidfile /run/x/pid"
+            ),
+            "{j}"
+        );
+        assert!(!j.contains("-daemonize"), "{j}");
         assert!(!j.contains("-incoming"), "{j}");
         assert!(!j.contains("virtio-net"), "{j}");
         assert!(!j.contains("virtio-blk"), "{j}");

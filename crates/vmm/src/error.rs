@@ -64,6 +64,10 @@ pub enum VmmError {
     #[error("migration failed: {0}")]
     Migration(String),
 
+    /// Creating, joining or removing a VM's cgroup failed.
+    #[error("vm cgroup: {0}")]
+    Cgroup(#[from] forkvm_cgroup::CgroupError),
+
     /// The process survived QMP quit, SIGTERM and SIGKILL.
     #[error("vm {id} (pid {pid}) did not exit")]
     StopFailed { id: String, pid: u32 },

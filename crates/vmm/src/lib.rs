@@ -1,6 +1,7 @@
 //! forkvm-vmm: the [`Hypervisor`] trait and its QEMU backend.
 //!
-//! A VM is one daemonized QEMU process (`-daemonize`), so VMs outlive the
+//! A VM is one QEMU process in a session of its own, confined (seccomp,
+//! rlimits, a cgroup: `launch`, `rlimits`, `cgroup`), that outlives the
 //! forkvm daemon; after a restart the daemon re-finds them from their pidfile
 //! with [`Hypervisor::adopt`], and [`Hypervisor::is_alive`] checks the pid
 //! still belongs to *that* VM's QEMU (pid-reuse guard).
@@ -18,13 +19,16 @@
 
 mod accel;
 mod args;
+mod cgroup;
 mod disk;
 mod error;
 pub mod guest_ram;
+mod launch;
 mod migrate;
 mod process;
 mod qemu;
 mod qmp;
+mod rlimits;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -37,11 +41,14 @@ pub use accel::{
     ACCEL_ENV, PROBE_MARKER, PROBE_TIMEOUT, detect_accel, detect_accel_with, probe_boot,
 };
 pub use args::build_qemu_args;
+pub use cgroup::{QEMU_MEMORY_OVERHEAD, QEMU_PIDS_BASE, limits_for, release as release_cgroup};
 pub use disk::DISK_RW_DRIVE;
 pub use error::VmmError;
+pub use forkvm_cgroup::{CgroupError, CgroupRoot, Layout as CgroupLayout, Limits as CgroupLimits};
 pub use process::{is_qemu_for, qemu_name, take_tap_fd};
-pub use qemu::{AGENT_PORT_NAME, QEMU_PATH, QemuHypervisor, qemu_log_path, stderr_log_path};
+pub use qemu::{AGENT_PORT_NAME, QEMU_PATH, QemuHypervisor, qemu_log_path};
 pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};
+pub use rlimits::QEMU_NOFILE;
 
 /// CPU virtualisation backend for a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -116,8 +123,8 @@ pub struct MigrationReport {
 
 /// Everything needed to launch one QEMU process.
 ///
-/// All paths must be absolute: a daemonized QEMU changes its working
-/// directory to `/`.
+/// All paths must be absolute: QEMU runs with `/` as its working
+/// directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     /// Instance id (`[A-Za-z0-9._-]`, at most 64 chars); QEMU runs as
@@ -144,8 +151,8 @@ pub struct VmSpec {
     /// Unix socket QEMU listens on for the virtio-serial port `forkvm.agent`.
     pub agent_socket: PathBuf,
     pub qmp_socket: PathBuf,
-    /// Serial console output (appended to). QEMU's start-up stderr goes to
-    /// [`stderr_log_path`] and its runtime log to [`qemu_log_path`], beside it.
+    /// Serial console output (appended to). QEMU's own output (stdout,
+    /// stderr) goes to [`qemu_log_path`], beside it.
     pub console_log: PathBuf,
     pub pidfile: PathBuf,
     pub accel: Accel,

@@ -1,7 +1,8 @@
 //! Process helpers: identifying our QEMU processes and waiting for them.
 //!
-//! QEMU runs with `-daemonize`, so it is not our child: we can't `waitpid`
-//! it. A pidfd gives a race-free handle that becomes readable on exit.
+//! QEMU is this daemon's child only until the daemon restarts (then init
+//! adopts it), and tokio reaps it meanwhile: we never `waitpid` it. A pidfd
+//! gives a race-free handle that becomes readable on exit either way.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::Path;

@@ -1,26 +1,22 @@
 //! The QEMU backend: command line, launch, QMP control, snapshot/restore.
 
-use std::ffi::OsString;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::args::{TAKEOVER_FD, build_qemu_args, invalid};
+use crate::args::{build_qemu_args, invalid};
 use crate::error::VmmError;
 use crate::migrate::{wait_loaded, wait_migration};
-use crate::process::{PidFd, is_qemu_for, take_tap_fd};
+use crate::process::{PidFd, is_qemu_for};
 use crate::qmp::QmpClient;
-use crate::{Hypervisor, MigrationReport, NetBackend, RunState, VmHandle, VmSpec, VmmFuture};
+use crate::{Hypervisor, MigrationReport, RunState, VmHandle, VmSpec, VmmFuture};
 
-/// Bound on QEMU's foreground process (init + daemonize) at start.
 /// The only environment variable QEMU gets (`PATH`, for its helpers).
 pub const QEMU_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on reaching QMP once QEMU has daemonized.
+/// Bound on reaching QMP of a running QEMU.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait after SIGKILL before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -30,13 +26,16 @@ const STDERR_TAIL: u64 = 2048;
 /// The virtio-serial port name the guest agent looks for.
 pub const AGENT_PORT_NAME: &str = "forkvm.agent";
 
-/// Runs VMs as daemonized `qemu-system-x86_64` processes.
+/// Runs VMs as confined `qemu-system-x86_64` processes that outlive the
+/// daemon (`crate::launch`).
 #[derive(Debug, Clone)]
 pub struct QemuHypervisor {
     pub qemu_bin: PathBuf,
     /// `qemu-img`, which makes disk overlays: beside `qemu_bin` when that
     /// is a path, else found on `PATH`.
     pub qemu_img: PathBuf,
+    /// Where each VM's cgroup goes (`None`: QEMU stays in the caller's).
+    pub cgroups: Option<forkvm_cgroup::CgroupRoot>,
 }
 
 impl QemuHypervisor {
@@ -46,7 +45,18 @@ impl QemuHypervisor {
             Some(d) if !d.as_os_str().is_empty() => d.join("qemu-img"),
             _ => PathBuf::from("qemu-img"),
         };
-        QemuHypervisor { qemu_bin, qemu_img }
+        QemuHypervisor {
+            qemu_bin,
+            qemu_img,
+            cgroups: None,
+        }
+    }
+
+    /// Puts every VM's QEMU into a cgroup of its own beneath `root`
+    /// (`crate::cgroup` has the limits).
+    pub fn with_cgroups(mut self, root: forkvm_cgroup::CgroupRoot) -> Self {
+        self.cgroups = Some(root);
+        self
     }
 }
 
@@ -56,16 +66,8 @@ impl Default for QemuHypervisor {
     }
 }
 
-/// Where QEMU's stderr for `spec` goes: `<console_log>.qemu-stderr`.
-pub fn stderr_log_path(spec: &VmSpec) -> PathBuf {
-    let mut s = spec.console_log.clone().into_os_string();
-    s.push(".qemu-stderr");
-    PathBuf::from(s)
-}
-
-/// QEMU's runtime log (`-D`): after `-daemonize` QEMU points stderr at
-/// /dev/null unless `-D` is given, so errors such as a failed state load
-/// land here. `<console_log>.qemu-log`.
+/// QEMU's stdout and stderr, for its whole life: start errors and runtime
+/// errors such as a failed state load land here. `<console_log>.qemu-log`.
 pub fn qemu_log_path(spec: &VmSpec) -> PathBuf {
     let mut s = spec.console_log.clone().into_os_string();
     s.push(".qemu-log");
@@ -108,20 +110,13 @@ pub(crate) fn file_tail(p: &Path) -> String {
     String::from_utf8_lossy(&buf).trim().to_string()
 }
 
-/// What QEMU said at start: its stderr plus its `-D` log (with `-D`, QEMU
-/// reports errors there rather than on stderr).
-fn start_output_tail(spec: &VmSpec) -> String {
-    let parts: Vec<String> = [
-        file_tail(&stderr_log_path(spec)),
-        file_tail(&qemu_log_path(spec)),
-    ]
-    .into_iter()
-    .filter(|s| !s.is_empty())
-    .collect();
-    if parts.is_empty() {
+/// What QEMU said at start (its output file's tail).
+pub(crate) fn start_output_tail(spec: &VmSpec) -> String {
+    let t = file_tail(&qemu_log_path(spec));
+    if t.is_empty() {
         "(no output)".to_string()
     } else {
-        parts.join("\n")
+        t
     }
 }
 
@@ -161,16 +156,22 @@ impl QemuHypervisor {
         let t0 = Instant::now();
         let args = build_qemu_args(spec)?;
         self.check_start(spec)?;
-        let pid = self.launch(spec, &args).await?;
-        let h = VmHandle::for_spec(spec, pid);
-        let st = match self.status_on(&h).await {
-            Ok(s) => s,
+        // The cgroup of a QEMU of this VM that died without cleanup.
+        crate::cgroup::release(&spec.pidfile).await?;
+        let cg = match &self.cgroups {
+            Some(root) => Some(crate::cgroup::create(root, spec)?),
+            None => None,
+        };
+        let (pid, st) = match self.launch(spec, &args, cg.as_ref()).await {
+            Ok(r) => r,
             Err(e) => {
-                // Don't leak a QEMU we can't control.
-                let _ = self.stop_impl(&h, Duration::from_millis(500)).await;
+                if let Err(re) = crate::cgroup::release(&spec.pidfile).await {
+                    tracing::warn!(id = %spec.id, error = %re, "removing the vm cgroup failed");
+                }
                 return Err(e);
             }
         };
+        let h = VmHandle::for_spec(spec, pid);
         tracing::info!(id = %spec.id, pid, status = ?st, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
             "qemu started");
         Ok(h)
@@ -216,72 +217,6 @@ impl QemuHypervisor {
         remove_if_exists(&qemu_log_path(spec))
     }
 
-    /// Runs QEMU (daemonizing) and returns the VM's pid from its pidfile.
-    /// Its environment is [`QEMU_PATH`] alone.
-    async fn launch(&self, spec: &VmSpec, args: &[OsString]) -> Result<u32, VmmError> {
-        let err_path = stderr_log_path(spec);
-        let err_file = File::create(&err_path).map_err(|e| VmmError::io("create", &err_path, e))?;
-        let out_file = err_file
-            .try_clone()
-            .map_err(|e| VmmError::io("dup", &err_path, e))?;
-        tracing::info!(id = %spec.id, accel = ?spec.accel, incoming = spec.incoming,
-            mem_share = spec.mem_share, "starting qemu");
-        tracing::debug!(id = %spec.id, args = ?args, "qemu command line");
-        let mut cmd = tokio::process::Command::new(&self.qemu_bin);
-        // QEMU gets nothing of the daemon's environment (its API token,
-        // credentials): a device escape must not find them in its memory.
-        cmd.env_clear()
-            .env("PATH", QEMU_PATH)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out_file)
-            .stderr(err_file);
-        // Held until QEMU has daemonized: its child keeps its own copy.
-        let _tap = pass_taken_over_tap(spec, &mut cmd)?;
-        let mut child = cmd.spawn().map_err(|e| VmmError::Spawn {
-            bin: self.qemu_bin.clone(),
-            source: e,
-        })?;
-        // With -daemonize the foreground process exits once the VM is set up
-        // (0) or failed (non-zero, reason on stderr).
-        let status = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(VmmError::io("wait", &self.qemu_bin, e)),
-            Err(_) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                self.kill_leftover(spec).await;
-                return Err(VmmError::Timeout {
-                    what: format!("qemu start of {} ({})", spec.id, start_output_tail(spec)),
-                    timeout: START_TIMEOUT,
-                });
-            }
-        };
-        if !status.success() {
-            return Err(VmmError::QemuExited {
-                status: status.to_string(),
-                stderr_tail: start_output_tail(spec),
-            });
-        }
-        let pid = read_pidfile(&spec.pidfile)?;
-        if !is_qemu_for(&spec.id, pid) {
-            return Err(VmmError::QemuExited {
-                status: format!("pid {pid} from pidfile is not running"),
-                stderr_tail: start_output_tail(spec),
-            });
-        }
-        Ok(pid)
-    }
-
-    async fn kill_leftover(&self, spec: &VmSpec) {
-        if let Ok(pid) = read_pidfile(&spec.pidfile)
-            && is_qemu_for(&spec.id, pid)
-        {
-            let h = VmHandle::for_spec(spec, pid);
-            let _ = self.stop_impl(&h, Duration::from_millis(200)).await;
-        }
-    }
-
     async fn status_on(&self, h: &VmHandle) -> Result<RunState, VmmError> {
         let mut q = self.qmp(h).await?;
         query_status(&mut q).await
@@ -300,7 +235,7 @@ impl QemuHypervisor {
             Some(p) if is_qemu_for(&h.id, h.pid) => p,
             _ => {
                 tracing::info!(id = %h.id, pid = h.pid, "stop: vm already gone");
-                return self.cleanup(h);
+                return self.cleanup(h).await;
             }
         };
         let quit = async {
@@ -336,12 +271,14 @@ impl QemuHypervisor {
         }
         tracing::info!(id = %h.id, pid = h.pid, how, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
             "qemu stopped");
-        self.cleanup(h)
+        self.cleanup(h).await
     }
 
-    fn cleanup(&self, h: &VmHandle) -> Result<(), VmmError> {
+    /// What a gone QEMU leaves: its sockets, pidfile and cgroup.
+    async fn cleanup(&self, h: &VmHandle) -> Result<(), VmmError> {
         remove_if_exists(&h.qmp_socket)?;
         remove_if_exists(&h.agent_socket)?;
+        crate::cgroup::release(&h.pidfile).await?;
         remove_if_exists(&h.pidfile)
     }
 
@@ -390,43 +327,6 @@ impl QemuHypervisor {
         tracing::info!(id = %h.id, total_ms = t0.elapsed().as_secs_f64() * 1e3, "device state loaded");
         Ok(())
     }
-}
-
-/// For a [`NetBackend::TakeOver`]: duplicates the running QEMU's TAP fd
-/// and arranges for QEMU to find it as fd [`TAKEOVER_FD`].
-fn pass_taken_over_tap(
-    spec: &VmSpec,
-    cmd: &mut tokio::process::Command,
-) -> Result<Option<OwnedFd>, VmmError> {
-    let Some(NetBackend::TakeOver { tap, from_pid }) = spec.net.as_ref().map(|n| &n.backend) else {
-        return Ok(None);
-    };
-    let fd = take_tap_fd(*from_pid, tap).map_err(|e| {
-        VmmError::io(
-            "take over TAP from",
-            Path::new(&format!("/proc/{from_pid}")),
-            e,
-        )
-    })?;
-    let raw = fd.as_raw_fd();
-    // SAFETY: runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: dup2 and fcntl are, and they touch
-    // nothing but the child's fd table. dup2 clears close-on-exec on the
-    // copy; when the fd already has the number, clear it directly.
-    unsafe {
-        cmd.pre_exec(move || {
-            let r = if raw == TAKEOVER_FD {
-                libc::fcntl(raw, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(raw, TAKEOVER_FD)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(Some(fd))
 }
 
 pub(crate) async fn query_status(q: &mut QmpClient) -> Result<RunState, VmmError> {

@@ -116,8 +116,8 @@ fn ms(d: Duration) -> f64 {
 
 fn assert_gone(hv: &QemuHypervisor, h: &VmHandle) {
     assert!(!hv.is_alive(&h.id, h.pid));
-    // Gone, or a zombie waiting for init to reap it (QEMU daemonized, so init
-    // is its parent); either way nothing runs any more.
+    // Gone, or a zombie not yet reaped (by tokio while the starter runs,
+    // else by init); either way nothing runs any more.
     let state = std::fs::read_to_string(format!("/proc/{}/stat", h.pid))
         .ok()
         .and_then(|s| {
@@ -160,6 +160,37 @@ async fn boot_pause_resume_stop() {
         format!("PATH={}\0", forkvm_vmm::QEMU_PATH).into_bytes(),
         "QEMU's environment"
     );
+    // QEMU runs under its seccomp filter (-sandbox), in a session of its own.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h.pid)).expect("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+        "QEMU is not in seccomp filter mode:\n{status}"
+    );
+    let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(h.pid as i32))).expect("getsid");
+    assert_eq!(sid.as_raw(), h.pid as i32, "QEMU leads its own session");
+    // Its resource limits: files up to the memory size plus an allowance,
+    // a bounded fd table, no core dumps.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", h.pid)).expect("limits");
+    let limit = |name: &str| -> Vec<String> {
+        let l = limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing:\n{limits}"));
+        l[name.len()..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let fsize = (256u64 << 20) + (32 << 20) + (64 << 20);
+    assert_eq!(
+        limit("Max file size")[..2],
+        [fsize.to_string(), fsize.to_string()]
+    );
+    let nofile = forkvm_vmm::QEMU_NOFILE.to_string();
+    assert_eq!(limit("Max open files")[..2], [nofile.clone(), nofile]);
+    assert_eq!(limit("Max core file size")[..2], ["0", "0"]);
     // The RAM file is created by QEMU at the requested size.
     let mem_len = std::fs::metadata(&spec.mem_path).expect("mem file").len();
     assert_eq!(mem_len, 256 << 20);
@@ -580,5 +611,87 @@ async fn disk_layers_freeze_migrate_flatten() {
     );
     for x in [&h, &hf] {
         hv.stop(x, Duration::from_secs(5)).await.expect("stop");
+    }
+}
+
+/// The cgroup directory of `pid` in the hierarchy whose controllers
+/// include `ctrl` (v1) or the v2 one (`ctrl` empty).
+fn cgroup_of(pid: u32, ctrl: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+            let hit = if ctrl.is_empty() {
+                ctrls.is_empty()
+            } else {
+                ctrls.split(',').any(|c| c == ctrl)
+            };
+            hit.then(|| path.to_string())
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_vm_runs_in_a_cgroup_of_its_own_with_limits() {
+    let env = Env::new();
+    let root = forkvm_vmm::CgroupRoot::detect().expect("cgroups of this process");
+    let hv = QemuHypervisor::new("qemu-system-x86_64").with_cgroups(root.clone());
+    let spec = env.spec("cgvm", "mem", "g");
+    let h = hv.start(&spec).await.expect("start");
+    let limits = forkvm_vmm::limits_for(&spec);
+    let dirs: Vec<PathBuf> = match root.layout() {
+        forkvm_vmm::CgroupLayout::V1 { dirs } => {
+            let mine = std::process::id();
+            let mut out = vec![];
+            // The layout's dirs are in this order (forkvm_cgroup::CONTROLLERS).
+            for (i, (ctrl, file, want)) in [
+                ("memory", "memory.limit_in_bytes", limits.memory_bytes),
+                ("cpu", "cpu.cfs_quota_us", limits.cpu_quota_us),
+                ("pids", "pids.max", limits.pids_max),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let ours = cgroup_of(mine, ctrl).expect("our cgroup");
+                let its = cgroup_of(h.pid, ctrl).expect("its cgroup");
+                // Beneath ours, named after the VM and its pidfile.
+                assert_eq!(
+                    its,
+                    format!("{}/forkvm-cgvm-g", ours.trim_end_matches('/')),
+                    "{ctrl}"
+                );
+                let d = dirs[i].join("forkvm-cgvm-g");
+                let v = std::fs::read_to_string(d.join(file)).expect("limit");
+                assert_eq!(v.trim(), want.to_string(), "{file}");
+                out.push(d);
+            }
+            out
+        }
+        forkvm_vmm::CgroupLayout::V2 { dir } => {
+            let d = dir.join("forkvm-cgvm-g");
+            let v = std::fs::read_to_string(d.join("pids.max")).expect("pids.max");
+            assert_eq!(v.trim(), limits.pids_max.to_string());
+            vec![d]
+        }
+    };
+    assert_eq!(
+        limits.memory_bytes,
+        (256 << 20) + forkvm_vmm::QEMU_MEMORY_OVERHEAD
+    );
+    assert_eq!(limits.cpu_quota_us, 200_000);
+    hv.stop(&h, Duration::from_secs(5)).await.expect("stop");
+    assert_gone(&hv, &h);
+    for d in &dirs {
+        assert!(!d.exists(), "{} left over", d.display());
+    }
+    // A start that fails leaves no cgroup either.
+    let mut bad = env.spec("cgbad", "mem-bad", "b");
+    bad.kernel = env.dir.path().join("garbage");
+    std::fs::write(&bad.kernel, b"no kernel").expect("write");
+    assert!(hv.start(&bad).await.is_err());
+    for d in &dirs {
+        let leftover = d.with_file_name("forkvm-cgbad-b");
+        assert!(!leftover.exists(), "{} left over", leftover.display());
     }
 }

@@ -1,0 +1,208 @@
+//! Launching QEMU confined: a seccomp sandbox, a session of its own, its
+//! cgroup ([`crate::cgroup`]) and resource limits ([`crate::rlimits`]),
+//! the last two applied between fork and exec.
+//!
+//! QEMU is *not* started with `-daemonize`: its seccomp filter is installed
+//! before it would daemonize, and daemonizing needs `fork` (denied by
+//! `spawn=deny`) and `setsid` (denied by `elevateprivileges=deny`) — QEMU 7.2
+//! dies of SIGSYS. Instead the daemon does what daemonizing did, in the
+//! child before exec: `setsid` (no terminal signals from the daemon's
+//! session), `chdir("/")`; QEMU stays the daemon's child (tokio reaps it if
+//! it exits while the daemon runs; after a daemon restart init does) and
+//! outlives the daemon as before. Readiness is QMP answering `query-status`
+//! (QEMU serves QMP only once its main loop runs), raced against QEMU
+//! exiting.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::args::TAKEOVER_FD;
+use crate::error::VmmError;
+use crate::process::{is_qemu_for, take_tap_fd};
+use crate::qemu::{QEMU_PATH, QemuHypervisor, qemu_log_path, query_status, start_output_tail};
+use crate::qmp::QmpClient;
+use crate::rlimits::Rlimits;
+use crate::{NetBackend, RunState, VmSpec};
+use forkvm_cgroup::{JoinFds, Joiner, VmCgroup};
+
+/// Bound on QEMU's start: spawn until QMP answers.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// QEMU's seccomp sandbox (`-sandbox`): the default filter plus every deny
+/// option QEMU 7.2 has. `obsolete`: old syscalls nobody needs;
+/// `elevateprivileges`: set*uid/gid, setsid and friends; `spawn`: fork,
+/// vfork, execve (nothing forkvm uses spawns: `script=no` TAPs, `fd:`
+/// migration, QMP-created overlays); `resourcecontrol`: scheduler and
+/// affinity calls.
+pub(crate) const SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+impl QemuHypervisor {
+    /// Runs QEMU for `spec` and returns its pid and run state once QMP
+    /// answers. Its environment is [`QEMU_PATH`] alone.
+    pub(crate) async fn launch(
+        &self,
+        spec: &VmSpec,
+        args: &[OsString],
+        cgroup: Option<&VmCgroup>,
+    ) -> Result<(u32, RunState), VmmError> {
+        // QEMU's stdout and stderr, for its whole life (it keeps no -D log:
+        // without -daemonize its errors go to stderr).
+        let err_path = qemu_log_path(spec);
+        let err_file = File::create(&err_path).map_err(|e| VmmError::io("create", &err_path, e))?;
+        let out_file = err_file
+            .try_clone()
+            .map_err(|e| VmmError::io("dup", &err_path, e))?;
+        tracing::info!(id = %spec.id, accel = ?spec.accel, incoming = spec.incoming,
+            mem_share = spec.mem_share, "starting qemu");
+        tracing::debug!(id = %spec.id, args = ?args, "qemu command line");
+        let mut cmd = tokio::process::Command::new(&self.qemu_bin);
+        // QEMU gets nothing of the daemon's environment (its API token,
+        // credentials): a device escape must not find them in its memory.
+        cmd.env_clear()
+            .env("PATH", QEMU_PATH)
+            .args(args)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(out_file)
+            .stderr(err_file)
+            // A VM outlives the daemon and the future that started it.
+            .kill_on_drop(false);
+        let tap = taken_over_tap(spec)?;
+        // Open until the child has exec'd; it writes into them.
+        let joiner = cgroup.map(VmCgroup::joiner).transpose()?;
+        let child_setup = ChildSetup {
+            join: joiner.as_ref().map(Joiner::fds),
+            tap: tap.as_ref().map(AsRawFd::as_raw_fd),
+            rlimits: Rlimits::for_spec(spec)?,
+        };
+        // SAFETY: the closure runs in the forked child before exec, where
+        // only async-signal-safe calls are allowed; ChildSetup::apply makes
+        // only such calls (write, setsid, dup2, fcntl, setrlimit, signal) on
+        // values captured by copy.
+        unsafe {
+            cmd.pre_exec(move || child_setup.apply());
+        }
+        let mut child = cmd.spawn().map_err(|e| VmmError::Spawn {
+            bin: self.qemu_bin.clone(),
+            source: e,
+        })?;
+        // The child has exec'd: it has its own copy of the TAP fd, and is
+        // in its cgroup.
+        drop(tap);
+        drop(joiner);
+        let pid = child.id().ok_or_else(|| VmmError::QemuExited {
+            status: "exited at once".into(),
+            stderr_tail: start_output_tail(spec),
+        })?;
+        let ready = tokio::select! {
+            st = child.wait() => Err(exited(spec, st)),
+            r = tokio::time::timeout(START_TIMEOUT, qmp_ready(&spec.qmp_socket)) => {
+                r.unwrap_or_else(|_| Err(VmmError::Timeout {
+                    what: format!("qemu start of {} ({})", spec.id, start_output_tail(spec)),
+                    timeout: START_TIMEOUT,
+                }))
+            }
+        };
+        let state = match ready {
+            Ok(st) => st,
+            Err(e) => {
+                // Don't leak a QEMU we can't control, and reap it (it is
+                // ours). A QMP error is often QEMU exiting on a bad spec:
+                // then its exit and its output are the better report.
+                let _ = child.start_kill();
+                let st = child.wait().await;
+                let killed = matches!(&st, Ok(s) if s.signal() == Some(libc::SIGKILL));
+                return Err(match e {
+                    VmmError::QemuExited { .. } => e,
+                    _ if !killed => exited(spec, st),
+                    _ => e,
+                });
+            }
+        };
+        if !is_qemu_for(&spec.id, pid) {
+            return Err(VmmError::QemuExited {
+                status: format!("pid {pid} is not running"),
+                stderr_tail: start_output_tail(spec),
+            });
+        }
+        // Dropping the handle leaves QEMU running; tokio reaps it if it
+        // exits while this daemon runs.
+        drop(child);
+        Ok((pid, state))
+    }
+}
+
+/// The start error of a QEMU that exited with `st`.
+fn exited(spec: &VmSpec, st: std::io::Result<std::process::ExitStatus>) -> VmmError {
+    match st {
+        Ok(s) => VmmError::QemuExited {
+            status: s.to_string(),
+            stderr_tail: start_output_tail(spec),
+        },
+        Err(e) => VmmError::io("wait for", "qemu", e),
+    }
+}
+
+/// QMP answers `query-status`: QEMU's main loop runs, the machine is set up.
+async fn qmp_ready(socket: &Path) -> Result<RunState, VmmError> {
+    let mut q = QmpClient::connect(socket, START_TIMEOUT).await?;
+    query_status(&mut q).await
+}
+
+/// What the child does between fork and exec. Plain data (fds as numbers)
+/// so nothing is allocated or dropped in the child.
+#[derive(Clone, Copy)]
+struct ChildSetup {
+    /// The VM cgroup's `cgroup.procs` files: joined first, so QEMU never
+    /// runs outside it.
+    join: Option<JoinFds>,
+    /// A taken-over TAP's fd, to become [`TAKEOVER_FD`].
+    tap: Option<i32>,
+    rlimits: Rlimits,
+}
+
+impl ChildSetup {
+    /// Only async-signal-safe calls: this runs after fork in the child.
+    fn apply(&self) -> std::io::Result<()> {
+        if let Some(j) = &self.join {
+            j.join_self()?;
+        }
+        // SAFETY: setsid takes no arguments and only affects this process.
+        if unsafe { libc::setsid() } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if let Some(raw) = self.tap {
+            // dup2 clears close-on-exec on the copy; when the fd already has
+            // the number, clear it directly.
+            // SAFETY: integer arguments; they touch only this child's fd table.
+            let r = unsafe {
+                if raw == TAKEOVER_FD {
+                    libc::fcntl(raw, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(raw, TAKEOVER_FD)
+                }
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        self.rlimits.apply()
+    }
+}
+
+/// For a [`NetBackend::TakeOver`]: a duplicate of the running QEMU's TAP
+/// fd, which the child puts at [`TAKEOVER_FD`].
+fn taken_over_tap(spec: &VmSpec) -> Result<Option<OwnedFd>, VmmError> {
+    let Some(NetBackend::TakeOver { tap, from_pid }) = spec.net.as_ref().map(|n| &n.backend) else {
+        return Ok(None);
+    };
+    take_tap_fd(*from_pid, tap)
+        .map(Some)
+        .map_err(|e| VmmError::io("take over TAP from", format!("/proc/{from_pid}"), e))
+}
