@@ -35,7 +35,7 @@ skopeo             skopeo          tests (crates/oci): pushes test images into i
 htpasswd           apache2-utils   tests (crates/oci): basic-auth file for the registry
 mmdebstrap         mmdebstrap      OCI test image (scripts/oci-fixture.sh): the Debian rootfs
 umoci              umoci           OCI test image: layers and config of the layout
-prometheus         prometheus      tests: a real Prometheus scrapes the daemon's /metrics
+prometheus         prometheus      tests: a real Prometheus scrapes /metrics
 '
 need=()
 while read -r cmd pkg _; do

@@ -34,6 +34,20 @@ assert any(i.id == inst.id for i in listed), listed
 got = client.instances.get(inst.id)
 assert got.id == inst.id and got.network.ip == inst.network.ip, got
 
+# stats: the VMM's CPU and memory, the TAP's counters (the pings and the
+# agent's traffic so far make them non-zero).
+stats = client.instances.stats(inst.id)
+assert stats.instance_id == inst.id and stats.allocated_vcpus == 1, stats
+assert stats.cpu_seconds > 0 and stats.memory_rss_bytes > 0, stats
+assert stats.allocated_memory_bytes == 256 << 20, stats
+assert stats.network_tx_bytes > 0, stats
+
+# stat of guest paths (hypeman's PathInfo).
+info = client.instances.stat(inst.id, path="/bin")
+assert info.exists and info.is_dir, info
+info = client.instances.stat(inst.id, path="/does/not/exist")
+assert not info.exists, info
+
 stopped = client.instances.stop(inst.id)
 assert stopped.state == "Stopped", stopped.state
 

@@ -14,6 +14,7 @@ pub mod files;
 mod images;
 mod logs;
 mod observe;
+mod stats;
 pub mod routes;
 pub mod server;
 pub mod wire;

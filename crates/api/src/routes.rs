@@ -83,6 +83,7 @@ where
         exec_instance,
         crate::exec_ws::exec_ws,
         crate::files::stat,
+        crate::stats::stats,
         crate::files::cp,
         create_snapshot,
         restore_snapshot,
@@ -197,6 +198,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/instances/{id}/wait", get(wait_instance))
         .route("/instances/{id}/agent", get(instance_agent))
         .route("/instances/{id}/stat", get(crate::files::stat))
+        .route("/instances/{id}/stats", get(crate::stats::stats))
         .route("/instances/{id}/cp", get(crate::files::cp))
         .route(
             "/instances/{id}/exec",

@@ -53,6 +53,7 @@ mod services;
 pub mod session;
 mod snapshot;
 mod standby;
+pub mod stats;
 pub mod store;
 mod teardown;
 #[cfg(test)]

@@ -332,6 +332,11 @@ impl Manager {
         crate::session::start(&self.svc, id_or_name, req).await
     }
 
+    /// CPU, memory and network use of an instance's VM.
+    pub async fn stats(&self, id_or_name: &str) -> Result<crate::stats::InstanceStats> {
+        crate::stats::stats(&self.svc, id_or_name).await
+    }
+
     /// What is at a path in a Running guest.
     pub async fn stat(&self, id_or_name: &str, path: &str, follow: bool) -> Result<PathInfo> {
         crate::files::stat(&self.svc, id_or_name, path, follow).await
