@@ -14,9 +14,9 @@ pub mod files;
 mod images;
 mod logs;
 mod observe;
-mod stats;
 pub mod routes;
 pub mod server;
+mod stats;
 pub mod wire;
 
 pub use error::ApiError;

@@ -45,10 +45,15 @@ pub(crate) fn memory(statm: &str, page: u64) -> Option<(u64, u64)> {
 }
 
 fn counter(tap: &str, name: &str) -> u64 {
-    std::fs::read_to_string(Path::new("/sys/class/net").join(tap).join("statistics").join(name))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    std::fs::read_to_string(
+        Path::new("/sys/class/net")
+            .join(tap)
+            .join("statistics")
+            .join(name),
+    )
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0)
 }
 
 fn read(inst: &Instance, pid: u32) -> Result<InstanceStats> {
@@ -101,7 +106,10 @@ mod tests {
     fn proc_fields_are_read_after_the_command_name() {
         let stat = "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 150 0 0 20 0 3 0";
         assert_eq!(cpu_seconds(stat, 100.0), Some(4.0));
-        assert_eq!(memory("1000 250 10 1 0 300 0", 4096), Some((4_096_000, 1_024_000)));
+        assert_eq!(
+            memory("1000 250 10 1 0 300 0", 4096),
+            Some((4_096_000, 1_024_000))
+        );
         assert_eq!(memory("", 4096), None);
         assert_eq!(cpu_seconds("garbage", 100.0), None);
         // This process's own figures parse.
