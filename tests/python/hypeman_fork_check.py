@@ -144,6 +144,19 @@ def main():
             assert sf.state == "Running", sf.state
             ips = {src.network.ip} | ({fork.network.ip} if fork is not None else set())
             assert sf.network.ip not in ips, (sf.network.ip, ips)
+        # In place back to the snapshot: what the guest wrote after it is
+        # gone, the address stays, the snapshot is still there.
+        def guest(cmd):
+            return client.post(f"/instances/{src.id}/exec", body={"command": ["sh", "-c", cmd]},
+                               cast_to=object)
+        guest("echo after > /root/after-snapshot")
+        back = call("snapshots.restore",
+                    lambda: client.instances.snapshots.restore(snap.id, id=src.id))
+        if back is not None:
+            assert back.state == "Running" and back.network.ip == src.network.ip, back
+            out = guest("test -e /root/after-snapshot && echo present || echo gone")
+            assert "gone" in out["stdout"], out
+            assert client.snapshots.get(snap.id).id == snap.id
         client.snapshots.delete(snap.id)
         expect_status("deleted snapshot", lambda: client.snapshots.get(snap.id),
                       hypeman.NotFoundError, 404)

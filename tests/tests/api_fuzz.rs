@@ -69,9 +69,6 @@ async fn fuzzing_the_api_from_its_openapi_document_finds_no_server_errors() -> R
         auth,
         "--checks".into(),
         "not_a_server_error,status_code_conformance,content_type_conformance".into(),
-        // Documented as 501: the one operation forkvm does not implement.
-        "--exclude-path".into(),
-        "/instances/{id}/snapshots/{snapshot_id}/restore".into(),
         // An endless stream (server-sent events): its own test reads it.
         "--exclude-path".into(),
         "/events".into(),

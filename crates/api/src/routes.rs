@@ -5,7 +5,7 @@ use crate::wire::*;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use forkvm_core::Manager;
@@ -525,21 +525,26 @@ async fn create_snapshot(
     Ok((StatusCode::CREATED, Json(Snapshot::from(&snap))))
 }
 
-/// Restore an instance from one of its snapshots. Not implemented yet: use
-/// standby/restore, or fork from the snapshot.
+/// Restore an instance in place to one of its own snapshots.
+///
+/// The instance's current VM goes; it runs on from the snapshot's memory,
+/// device state and disks with its own id, name and address. The snapshot
+/// stays (restore to it again, or fork from it). `target_state` may only be
+/// `Running` (the default); `target_hypervisor` only `qemu`.
 #[utoipa::path(post, path = "/instances/{id}/snapshots/{snapshot_id}/restore", tag = "snapshots",
     params(("id" = String, Path, description = "Instance id or name"),
-           ("snapshot_id" = String, Path, description = "Snapshot id")),
-    responses((status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
+           ("snapshot_id" = String, Path, description = "Snapshot id or name")),
+    request_body(content = Option<SnapshotRestoreParams>, description = "Optional"),
+    responses((status = 200, body = Instance), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 504, body = ErrorBody)))]
 async fn restore_snapshot(
     State(m): State<AppState>,
-    ApiPath((id, _snapshot_id)): ApiPath<(String, String)>,
-    OptionalJson(_p): OptionalJson<serde_json::Value>,
-) -> Result<Response, ApiError> {
-    m.get(&id).await?;
-    Err(ApiError::not_implemented(
-        "restoring an instance from a snapshot is not implemented yet: fork from the snapshot instead",
-    ))
+    ApiPath((id, snapshot_id)): ApiPath<(String, String)>,
+    OptionalJson(p): OptionalJson<SnapshotRestoreParams>,
+) -> Result<Json<Instance>, ApiError> {
+    let target = p.unwrap_or_default().validate()?;
+    let inst = m.restore_snapshot(&id, &snapshot_id, target).await?;
+    Ok(Json(Instance::from(&inst)))
 }
 
 /// List snapshots.

@@ -47,6 +47,7 @@ mod promote;
 mod reaper;
 mod restore;
 mod resume;
+mod rollback;
 #[cfg(test)]
 mod scenarios;
 mod services;

@@ -332,6 +332,17 @@ impl Manager {
         crate::session::start(&self.svc, id_or_name, req).await
     }
 
+    /// Put an instance back to one of its own snapshots, in place (the
+    /// snapshot stays).
+    pub async fn restore_snapshot(
+        &self,
+        id_or_name: &str,
+        snapshot: &str,
+        target: Option<InstanceState>,
+    ) -> Result<Instance> {
+        self.collecting(crate::rollback::restore_to(&self.svc, id_or_name, snapshot, target).await)
+    }
+
     /// CPU, memory and network use of an instance's VM.
     pub async fn stats(&self, id_or_name: &str) -> Result<crate::stats::InstanceStats> {
         crate::stats::stats(&self.svc, id_or_name).await

@@ -41,7 +41,7 @@ pub use logs::LogsQuery;
 pub use size::{format_size_mb, parse_size_mb};
 pub use snapshot::{
     InstanceStandbyParams, Snapshot, SnapshotCreateParams, SnapshotKind, SnapshotListQuery,
-    SnapshotNetwork, reject_compression,
+    SnapshotNetwork, SnapshotRestoreParams, reject_compression,
 };
 pub use unknown::Unsupported;
 pub use wait::{WaitForStateResponse, WaitQuery, parse_go_duration};

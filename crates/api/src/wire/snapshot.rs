@@ -232,3 +232,40 @@ mod tests {
         assert!(SnapshotListQuery::default().matches(&Snapshot::from(&core_snap)));
     }
 }
+
+/// `POST /instances/{id}/snapshots/{snapshot_id}/restore` body (optional).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotRestoreParams {
+    /// Only `Running` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_state: Option<String>,
+    /// Only `qemu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_hypervisor: Option<String>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "no_fields")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
+}
+
+fn no_fields(u: &super::Unsupported) -> bool {
+    u.0.is_empty()
+}
+
+impl SnapshotRestoreParams {
+    /// The target state, checked.
+    pub fn validate(self) -> Result<Option<forkvm_core::InstanceState>, ApiError> {
+        self.unsupported.refuse("snapshot restore")?;
+        if let Some(h) = self.target_hypervisor.as_deref().filter(|h| *h != "qemu") {
+            return Err(ApiError::unsupported(format!(
+                "target_hypervisor {h:?}: forkvm runs \"qemu\" only"
+            )));
+        }
+        match self.target_state.as_deref() {
+            None | Some("Running") => Ok(None),
+            Some(s) => Err(ApiError::unsupported(format!(
+                "target_state {s:?}: an in-place restore ends Running"
+            ))),
+        }
+    }
+}

@@ -130,3 +130,40 @@ async fn a_running_instance_whose_vm_dies_is_reaped() {
         InstanceState::Running
     );
 }
+
+#[tokio::test]
+async fn an_instance_goes_back_to_its_own_snapshot_in_place_and_keeps_it() {
+    let w = World::new().await;
+    let before = w.running("vm").await;
+    w.running("other").await;
+    let snap = w.mgr.create_snapshot("vm", Some("s".into())).await.unwrap();
+    // Another instance's snapshot is refused; nothing changes.
+    let e = w
+        .mgr
+        .restore_snapshot("other", "s", None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::Conflict, "{e}");
+    let e = w
+        .mgr
+        .restore_snapshot("vm", "s", Some(InstanceState::Stopped))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::Invalid, "{e}");
+    for _ in 0..2 {
+        let after = w.mgr.restore_snapshot("vm", "s", None).await.unwrap();
+        assert_eq!(after.state, InstanceState::Running);
+        assert_eq!(
+            (after.id.as_str(), after.network.ip),
+            (before.id.as_str(), before.network.ip)
+        );
+        assert_ne!(after.pid, before.pid, "a new VM");
+        assert_eq!(
+            after.memory,
+            crate::model::Memory::Cow {
+                base: snap.base().to_string()
+            }
+        );
+        assert!(w.mgr.get_snapshot("s").await.is_ok(), "the snapshot stays");
+    }
+}
