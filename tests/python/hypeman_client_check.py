@@ -22,11 +22,17 @@ try:
 except hypeman.AuthenticationError:
     pass
 
-inst = client.instances.create(image="default", name="py-client", vcpus=1, size="256MB")
+inst = client.instances.create(image="default", name="py-client", vcpus=1, size="256MB",
+                               tags={"team": "forkvm", "env": "test"})
 assert inst.state == "Running", inst
 assert inst.name == "py-client"
 assert inst.network is not None and inst.network.ip, inst.network
 print(f"created {inst.id} ip={inst.network.ip} mac={inst.network.mac}")
+
+assert inst.tags == {"team": "forkvm", "env": "test"}, inst.tags
+tagged = client.instances.list(tags={"team": "forkvm"})
+assert [i.id for i in tagged] == [inst.id], tagged
+assert client.instances.list(tags={"team": "other"}) == []
 
 listed = client.instances.list()
 assert any(i.id == inst.id for i in listed), listed

@@ -132,12 +132,16 @@ def main():
 
     # A named snapshot and a fork from it.
     snap = call("snapshots.create",
-                lambda: client.instances.snapshots.create(src.id, kind="Standby", name=SNAPSHOT_NAME))
+                lambda: client.instances.snapshots.create(src.id, kind="Standby", name=SNAPSHOT_NAME,
+                                                          tags={"purpose": "golden"}))
     if snap is not None:
         assert snap.kind == "Standby" and snap.name == SNAPSHOT_NAME, snap
         assert snap.source_instance_id == src.id and snap.source_instance_name == "py-src", snap
         got = client.snapshots.get(snap.id)
         assert got.id == snap.id, got
+        assert got.tags == {"purpose": "golden"}, got.tags
+        assert [x.id for x in client.snapshots.list(tags={"purpose": "golden"})] == [snap.id]
+        assert client.snapshots.list(tags={"purpose": "other"}) == []
         sf = call("snapshots.fork",
                   lambda: client.snapshots.fork(snap.id, name="py-snap-fork", target_hypervisor="qemu"))
         if sf is not None:

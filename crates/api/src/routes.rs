@@ -276,11 +276,13 @@ async fn list_instances(
     State(m): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<Instance>>, ApiError> {
+    let tags = crate::wire::tag_filter(&q.tags)?;
     let list = m.list().await?;
     Ok(Json(
         list.iter()
             .map(Instance::from)
             .filter(|i| q.state.is_none_or(|s| s == i.state))
+            .filter(|i| crate::wire::has_tags(&i.tags, &tags))
             .collect(),
     ))
 }
@@ -519,9 +521,9 @@ async fn create_snapshot(
     ApiPath(id): ApiPath<String>,
     ApiJson(p): ApiJson<SnapshotCreateParams>,
 ) -> Result<(StatusCode, Json<Snapshot>), ApiError> {
-    let name = p.validate()?;
+    let (name, tags) = p.validate()?;
     tracing::info!(instance = %id, name = ?name, "creating snapshot");
-    let snap = m.create_snapshot(&id, name).await?;
+    let snap = m.create_snapshot_tagged(&id, name, tags).await?;
     Ok((StatusCode::CREATED, Json(Snapshot::from(&snap))))
 }
 
@@ -554,13 +556,9 @@ async fn list_snapshots(
     State(m): State<AppState>,
     ApiQuery(q): ApiQuery<SnapshotListQuery>,
 ) -> Result<Json<Vec<Snapshot>>, ApiError> {
+    let keep = q.filter()?;
     let list = m.list_snapshots().await?;
-    Ok(Json(
-        list.iter()
-            .map(Snapshot::from)
-            .filter(|s| q.matches(s))
-            .collect(),
-    ))
+    Ok(Json(list.iter().map(Snapshot::from).filter(keep).collect()))
 }
 
 /// Get a snapshot by id or name.

@@ -288,6 +288,7 @@ mod tests {
 
     fn inst(name: &str, ip: Option<&str>) -> Instance {
         Instance {
+            tags: Default::default(),
             id: format!("id-{name}"),
             name: name.into(),
             image: "default".into(),

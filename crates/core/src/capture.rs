@@ -349,6 +349,7 @@ fn snapshot_of(
         base_id: Some(base.id.clone()),
         disk_layer: None,
         workload: inst.workload.clone(),
+        tags: Default::default(),
     }
 }
 

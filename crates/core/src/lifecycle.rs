@@ -93,6 +93,7 @@ pub(crate) async fn create(svc: &Services, req: CreateRequest) -> Result<Instanc
     argv.extend(req.cmd.clone().unwrap_or_default());
     let mut inst = Instance {
         env: req.env,
+        tags: req.tags,
         entrypoint: workload.as_ref().map_or(argv, |w| w.argv.clone()),
         workload,
         network: NetworkInfo::unassigned(network),

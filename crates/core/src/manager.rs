@@ -305,7 +305,18 @@ impl Manager {
         id_or_name: &str,
         name: Option<String>,
     ) -> Result<Snapshot> {
-        let r = self.collecting(crate::snapshot::create(&self.svc, id_or_name, name).await);
+        self.create_snapshot_tagged(id_or_name, name, Default::default())
+            .await
+    }
+
+    /// [`Manager::create_snapshot`] with the user's tags on it.
+    pub async fn create_snapshot_tagged(
+        &self,
+        id_or_name: &str,
+        name: Option<String>,
+        tags: std::collections::BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        let r = self.collecting(crate::snapshot::create(&self.svc, id_or_name, name, tags).await);
         if r.is_ok() {
             self.flatten_deep_disks(Some(id_or_name), &[]);
         }

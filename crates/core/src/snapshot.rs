@@ -5,6 +5,7 @@ use crate::capture::{CaptureMode, capture};
 use crate::error::{CoreError, Result};
 use crate::model::{InstanceState, Snapshot};
 use crate::services::{Services, new_id};
+use std::collections::BTreeMap;
 use tracing::warn;
 
 /// Remove a snapshot's files and record (no checks). Its base goes when
@@ -21,6 +22,7 @@ pub(crate) async fn create(
     svc: &Services,
     id_or_name: &str,
     name: Option<String>,
+    tags: BTreeMap<String, String>,
 ) -> Result<Snapshot> {
     if let Some(n) = &name {
         crate::validate_name(n)?;
@@ -33,7 +35,8 @@ pub(crate) async fn create(
     let (_guard, mut inst) = svc.lock_instance(id_or_name).await?;
     match inst.state {
         InstanceState::Running => {
-            let c = capture(svc, &mut inst, name, CaptureMode::Copy).await?;
+            let mut c = capture(svc, &mut inst, name, CaptureMode::Copy).await?;
+            c.snap.tags = tags;
             let new_base = (!c.base_recorded).then_some(&c.base);
             svc.store
                 .insert_snapshot_with_base(&c.snap, new_base)
@@ -42,7 +45,7 @@ pub(crate) async fn create(
         }
         InstanceState::Standby => {
             let own = svc.find_snapshot(inst.snapshot_id.as_deref().unwrap_or_default())?;
-            copy_of(svc, own, name)
+            copy_of(svc, own, name, tags)
         }
         s => Err(CoreError::Conflict(format!(
             "instance {} is {}; only Running or Standby instances can be snapshotted",
@@ -76,10 +79,16 @@ pub(crate) fn share(
     Ok(snap)
 }
 
-fn copy_of(svc: &Services, own: Snapshot, name: Option<String>) -> Result<Snapshot> {
+fn copy_of(
+    svc: &Services,
+    own: Snapshot,
+    name: Option<String>,
+    tags: BTreeMap<String, String>,
+) -> Result<Snapshot> {
     share(svc, &own, |id| Snapshot {
         id,
         name,
+        tags,
         created_at: svc.now(),
         standby_of: None,
         base_id: Some(own.base().to_string()),

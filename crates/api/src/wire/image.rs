@@ -213,16 +213,22 @@ pub struct ImageListQuery {
 impl ImageListQuery {
     /// The tag filter from `tags[key]=value` pairs; other keys are a 400.
     pub fn tag_filter(&self) -> Result<BTreeMap<String, String>, ApiError> {
-        let mut out = BTreeMap::new();
-        for (k, v) in &self.tags {
-            let key = k
-                .strip_prefix("tags[")
-                .and_then(|r| r.strip_suffix(']'))
-                .ok_or_else(|| ApiError::invalid(format!("unknown query parameter {k:?}")))?;
-            out.insert(key.to_string(), v.clone());
-        }
-        Ok(out)
+        tag_filter(&self.tags)
     }
+}
+
+/// A tag filter from the query's `tags[key]=value` pairs (hypeman's
+/// deepObject style); any other key is a 400.
+pub fn tag_filter(pairs: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in pairs {
+        let key = k
+            .strip_prefix("tags[")
+            .and_then(|r| r.strip_suffix(']'))
+            .ok_or_else(|| ApiError::invalid(format!("unknown query parameter {k:?}")))?;
+        out.insert(key.to_string(), v.clone());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -132,6 +132,9 @@ pub struct Instance {
     pub has_snapshot: bool,
     #[serde(default)]
     pub network: InstanceNetwork,
+    /// The user's key-value tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
     /// forkvm: memory in MiB.
     #[serde(default)]
     pub memory_mb: u32,
@@ -177,6 +180,7 @@ impl From<&core::Instance> for Instance {
             size: format_size_mb(i.memory_mb),
             hypervisor: "qemu".into(),
             has_snapshot: i.snapshot_id.is_some(),
+            tags: i.tags.clone(),
             network: InstanceNetwork {
                 enabled: n.enabled,
                 ip: n.ip.map(|ip| ip.to_string()),
@@ -251,6 +255,9 @@ pub struct InstanceCreateParams {
     pub hypervisor: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkParams>,
+    /// Key-value tags (filter with `GET /instances?tags[k]=v`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<BTreeMap<String, String>>,
     /// Fields forkvm does not support (hypeman's `volumes`, `ttl`, …):
     /// answered with 400 `unsupported` naming them.
     #[serde(flatten, default, skip_serializing_if = "is_empty")]
@@ -308,6 +315,7 @@ impl InstanceCreateParams {
             cmd: self.cmd,
             overlay_mib: overlay_mib.map(u64::from),
             network_enabled: self.network.and_then(|n| n.enabled),
+            tags: self.tags.unwrap_or_default(),
         })
     }
 }
@@ -329,6 +337,10 @@ pub struct InstanceStartParams {
 pub struct ListQuery {
     /// Only instances in this state.
     pub state: Option<InstanceState>,
+    /// `tags[key]=value`: only instances with every one of these tags.
+    #[serde(flatten)]
+    #[param(value_type = Option<Object>)]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// Query of `DELETE /instances/{id}` (accepted, ignored: deletion always stops the VM).
@@ -371,6 +383,7 @@ mod tests {
     #[test]
     fn instance_json_shape() {
         let core_inst = core::Instance {
+            tags: Default::default(),
             id: "i-1".into(),
             name: "web-1".into(),
             image: "default".into(),

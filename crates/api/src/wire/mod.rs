@@ -29,6 +29,7 @@ pub use fork::{
 };
 pub use handoff::{Handoff, HandoffPath};
 pub use health::{AgentHealth, Health};
+pub use image::tag_filter;
 pub use image::{
     Image, ImageCreateParams, ImageImportParams, ImageListQuery, ImageStatus, PullCredentials,
     PullProgress,
@@ -39,6 +40,7 @@ pub use instance::{
 };
 pub use logs::LogsQuery;
 pub use size::{format_size_mb, parse_size_mb};
+pub use snapshot::has_tags;
 pub use snapshot::{
     InstanceStandbyParams, Snapshot, SnapshotCreateParams, SnapshotKind, SnapshotListQuery,
     SnapshotNetwork, SnapshotRestoreParams, reject_compression,

@@ -25,7 +25,7 @@ pub struct SnapshotCreateParams {
     /// Lowercase letters, digits and dashes; ≤ 63.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Not supported yet: non-empty tags are answered with 501.
+    /// Key-value tags (filter with `GET /snapshots?tags[k]=v`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<BTreeMap<String, String>>,
     /// Not supported: `{"enabled": true}` is answered with 400 `unsupported`.
@@ -35,8 +35,8 @@ pub struct SnapshotCreateParams {
 }
 
 impl SnapshotCreateParams {
-    /// Validate; returns the snapshot name to pass to the core.
-    pub fn validate(self) -> Result<Option<String>, ApiError> {
+    /// Validate; returns the snapshot name and tags to pass to the core.
+    pub fn validate(self) -> Result<(Option<String>, BTreeMap<String, String>), ApiError> {
         if let Some(n) = &self.name {
             core::validate_name(n)?;
         }
@@ -45,11 +45,8 @@ impl SnapshotCreateParams {
                 "\"Stopped\" snapshots (disk only) are not supported yet: use kind \"Standby\"",
             ));
         }
-        if self.tags.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::unsupported("snapshot tags are not supported yet"));
-        }
         reject_compression(self.compression.as_ref())?;
-        Ok(self.name)
+        Ok((self.name, self.tags.unwrap_or_default()))
     }
 }
 
@@ -125,6 +122,9 @@ pub struct Snapshot {
     /// and other snapshots of the same state).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_id: Option<String>,
+    /// The user's key-value tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 impl From<&core::Snapshot> for Snapshot {
@@ -148,11 +148,17 @@ impl From<&core::Snapshot> for Snapshot {
             },
             standby_of: s.standby_of.clone(),
             base_id: Some(s.base().to_string()),
+            tags: s.tags.clone(),
         }
     }
 }
 
-/// Query of `GET /snapshots` (hypeman's SnapshotListParams; `tags` is ignored).
+/// Every wanted tag is there with its value.
+pub fn has_tags(have: &BTreeMap<String, String>, want: &BTreeMap<String, String>) -> bool {
+    want.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+/// Query of `GET /snapshots` (hypeman's SnapshotListParams).
 #[derive(Clone, Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SnapshotListQuery {
@@ -162,9 +168,20 @@ pub struct SnapshotListQuery {
     pub name: Option<String>,
     /// Only snapshots of this source instance (id).
     pub source_instance_id: Option<String>,
+    /// `tags[key]=value`: only snapshots with every one of these tags.
+    #[serde(flatten)]
+    #[param(value_type = Option<Object>)]
+    pub tags: BTreeMap<String, String>,
 }
 
 impl SnapshotListQuery {
+    /// The filter as a predicate; a query key that is not a field or
+    /// `tags[k]` is a 400.
+    pub fn filter(&self) -> Result<impl Fn(&Snapshot) -> bool + '_, ApiError> {
+        let tags = super::image::tag_filter(&self.tags)?;
+        Ok(move |s: &Snapshot| self.matches(s) && has_tags(&s.tags, &tags))
+    }
+
     pub fn matches(&self, s: &Snapshot) -> bool {
         self.kind.is_none_or(|k| k == s.kind)
             && self
@@ -185,6 +202,7 @@ mod tests {
     #[test]
     fn snapshot_shape_parses_as_hypeman_snapshot() {
         let core_snap = core::Snapshot {
+            tags: [("team".to_string(), "a".to_string())].into(),
             id: "s-1".into(),
             name: Some("warm".into()),
             source_instance_id: "i-1".into(),
@@ -220,7 +238,7 @@ mod tests {
                 "source_hypervisor":"qemu","source_instance_id":"i-1","source_instance_name":"web-1",
                 "name":"warm","image":"default","vcpus":1,"memory_mb":256,
                 "network":{"enabled":true,"ip":"10.88.0.2","mac":"02:fc:00:00:00:02"},
-                "base_id":"s-1"}"#,
+                "base_id":"s-1","tags":{"team":"a"}}"#,
         )
         .unwrap();
         assert_eq!(v, expected);

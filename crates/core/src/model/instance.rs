@@ -133,6 +133,9 @@ pub struct Instance {
     /// starts it at every fresh boot.
     #[serde(default)]
     pub workload: Option<super::Workload>,
+    /// The user's key-value tags (`GET /instances?tags[k]=v`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 impl Instance {
@@ -174,6 +177,7 @@ impl Instance {
             disk_top: None,
             handover_disk: None,
             workload: None,
+            tags: BTreeMap::new(),
         }
     }
 

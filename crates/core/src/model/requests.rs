@@ -39,6 +39,7 @@ pub struct CreateRequest {
     pub overlay_mib: Option<u64>,
     /// Default true.
     pub network_enabled: Option<bool>,
+    pub tags: BTreeMap<String, String>,
 }
 
 /// A command to run in an instance through the agent.

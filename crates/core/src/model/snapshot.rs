@@ -42,6 +42,9 @@ pub struct Snapshot {
     /// The source's workload (OCI images): forks run it already.
     #[serde(default)]
     pub workload: Option<super::Workload>,
+    /// The user's key-value tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 impl Snapshot {
