@@ -93,7 +93,7 @@ where
         crate::images::get_image,
         crate::images::delete_image,
     ),
-    components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
+    components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, PublishedPort, PortProtocol, EgressParam, InstanceState, Handoff, HandoffPath,
         ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork, WaitForStateResponse, Image, ImageStatus, PullCredentials, PullProgress)),
     modifiers(&BearerAuth, &CommonErrors),
     security(("bearerAuth" = [])),

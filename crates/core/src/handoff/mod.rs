@@ -165,7 +165,10 @@ pub(crate) async fn complete(
     }
     inst.to_running();
     inst.handoff = Some(rec.clone());
-    svc.store.update_instance(inst)
+    svc.store.update_instance(inst)?;
+    // Only now its lease's rules (egress, published ports): until here
+    // its TAP passed nothing but the handoff traffic.
+    svc.net.sync_rules(&svc.store).await
 }
 
 /// The ladder: the prepared mailbox, else RPC, else exec.
@@ -329,6 +332,7 @@ async fn handoff_failed(svc: &Services, inst: &mut Instance, mut rec: HandoffRec
     if let Err(e) = svc.store.update_instance(inst) {
         warn!(instance = %inst.id, error = %e, "recording the failed handoff failed");
     }
+    teardown::sync_rules(svc).await;
     svc.collect_unused();
 }
 

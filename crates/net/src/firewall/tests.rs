@@ -1,0 +1,231 @@
+use super::*;
+
+fn settings() -> FirewallSettings {
+    FirewallSettings {
+        bridge: "forkvm0".into(),
+        subnet: "10.88.0.0/16".parse().unwrap(),
+        gateway: Ipv4Addr::new(10, 88, 0, 1),
+        egress: true,
+    }
+}
+
+fn guest(tap: &str, last: u8, mode: GuestMode) -> GuestRules {
+    GuestRules {
+        tap: tap.into(),
+        mac: format!("02:fc:00:00:00:{last:02x}").parse().unwrap(),
+        ip: Ipv4Addr::new(10, 88, 0, last),
+        mode,
+        egress: true,
+        ports: vec![],
+    }
+}
+
+fn tcp(host_port: u16, guest_port: u16) -> PortForward {
+    PortForward {
+        protocol: Protocol::Tcp,
+        host_port,
+        guest_port,
+    }
+}
+
+/// The statements of chain `name` in `script`.
+fn chain<'a>(script: &'a str, name: &str) -> Vec<&'a str> {
+    let start = format!("\tchain {name} {{");
+    let mut lines = script.lines().skip_while(|l| *l != start).skip(1);
+    let mut out = vec![];
+    for l in lines.by_ref() {
+        if l == "\t}" {
+            break;
+        }
+        out.push(l.trim());
+    }
+    out
+}
+
+/// The `ip` table's part of a script.
+fn ip_table(script: &str) -> &str {
+    let at = script.find("table ip forkvm {").unwrap();
+    &script[at..]
+}
+
+#[test]
+fn empty_plan_still_replaces_both_tables() {
+    let s = plan(&settings(), &[]).unwrap().script();
+    assert!(s.starts_with(
+        "table bridge forkvm\ndelete table bridge forkvm\ntable ip forkvm\ndelete table ip forkvm\n"
+    ));
+    assert_eq!(
+        chain(&s, "prerouting")[0],
+        "type filter hook prerouting priority -300; policy accept;"
+    );
+    assert!(!s.contains("elements"), "an empty egress set: {s}");
+    assert!(chain(&s, "forward").contains(&"iifname \"forkvm0\" ip saddr != @egress counter drop"));
+}
+
+#[test]
+fn an_active_guest_may_send_only_from_its_lease() {
+    let s = plan(&settings(), &[guest("fvma", 2, GuestMode::Active)])
+        .unwrap()
+        .script();
+    assert!(s.contains("iifname \"fvma\" jump guest_fvma"));
+    assert_eq!(
+        chain(&s, "guest_fvma"),
+        [
+            "ether saddr != 02:fc:00:00:00:02 counter drop",
+            "arp saddr ether != 02:fc:00:00:00:02 counter drop",
+            "arp saddr ip != 10.88.0.2 counter drop",
+            "ip saddr != 10.88.0.2 counter drop",
+            "ether type arp accept",
+            "ether type ip accept",
+            "counter drop",
+        ]
+    );
+    assert!(s.contains("elements = { 10.88.0.2 }"));
+}
+
+#[test]
+fn a_fork_before_its_handoff_sends_only_handoff_traffic() {
+    let mut g = guest("fvmb", 3, GuestMode::Handoff);
+    g.ports = vec![tcp(8080, 80)];
+    let r = plan(&settings(), &[g]).unwrap();
+    let s = r.script();
+    assert!(s.contains("iifname \"fvmb\" jump handoff_fvmb"));
+    let c = chain(&s, "handoff_fvmb");
+    assert!(
+        c.contains(&"ip daddr 10.88.0.1 meta l4proto udp accept"),
+        "{c:?}"
+    );
+    assert!(!c.contains(&"ether type ip accept"), "{c:?}");
+    assert_eq!(c.last(), Some(&"counter drop"));
+    // Neither egress nor its ports until the handoff is done.
+    assert!(r.egress_addresses().is_empty());
+    assert!(!s.contains("dnat to"), "{s}");
+}
+
+#[test]
+fn egress_follows_the_guest_and_the_daemon() {
+    let mut off = guest("fvmc", 4, GuestMode::Active);
+    off.egress = false;
+    let on = guest("fvmd", 5, GuestMode::Active);
+    let r = plan(&settings(), &[off.clone(), on.clone()]).unwrap();
+    assert_eq!(r.egress_addresses(), [Ipv4Addr::new(10, 88, 0, 5)]);
+    assert!(
+        chain(&r.script(), "postrouting").contains(
+            &"ip saddr @egress ip daddr != 10.88.0.0/16 oifname != \"forkvm0\" masquerade"
+        )
+    );
+    let daemon_off = FirewallSettings {
+        egress: false,
+        ..settings()
+    };
+    let r = plan(&daemon_off, &[off, on]).unwrap();
+    assert!(r.egress_addresses().is_empty());
+}
+
+#[test]
+fn published_ports_become_dnat_on_local_addresses() {
+    let mut g = guest("fvme", 6, GuestMode::Active);
+    g.ports = vec![
+        PortForward {
+            protocol: Protocol::Udp,
+            host_port: 5353,
+            guest_port: 53,
+        },
+        tcp(8080, 80),
+    ];
+    let s = plan(&settings(), &[g]).unwrap().script();
+    assert_eq!(
+        chain(ip_table(&s), "prerouting")
+            .into_iter()
+            .filter(|l| l.contains("dnat"))
+            .collect::<Vec<_>>(),
+        [
+            "fib daddr type local tcp dport 8080 dnat to 10.88.0.6:80",
+            "fib daddr type local udp dport 5353 dnat to 10.88.0.6:53",
+        ]
+    );
+    assert!(chain(&s, "output").contains(
+        &"fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 dnat to 10.88.0.6:80"
+    ));
+    assert!(chain(&s, "forward").contains(&"oifname \"forkvm0\" ct status dnat accept"));
+}
+
+#[test]
+fn same_inputs_same_text_whatever_the_order() {
+    let a = guest("fvmb", 2, GuestMode::Active);
+    let b = guest("fvma", 3, GuestMode::Handoff);
+    let one = plan(&settings(), &[a.clone(), b.clone()]).unwrap();
+    let two = plan(&settings(), &[b, a]).unwrap();
+    assert_eq!(one.script(), two.script());
+}
+
+#[test]
+fn inconsistent_inputs_are_refused() {
+    let s = settings();
+    let a = guest("fvma", 2, GuestMode::Active);
+    let cases: Vec<(Vec<GuestRules>, FirewallError)> = vec![
+        (
+            vec![a.clone(), guest("fvma", 3, GuestMode::Active)],
+            FirewallError::DuplicateTap("fvma".into()),
+        ),
+        (
+            vec![a.clone(), guest("fvmb", 2, GuestMode::Active)],
+            FirewallError::DuplicateIp(a.ip),
+        ),
+        (
+            vec![GuestRules {
+                ip: Ipv4Addr::new(192, 168, 1, 2),
+                ..a.clone()
+            }],
+            FirewallError::OutsideSubnet {
+                ip: Ipv4Addr::new(192, 168, 1, 2),
+                subnet: s.subnet,
+            },
+        ),
+        (
+            vec![GuestRules {
+                tap: "a b\"; flush ruleset".into(),
+                ..a.clone()
+            }],
+            FirewallError::IfName("a b\"; flush ruleset".into()),
+        ),
+        (
+            vec![
+                GuestRules {
+                    ports: vec![tcp(80, 80)],
+                    ..a.clone()
+                },
+                GuestRules {
+                    ports: vec![tcp(80, 81)],
+                    ..guest("fvmb", 3, GuestMode::Active)
+                },
+            ],
+            FirewallError::PortTaken(tcp(80, 81)),
+        ),
+        (
+            vec![GuestRules {
+                ports: vec![tcp(0, 80)],
+                ..a.clone()
+            }],
+            FirewallError::ZeroPort,
+        ),
+    ];
+    for (guests, want) in cases {
+        assert_eq!(plan(&s, &guests).unwrap_err(), want);
+    }
+    // The same host port over tcp and udp is two ports.
+    let both = GuestRules {
+        ports: vec![
+            tcp(53, 53),
+            PortForward {
+                protocol: Protocol::Udp,
+                host_port: 53,
+                guest_port: 53,
+            },
+        ],
+        ..a
+    };
+    assert!(plan(&s, &[both]).is_ok());
+    assert_eq!("udp".parse::<Protocol>(), Ok(Protocol::Udp));
+    assert!("sctp".parse::<Protocol>().is_err());
+}
