@@ -273,9 +273,17 @@ impl HostPaths<'_> {
 fn shell_script(l: &Lease, hostname: &str, dns: &[Ipv4Addr]) -> String {
     debug_assert!(crate::validate_name(hostname).is_ok());
     let resolv: String = dns.iter().map(|d| format!("nameserver {d}\\n")).collect();
+    // An OCI workload's root (mounted by the agent at ROOT) gets the same
+    // file, written then renamed (a symlinked etc there is left alone).
+    const ROOT: &str = "/run/forkvm/root";
     let resolv = match resolv.is_empty() {
         true => String::new(),
-        false => format!("; printf '{resolv}' > /etc/resolv.conf"),
+        false => format!(
+            "; printf '{resolv}' > /etc/resolv.conf; \
+             if [ -d {ROOT}/etc ] && [ ! -L {ROOT}/etc ]; then \
+             cp /etc/resolv.conf {ROOT}/etc/.resolv.conf.forkvm && \
+             mv -f {ROOT}/etc/.resolv.conf.forkvm {ROOT}/etc/resolv.conf; fi"
+        ),
     };
     let script = format!(
         "set -e; ip link set dev eth0 down; ip link set dev eth0 address {mac}; \
@@ -327,6 +335,9 @@ async fn handoff_failed(svc: &Services, inst: &mut Instance, mut rec: HandoffRec
     }
     svc.paths(inst).remove_runtime();
     inst.network.forget_lease();
+    // Its port claims went with the lease: a record listing them would
+    // collide with whoever claims them next.
+    inst.ports.clear();
     inst.handoff = Some(rec);
     inst.to_stopped(Some(format!("network handoff failed: {e}")), svc.now());
     if let Err(e) = svc.store.update_instance(inst) {
@@ -363,9 +374,10 @@ mod tests {
         };
         let s = shell_script(&l, "web-1", &[Ipv4Addr::new(10, 0, 0, 53)]);
         assert!(
-            s.ends_with("; printf 'nameserver 10.0.0.53\\n' > /etc/resolv.conf"),
+            s.contains("; printf 'nameserver 10.0.0.53\\n' > /etc/resolv.conf;"),
             "{s}"
         );
+        assert!(s.contains("/run/forkvm/root/etc/resolv.conf; fi"), "{s}");
         assert!(!shell_script(&l, "web-1", &[]).contains("resolv"));
         for part in [
             "address 02:fc:00:00:00:07",

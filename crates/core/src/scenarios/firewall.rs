@@ -155,7 +155,10 @@ async fn a_fork_sends_only_its_handoff_until_it_is_done_and_never_inherits_ports
     );
     // The handoff fails at its deadline: the fork stops, its rules go.
     let gone = tap(&g);
-    wait_state(&w, "g", InstanceState::Stopped).await;
+    let g = wait_state(&w, "g", InstanceState::Stopped).await;
+    assert!(g.ports.is_empty(), "its claims went back: {g:?}");
+    let held = w.mgr.services().store.allocated(AllocKind::Port).unwrap();
+    assert!(held.iter().all(|(v, _)| v != "tcp/9090"), "{held:?}");
     let s = script(&w);
     assert!(!s.contains(&gone) && !s.contains("handoff_"), "{s}");
 }
