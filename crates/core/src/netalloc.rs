@@ -106,9 +106,13 @@ pub trait HostNetwork: Send + Sync {
     fn bridge_exists(&self) -> NetFuture<'_, bool>;
     /// Replace the packet filter and NAT with `rules`, and make the
     /// bridge's permanent neighbour entries exactly `pinned`.
+    /// With `delta` (an element-only change from the last ruleset this
+    /// daemon applied, [`Ruleset::activation_from`]) that alone is tried
+    /// first; neighbours are unchanged then.
     fn apply_rules<'a>(
         &'a self,
         rules: &'a Ruleset,
+        delta: Option<&'a str>,
         pinned: &'a [(Ipv4Addr, MacAddr)],
     ) -> NetFuture<'a, ()>;
 }
@@ -178,9 +182,17 @@ impl HostNetwork for BridgeHost {
     fn apply_rules<'a>(
         &'a self,
         rules: &'a Ruleset,
+        delta: Option<&'a str>,
         pinned: &'a [(Ipv4Addr, MacAddr)],
     ) -> NetFuture<'a, ()> {
         Box::pin(async move {
+            if let Some(delta) = delta {
+                match firewall::apply_script(delta).await {
+                    Ok(()) => return Ok(()),
+                    // Someone changed forkvm's tables: rebuild them whole.
+                    Err(e) => tracing::warn!(error = %e, "ruleset delta refused; rebuilding"),
+                }
+            }
             // Egress and published ports are routed: forwarding on, once.
             self.forwarding
                 .get_or_try_init(|| async {
@@ -240,8 +252,9 @@ pub struct NetAllocator {
     /// The daemon's egress setting (off: no guest's traffic is NATed out).
     egress: bool,
     /// One ruleset rebuild at a time: each reads the store afresh, so the
-    /// last one applied always reflects the latest recorded state.
-    rules_lock: tokio::sync::Mutex<()>,
+    /// last one applied always reflects the latest recorded state. Holds
+    /// that ruleset (`None` until the first, or after a failed apply).
+    rules_lock: tokio::sync::Mutex<Option<Ruleset>>,
 }
 
 /// Bound on claim retries when another allocation wins the race.
@@ -268,7 +281,7 @@ impl NetAllocator {
             gateway: cfg.gateway,
             bridge: cfg.name.clone(),
             egress,
-            rules_lock: tokio::sync::Mutex::new(()),
+            rules_lock: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -440,7 +453,7 @@ impl NetAllocator {
     /// a lease's state (TAP created, handoff done, instance gone) and at
     /// start-up: re-applying is harmless, stale rules vanish.
     pub async fn sync_rules(&self, store: &Store) -> Result<()> {
-        let _one = self.rules_lock.lock().await;
+        let mut last = self.rules_lock.lock().await;
         let (guests, pinned) = guest_rules(&store.list_instances()?);
         let settings = FirewallSettings {
             bridge: self.bridge.clone(),
@@ -450,8 +463,22 @@ impl NetAllocator {
         };
         let rules = firewall::plan(&settings, &guests)
             .map_err(|e| CoreError::Internal(format!("firewall plan from the store: {e}")))?;
-        self.host.apply_rules(&rules, &pinned).await?;
-        tracing::debug!(guests = guests.len(), "firewall rules synced");
+        // A fork's completed handoff is an element-only change (cheap on
+        // the fork's path); anything else rebuilds the tables.
+        let delta = last.as_ref().and_then(|l| rules.activation_from(l));
+        let t = std::time::Instant::now();
+        let applied = self
+            .host
+            .apply_rules(&rules, delta.as_deref(), &pinned)
+            .await;
+        *last = applied.is_ok().then_some(rules);
+        applied?;
+        tracing::debug!(
+            guests = guests.len(),
+            delta = delta.is_some(),
+            took_ms = t.elapsed().as_secs_f64() * 1000.0,
+            "firewall rules synced"
+        );
         Ok(())
     }
 

@@ -144,9 +144,8 @@ fn forged_frames_are_dropped_and_rules_apply_idempotently() {
             guest("fvma", mac_a, ip_a, GuestMode::Handoff),
             guests[1].clone(),
         ];
-        firewall::apply(&firewall::plan(&settings, &pending).unwrap())
-            .await
-            .unwrap();
+        let pending = firewall::plan(&settings, &pending).unwrap();
+        firewall::apply(&pending).await.unwrap();
         a.write_all(&arp_request(mac_a, ip_a, gw)).unwrap();
         assert!(
             wait_frame(&mut a, dl(), |f| is_arp_reply_to(f, mac_a)).is_some(),
@@ -158,6 +157,19 @@ fn forged_frames_are_dropped_and_rules_apply_idempotently() {
             "ping answered before handoff"
         );
         assert_eq!(dropped("handoff_fvma", "counter packets"), 1);
+        // The handoff completes: an element-only change back to `rules`.
+        let delta = rules.activation_from(&pending).unwrap();
+        firewall::apply_script(&delta).await.unwrap();
+        let dispatch = run(&["nft", "list", "map", "bridge", "forkvm", "dispatch"]);
+        assert!(
+            dispatch.contains("\"fvma\" : jump guest_fvma"),
+            "{dispatch}"
+        );
+        let egress = run(&["nft", "list", "set", "ip", "forkvm", "egress"]);
+        assert!(
+            egress.contains("10.88.0.2") && egress.contains("10.88.0.3"),
+            "{egress}"
+        );
 
         // Stale entries go with the next sync.
         net.sync_neighbours("forkvm0", &[(ip_a, mac_a)])

@@ -16,6 +16,8 @@ pub(crate) struct FakeHostNet {
     fail_add: Mutex<bool>,
     /// The last ruleset applied (its script) and the pinned neighbours.
     rules: Mutex<Option<Applied>>,
+    /// How many applies came with an element-only delta.
+    deltas: Mutex<usize>,
 }
 
 impl FakeHostNet {
@@ -26,6 +28,10 @@ impl FakeHostNet {
     /// The last ruleset's script and pinned neighbours.
     pub fn rules(&self) -> Option<Applied> {
         self.rules.lock().unwrap().clone()
+    }
+
+    pub fn deltas(&self) -> usize {
+        *self.deltas.lock().unwrap()
     }
 
     /// Forget the last ruleset (a restart must apply one again).
@@ -75,9 +81,13 @@ impl HostNetwork for FakeHostNet {
     fn apply_rules<'a>(
         &'a self,
         rules: &'a Ruleset,
+        delta: Option<&'a str>,
         pinned: &'a [(Ipv4Addr, MacAddr)],
     ) -> NetFuture<'a, ()> {
         Box::pin(async move {
+            if delta.is_some() {
+                *self.deltas.lock().unwrap() += 1;
+            }
             *self.rules.lock().unwrap() = Some((rules.script(), pinned.to_vec()));
             Ok(())
         })

@@ -18,6 +18,12 @@ pub async fn apply(rules: &Ruleset) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Run an `nft -f` script of [`Ruleset`]'s making (e.g.
+/// [`Ruleset::activation_from`]); one transaction.
+pub async fn apply_script(script: &str) -> Result<(), NetError> {
+    run_nft(script).await
+}
+
 /// Remove forkvm's tables (idempotent).
 pub async fn remove_tables() -> Result<(), NetError> {
     let mut script = String::new();

@@ -17,7 +17,7 @@
 mod apply;
 mod render;
 
-pub use apply::{NFT_BIN, apply, enable_forwarding, remove_tables};
+pub use apply::{NFT_BIN, apply, apply_script, enable_forwarding, remove_tables};
 
 use crate::{Ipv4Cidr, MacAddr, validate_ifname};
 use std::collections::HashSet;
@@ -132,6 +132,29 @@ impl Ruleset {
     /// Addresses NATed out of the namespace.
     pub fn egress_addresses(&self) -> Vec<Ipv4Addr> {
         render::egress(&self.settings, &self.guests)
+    }
+
+    /// When this plan differs from `previous` only in one guest having
+    /// completed its handoff (Handoff there, Active here): the element-only
+    /// transaction that turns `previous`'s tables into this plan's (its
+    /// unused handoff chain stays until the next full rebuild). `None`:
+    /// anything else changed, apply [`Ruleset::script`].
+    pub fn activation_from(&self, previous: &Ruleset) -> Option<String> {
+        if self.settings != previous.settings || self.guests.len() != previous.guests.len() {
+            return None;
+        }
+        let mut changed = self
+            .guests
+            .iter()
+            .zip(&previous.guests)
+            .filter(|(now, before)| now != before);
+        let (now, before) = changed.next()?;
+        let only_mode = GuestRules {
+            mode: GuestMode::Handoff,
+            ..now.clone()
+        } == *before;
+        (changed.next().is_none() && now.mode == GuestMode::Active && only_mode)
+            .then(|| render::activation(&self.settings, now))
     }
 }
 

@@ -58,7 +58,8 @@ fn empty_plan_still_replaces_both_tables() {
         chain(&s, "prerouting")[0],
         "type filter hook prerouting priority -300; policy accept;"
     );
-    assert!(!s.contains("elements"), "an empty egress set: {s}");
+    assert!(!s.contains("elements"), "empty sets and maps: {s}");
+    assert!(chain(&s, "prerouting").contains(&"iifname vmap @dispatch"));
     assert!(chain(&s, "forward").contains(&"iifname \"forkvm0\" ip saddr != @egress counter drop"));
 }
 
@@ -67,7 +68,11 @@ fn an_active_guest_may_send_only_from_its_lease() {
     let s = plan(&settings(), &[guest("fvma", 2, GuestMode::Active)])
         .unwrap()
         .script();
-    assert!(s.contains("iifname \"fvma\" jump guest_fvma"));
+    assert!(
+        s.contains("elements = { \"fvma\" : jump guest_fvma }"),
+        "{s}"
+    );
+    assert!(!s.contains("handoff_fvma"), "{s}");
     assert_eq!(
         chain(&s, "guest_fvma"),
         [
@@ -89,7 +94,10 @@ fn a_fork_before_its_handoff_sends_only_handoff_traffic() {
     g.ports = vec![tcp(8080, 80)];
     let r = plan(&settings(), &[g]).unwrap();
     let s = r.script();
-    assert!(s.contains("iifname \"fvmb\" jump handoff_fvmb"));
+    assert!(s.contains("\"fvmb\" : jump handoff_fvmb"), "{s}");
+    // Its active chain is there already: completing the handoff only
+    // swaps the dispatch element.
+    assert_eq!(chain(&s, "guest_fvmb").len(), 7, "{s}");
     let c = chain(&s, "handoff_fvmb");
     assert!(
         c.contains(&"ip daddr 10.88.0.1 meta l4proto udp accept"),
@@ -99,7 +107,7 @@ fn a_fork_before_its_handoff_sends_only_handoff_traffic() {
     assert_eq!(c.last(), Some(&"counter drop"));
     // Neither egress nor its ports until the handoff is done.
     assert!(r.egress_addresses().is_empty());
-    assert!(!s.contains("dnat to"), "{s}");
+    assert!(!s.contains("8080 :"), "{s}");
 }
 
 #[test]
@@ -135,18 +143,17 @@ fn published_ports_become_dnat_on_local_addresses() {
     ];
     let s = plan(&settings(), &[g]).unwrap().script();
     assert_eq!(
-        chain(ip_table(&s), "prerouting")
-            .into_iter()
-            .filter(|l| l.contains("dnat"))
-            .collect::<Vec<_>>(),
+        chain(ip_table(&s), "prerouting")[1..],
         [
-            "fib daddr type local tcp dport 8080 dnat to 10.88.0.6:80",
-            "fib daddr type local udp dport 5353 dnat to 10.88.0.6:53",
+            "fib daddr type local dnat ip to tcp dport map @tcp_ports",
+            "fib daddr type local dnat ip to udp dport map @udp_ports",
         ]
     );
     assert!(chain(&s, "output").contains(
-        &"fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 dnat to 10.88.0.6:80"
+        &"fib daddr type local ip daddr != 127.0.0.0/8 dnat ip to tcp dport map @tcp_ports"
     ));
+    assert!(s.contains("elements = { 8080 : 10.88.0.6 . 80 }"), "{s}");
+    assert!(s.contains("elements = { 5353 : 10.88.0.6 . 53 }"), "{s}");
     assert!(chain(&s, "forward").contains(&"oifname \"forkvm0\" ct status dnat accept"));
 }
 
@@ -228,4 +235,55 @@ fn inconsistent_inputs_are_refused() {
     assert!(plan(&s, &[both]).is_ok());
     assert_eq!("udp".parse::<Protocol>(), Ok(Protocol::Udp));
     assert!("sctp".parse::<Protocol>().is_err());
+}
+
+#[test]
+fn a_completed_handoff_is_an_element_only_change() {
+    let other = guest("fvma", 2, GuestMode::Active);
+    let mut fork = guest("fvmb", 3, GuestMode::Handoff);
+    fork.ports = vec![tcp(8081, 80)];
+    let before = plan(&settings(), &[other.clone(), fork.clone()]).unwrap();
+    let done = GuestRules {
+        mode: GuestMode::Active,
+        ..fork.clone()
+    };
+    let after = plan(&settings(), &[other.clone(), done.clone()]).unwrap();
+    let delta = after.activation_from(&before).expect("an activation");
+    assert_eq!(
+        delta,
+        "delete element bridge forkvm dispatch { \"fvmb\" }\n\
+         add element bridge forkvm dispatch { \"fvmb\" : jump guest_fvmb }\n\
+         add element ip forkvm egress { 10.88.0.3 }\n\
+         add element ip forkvm tcp_ports { 8081 : 10.88.0.3 . 80 }\n"
+    );
+    assert!(!delta.contains("chain") && !delta.contains("table"));
+    // Anything else changed as well: a full rebuild.
+    assert!(after.activation_from(&after).is_none(), "nothing changed");
+    let third = plan(
+        &settings(),
+        &[
+            other.clone(),
+            done.clone(),
+            guest("fvmc", 4, GuestMode::Active),
+        ],
+    )
+    .unwrap();
+    assert!(third.activation_from(&before).is_none());
+    let moved = plan(
+        &settings(),
+        &[
+            other,
+            GuestRules {
+                ip: Ipv4Addr::new(10, 88, 0, 9),
+                ..done
+            },
+        ],
+    )
+    .unwrap();
+    assert!(moved.activation_from(&before).is_none());
+    let back = plan(&settings(), &[guest("fvma", 2, GuestMode::Active), fork]).unwrap();
+    assert!(
+        back.activation_from(&after).is_none(),
+        "active back to handoff"
+    );
 }
