@@ -106,9 +106,9 @@ pub trait HostNetwork: Send + Sync {
     fn bridge_exists(&self) -> NetFuture<'_, bool>;
     /// Replace the packet filter and NAT with `rules`, and make the
     /// bridge's permanent neighbour entries exactly `pinned`.
-    /// With `delta` (an element-only change from the last ruleset this
-    /// daemon applied, [`Ruleset::activation_from`]) that alone is tried
-    /// first; neighbours are unchanged then.
+    /// With `delta` (the element-only change from the last ruleset this
+    /// daemon applied, [`Ruleset::delta_from`]; empty: none) that alone is
+    /// tried first, the full ruleset if it fails.
     fn apply_rules<'a>(
         &'a self,
         rules: &'a Ruleset,
@@ -186,23 +186,30 @@ impl HostNetwork for BridgeHost {
         pinned: &'a [(Ipv4Addr, MacAddr)],
     ) -> NetFuture<'a, ()> {
         Box::pin(async move {
-            if let Some(delta) = delta {
-                match firewall::apply_script(delta).await {
-                    Ok(()) => return Ok(()),
+            let done = match delta {
+                None => false,
+                Some("") => true,
+                Some(delta) => match firewall::apply_script(delta).await {
+                    Ok(()) => true,
                     // Someone changed forkvm's tables: rebuild them whole.
-                    Err(e) => tracing::warn!(error = %e, "ruleset delta refused; rebuilding"),
-                }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ruleset delta refused; rebuilding");
+                        false
+                    }
+                },
+            };
+            if !done {
+                // Egress and published ports are routed: forwarding on, once.
+                self.forwarding
+                    .get_or_try_init(|| async {
+                        firewall::enable_forwarding()
+                            .map_err(CoreError::net("enabling IPv4 forwarding"))
+                    })
+                    .await?;
+                firewall::apply(rules)
+                    .await
+                    .map_err(CoreError::net("applying the nftables ruleset"))?;
             }
-            // Egress and published ports are routed: forwarding on, once.
-            self.forwarding
-                .get_or_try_init(|| async {
-                    firewall::enable_forwarding()
-                        .map_err(CoreError::net("enabling IPv4 forwarding"))
-                })
-                .await?;
-            firewall::apply(rules)
-                .await
-                .map_err(CoreError::net("applying the nftables ruleset"))?;
             self.host
                 .sync_neighbours(&self.cfg.name, pinned)
                 .await
@@ -463,9 +470,9 @@ impl NetAllocator {
         };
         let rules = firewall::plan(&settings, &guests)
             .map_err(|e| CoreError::Internal(format!("firewall plan from the store: {e}")))?;
-        // A fork's completed handoff is an element-only change (cheap on
-        // the fork's path); anything else rebuilds the tables.
-        let delta = last.as_ref().and_then(|l| rules.activation_from(l));
+        // After the first, every change is element-only (cheap on the
+        // fork's path); the first (and one after a failure) rebuilds.
+        let delta = last.as_ref().and_then(|l| rules.delta_from(l));
         let t = std::time::Instant::now();
         let applied = self
             .host

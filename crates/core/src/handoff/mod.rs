@@ -159,16 +159,19 @@ pub(crate) async fn complete(
         e = teardown::vmm_exit(svc, &id, pid, "during the network handoff") => return Err(e.into()),
     };
     rec.record(Stage::NetworkReady, resumed_at);
-    if path != HandoffPath::Mailbox {
-        // The mailbox payload carries the host clock; the other paths don't.
-        crate::guest::set_clock(svc, inst).await;
-    }
     inst.to_running();
     inst.handoff = Some(rec.clone());
     svc.store.update_instance(inst)?;
     // Only now its lease's rules (egress, published ports): until here
     // its TAP passed nothing but the handoff traffic.
-    svc.net.sync_rules(&svc.store).await
+    let rules = svc.net.sync_rules(&svc.store);
+    if path == HandoffPath::Mailbox {
+        return rules.await;
+    }
+    // The mailbox payload carries the host clock; the other paths don't:
+    // the clock is stepped while the rules are applied.
+    let ((), applied) = tokio::join!(crate::guest::set_clock(svc, inst), rules);
+    applied
 }
 
 /// The ladder: the prepared mailbox, else RPC, else exec.

@@ -134,27 +134,17 @@ impl Ruleset {
         render::egress(&self.settings, &self.guests)
     }
 
-    /// When this plan differs from `previous` only in one guest having
-    /// completed its handoff (Handoff there, Active here): the element-only
-    /// transaction that turns `previous`'s tables into this plan's (its
-    /// unused handoff chain stays until the next full rebuild). `None`:
-    /// anything else changed, apply [`Ruleset::script`].
-    pub fn activation_from(&self, previous: &Ruleset) -> Option<String> {
-        if self.settings != previous.settings || self.guests.len() != previous.guests.len() {
+    /// The element-only transaction that turns the tables `previous` was
+    /// applied as into this plan's (the chains never differ): `Some("")`
+    /// when nothing changed, `None` when the settings did (apply
+    /// [`Ruleset::script`]).
+    pub fn delta_from(&self, previous: &Ruleset) -> Option<String> {
+        if self.settings != previous.settings {
             return None;
         }
-        let mut changed = self
-            .guests
-            .iter()
-            .zip(&previous.guests)
-            .filter(|(now, before)| now != before);
-        let (now, before) = changed.next()?;
-        let only_mode = GuestRules {
-            mode: GuestMode::Handoff,
-            ..now.clone()
-        } == *before;
-        (changed.next().is_none() && now.mode == GuestMode::Active && only_mode)
-            .then(|| render::activation(&self.settings, now))
+        let before = render::sets(&previous.settings, &previous.guests);
+        let after = render::sets(&self.settings, &self.guests);
+        Some(render::delta(&before, &after).unwrap_or_default())
     }
 }
 

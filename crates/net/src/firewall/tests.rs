@@ -59,8 +59,18 @@ fn empty_plan_still_replaces_both_tables() {
         "type filter hook prerouting priority -300; policy accept;"
     );
     assert!(!s.contains("elements"), "empty sets and maps: {s}");
-    assert!(chain(&s, "prerouting").contains(&"iifname vmap @dispatch"));
+    assert!(chain(&s, "prerouting").contains(&"iifname @guests jump guest"));
     assert!(chain(&s, "forward").contains(&"iifname \"forkvm0\" ip saddr != @egress counter drop"));
+}
+
+/// The elements of set or map `name` (its `elements = { … }` line).
+fn elements<'a>(script: &'a str, name: &str) -> &'a str {
+    let at = script.find(&format!(" {name} {{")).unwrap();
+    let rest = &script[at..];
+    let body = &rest[..rest.find("\t}").unwrap()];
+    body.split("elements = { ")
+        .nth(1)
+        .map_or("", |e| e.trim_end().trim_end_matches('}').trim())
 }
 
 #[test]
@@ -68,24 +78,25 @@ fn an_active_guest_may_send_only_from_its_lease() {
     let s = plan(&settings(), &[guest("fvma", 2, GuestMode::Active)])
         .unwrap()
         .script();
-    assert!(
-        s.contains("elements = { \"fvma\" : jump guest_fvma }"),
-        "{s}"
-    );
-    assert!(!s.contains("handoff_fvma"), "{s}");
+    assert_eq!(chain(&s, "prerouting")[1], "iifname @guests jump guest");
     assert_eq!(
-        chain(&s, "guest_fvma"),
+        chain(&s, "guest"),
         [
-            "ether saddr != 02:fc:00:00:00:02 counter drop",
-            "arp saddr ether != 02:fc:00:00:00:02 counter drop",
-            "arp saddr ip != 10.88.0.2 counter drop",
-            "ip saddr != 10.88.0.2 counter drop",
+            "iifname . ether saddr != @macs counter drop",
+            "iifname . arp saddr ether != @macs counter drop",
+            "iifname . arp saddr ip != @addrs counter drop",
+            "iifname . ip saddr != @addrs counter drop",
             "ether type arp accept",
-            "ether type ip accept",
+            "iifname @active ether type ip accept",
+            "ip daddr 10.88.0.1 meta l4proto udp accept",
             "counter drop",
         ]
     );
-    assert!(s.contains("elements = { 10.88.0.2 }"));
+    assert_eq!(elements(&s, "guests"), "\"fvma\"");
+    assert_eq!(elements(&s, "macs"), "\"fvma\" . 02:fc:00:00:00:02");
+    assert_eq!(elements(&s, "addrs"), "\"fvma\" . 10.88.0.2");
+    assert_eq!(elements(&s, "active"), "\"fvma\"");
+    assert_eq!(elements(&s, "egress"), "10.88.0.2");
 }
 
 #[test]
@@ -94,20 +105,13 @@ fn a_fork_before_its_handoff_sends_only_handoff_traffic() {
     g.ports = vec![tcp(8080, 80)];
     let r = plan(&settings(), &[g]).unwrap();
     let s = r.script();
-    assert!(s.contains("\"fvmb\" : jump handoff_fvmb"), "{s}");
-    // Its active chain is there already: completing the handoff only
-    // swaps the dispatch element.
-    assert_eq!(chain(&s, "guest_fvmb").len(), 7, "{s}");
-    let c = chain(&s, "handoff_fvmb");
-    assert!(
-        c.contains(&"ip daddr 10.88.0.1 meta l4proto udp accept"),
-        "{c:?}"
-    );
-    assert!(!c.contains(&"ether type ip accept"), "{c:?}");
-    assert_eq!(c.last(), Some(&"counter drop"));
+    // Filtered on its lease, but not active: ARP and UDP to the gateway only.
+    assert_eq!(elements(&s, "guests"), "\"fvmb\"");
+    assert_eq!(elements(&s, "macs"), "\"fvmb\" . 02:fc:00:00:00:03");
+    assert_eq!(elements(&s, "active"), "");
     // Neither egress nor its ports until the handoff is done.
     assert!(r.egress_addresses().is_empty());
-    assert!(!s.contains("8080 :"), "{s}");
+    assert_eq!(elements(&s, "tcp_ports"), "");
 }
 
 #[test]
@@ -238,52 +242,45 @@ fn inconsistent_inputs_are_refused() {
 }
 
 #[test]
-fn a_completed_handoff_is_an_element_only_change() {
+fn changes_after_the_first_are_element_only() {
     let other = guest("fvma", 2, GuestMode::Active);
     let mut fork = guest("fvmb", 3, GuestMode::Handoff);
     fork.ports = vec![tcp(8081, 80)];
-    let before = plan(&settings(), &[other.clone(), fork.clone()]).unwrap();
+    let none = plan(&settings(), std::slice::from_ref(&other)).unwrap();
+    let pending = plan(&settings(), &[other.clone(), fork.clone()]).unwrap();
+    assert_eq!(
+        pending.delta_from(&none).unwrap(),
+        "add element bridge forkvm guests { \"fvmb\" }\n\
+         add element bridge forkvm macs { \"fvmb\" . 02:fc:00:00:00:03 }\n\
+         add element bridge forkvm addrs { \"fvmb\" . 10.88.0.3 }\n"
+    );
     let done = GuestRules {
         mode: GuestMode::Active,
         ..fork.clone()
     };
-    let after = plan(&settings(), &[other.clone(), done.clone()]).unwrap();
-    let delta = after.activation_from(&before).expect("an activation");
+    let active = plan(&settings(), &[other.clone(), done.clone()]).unwrap();
     assert_eq!(
-        delta,
-        "delete element bridge forkvm dispatch { \"fvmb\" }\n\
-         add element bridge forkvm dispatch { \"fvmb\" : jump guest_fvmb }\n\
+        active.delta_from(&pending).unwrap(),
+        "add element bridge forkvm active { \"fvmb\" }\n\
          add element ip forkvm egress { 10.88.0.3 }\n\
          add element ip forkvm tcp_ports { 8081 : 10.88.0.3 . 80 }\n"
     );
-    assert!(!delta.contains("chain") && !delta.contains("table"));
-    // Anything else changed as well: a full rebuild.
-    assert!(after.activation_from(&after).is_none(), "nothing changed");
-    let third = plan(
-        &settings(),
-        &[
-            other.clone(),
-            done.clone(),
-            guest("fvmc", 4, GuestMode::Active),
-        ],
-    )
-    .unwrap();
-    assert!(third.activation_from(&before).is_none());
-    let moved = plan(
-        &settings(),
-        &[
-            other,
-            GuestRules {
-                ip: Ipv4Addr::new(10, 88, 0, 9),
-                ..done
-            },
-        ],
-    )
-    .unwrap();
-    assert!(moved.activation_from(&before).is_none());
-    let back = plan(&settings(), &[guest("fvma", 2, GuestMode::Active), fork]).unwrap();
+    assert_eq!(active.delta_from(&active).unwrap(), "", "nothing changed");
+    let gone = none.delta_from(&active).unwrap();
     assert!(
-        back.activation_from(&after).is_none(),
-        "active back to handoff"
+        gone.contains("delete element bridge forkvm guests { \"fvmb\" }"),
+        "{gone}"
     );
+    assert!(
+        gone.contains("delete element ip forkvm tcp_ports { 8081 }"),
+        "{gone}"
+    );
+    assert!(!gone.contains("chain") && !gone.contains("table"), "{gone}");
+    // Other settings: a full rebuild.
+    let other_settings = FirewallSettings {
+        egress: false,
+        ..settings()
+    };
+    let off = plan(&other_settings, &[other, done]).unwrap();
+    assert!(off.delta_from(&active).is_none());
 }
