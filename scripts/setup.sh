@@ -18,6 +18,8 @@ TOOLS='
 qemu-system-x86_64 qemu-system-x86 daemon: runs every VM
 pkg:busybox-static busybox-static  guest image: the guest userland
 ip                 iproute2        daemon (netns), tests, demo
+nft                nftables        daemon: egress NAT, published ports, anti-spoofing filter
+dnsmasq            dnsmasq-base    tests (guest_network): the upstream DNS server
 ping               iputils-ping    tests, demo
 curl               curl            tests, demo, bench: HTTP to guests
 dpkg-deb           dpkg            image build: unpacks the kernel package

@@ -11,6 +11,7 @@
 //! each test's data directory.
 
 pub mod registry;
+pub mod upstream;
 
 use anyhow::{Context, Result, bail, ensure};
 use http_body_util::{BodyExt, Full};
@@ -284,6 +285,21 @@ impl TestEnv {
             bail!("exec {cmd:?} in {id} -> {st}: {v}");
         }
         Ok(v["stdout"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Runs a command in an instance through the API; its exit code (any).
+    pub async fn exec_code(&self, id: &str, cmd: &[&str]) -> Result<i64> {
+        let (st, v) = self
+            .request(
+                "POST",
+                &format!("/instances/{id}/exec"),
+                Some(serde_json::json!({ "command": cmd, "timeout_s": 30 })),
+            )
+            .await?;
+        ensure!(st == 200, "exec {cmd:?} in {id} -> {st}: {v}");
+        v["exit_code"]
+            .as_i64()
+            .with_context(|| format!("exec {cmd:?}: no exit code in {v}"))
     }
 
     /// Network interfaces in the namespace.

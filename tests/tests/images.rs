@@ -204,7 +204,9 @@ async fn delete_all(env: &TestEnv) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_image_from_a_registry_boots_forks_with_its_disk_and_is_cleaned_up() -> Result<()> {
-    let mut env = TestEnv::start().await?;
+    // A name server of this test's own (nothing answers it): it must reach
+    // the image's /etc/resolv.conf.
+    let mut env = TestEnv::start_env(&[("FORKVM_DNS", "10.77.0.53")]).await?;
     let reg = Registry::start(&env)?;
     let name = reg.push_fixture(&env, "forkvm/py", "1")?;
 
@@ -239,11 +241,15 @@ async fn an_image_from_a_registry_boots_forks_with_its_disk_and_is_cleaned_up() 
             &[
                 "sh",
                 "-c",
-                "cat /srv/www/index.html; ls /run/forkvm 2>&1 || true",
+                "cat /srv/www/index.html; ls /run/forkvm 2>&1 || true; cat /etc/resolv.conf",
             ],
         )
         .await?;
     ensure!(seen.starts_with("forkvm oci fixture"), "{seen}");
+    ensure!(
+        seen.contains("nameserver 10.77.0.53"),
+        "the image's resolv.conf is not the daemon's: {seen}"
+    );
     ensure!(
         !seen.contains("root"),
         "exec sees the agent's /run/forkvm: {seen}"

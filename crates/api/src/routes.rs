@@ -99,7 +99,7 @@ where
         crate::observe::metrics,
         crate::observe::events,
     ),
-    components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, InstanceState, Handoff, HandoffPath,
+    components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, PublishedPort, PortProtocol, EgressParam, InstanceState, Handoff, HandoffPath,
         ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork, WaitForStateResponse, Image, ImageStatus, PullCredentials, PullProgress)),
     modifiers(&BearerAuth, &CommonErrors),
     security(("bearerAuth" = [])),

@@ -515,6 +515,11 @@ async fn openapi_document() {
     }
     let states = schemas["InstanceState"]["enum"].as_array().unwrap();
     assert_eq!(states.len(), 8);
+    // issue 13: published ports and the egress switch are documented
+    assert!(schemas["PublishedPort"]["properties"]["host_port"].is_object());
+    assert!(schemas["InstanceCreateParams"]["properties"]["ports"].is_object());
+    assert!(schemas["Instance"]["properties"]["ports"].is_object());
+    assert!(schemas["NetworkParams"]["properties"]["egress"].is_object());
     assert!(schemas["ErrorBody"].is_object());
     // fork: 201 is one instance or an array of outcomes; each outcome is an
     // instance or a named failure

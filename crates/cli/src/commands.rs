@@ -5,13 +5,36 @@ use crate::client::{Client, ClientError, LogsQuery};
 use crate::output;
 use anyhow::Context;
 use forkvm_api::wire::{
-    ExecParams, ForkOutcome, ForkResponse, ForkTargetState, InstanceCreateParams,
-    InstanceForkParams, NetworkParams, SnapshotCreateParams, SnapshotForkParams, SnapshotKind,
+    EgressParam, ExecParams, ForkOutcome, ForkResponse, ForkTargetState, InstanceCreateParams,
+    InstanceForkParams, NetworkParams, PortProtocol, PublishedPort, SnapshotCreateParams,
+    SnapshotForkParams, SnapshotKind,
 };
 use http_body_util::BodyExt;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::process::ExitCode;
+
+/// Parse `HOST:GUEST[/tcp|/udp]` (clap value parser for `-p`).
+pub fn parse_port(s: &str) -> Result<PublishedPort, String> {
+    let (ports, protocol) = match s.rsplit_once('/') {
+        Some((p, "tcp")) => (p, PortProtocol::Tcp),
+        Some((p, "udp")) => (p, PortProtocol::Udp),
+        Some((_, other)) => return Err(format!("protocol must be tcp or udp, got {other:?}")),
+        None => (s, PortProtocol::Tcp),
+    };
+    let port = |v: &str| match v.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("{v:?} is not a port (1-65535)")),
+    };
+    let Some((host, guest)) = ports.split_once(':') else {
+        return Err(format!("expected HOST:GUEST[/udp], got {s:?}"));
+    };
+    Ok(PublishedPort {
+        host_port: port(host)?,
+        guest_port: port(guest)?,
+        protocol,
+    })
+}
 
 /// Parse `K=V` (clap value parser for `--env`).
 pub fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -47,6 +70,12 @@ pub struct RunArgs {
     /// Do not attach a network interface.
     #[arg(long)]
     pub no_network: bool,
+    /// Keep the guest's traffic inside the daemon's namespace (no NAT out).
+    #[arg(long)]
+    pub no_egress: bool,
+    /// Publish a port: HOST:GUEST, or HOST:GUEST/udp (repeatable).
+    #[arg(long = "publish", short = 'p', value_parser = parse_port)]
+    pub publish: Vec<PublishedPort>,
     /// Command the guest runs (after `--`); for an OCI image, its cmd.
     #[arg(last = true)]
     pub cmd: Vec<String>,
@@ -63,9 +92,11 @@ impl RunArgs {
             cmd: (!self.cmd.is_empty()).then(|| self.cmd.clone()),
             entrypoint: self.entrypoint.clone().map(|e| vec![e]),
             overlay_size: self.overlay_size.clone(),
-            network: self.no_network.then_some(NetworkParams {
-                enabled: Some(false),
+            network: (self.no_network || self.no_egress).then(|| NetworkParams {
+                enabled: self.no_network.then_some(false),
+                egress: self.no_egress.then_some(EgressParam::Direct(false)),
             }),
+            ports: self.publish.clone(),
             ..Default::default()
         }
     }
@@ -191,6 +222,10 @@ pub struct ForkOpts {
     /// Return as soon as the forks run, without waiting for their network.
     #[arg(long)]
     pub no_wait: bool,
+    /// Publish a port for the fork (single forks): HOST:GUEST[/udp]
+    /// (repeatable). Forks never inherit their source's ports.
+    #[arg(long = "publish", short = 'p', value_parser = parse_port)]
+    pub publish: Vec<PublishedPort>,
 }
 
 impl ForkOpts {
@@ -220,6 +255,7 @@ impl ForkArgs {
             count: self.opts.count,
             wait_for_network: self.opts.wait_for_network(),
             handoff: None,
+            ports: self.opts.publish.clone(),
             unsupported: Default::default(),
         }
     }
@@ -344,6 +380,7 @@ pub async fn snapshot(c: &Client, json: bool, cmd: &SnapshotCmd) -> anyhow::Resu
                 count: opts.count,
                 wait_for_network: opts.wait_for_network(),
                 handoff: None,
+                ports: opts.publish.clone(),
             };
             let resp = c.fork_snapshot(snapshot, &p).await?;
             print_forks(json, resp)

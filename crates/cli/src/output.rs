@@ -47,9 +47,9 @@ fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
     out
 }
 
-/// The `ps` table: NAME ID STATE IP MAC TAP FORKED_FROM AGE.
+/// The `ps` table: NAME ID STATE IP MAC TAP PORTS FORKED_FROM AGE.
 pub fn instances_table(list: &[Instance], now: DateTime<Utc>) -> String {
-    let rows: Vec<[String; 8]> = list
+    let rows: Vec<[String; 9]> = list
         .iter()
         .map(|i| {
             [
@@ -59,6 +59,7 @@ pub fn instances_table(list: &[Instance], now: DateTime<Utc>) -> String {
                 dash(&i.network.ip).to_string(),
                 dash(&i.network.mac).to_string(),
                 dash(&i.network.tap).to_string(),
+                ports(i),
                 dash(&i.forked_from).to_string(),
                 age(i.created_at, now),
             ]
@@ -72,11 +73,21 @@ pub fn instances_table(list: &[Instance], now: DateTime<Utc>) -> String {
             "IP",
             "MAC",
             "TAP",
+            "PORTS",
             "FORKED_FROM",
             "AGE",
         ],
         &rows,
     )
+}
+
+/// Published ports as `8080:80/tcp,5353:53/udp`, or `-`.
+fn ports(i: &Instance) -> String {
+    if i.ports.is_empty() {
+        return "-".into();
+    }
+    let list: Vec<String> = i.ports.iter().map(ToString::to_string).collect();
+    list.join(",")
 }
 
 fn ms(v: Option<&f64>) -> String {
@@ -238,6 +249,8 @@ pub fn instance_summary(i: &Instance) -> String {
         lines.push(("gateway", dash(&n.gateway).to_string()));
         lines.push(("mac", dash(&n.mac).to_string()));
         lines.push(("tap", dash(&n.tap).to_string()));
+        lines.push(("egress", if n.egress { "on" } else { "off" }.into()));
+        lines.push(("ports", ports(i)));
     } else {
         lines.push(("network", "disabled".into()));
     }
@@ -317,6 +330,7 @@ mod tests {
             forked_from: None,
             handoff: None,
             base: None,
+            ports: vec![],
         }
     }
 

@@ -75,6 +75,11 @@ pub struct ServeArgs {
     /// stubs skipped.
     #[arg(long, env = "FORKVM_DNS")]
     pub dns: Option<String>,
+    /// Guests' traffic may leave this namespace through source NAT out of
+    /// its default route (`false`: for no instance, whatever it asks).
+    /// Needs Debian's `nftables`; turns IPv4 forwarding on.
+    #[arg(long, env = "FORKVM_EGRESS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub egress: bool,
     /// Bytes of serial console kept per VM before it is rotated (the
     /// rotated file keeps half of it).
     #[arg(long, env = "FORKVM_CONSOLE_MAX_BYTES",
@@ -153,6 +158,7 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         console_max_bytes: args.console_max_bytes,
         cgroups: !args.no_cgroups,
         dns: guest_dns(args.dns.as_deref())?,
+        egress: args.egress,
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())
             .map_err(anyhow::Error::msg)
             .context("test hooks")?,

@@ -69,6 +69,9 @@ pub struct Config {
     /// Name servers given to guests (resolv.conf) at boot and in every
     /// fork's handoff; empty: none.
     pub dns: Vec<std::net::Ipv4Addr>,
+    /// Guests' traffic may leave the daemon's namespace (source NAT out of
+    /// its default route); off: for no instance, whatever it asks.
+    pub egress: bool,
     /// A guest's console file is rotated past this size (`crate::console`).
     pub console_max_bytes: u64,
     /// Each VM's QEMU in a cgroup of its own beneath the daemon's, with
@@ -107,6 +110,7 @@ impl Config {
             console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
             cgroups: true,
             dns: Vec::new(),
+            egress: true,
             test_hooks: TestHooks::default(),
         }
     }

@@ -42,6 +42,8 @@ struct Plan {
     target: InstanceState,
     wait: bool,
     prefer: HandoffPath,
+    /// Ports published for the (single) fork.
+    ports: Vec<PublishedPort>,
     /// The request's share of the capacity, until it finished.
     _reserved: capacity::Reservation,
 }
@@ -166,6 +168,12 @@ fn plan(svc: &Services, req: &ForkRequest, src: Source) -> Result<Plan> {
             )));
         }
     };
+    crate::model::validate_ports(&req.ports).map_err(CoreError::Invalid)?;
+    if !req.ports.is_empty() && (req.count.is_some() || !src.network) {
+        return Err(CoreError::Invalid(
+            "ports can be published for a single fork (no count) of a networked source".into(),
+        ));
+    }
     let n = names.len() as u32;
     let reserved = capacity::reserve(
         svc,
@@ -182,6 +190,7 @@ fn plan(svc: &Services, req: &ForkRequest, src: Source) -> Result<Plan> {
         target,
         wait: req.wait_for_network.unwrap_or(true),
         prefer: req.handoff.unwrap_or(HandoffPath::Mailbox),
+        ports: req.ports.clone(),
         _reserved: reserved,
     })
 }
@@ -260,7 +269,7 @@ async fn fork_one(svc: &Arc<Services>, base: &Base, name: &str, plan: &Plan) -> 
         rec.set(Stage::SourcePause, p);
     }
     let t = Instant::now();
-    let mut inst = allocate(svc, base, name)?;
+    let mut inst = allocate(svc, base, name, &plan.ports)?;
     rec.record(Stage::Allocate, t);
     svc.cfg.test_hooks.crash_point("fork:allocated");
     let _guard = svc.locks.acquire(&inst.id).await;
@@ -293,13 +302,18 @@ async fn fork_one(svc: &Arc<Services>, base: &Base, name: &str, plan: &Plan) -> 
 }
 
 /// The fork's record and its lease (IPv4, MAC, TAP name).
-fn allocate(svc: &Services, base: &Base, name: &str) -> Result<Instance> {
+fn allocate(svc: &Services, base: &Base, name: &str, ports: &[PublishedPort]) -> Result<Instance> {
     let s = &base.snap;
     let mut inst = Instance {
         env: s.env.clone(),
         entrypoint: s.entrypoint.clone(),
         workload: s.workload.clone(),
-        network: NetworkInfo::unassigned(s.network.enabled),
+        // The source's egress setting is its workload's policy: kept.
+        network: NetworkInfo {
+            egress: s.network.egress,
+            ..NetworkInfo::unassigned(s.network.enabled)
+        },
+        ports: ports.to_vec(),
         forked_from: Some(base.forked_from.clone()),
         pending_handoff: s.network.enabled,
         cmdline: Some(s.cmdline.clone()),
@@ -319,12 +333,14 @@ fn allocate(svc: &Services, base: &Base, name: &str) -> Result<Instance> {
     let leased = (|| {
         if inst.network.enabled {
             let lease = svc.net.ensure_lease(&svc.store, &inst.id, None)?;
-            inst.network = lease.info(svc.net.bridge());
+            inst.network = lease.info(svc.net.bridge(), inst.network.egress);
             svc.store.update_instance(&inst)?;
         }
-        Ok(())
+        // Its own ports only (the request's); the source's stay the source's.
+        svc.net.claim_ports(&svc.store, &inst.id, &inst.ports)
     })();
     if let Err(e) = leased {
+        let _ = svc.net.release(&svc.store, &inst.id);
         let _ = svc.store.delete_instance(&inst.id);
         return Err(e);
     }

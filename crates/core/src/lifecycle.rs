@@ -74,6 +74,12 @@ pub(crate) async fn create(svc: &Services, req: CreateRequest) -> Result<Instanc
     let boot_image = svc.load_image(&image)?;
     let overlay_mib = validate_overlay(svc, &req)?;
     let network = req.network_enabled.unwrap_or(true);
+    crate::model::validate_ports(&req.ports).map_err(CoreError::Invalid)?;
+    if !network && !req.ports.is_empty() {
+        return Err(CoreError::Invalid(
+            "published ports need the instance's network (network.enabled)".into(),
+        ));
+    }
     let _reserved = capacity::reserve(
         svc,
         Demand {
@@ -96,7 +102,11 @@ pub(crate) async fn create(svc: &Services, req: CreateRequest) -> Result<Instanc
         tags: req.tags,
         entrypoint: workload.as_ref().map_or(argv, |w| w.argv.clone()),
         workload,
-        network: NetworkInfo::unassigned(network),
+        network: NetworkInfo {
+            egress: req.egress.unwrap_or(true),
+            ..NetworkInfo::unassigned(network)
+        },
+        ports: req.ports.clone(),
         ..Instance::created(
             id.clone(),
             req.name,
@@ -107,6 +117,12 @@ pub(crate) async fn create(svc: &Services, req: CreateRequest) -> Result<Instanc
         )
     };
     svc.store.insert_instance(&inst)?;
+    // Claimed before anything is made: a taken host port fails the request
+    // with nothing left behind.
+    if let Err(e) = svc.net.claim_ports(&svc.store, &id, &inst.ports) {
+        let _ = svc.store.delete_instance(&id);
+        return Err(e);
+    }
     info!(instance = %id, name = %inst.name, "creating instance");
     let disk = match boot_image.rootfs {
         Some(_) => crate::layers::new_top(svc, None, overlay_mib)
@@ -192,9 +208,10 @@ async fn boot(svc: &Services, inst: &mut Instance, previous: Option<NetworkInfo>
         let lease = svc
             .net
             .ensure_lease(&svc.store, &inst.id, previous.as_ref())?;
-        inst.network = lease.info(svc.net.bridge());
+        inst.network = lease.info(svc.net.bridge(), inst.network.egress);
         svc.store.update_instance(inst)?;
         svc.net.create_tap(&lease).await?;
+        svc.net.sync_rules(&svc.store).await?;
         Some(lease.boot_network(&svc.cfg.dns))
     } else {
         None
@@ -299,6 +316,7 @@ pub(crate) async fn stop(svc: &Services, id_or_name: &str) -> Result<Instance> {
     teardown::stop_vmm(svc, &inst).await;
     inst.to_stopped(None, svc.now());
     svc.store.update_instance(&inst)?;
+    teardown::sync_rules(svc).await;
     info!(instance = %inst.id, "instance stopped");
     Ok(inst)
 }

@@ -100,7 +100,11 @@ impl Manager {
         std::fs::create_dir_all(&instances)
             .map_err(CoreError::io(format!("create {}", instances.display())))?;
         let store = Store::open(&cfg.data_dir.join("forkvm.db"))?;
-        let net = NetAllocator::new(&bridge_config(&cfg.bridge, &cfg.subnet)?, deps.host_net)?;
+        let net = NetAllocator::new(
+            &bridge_config(&cfg.bridge, &cfg.subnet)?,
+            deps.host_net,
+            cfg.egress,
+        )?;
         info!(accel = ?deps.accel, bridge = %cfg.bridge, subnet = %cfg.subnet, "manager ready");
         let cfg_pulls = cfg.image_pulls_parallel.max(1);
         let svc = Arc::new(Services {
@@ -128,6 +132,9 @@ impl Manager {
         tokio::spawn(promotions);
         crate::bases::reconcile(&svc)?;
         crate::adopt::adopt_all(&svc).await?;
+        // Whatever the last daemon left: the rules of the adopted instances
+        // exactly, stale ones gone.
+        svc.net.restore_rules(&svc.store).await?;
         crate::layers::reconcile(&svc)?;
         crate::images::catalog::reconcile(&svc)?;
         crate::images::pull::resume_interrupted(&svc)?;

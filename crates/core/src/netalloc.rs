@@ -3,9 +3,10 @@
 //! TAP port on the bridge) behind the [`HostNetwork`] trait.
 
 use crate::error::{CoreError, Result};
-use crate::model::NetworkInfo;
+use crate::model::{Instance, InstanceState, NetworkInfo, PublishedPort};
 use crate::store::{AllocKind, Store};
 use forkvm_mailbox::MacAddr;
+use forkvm_net::firewall::{self, FirewallSettings, GuestMode, GuestRules, Ruleset};
 use forkvm_net::{BridgeConfig, HostNet, IpPool, Ipv4Cidr};
 use forkvm_proto::agent as pb;
 use forkvm_proto::boot::BootNetwork;
@@ -41,7 +42,8 @@ impl Lease {
         })
     }
 
-    pub fn info(&self, bridge: &str) -> NetworkInfo {
+    /// As recorded on an instance; `egress` is the instance's own setting.
+    pub fn info(&self, bridge: &str, egress: bool) -> NetworkInfo {
         NetworkInfo {
             enabled: true,
             ip: Some(self.ip),
@@ -50,6 +52,7 @@ impl Lease {
             gateway: Some(self.gateway),
             prefix_len: Some(self.prefix_len),
             bridge: Some(bridge.to_string()),
+            egress,
         }
     }
 
@@ -100,6 +103,18 @@ pub trait HostNetwork: Send + Sync {
     fn delete_port<'a>(&'a self, tap: &'a str) -> NetFuture<'a, ()>;
     /// Ports of the bridge; empty when it does not exist yet.
     fn ports(&self) -> NetFuture<'_, Vec<String>>;
+    fn bridge_exists(&self) -> NetFuture<'_, bool>;
+    /// Replace the packet filter and NAT with `rules`, and make the
+    /// bridge's permanent neighbour entries exactly `pinned`.
+    /// With `delta` (the element-only change from the last ruleset this
+    /// daemon applied, [`Ruleset::delta_from`]; empty: none) that alone is
+    /// tried first, the full ruleset if it fails.
+    fn apply_rules<'a>(
+        &'a self,
+        rules: &'a Ruleset,
+        delta: Option<&'a str>,
+        pinned: &'a [(Ipv4Addr, MacAddr)],
+    ) -> NetFuture<'a, ()>;
 }
 
 /// [`HostNetwork`] on the real bridge, through netlink in the daemon's
@@ -107,12 +122,18 @@ pub trait HostNetwork: Send + Sync {
 pub struct BridgeHost {
     host: HostNet,
     cfg: BridgeConfig,
+    /// IPv4 forwarding is turned on with the first ruleset.
+    forwarding: tokio::sync::OnceCell<()>,
 }
 
 impl BridgeHost {
     pub async fn new(cfg: BridgeConfig) -> Result<Self> {
         let host = HostNet::new().await.map_err(CoreError::net("netlink"))?;
-        Ok(Self { host, cfg })
+        Ok(Self {
+            host,
+            cfg,
+            forwarding: tokio::sync::OnceCell::new(),
+        })
     }
 }
 
@@ -141,9 +162,11 @@ impl HostNetwork for BridgeHost {
                 .await
                 .map_err(CoreError::net(format!("pinning MAC on {tap}")))?;
             self.host
-                .forget_neighbour(bridge, ip)
+                .pin_neighbour(bridge, ip, mac)
                 .await
-                .map_err(CoreError::net("flushing neighbour entry"))
+                .map_err(CoreError::net(format!(
+                    "pinning the neighbour entry of {ip}"
+                )))
         })
     }
 
@@ -153,6 +176,53 @@ impl HostNetwork for BridgeHost {
                 .delete_tap(tap)
                 .await
                 .map_err(CoreError::net(format!("deleting TAP {tap}")))
+        })
+    }
+
+    fn apply_rules<'a>(
+        &'a self,
+        rules: &'a Ruleset,
+        delta: Option<&'a str>,
+        pinned: &'a [(Ipv4Addr, MacAddr)],
+    ) -> NetFuture<'a, ()> {
+        Box::pin(async move {
+            let done = match delta {
+                None => false,
+                Some("") => true,
+                Some(delta) => match firewall::apply_script(delta).await {
+                    Ok(()) => true,
+                    // Someone changed forkvm's tables: rebuild them whole.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ruleset delta refused; rebuilding");
+                        false
+                    }
+                },
+            };
+            if !done {
+                // Egress and published ports are routed: forwarding on, once.
+                self.forwarding
+                    .get_or_try_init(|| async {
+                        firewall::enable_forwarding()
+                            .map_err(CoreError::net("enabling IPv4 forwarding"))
+                    })
+                    .await?;
+                firewall::apply(rules)
+                    .await
+                    .map_err(CoreError::net("applying the nftables ruleset"))?;
+            }
+            self.host
+                .sync_neighbours(&self.cfg.name, pinned)
+                .await
+                .map_err(CoreError::net("pinning neighbour entries"))
+        })
+    }
+
+    fn bridge_exists(&self) -> NetFuture<'_, bool> {
+        Box::pin(async move {
+            self.host
+                .tap_exists(&self.cfg.name)
+                .await
+                .map_err(CoreError::net("netlink"))
         })
     }
 
@@ -186,6 +256,12 @@ pub struct NetAllocator {
     cidr: Ipv4Cidr,
     gateway: Ipv4Addr,
     bridge: String,
+    /// The daemon's egress setting (off: no guest's traffic is NATed out).
+    egress: bool,
+    /// One ruleset rebuild at a time: each reads the store afresh, so the
+    /// last one applied always reflects the latest recorded state. Holds
+    /// that ruleset (`None` until the first, or after a failed apply).
+    rules_lock: tokio::sync::Mutex<Option<Ruleset>>,
 }
 
 /// Bound on claim retries when another allocation wins the race.
@@ -200,7 +276,7 @@ pub fn bridge_config(bridge: &str, subnet: &str) -> Result<BridgeConfig> {
 }
 
 impl NetAllocator {
-    pub fn new(cfg: &BridgeConfig, host: Arc<dyn HostNetwork>) -> Result<Self> {
+    pub fn new(cfg: &BridgeConfig, host: Arc<dyn HostNetwork>, egress: bool) -> Result<Self> {
         let pool = cfg
             .pool()
             .map_err(|e| CoreError::Invalid(format!("bridge configuration: {e}")))?;
@@ -211,6 +287,8 @@ impl NetAllocator {
             cidr: cfg.subnet,
             gateway: cfg.gateway,
             bridge: cfg.name.clone(),
+            egress,
+            rules_lock: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -319,7 +397,12 @@ impl NetAllocator {
 
     /// Release every claim of the instance (idempotent).
     pub fn release(&self, store: &Store, id: &str) -> Result<()> {
-        for k in [AllocKind::Ip, AllocKind::Mac, AllocKind::Tap] {
+        for k in [
+            AllocKind::Ip,
+            AllocKind::Mac,
+            AllocKind::Tap,
+            AllocKind::Port,
+        ] {
             store.release(k, id)?;
         }
         Ok(())
@@ -348,4 +431,106 @@ impl NetAllocator {
     pub async fn bridge_ports(&self) -> Result<Vec<String>> {
         self.host.ports().await
     }
+
+    /// Claims `ports` for instance `id`, all or none: a host port another
+    /// instance holds is a conflict (the store's key decides, so two
+    /// concurrent requests can't both win).
+    pub fn claim_ports(&self, store: &Store, id: &str, ports: &[PublishedPort]) -> Result<()> {
+        for p in ports {
+            let key = p.claim_key();
+            match store.try_allocate(AllocKind::Port, &key, id) {
+                Ok(true) => {}
+                Ok(false) => {
+                    store.release(AllocKind::Port, id)?;
+                    return Err(CoreError::Conflict(format!(
+                        "host port {key} is already published by another instance"
+                    )));
+                }
+                Err(e) => {
+                    let _ = store.release(AllocKind::Port, id);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The packet filter, NAT and pinned neighbours re-derived from the
+    /// store and applied as one transaction. Called after every change of
+    /// a lease's state (TAP created, handoff done, instance gone) and at
+    /// start-up: re-applying is harmless, stale rules vanish.
+    pub async fn sync_rules(&self, store: &Store) -> Result<()> {
+        let mut last = self.rules_lock.lock().await;
+        let (guests, pinned) = guest_rules(&store.list_instances()?);
+        let settings = FirewallSettings {
+            bridge: self.bridge.clone(),
+            subnet: self.cidr,
+            gateway: self.gateway,
+            egress: self.egress,
+        };
+        let rules = firewall::plan(&settings, &guests)
+            .map_err(|e| CoreError::Internal(format!("firewall plan from the store: {e}")))?;
+        // After the first, every change is element-only (cheap on the
+        // fork's path); the first (and one after a failure) rebuilds.
+        let delta = last.as_ref().and_then(|l| rules.delta_from(l));
+        let t = std::time::Instant::now();
+        let applied = self
+            .host
+            .apply_rules(&rules, delta.as_deref(), &pinned)
+            .await;
+        *last = applied.is_ok().then_some(rules);
+        applied?;
+        tracing::debug!(
+            guests = guests.len(),
+            delta = delta.is_some(),
+            took_ms = t.elapsed().as_secs_f64() * 1000.0,
+            "firewall rules synced"
+        );
+        Ok(())
+    }
+
+    /// At start-up: rules are rebuilt when anything may have left some (an
+    /// instance holds a lease, or the bridge exists), so a manager opened
+    /// on an empty store in a namespace without the bridge (API tests)
+    /// never touches its firewall.
+    pub async fn restore_rules(&self, store: &Store) -> Result<()> {
+        let leased = store
+            .list_instances()?
+            .iter()
+            .any(|i| Lease::of(&i.network).is_some());
+        if leased || self.host.bridge_exists().await? {
+            self.sync_rules(store).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The store's instances as the firewall planner sees them: every one with
+/// a full lease and a VMM or a snapshot to come back from (a Stopped one
+/// gave its address back). A fork whose identity has not reached its guest
+/// gets only its handoff traffic.
+pub fn guest_rules(instances: &[Instance]) -> (Vec<GuestRules>, Vec<(Ipv4Addr, MacAddr)>) {
+    let mut rules = vec![];
+    let mut pinned = vec![];
+    for inst in instances {
+        if inst.state == InstanceState::Stopped {
+            continue;
+        }
+        let Some(lease) = Lease::of(&inst.network) else {
+            continue;
+        };
+        pinned.push((lease.ip, lease.mac));
+        rules.push(GuestRules {
+            mode: match inst.pending_handoff {
+                true => GuestMode::Handoff,
+                false => GuestMode::Active,
+            },
+            egress: inst.network.egress,
+            ports: inst.ports.iter().map(PublishedPort::forward).collect(),
+            tap: lease.tap,
+            mac: lease.mac,
+            ip: lease.ip,
+        });
+    }
+    (rules, pinned)
 }

@@ -19,6 +19,8 @@ pub enum AllocKind {
     Ip,
     Mac,
     Tap,
+    /// A published host port, `tcp/8080`.
+    Port,
 }
 
 impl AllocKind {
@@ -27,6 +29,7 @@ impl AllocKind {
             Self::Ip => "ip",
             Self::Mac => "mac",
             Self::Tap => "tap",
+            Self::Port => "port",
         }
     }
 }

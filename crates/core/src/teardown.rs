@@ -61,7 +61,16 @@ pub(crate) async fn remove_instance(svc: &Services, inst: &Instance) -> Result<(
     remove_instance_resources(svc, inst).await;
     svc.store.delete_instance(&inst.id)?;
     svc.locks.forget(&inst.id);
+    sync_rules(svc).await;
     Ok(())
+}
+
+/// The firewall re-derived after an instance gave up its lease; a failure
+/// is logged (the next change, or a restart, rebuilds it whole).
+pub(crate) async fn sync_rules(svc: &Services) {
+    if let Err(e) = svc.net.sync_rules(&svc.store).await {
+        warn!(error = %e, "updating the firewall rules failed");
+    }
 }
 
 /// An instance whose VMM is gone becomes Stopped: TAP and runtime files
@@ -76,7 +85,9 @@ pub(crate) async fn mark_vm_gone(
     svc.net.release_address(&svc.store, &inst.id)?;
     inst.network.forget_address();
     inst.to_stopped(Some(reason), svc.now());
-    svc.store.update_instance(inst)
+    svc.store.update_instance(inst)?;
+    sync_rules(svc).await;
+    Ok(())
 }
 
 /// Resolves (with the error to report) once the VMM `pid` of instance `id`

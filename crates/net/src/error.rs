@@ -86,4 +86,27 @@ pub enum NetError {
     /// A bridge or pool configuration is inconsistent.
     #[error("invalid network configuration: {0}")]
     InvalidConfig(String),
+
+    /// A sysctl of the namespace could not be read or written.
+    #[error("sysctl {path}: {source}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The `nft` tool could not be run (is Debian's `nftables` installed?).
+    #[error("running nft: {source}")]
+    NftSpawn {
+        #[source]
+        source: io::Error,
+    },
+
+    /// `nft` refused the ruleset; nothing of it was applied.
+    #[error("nft failed ({status}): {stderr}")]
+    Nft { status: String, stderr: String },
+
+    /// The firewall plan is inconsistent.
+    #[error("firewall plan: {0}")]
+    Firewall(#[from] crate::firewall::FirewallError),
 }

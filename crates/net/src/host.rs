@@ -484,6 +484,92 @@ impl HostNet {
         Ok(())
     }
 
+    /// The host's neighbour entry for `ip` on the bridge: permanent and
+    /// pinned to `mac`, so no ARP a guest sends can redirect the host's
+    /// traffic for a leased address (replaces whatever was there).
+    pub async fn pin_neighbour(
+        &self,
+        bridge: &str,
+        ip: std::net::Ipv4Addr,
+        mac: MacAddr,
+    ) -> Result<(), NetError> {
+        let index = self.bridge_index(bridge).await?;
+        self.handle
+            .neighbours()
+            .add(index, std::net::IpAddr::V4(ip))
+            .link_layer_address(&mac.octets())
+            .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("pin neighbour", bridge))
+    }
+
+    /// The bridge's permanent IPv4 neighbour entries become exactly
+    /// `pinned`: missing or changed ones are (re)pinned, others removed
+    /// (instances that are gone). Dynamic entries are left to the kernel.
+    /// Nothing to do when the bridge does not exist.
+    pub async fn sync_neighbours(
+        &self,
+        bridge: &str,
+        pinned: &[(std::net::Ipv4Addr, MacAddr)],
+    ) -> Result<(), NetError> {
+        use futures::TryStreamExt;
+        use netlink_packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourState,
+        };
+        let Some(br) = self.link_by_name(bridge).await? else {
+            return Ok(());
+        };
+        let mut have = std::collections::HashMap::new();
+        let mut stale = vec![];
+        let mut entries = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(netlink_packet_route::AddressFamily::Inet)
+            .execute();
+        while let Some(msg) = entries
+            .try_next()
+            .await
+            .map_err(nl("list neighbours", bridge))?
+        {
+            if msg.header.ifindex != br.header.index
+                || msg.header.state != NeighbourState::Permanent
+            {
+                continue;
+            }
+            let ip = msg.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => Some(*v),
+                _ => None,
+            });
+            let lla = msg.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(b) => <[u8; 6]>::try_from(b.as_slice()).ok(),
+                _ => None,
+            });
+            match ip {
+                Some(ip) if pinned.iter().any(|(p, _)| *p == ip) => {
+                    have.insert(ip, lla);
+                }
+                _ => stale.push(msg),
+            }
+        }
+        for msg in stale {
+            self.handle
+                .neighbours()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(nl("delete neighbour", bridge))?;
+        }
+        for (ip, mac) in pinned {
+            if have.get(ip) != Some(&Some(mac.octets())) {
+                self.pin_neighbour(bridge, *ip, *mac).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes the TAP `name`; Ok if it does not exist. Refuses to delete a
     /// link that is not a TAP.
     pub async fn delete_tap(&self, name: &str) -> Result<(), NetError> {

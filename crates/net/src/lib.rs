@@ -10,6 +10,7 @@
 //! state store; [`IpPool`] only does the arithmetic. See `docs/networking.md`.
 
 mod error;
+pub mod firewall;
 mod host;
 mod ipam;
 mod mac;

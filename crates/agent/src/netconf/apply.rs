@@ -253,7 +253,10 @@ fn write_resolv_conf(dns: &[IpAddr]) -> std::io::Result<()> {
     std::fs::create_dir_all("/etc")?;
     // Write-then-rename so readers never see a half-written file.
     std::fs::write("/etc/.resolv.conf.forkvm", text)?;
-    std::fs::rename("/etc/.resolv.conf.forkvm", "/etc/resolv.conf")
+    std::fs::rename("/etc/.resolv.conf.forkvm", "/etc/resolv.conf")?;
+    // A workload's image root (if mounted) follows the guest's.
+    crate::workload::resolv::sync_if_mounted();
+    Ok(())
 }
 
 fn set_hostname(h: &str) -> Result<(), NetApplyError> {

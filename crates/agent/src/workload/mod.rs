@@ -10,6 +10,7 @@
 //! which the fork's own copy of the process carries on as).
 
 pub mod mounts;
+pub mod resolv;
 pub mod user;
 
 use std::collections::BTreeMap;
@@ -171,7 +172,13 @@ impl Workload {
             let root = if host_root {
                 None
             } else {
-                Some(mounts::prepare_root()?)
+                let root = mounts::prepare_root()?;
+                // The guest's name servers inside the image too; a failure
+                // leaves the image's own (logged, not fatal).
+                if let Err(e) = resolv::copy_into(&root) {
+                    warn!(error = %e, "writing the image root's resolv.conf failed");
+                }
+                Some(root)
             };
             let ids = user::resolve(&user, root.as_deref().unwrap_or(Path::new("/")))?;
             Ok::<_, WorkloadError>((root, ids))

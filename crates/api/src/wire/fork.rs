@@ -5,6 +5,7 @@
 use super::error::ErrorBody;
 use super::handoff::HandoffPath;
 use super::instance::Instance;
+use super::ports::PublishedPort;
 use crate::error::ApiError;
 use forkvm_core as core;
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,10 @@ pub struct InstanceForkParams {
     /// to `rpc`, then `exec`); `rpc` or `exec` skip the faster ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffPath>,
+    /// forkvm: ports published for the fork (single forks only). A fork
+    /// never inherits its source's published ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PublishedPort>,
     /// Fields forkvm does not support: 400 `unsupported` naming them.
     #[serde(flatten, default, skip_serializing_if = "no_fields")]
     #[schema(ignore)]
@@ -77,6 +82,7 @@ impl InstanceForkParams {
             count: self.count,
             wait_for_network: self.wait_for_network,
             handoff: self.handoff.map(Into::into),
+            ports: self.ports.into_iter().map(Into::into).collect(),
         })
     }
 }
@@ -156,6 +162,10 @@ pub struct SnapshotForkParams {
     /// to `rpc`, then `exec`); `rpc` or `exec` skip the faster ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffPath>,
+    /// forkvm: ports published for the fork (single forks only). A fork
+    /// never inherits its source's published ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PublishedPort>,
 }
 
 impl SnapshotForkParams {
@@ -176,6 +186,7 @@ impl SnapshotForkParams {
             count: self.count,
             wait_for_network: self.wait_for_network,
             handoff: self.handoff.map(Into::into),
+            ports: self.ports.into_iter().map(Into::into).collect(),
         })
     }
 }

@@ -3,6 +3,7 @@
 //! start, list, delete).
 
 use super::handoff::Handoff;
+use super::ports::{EgressParam, PublishedPort};
 use super::size::{format_size_mb, parse_size_mb};
 use super::unknown::Unsupported;
 use crate::error::ApiError;
@@ -95,6 +96,14 @@ pub struct InstanceNetwork {
     /// forkvm: host bridge the TAP is attached to.
     #[serde(default)]
     pub bridge: Option<String>,
+    /// forkvm: the instance's traffic may leave the daemon's namespace
+    /// (source NAT), unless the daemon runs with egress off.
+    #[serde(default = "yes")]
+    pub egress: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An instance as returned by the API.
@@ -161,6 +170,9 @@ pub struct Instance {
     /// absent when it has its own memory file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
+    /// forkvm: host ports forwarded to the instance.
+    #[serde(default)]
+    pub ports: Vec<PublishedPort>,
 }
 
 impl From<&core::Instance> for Instance {
@@ -190,7 +202,9 @@ impl From<&core::Instance> for Instance {
                 gateway: n.gateway.map(|ip| ip.to_string()),
                 prefix_len: n.prefix_len,
                 bridge: n.bridge.clone(),
+                egress: n.egress,
             },
+            ports: i.ports.iter().map(PublishedPort::from).collect(),
             memory_mb: i.memory_mb,
             command: i.entrypoint.clone(),
             pid: i.pid,
@@ -213,13 +227,18 @@ impl From<core::Instance> for Instance {
     }
 }
 
-/// `network` object of a create request. Other hypeman fields (bandwidth,
-/// egress) are accepted and ignored.
+/// `network` object of a create request. Other hypeman fields (bandwidth)
+/// are accepted and ignored.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct NetworkParams {
     /// Attach the instance to the default network (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// forkvm: `false` keeps the instance's traffic inside the daemon's
+    /// namespace (no source NAT); default true. hypeman's mediated-egress
+    /// object is accepted and leaves direct egress on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressParam>,
 }
 
 /// `POST /instances` body: hypeman's InstanceCreateParams subset plus forkvm
@@ -255,6 +274,10 @@ pub struct InstanceCreateParams {
     pub hypervisor: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkParams>,
+    /// forkvm: host ports forwarded to the instance (`409` when another
+    /// instance publishes one of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PublishedPort>,
     /// Key-value tags (filter with `GET /instances?tags[k]=v`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<BTreeMap<String, String>>,
@@ -314,7 +337,13 @@ impl InstanceCreateParams {
             entrypoint: self.entrypoint,
             cmd: self.cmd,
             overlay_mib: overlay_mib.map(u64::from),
-            network_enabled: self.network.and_then(|n| n.enabled),
+            network_enabled: self.network.as_ref().and_then(|n| n.enabled),
+            egress: self
+                .network
+                .as_ref()
+                .and_then(|n| n.egress.as_ref())
+                .map(EgressParam::direct),
+            ports: self.ports.into_iter().map(Into::into).collect(),
             tags: self.tags.unwrap_or_default(),
         })
     }
@@ -401,6 +430,7 @@ mod tests {
                 gateway: "10.88.0.1".parse().ok(),
                 prefix_len: Some(16),
                 bridge: Some("forkvm0".into()),
+                egress: true,
             },
             created_at: DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
                 .unwrap()
@@ -422,6 +452,7 @@ mod tests {
             disk_top: None,
             handover_disk: None,
             workload: None,
+            ports: vec![],
         };
         let v = serde_json::to_value(Instance::from(&core_inst)).unwrap();
         let expected: serde_json::Value = serde_json::from_str(
@@ -429,8 +460,9 @@ mod tests {
                 "created_at":"2026-01-01T00:00:00Z","started_at":null,"stopped_at":null,
                 "env":{"A":"1"},"vcpus":2,"size":"1GB","hypervisor":"qemu","has_snapshot":false,
                 "network":{"enabled":true,"ip":"10.88.0.2","mac":"02:fc:00:00:00:02","name":"default",
-                           "tap":"fvtap0","gateway":"10.88.0.1","prefix_len":16,"bridge":"forkvm0"},
-                "memory_mb":1024,"command":["sleep","9"],"pid":42,"accel":"tcg"}"#,
+                           "tap":"fvtap0","gateway":"10.88.0.1","prefix_len":16,"bridge":"forkvm0",
+                           "egress":true},
+                "memory_mb":1024,"command":["sleep","9"],"pid":42,"accel":"tcg","ports":[]}"#,
         )
         .unwrap();
         assert_eq!(v, expected);

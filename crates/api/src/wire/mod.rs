@@ -16,6 +16,7 @@ mod health;
 mod image;
 mod instance;
 mod logs;
+mod ports;
 mod size;
 mod snapshot;
 mod unknown;
@@ -39,6 +40,7 @@ pub use instance::{
     InstanceState, ListQuery, NetworkParams,
 };
 pub use logs::LogsQuery;
+pub use ports::{EgressParam, PortProtocol, PublishedPort};
 pub use size::{format_size_mb, parse_size_mb};
 pub use snapshot::has_tags;
 pub use snapshot::{

@@ -224,6 +224,7 @@ mod tests {
                 gateway: None,
                 prefix_len: None,
                 bridge: None,
+                egress: true,
             },
             size_bytes: 4096,
             standby_of: None,

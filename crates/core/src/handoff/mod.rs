@@ -184,13 +184,19 @@ pub(crate) async fn complete(
     observer.handoff(inst, rec, outcome.as_ref().err().map(ToString::to_string));
     let path = outcome?;
     rec.record(Stage::NetworkReady, resumed_at);
-    if path != HandoffPath::Mailbox {
-        // The mailbox payload carries the host clock; the other paths don't.
-        crate::guest::set_clock(svc, inst).await;
-    }
     inst.to_running();
     inst.handoff = Some(rec.clone());
-    svc.store.update_instance(inst)
+    svc.store.update_instance(inst)?;
+    // Only now its lease's rules (egress, published ports): until here
+    // its TAP passed nothing but the handoff traffic.
+    let rules = svc.net.sync_rules(&svc.store);
+    if path == HandoffPath::Mailbox {
+        return rules.await;
+    }
+    // The mailbox payload carries the host clock; the other paths don't:
+    // the clock is stepped while the rules are applied.
+    let ((), applied) = tokio::join!(crate::guest::set_clock(svc, inst), rules);
+    applied
 }
 
 /// The ladder: the prepared mailbox, else RPC, else exec.
@@ -297,9 +303,17 @@ impl HostPaths<'_> {
 fn shell_script(l: &Lease, hostname: &str, dns: &[Ipv4Addr]) -> String {
     debug_assert!(crate::validate_name(hostname).is_ok());
     let resolv: String = dns.iter().map(|d| format!("nameserver {d}\\n")).collect();
+    // An OCI workload's root (mounted by the agent at ROOT) gets the same
+    // file, written then renamed (a symlinked etc there is left alone).
+    const ROOT: &str = "/run/forkvm/root";
     let resolv = match resolv.is_empty() {
         true => String::new(),
-        false => format!("; printf '{resolv}' > /etc/resolv.conf"),
+        false => format!(
+            "; printf '{resolv}' > /etc/resolv.conf; \
+             if [ -d {ROOT}/etc ] && [ ! -L {ROOT}/etc ]; then \
+             cp /etc/resolv.conf {ROOT}/etc/.resolv.conf.forkvm && \
+             mv -f {ROOT}/etc/.resolv.conf.forkvm {ROOT}/etc/resolv.conf; fi"
+        ),
     };
     let script = format!(
         "set -e; ip link set dev eth0 down; ip link set dev eth0 address {mac}; \
@@ -354,11 +368,15 @@ async fn handoff_failed(svc: &Services, inst: &mut Instance, mut rec: HandoffRec
     }
     svc.paths(inst).remove_runtime();
     inst.network.forget_lease();
+    // Its port claims went with the lease: a record listing them would
+    // collide with whoever claims them next.
+    inst.ports.clear();
     inst.handoff = Some(rec);
     inst.to_stopped(Some(format!("network handoff failed: {e}")), svc.now());
     if let Err(e) = svc.store.update_instance(inst) {
         warn!(instance = %inst.id, error = %e, "recording the failed handoff failed");
     }
+    teardown::sync_rules(svc).await;
     svc.collect_unused();
 }
 
@@ -389,9 +407,10 @@ mod tests {
         };
         let s = shell_script(&l, "web-1", &[Ipv4Addr::new(10, 0, 0, 53)]);
         assert!(
-            s.ends_with("; printf 'nameserver 10.0.0.53\\n' > /etc/resolv.conf"),
+            s.contains("; printf 'nameserver 10.0.0.53\\n' > /etc/resolv.conf;"),
             "{s}"
         );
+        assert!(s.contains("/run/forkvm/root/etc/resolv.conf; fi"), "{s}");
         assert!(!shell_script(&l, "web-1", &[]).contains("resolv"));
         for part in [
             "address 02:fc:00:00:00:07",

@@ -23,6 +23,14 @@ pub struct NetworkInfo {
     pub gateway: Option<Ipv4Addr>,
     pub prefix_len: Option<u8>,
     pub bridge: Option<String>,
+    /// Its traffic may leave the daemon's namespace (source NAT); the
+    /// daemon's own setting can still turn egress off for everyone.
+    #[serde(default = "egress_default")]
+    pub egress: bool,
+}
+
+fn egress_default() -> bool {
+    true
 }
 
 impl NetworkInfo {
@@ -36,6 +44,7 @@ impl NetworkInfo {
             gateway: None,
             prefix_len: None,
             bridge: None,
+            egress: true,
         }
     }
 
@@ -133,6 +142,10 @@ pub struct Instance {
     /// starts it at every fresh boot.
     #[serde(default)]
     pub workload: Option<super::Workload>,
+    /// Host ports forwarded to it (claimed in the store; never inherited
+    /// by its forks).
+    #[serde(default)]
+    pub ports: Vec<super::PublishedPort>,
     /// The user's key-value tags (`GET /instances?tags[k]=v`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
@@ -177,6 +190,7 @@ impl Instance {
             disk_top: None,
             handover_disk: None,
             workload: None,
+            ports: Vec::new(),
             tags: BTreeMap::new(),
         }
     }
@@ -301,6 +315,7 @@ mod tests {
             gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
             prefix_len: Some(24),
             bridge: Some("br".into()),
+            egress: true,
         };
         n.forget_address();
         assert!(n.ip.is_none() && n.tap.is_none() && n.mac.is_some());

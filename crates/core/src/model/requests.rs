@@ -1,6 +1,6 @@
 //! What clients ask for: create, fork and exec requests, and exec results.
 
-use super::{HandoffPath, InstanceState};
+use super::{HandoffPath, InstanceState, PublishedPort};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -19,6 +19,10 @@ pub struct ForkRequest {
     /// (benchmarks compare the paths with it).
     #[serde(default)]
     pub handoff: Option<HandoffPath>,
+    /// Ports published for the fork (only with a single fork): a fork
+    /// never inherits its source's.
+    #[serde(default)]
+    pub ports: Vec<PublishedPort>,
 }
 
 /// What a client asks for when creating an instance.
@@ -39,6 +43,11 @@ pub struct CreateRequest {
     pub overlay_mib: Option<u64>,
     /// Default true.
     pub network_enabled: Option<bool>,
+    /// Default true: its traffic leaves the daemon's namespace (source NAT).
+    pub egress: Option<bool>,
+    /// Host ports forwarded to the instance.
+    #[serde(default)]
+    pub ports: Vec<PublishedPort>,
     pub tags: BTreeMap<String, String>,
 }
 

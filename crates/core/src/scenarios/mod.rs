@@ -5,6 +5,7 @@
 mod adopt;
 mod disks;
 mod exec;
+mod firewall;
 mod fork;
 mod handoff;
 mod handover;
