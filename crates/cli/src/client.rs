@@ -16,7 +16,7 @@ use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to forkvm daemon at {}: is `forkvm serve` running?", socket.display())]
+    #[error("cannot connect to forkvm daemon at {}: is `forkvm serve` running? ({source})", socket.display())]
     Connect {
         socket: PathBuf,
         source: std::io::Error,
@@ -36,17 +36,94 @@ pub enum ClientError {
 
 pub struct Client {
     socket: PathBuf,
+    /// Remote mode: `host:port` of a daemon's TCP listener and its token.
+    remote: Option<Remote>,
 }
+
+/// A daemon's TCP listener (`--host` / `FORKVM_HOST`).
+#[derive(Clone, Debug)]
+pub struct Remote {
+    pub authority: String,
+    pub token: String,
+}
+
+impl Remote {
+    /// From `http://host:port` (or `host:port`) and the API token.
+    pub fn parse(url: &str, token: &str) -> Result<Self, ClientError> {
+        if url.starts_with("https://") {
+            return Err(ClientError::Http(
+                "https is not supported by this client: use the daemon's TCP listener on loopback or through a tunnel".into(),
+            ));
+        }
+        let authority = url
+            .strip_prefix("http://")
+            .unwrap_or(url)
+            .trim_end_matches('/')
+            .to_string();
+        if authority.is_empty() || authority.contains('/') {
+            return Err(ClientError::Http(format!(
+                "--host {url:?}: expected http://HOST:PORT"
+            )));
+        }
+        if token.is_empty() {
+            return Err(ClientError::Http(
+                "--host needs the daemon's token in FORKVM_API_TOKEN".into(),
+            ));
+        }
+        Ok(Self {
+            authority,
+            token: token.to_string(),
+        })
+    }
+}
+
+/// A connection to the daemon, over whichever transport.
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
             socket: socket.into(),
+            remote: None,
         }
     }
 
-    pub fn socket(&self) -> &std::path::Path {
-        &self.socket
+    /// Talks to a remote daemon's TCP listener instead of the socket.
+    pub fn remote(mut self, remote: Option<Remote>) -> Self {
+        self.remote = remote;
+        self
+    }
+
+    /// A fresh connection to the daemon.
+    pub(crate) async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
+        match &self.remote {
+            Some(r) => tokio::net::TcpStream::connect(&r.authority)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Io>)
+                .map_err(|source| ClientError::Connect {
+                    socket: PathBuf::from(&r.authority),
+                    source,
+                }),
+            None => UnixStream::connect(&self.socket)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Io>)
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                }),
+        }
+    }
+
+    /// `Host` and, in remote mode, `Authorization` for a request.
+    pub(crate) fn headers(&self) -> Vec<(http::HeaderName, String)> {
+        match &self.remote {
+            Some(r) => vec![
+                (header::HOST, r.authority.clone()),
+                (header::AUTHORIZATION, format!("Bearer {}", r.token)),
+            ],
+            None => vec![(header::HOST, "localhost".to_string())],
+        }
     }
 
     /// `GET path` decoded as `T`.
@@ -107,13 +184,7 @@ impl Client {
         body: Option<Vec<u8>>,
         accept: &str,
     ) -> Result<(http::Response<Incoming>, tokio::task::JoinHandle<()>), ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
+        let stream = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -125,8 +196,10 @@ impl Client {
         let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, "localhost")
             .header(header::ACCEPT, accept);
+        for (k, v) in self.headers() {
+            req = req.header(k, v);
+        }
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }

@@ -124,7 +124,10 @@ pub struct ExecArgs {
 }
 
 pub async fn run(c: &Client, json: bool, a: &RunArgs) -> anyhow::Result<ExitCode> {
-    let inst = c.create(&a.to_params()).await?;
+    let watch = crate::progress::boot(c, &a.name).await;
+    let inst = c.create(&a.to_params()).await;
+    drop(watch);
+    let inst = inst?;
     if json {
         output::print_json(&inst)?;
     } else {
@@ -133,8 +136,29 @@ pub async fn run(c: &Client, json: bool, a: &RunArgs) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn ps(c: &Client, json: bool) -> anyhow::Result<ExitCode> {
-    let list = c.list().await?;
+pub async fn ps(
+    c: &Client,
+    json: bool,
+    state: Option<&str>,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let want = state
+        .map(|s| {
+            forkvm_core::InstanceState::parse(s).with_context(|| {
+                format!("unknown state {s:?} (Created, Initializing, Running, Paused, Shutdown, Stopped, Standby, Unknown)")
+            })
+        })
+        .transpose()?;
+    let mut list = c.list().await?;
+    if let Some(w) = want {
+        list.retain(|i| i.state.as_str() == w.as_str());
+    }
+    if quiet {
+        for i in &list {
+            println!("{}", i.id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if json {
         output::print_json(&list)?;
     } else {
@@ -262,7 +286,14 @@ impl ForkArgs {
 }
 
 pub async fn fork(c: &Client, json: bool, a: &ForkArgs) -> anyhow::Result<ExitCode> {
-    let resp = c.fork(&a.source, &a.to_params()).await?;
+    let names: Vec<String> = match a.opts.count {
+        Some(n) => (1..=n).map(|i| format!("{}-{i}", a.opts.name)).collect(),
+        None => vec![a.opts.name.clone()],
+    };
+    let watch = crate::progress::forks(c, names).await;
+    let resp = c.fork(&a.source, &a.to_params()).await;
+    drop(watch);
+    let resp = resp?;
     print_forks(json, resp)
 }
 
@@ -446,7 +477,7 @@ pub const EXIT_TIMED_OUT: u8 = 124;
 /// `--json`, the buffered JSON exec (its output as UTF-8 text).
 pub async fn exec(c: &Client, json: bool, a: &ExecArgs) -> anyhow::Result<ExitCode> {
     if !json {
-        return crate::exec_stream::exec(c.socket(), a).await;
+        return crate::exec_stream::exec(c, a).await;
     }
     let stdin = if a.stdin {
         let mut s = String::new();

@@ -54,7 +54,7 @@ pub async fn cp(c: &Client, a: &CpArgs) -> Result<ExitCode> {
 }
 
 async fn open(c: &Client, name: &str, req: serde_json::Value) -> Result<Ws> {
-    let mut ws = connect(c.socket(), &format!("/instances/{}/cp", seg(name))).await?;
+    let mut ws = connect(c, &format!("/instances/{}/cp", seg(name))).await?;
     ws.send(Message::Text(req.to_string().into())).await?;
     Ok(ws)
 }

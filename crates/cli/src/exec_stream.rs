@@ -3,13 +3,13 @@
 //! `-i`, a terminal with `-t` (local terminal in raw mode, its size sent at
 //! the start and on every SIGWINCH).
 
+use crate::client::Client;
 use crate::commands::{EXIT_TIMED_OUT, ExecArgs, exit_byte};
 use anyhow::{Context, Result, bail};
 use forkvm_api::exec_ws::{CH_CLOSE, CH_RESIZE, CH_STDERR, CH_STDIN, CH_STDOUT};
 use futures::{SinkExt, StreamExt};
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::path::Path;
 use std::process::ExitCode;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -93,15 +93,18 @@ fn pump_resizes(tx: mpsc::Sender<Message>) -> Result<()> {
     Ok(())
 }
 
-pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::UnixStream>;
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<Box<dyn crate::client::Io>>;
 
-/// A WebSocket to `path` on the daemon's socket; an error answer before
-/// the upgrade comes back as the API's error.
-pub(crate) async fn connect(socket: &Path, path: &str) -> Result<Ws> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("connecting to {}", socket.display()))?;
-    let (ws, _) = tokio_tungstenite::client_async(format!("ws://localhost{path}"), stream)
+/// A WebSocket to `path` on the daemon; an error answer before the upgrade
+/// comes back as the API's error.
+pub(crate) async fn connect(c: &Client, path: &str) -> Result<Ws> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let stream = c.connect().await?;
+    let mut req = format!("ws://localhost{path}").into_client_request()?;
+    for (k, v) in c.headers() {
+        req.headers_mut().insert(k, v.parse()?);
+    }
+    let (ws, _) = tokio_tungstenite::client_async(req, stream)
         .await
         .map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(resp) => {
@@ -113,9 +116,9 @@ pub(crate) async fn connect(socket: &Path, path: &str) -> Result<Ws> {
     Ok(ws)
 }
 
-pub async fn exec(socket: &Path, a: &ExecArgs) -> Result<ExitCode> {
+pub async fn exec(c: &Client, a: &ExecArgs) -> Result<ExitCode> {
     let path = format!("/instances/{}/exec", crate::client::seg(&a.id));
-    let (mut sink, mut source) = connect(socket, &path).await?.split();
+    let (mut sink, mut source) = connect(c, &path).await?.split();
     let size = a.tty.then(term_size).flatten().unwrap_or((0, 0));
     let req = serde_json::json!({
         "command": a.command, "tty": a.tty, "channels": true,

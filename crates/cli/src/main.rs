@@ -12,6 +12,7 @@ mod events_cmd;
 mod exec_stream;
 mod image_cmd;
 mod output;
+mod progress;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -32,11 +33,25 @@ struct Cli {
         default_value = "/run/forkvm/forkvm.sock"
     )]
     socket: PathBuf,
-    /// Machine-readable JSON output.
+    /// Machine-readable JSON output (as `--format json`).
     #[arg(long, global = true)]
     json: bool,
+    /// Output: `table` (default for lists), `json` or `yaml`.
+    #[arg(long, global = true, value_enum)]
+    format: Option<Format>,
+    /// A remote daemon's TCP listener, `http://HOST:PORT` (its token from
+    /// FORKVM_API_TOKEN) instead of the unix socket.
+    #[arg(long, global = true, env = "FORKVM_HOST")]
+    host: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,7 +61,21 @@ enum Cmd {
     /// Create and start an instance.
     Run(commands::RunArgs),
     /// List instances.
-    Ps,
+    Ps {
+        /// Only instances in this state (Running, Standby, Stopped, …).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only their ids, one per line.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Shell completions for bash, zsh, fish, elvish or powershell, on stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Man pages (forkvm.1 and one per command) into a directory.
+    Man {
+        /// Where to write them.
+        dir: PathBuf,
+    },
     /// Show one instance as JSON.
     Inspect {
         /// Instance id or name.
@@ -210,52 +239,15 @@ async fn main() -> ExitCode {
             init_logging("warn", false);
             bench::density(cli.json, &args).await
         }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "forkvm", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir } => man_pages(&dir).map(|()| ExitCode::SUCCESS),
         cmd => {
             init_logging("warn", false);
-            let c = Client::new(&cli.socket);
-            let json = cli.json;
-            match cmd {
-                Cmd::Run(a) => commands::run(&c, json, &a).await,
-                Cmd::Ps => commands::ps(&c, json).await,
-                Cmd::Inspect { id } => commands::inspect(&c, &id).await,
-                Cmd::Exec(a) => commands::exec(&c, json, &a).await,
-                Cmd::Logs {
-                    id,
-                    tail,
-                    follow,
-                    source,
-                } => {
-                    let q = client::LogsQuery {
-                        tail,
-                        follow,
-                        source: Some(source),
-                    };
-                    commands::logs(&c, &id, &q).await
-                }
-                Cmd::Start { id } => commands::start(&c, json, &id).await,
-                Cmd::Cp(a) => cp_cmd::cp(&c, &a).await,
-                Cmd::Events { instance } => events_cmd::events(&c, json, instance.as_deref()).await,
-                Cmd::Wait { id, state, timeout } => {
-                    commands::wait(&c, json, &id, &state, &timeout).await
-                }
-                Cmd::Stop { id } => commands::stop(&c, json, &id).await,
-                Cmd::Standby { id } => commands::standby(&c, json, &id).await,
-                Cmd::Restore { id } => commands::restore(&c, json, &id).await,
-                Cmd::Fork(a) => commands::fork(&c, json, &a).await,
-                Cmd::Snapshot { cmd } => commands::snapshot(&c, json, &cmd).await,
-                Cmd::Rm { ids, force } => commands::rm(&c, json, &ids, force).await,
-                Cmd::Image { cmd } => match cmd {
-                    ImageCmd::Pull(a) => image_cmd::pull(&c, json, &a).await,
-                    ImageCmd::Import(a) => image_cmd::import(&c, json, &a).await,
-                    ImageCmd::Ls => image_cmd::ls(&c, json).await,
-                    ImageCmd::Inspect { name } => image_cmd::inspect(&c, &name).await,
-                    ImageCmd::Rm { names } => image_cmd::rm(&c, &names).await,
-                    ImageCmd::Build(_) => unreachable!("handled above"),
-                },
-                Cmd::Serve(_) | Cmd::Bench { .. } => {
-                    unreachable!("handled above")
-                }
-            }
+            client_command(&cli.socket, cli.host.as_deref(), cli.json, cli.format, cmd).await
         }
     };
     match res {
@@ -265,6 +257,76 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The commands that talk to a daemon, over its socket or `--host`.
+async fn client_command(
+    socket: &std::path::Path,
+    host: Option<&str>,
+    json: bool,
+    format: Option<Format>,
+    cmd: Cmd,
+) -> anyhow::Result<ExitCode> {
+    let remote = match host {
+        Some(h) => Some(client::Remote::parse(
+            h,
+            &std::env::var("FORKVM_API_TOKEN").unwrap_or_default(),
+        )?),
+        None => None,
+    };
+    let c = Client::new(socket).remote(remote);
+    let json = json || matches!(format, Some(Format::Json | Format::Yaml));
+    let _ = output::YAML.set(format == Some(Format::Yaml));
+    match cmd {
+        Cmd::Run(a) => commands::run(&c, json, &a).await,
+        Cmd::Ps { state, quiet } => commands::ps(&c, json, state.as_deref(), quiet).await,
+        Cmd::Inspect { id } => commands::inspect(&c, &id).await,
+        Cmd::Exec(a) => commands::exec(&c, json, &a).await,
+        Cmd::Logs {
+            id,
+            tail,
+            follow,
+            source,
+        } => {
+            let q = client::LogsQuery {
+                tail,
+                follow,
+                source: Some(source),
+            };
+            commands::logs(&c, &id, &q).await
+        }
+        Cmd::Start { id } => commands::start(&c, json, &id).await,
+        Cmd::Cp(a) => cp_cmd::cp(&c, &a).await,
+        Cmd::Events { instance } => events_cmd::events(&c, json, instance.as_deref()).await,
+        Cmd::Wait { id, state, timeout } => commands::wait(&c, json, &id, &state, &timeout).await,
+        Cmd::Stop { id } => commands::stop(&c, json, &id).await,
+        Cmd::Standby { id } => commands::standby(&c, json, &id).await,
+        Cmd::Restore { id } => commands::restore(&c, json, &id).await,
+        Cmd::Fork(a) => commands::fork(&c, json, &a).await,
+        Cmd::Snapshot { cmd } => commands::snapshot(&c, json, &cmd).await,
+        Cmd::Rm { ids, force } => commands::rm(&c, json, &ids, force).await,
+        Cmd::Image { cmd } => match cmd {
+            ImageCmd::Pull(a) => image_cmd::pull(&c, json, &a).await,
+            ImageCmd::Import(a) => image_cmd::import(&c, json, &a).await,
+            ImageCmd::Ls => image_cmd::ls(&c, json).await,
+            ImageCmd::Inspect { name } => image_cmd::inspect(&c, &name).await,
+            ImageCmd::Rm { names } => image_cmd::rm(&c, &names).await,
+            ImageCmd::Build(_) => unreachable!("handled above"),
+        },
+        Cmd::Serve(_) | Cmd::Bench { .. } | Cmd::Completions { .. } | Cmd::Man { .. } => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+/// `forkvm man DIR`: forkvm.1 and forkvm-<command>.1, from the clap
+/// definitions.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd, dir)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,8 +5,17 @@ use forkvm_api::wire::{ForkOutcome, Image, Instance, Snapshot};
 use serde::Serialize;
 
 /// Pretty JSON on stdout.
+/// Structured output as YAML instead of JSON (`--format yaml`), set once
+/// at start: every command's structured output goes through [`print_json`].
+pub static YAML: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// The structured form of `v`: pretty JSON, or YAML with `--format yaml`.
 pub fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    if YAML.get().copied().unwrap_or(false) {
+        print!("{}", serde_yaml_ng::to_string(v)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    }
     Ok(())
 }
 
