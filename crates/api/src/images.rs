@@ -20,6 +20,7 @@ pub(crate) async fn create_image(
     State(m): State<AppState>,
     ApiJson(p): ApiJson<ImageCreateParams>,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
+    p.unsupported.refuse("image pull")?;
     let req = p.into_core()?;
     tracing::info!(image = %req.name, "pull requested");
     let rec = m.pull_image(req).await?;
@@ -40,6 +41,7 @@ pub(crate) async fn import_image(
     State(m): State<AppState>,
     ApiJson(p): ApiJson<ImageImportParams>,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
+    p.unsupported.refuse("image import")?;
     let rec = m
         .import_image(
             std::path::Path::new(&p.path),

@@ -336,6 +336,9 @@ async fn start_instance(
     ApiPath(id): ApiPath<String>,
     OptionalJson(p): OptionalJson<InstanceStartParams>,
 ) -> Result<Json<Instance>, ApiError> {
+    if let Some(p) = &p {
+        p.unsupported.refuse("start")?;
+    }
     if let Some(p) = p
         && (p.cmd.is_some() || p.entrypoint.is_some())
     {
@@ -388,6 +391,7 @@ async fn standby_instance(
     OptionalJson(p): OptionalJson<InstanceStandbyParams>,
 ) -> Result<Json<Instance>, ApiError> {
     if let Some(p) = &p {
+        p.unsupported.refuse("standby")?;
         reject_compression(p.compression.as_ref())?;
     }
     tracing::info!(instance = %id, "standby");
@@ -505,6 +509,7 @@ async fn exec_instance(
     ApiPath(id): ApiPath<String>,
     ApiJson(p): ApiJson<ExecParams>,
 ) -> Result<Json<ExecResponse>, ApiError> {
+    p.unsupported.refuse("exec")?;
     let req = p.into_core()?;
     Ok(Json(m.exec(&id, req).await?.into()))
 }

@@ -181,6 +181,28 @@ async fn create_validation() {
         msg.contains(r#""skip_guest_agent", "ttl", "volumes""#),
         "{msg}"
     );
+    for (uri, body, field) in [
+        (
+            "/instances",
+            r#"{"name":"a","network":{"bandwidth_upload":"1Gbps"}}"#,
+            "bandwidth_upload",
+        ),
+        (
+            "/instances/x/exec",
+            r#"{"command":["true"],"tty":true}"#,
+            "tty",
+        ),
+        (
+            "/snapshots/s/fork",
+            r#"{"name":"f","restore_policy":1}"#,
+            "restore_policy",
+        ),
+        ("/images", r#"{"name":"alpine","mirror":"x"}"#, "mirror"),
+    ] {
+        let r = call(&app, post_json(uri, body)).await;
+        let msg = r.assert_error(StatusCode::BAD_REQUEST, "unsupported");
+        assert!(msg.contains(field), "{uri}: {msg}");
+    }
     let r = call(
         &app,
         post_json("/instances/x/fork", r#"{"name":"f","gpu":{}}"#),

@@ -93,6 +93,7 @@ impl RunArgs {
             entrypoint: self.entrypoint.clone().map(|e| vec![e]),
             overlay_size: self.overlay_size.clone(),
             network: (self.no_network || self.no_egress).then(|| NetworkParams {
+                unsupported: Default::default(),
                 enabled: self.no_network.then_some(false),
                 egress: self.no_egress.then_some(EgressParam::Direct(false)),
             }),
@@ -355,6 +356,7 @@ pub async fn snapshot(c: &Client, json: bool, cmd: &SnapshotCmd) -> anyhow::Resu
     match cmd {
         SnapshotCmd::Create { id, name } => {
             let p = SnapshotCreateParams {
+                unsupported: Default::default(),
                 kind: SnapshotKind::Standby,
                 name: name.clone(),
                 tags: None,
@@ -405,6 +407,7 @@ pub async fn snapshot(c: &Client, json: bool, cmd: &SnapshotCmd) -> anyhow::Resu
         }
         SnapshotCmd::Fork { snapshot, opts } => {
             let p = SnapshotForkParams {
+                unsupported: Default::default(),
                 name: opts.name.clone(),
                 target_hypervisor: None,
                 target_state: opts.target_state.map(Into::into),
@@ -489,6 +492,7 @@ pub async fn exec(c: &Client, json: bool, a: &ExecArgs) -> anyhow::Result<ExitCo
         None
     };
     let params = ExecParams {
+        unsupported: Default::default(),
         command: a.command.clone(),
         env: (!a.env.is_empty()).then(|| a.env.iter().cloned().collect::<BTreeMap<_, _>>()),
         stdin,

@@ -117,6 +117,7 @@ pub async fn pull(c: &Client, json: bool, a: &ImagePullArgs) -> anyhow::Result<E
     };
     let t0 = Instant::now();
     let p = ImageCreateParams {
+        unsupported: Default::default(),
         name: a.name.clone(),
         credentials,
         platform: None,
@@ -168,6 +169,7 @@ pub async fn import(c: &Client, json: bool, a: &ImageImportArgs) -> anyhow::Resu
     let t0 = Instant::now();
     let img = c
         .import_image(&ImageImportParams {
+            unsupported: Default::default(),
             path: path.to_string_lossy().into_owned(),
             name: a.name.clone(),
             tags: None,

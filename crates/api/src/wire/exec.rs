@@ -20,6 +20,10 @@ pub struct ExecParams {
     /// runs at most 16 execs at once; more get 409.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u32>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
 }
 
 impl ExecParams {

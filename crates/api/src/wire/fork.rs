@@ -166,11 +166,16 @@ pub struct SnapshotForkParams {
     /// never inherits its source's published ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PublishedPort>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
 }
 
 impl SnapshotForkParams {
     /// Validate and convert into the core's request.
     pub fn into_core(self) -> Result<core::ForkRequest, ApiError> {
+        self.unsupported.refuse("snapshot fork")?;
         validate_fork(&self.name, self.count)?;
         if let Some(h) = &self.target_hypervisor
             && h != "qemu"

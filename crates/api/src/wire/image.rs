@@ -170,6 +170,10 @@ pub struct ImageCreateParams {
     pub platform: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<BTreeMap<String, String>>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
 }
 
 impl ImageCreateParams {
@@ -199,6 +203,10 @@ pub struct ImageImportParams {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<BTreeMap<String, String>>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
 }
 
 /// `GET /images` filter: `?tags[key]=value` as the hypeman client sends it.
@@ -248,6 +256,7 @@ mod tests {
 
     fn params(c: PullCredentials) -> ImageCreateParams {
         ImageCreateParams {
+            unsupported: Default::default(),
             name: "a".into(),
             credentials: Some(c),
             platform: None,

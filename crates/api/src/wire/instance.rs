@@ -228,7 +228,7 @@ impl From<core::Instance> for Instance {
 }
 
 /// `network` object of a create request. Other hypeman fields (bandwidth)
-/// are accepted and ignored.
+/// are refused (400 `unsupported`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct NetworkParams {
     /// Attach the instance to the default network (default true).
@@ -239,6 +239,10 @@ pub struct NetworkParams {
     /// object is accepted and leaves direct egress on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<EgressParam>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
 }
 
 /// `POST /instances` body: hypeman's InstanceCreateParams subset plus forkvm
@@ -296,6 +300,9 @@ impl InstanceCreateParams {
     /// Validate and convert into the core's request.
     pub fn into_core(self) -> Result<core::CreateRequest, ApiError> {
         self.unsupported.refuse("instance create")?;
+        if let Some(n) = &self.network {
+            n.unsupported.refuse("instance create: network")?;
+        }
         core::validate_name(&self.name)?;
         if self.vcpus == Some(0) {
             return Err(ApiError::invalid("vcpus must be at least 1"));
@@ -358,6 +365,10 @@ pub struct InstanceStartParams {
     /// Not supported yet: overriding the entrypoint on start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<Vec<String>>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
 }
 
 /// Query of `GET /instances`.

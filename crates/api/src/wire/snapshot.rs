@@ -32,11 +32,16 @@ pub struct SnapshotCreateParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub compression: Option<serde_json::Value>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
 }
 
 impl SnapshotCreateParams {
     /// Validate; returns the snapshot name and tags to pass to the core.
     pub fn validate(self) -> Result<(Option<String>, BTreeMap<String, String>), ApiError> {
+        self.unsupported.refuse("snapshot create")?;
         if let Some(n) = &self.name {
             core::validate_name(n)?;
         }
@@ -73,9 +78,13 @@ pub struct InstanceStandbyParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub compression: Option<serde_json::Value>,
-    /// Accepted and ignored (there is no compression to delay).
+    /// Accepted (there is no compression to delay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression_delay: Option<String>,
+    /// Fields forkvm does not support: 400 `unsupported` naming them.
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
+    #[schema(ignore)]
+    pub unsupported: super::Unsupported,
 }
 
 /// forkvm: the network identity a snapshot carries.

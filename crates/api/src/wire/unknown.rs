@@ -16,6 +16,11 @@ use std::collections::BTreeMap;
 pub struct Unsupported(pub BTreeMap<String, serde_json::Value>);
 
 impl Unsupported {
+    /// No field (serde's `skip_serializing_if`).
+    pub fn is_none(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// 400 `unsupported` naming every field, unless there is none.
     pub fn refuse(&self, what: &str) -> Result<(), ApiError> {
         if self.0.is_empty() {
