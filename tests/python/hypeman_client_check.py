@@ -47,6 +47,9 @@ assert stats.instance_id == inst.id and stats.allocated_vcpus == 1, stats
 assert stats.cpu_seconds > 0 and stats.memory_rss_bytes > 0, stats
 assert stats.allocated_memory_bytes == 256 << 20, stats
 assert stats.network_tx_bytes > 0, stats
+# forkvm's extra: the guest's own memory view (MemTotal a little under 256 MiB).
+extra = stats.model_extra or {}
+assert 128 << 20 < extra.get("guest_memory_total_bytes", 0) <= 256 << 20, extra
 
 # stat of guest paths (hypeman's PathInfo).
 info = client.instances.stat(inst.id, path="/bin")

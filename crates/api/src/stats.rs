@@ -31,6 +31,10 @@ pub struct InstanceStats {
     /// forkvm: packet counts.
     pub network_rx_packets: u64,
     pub network_tx_packets: u64,
+    /// forkvm: the guest's own MemTotal and MemAvailable (absent when its
+    /// agent did not answer in time).
+    pub guest_memory_total_bytes: Option<u64>,
+    pub guest_memory_available_bytes: Option<u64>,
 }
 
 /// CPU, memory and network use of an instance's VM, as the host sees it.
@@ -58,5 +62,7 @@ pub(crate) async fn stats(
         network_tx_bytes: s.network_tx_bytes,
         network_rx_packets: s.network_rx_packets,
         network_tx_packets: s.network_tx_packets,
+        guest_memory_total_bytes: s.guest_memory_total_bytes,
+        guest_memory_available_bytes: s.guest_memory_available_bytes,
     }))
 }

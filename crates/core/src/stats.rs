@@ -24,6 +24,61 @@ pub struct InstanceStats {
     pub network_tx_bytes: u64,
     pub network_rx_packets: u64,
     pub network_tx_packets: u64,
+    /// The guest's own view (`/proc/meminfo` through the agent); `None`
+    /// when the agent did not answer within a second or two.
+    pub guest_memory_total_bytes: Option<u64>,
+    pub guest_memory_available_bytes: Option<u64>,
+}
+
+/// (MemTotal, MemAvailable) bytes from a `/proc/meminfo` text.
+pub(crate) fn meminfo(text: &str) -> (Option<u64>, Option<u64>) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib * 1024)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// The guest's `/proc/meminfo`, read through the agent (bounded: 64 KiB,
+/// 2 s; the guest controls it, and it is only a figure).
+async fn guest_meminfo(svc: &Services, inst: &Instance) -> (Option<u64>, Option<u64>) {
+    use forkvm_proto::agent as pb;
+    use futures::StreamExt;
+    if inst.state != crate::model::InstanceState::Running {
+        return (None, None);
+    }
+    let read = async {
+        let req = pb::CopyOutRequest {
+            path: "/proc/meminfo".into(),
+            follow_links: true,
+            image_root: inst.workload.is_some(),
+        };
+        let socket = svc.paths(inst).agent_socket;
+        let mut s = svc
+            .agent
+            .copy_out(&inst.id, &socket, req, std::time::Duration::from_secs(1))
+            .await
+            .ok()?;
+        let mut text = Vec::new();
+        while let Some(Ok(m)) = s.next().await {
+            if let Some(pb::copy_out_message::Kind::Data(d)) = m.kind {
+                text.extend_from_slice(&d[..d.len().min((64 << 10) - text.len().min(64 << 10))]);
+            }
+        }
+        Some(String::from_utf8_lossy(&text).into_owned())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
+        Ok(Some(t)) => meminfo(&t),
+        _ => (None, None),
+    }
 }
 
 /// CPU seconds from `/proc/<pid>/stat` (utime + stime, fields 14 and 15).
@@ -81,6 +136,8 @@ fn read(inst: &Instance, pid: u32) -> Result<InstanceStats> {
         network_tx_bytes: net("rx_bytes"),
         network_rx_packets: net("tx_packets"),
         network_tx_packets: net("rx_packets"),
+        guest_memory_total_bytes: None,
+        guest_memory_available_bytes: None,
     })
 }
 
@@ -93,14 +150,25 @@ pub(crate) async fn stats(svc: &Services, id_or_name: &str) -> Result<InstanceSt
             inst.state.as_str()
         )));
     };
-    tokio::task::spawn_blocking(move || read(&inst, pid))
+    let (total, available) = guest_meminfo(svc, &inst).await;
+    let mut s = tokio::task::spawn_blocking(move || read(&inst, pid))
         .await
-        .map_err(|e| CoreError::Internal(format!("stats task: {e}")))?
+        .map_err(|e| CoreError::Internal(format!("stats task: {e}")))??;
+    s.guest_memory_total_bytes = total;
+    s.guest_memory_available_bytes = available;
+    Ok(s)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meminfo_fields_are_bytes() {
+        let t = "MemTotal:         245676 kB\nMemFree: 1 kB\nMemAvailable:     200000 kB\n";
+        assert_eq!(meminfo(t), (Some(245676 * 1024), Some(200000 * 1024)));
+        assert_eq!(meminfo("garbage"), (None, None));
+    }
 
     #[test]
     fn proc_fields_are_read_after_the_command_name() {
