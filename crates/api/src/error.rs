@@ -27,9 +27,6 @@ impl ApiError {
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
-    pub fn not_implemented(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", message)
-    }
     /// The request asks for an option this server does not offer (a hypeman
     /// feature forkvm lacks): the caller's to change, so a 4xx.
     pub fn unsupported(message: impl Into<String>) -> Self {

@@ -80,20 +80,30 @@ pub(crate) async fn exec_ws(
     ApiPath(id): ApiPath<String>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let inst = m.get(&id).await?;
+    let (id, ws) = upgrade_running(&m, &id, ws, "exec; POST runs a buffered exec").await?;
+    Ok(ws.on_upgrade(move |socket| serve(m, id, socket)))
+}
+
+/// What a WebSocket endpoint of a Running instance checks before the
+/// upgrade, each as a JSON error: the instance exists (404), runs (409),
+/// and the request is an upgrade (400). Returns the instance's id.
+pub(crate) async fn upgrade_running(
+    m: &AppState,
+    id: &str,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    what: &str,
+) -> Result<(String, WebSocketUpgrade), ApiError> {
+    let inst = m.get(id).await?;
     if inst.state != InstanceState::Running {
         return Err(ApiError::from(forkvm_core::CoreError::Conflict(format!(
-            "instance {} is {}; exec needs a Running instance",
+            "instance {} is {}; {what} needs a Running instance",
             inst.name,
             inst.state.as_str()
         ))));
     }
-    let ws = ws.map_err(|e| {
-        ApiError::invalid(format!(
-            "GET /instances/{{id}}/exec is a WebSocket endpoint ({e}); POST runs a buffered exec"
-        ))
-    })?;
-    Ok(ws.on_upgrade(move |socket| serve(m, inst.id, socket)))
+    let ws =
+        ws.map_err(|e| ApiError::invalid(format!("this is a WebSocket endpoint ({e}): {what}")))?;
+    Ok((inst.id, ws))
 }
 
 async fn serve(m: AppState, id: String, mut ws: WebSocket) {

@@ -20,7 +20,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
-use forkvm_core::InstanceState;
 use forkvm_core::files::{CopyInStart, CopyOutItem, PathInfo as CorePathInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -116,20 +115,8 @@ pub(crate) async fn cp(
     ApiPath(id): ApiPath<String>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let inst = m.get(&id).await?;
-    if inst.state != InstanceState::Running {
-        return Err(ApiError::from(forkvm_core::CoreError::Conflict(format!(
-            "instance {} is {}; cp needs a Running instance",
-            inst.name,
-            inst.state.as_str()
-        ))));
-    }
-    let ws = ws.map_err(|e| {
-        ApiError::invalid(format!(
-            "/instances/{{id}}/cp is a WebSocket endpoint ({e})"
-        ))
-    })?;
-    Ok(ws.on_upgrade(move |socket| serve(m, inst.id, socket)))
+    let (id, ws) = crate::exec_ws::upgrade_running(&m, &id, ws, "cp").await?;
+    Ok(ws.on_upgrade(move |socket| serve(m, id, socket)))
 }
 
 fn text(v: serde_json::Value) -> Message {

@@ -61,13 +61,9 @@ pub struct InstanceForkParams {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PublishedPort>,
     /// Fields forkvm does not support: 400 `unsupported` naming them.
-    #[serde(flatten, default, skip_serializing_if = "no_fields")]
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
     #[schema(ignore)]
     pub unsupported: super::Unsupported,
-}
-
-fn no_fields(u: &super::Unsupported) -> bool {
-    u.0.is_empty()
 }
 
 impl InstanceForkParams {

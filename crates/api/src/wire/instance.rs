@@ -287,13 +287,9 @@ pub struct InstanceCreateParams {
     pub tags: Option<BTreeMap<String, String>>,
     /// Fields forkvm does not support (hypeman's `volumes`, `ttl`, …):
     /// answered with 400 `unsupported` naming them.
-    #[serde(flatten, default, skip_serializing_if = "is_empty")]
+    #[serde(flatten, default, skip_serializing_if = "Unsupported::is_none")]
     #[schema(ignore)]
     pub unsupported: Unsupported,
-}
-
-fn is_empty(u: &Unsupported) -> bool {
-    u.0.is_empty()
 }
 
 impl InstanceCreateParams {

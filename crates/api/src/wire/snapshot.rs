@@ -271,13 +271,9 @@ pub struct SnapshotRestoreParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_hypervisor: Option<String>,
     /// Fields forkvm does not support: 400 `unsupported` naming them.
-    #[serde(flatten, default, skip_serializing_if = "no_fields")]
+    #[serde(flatten, default, skip_serializing_if = "super::Unsupported::is_none")]
     #[schema(ignore)]
     pub unsupported: super::Unsupported,
-}
-
-fn no_fields(u: &super::Unsupported) -> bool {
-    u.0.is_empty()
 }
 
 impl SnapshotRestoreParams {
