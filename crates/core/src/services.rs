@@ -227,6 +227,7 @@ impl Services {
             pidfile: paths.pidfile,
             accel: self.accel,
             incoming,
+            user: None,
         }
     }
 }

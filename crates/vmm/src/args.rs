@@ -17,8 +17,17 @@ const MAX_SOCKET_PATH: usize = 107;
 // Fixed PCI slots on pcie.0 so a restore with the same device set matches the
 // saved one regardless of which optional devices are present.
 const NET_PCI_ADDR: &str = "0x2";
-/// The fd number a taken-over TAP has in the new QEMU.
-pub(crate) const TAKEOVER_FD: i32 = 3;
+/// The fd numbers QEMU finds what the daemon opened for it at
+/// (`crate::fds`): it reopens files through `/proc/self/fd/N`, which needs
+/// no search permission on the daemon's directories.
+pub(crate) const TAP_FD: i32 = 3;
+pub(crate) const QMP_FD: i32 = 4;
+pub(crate) const AGENT_FD: i32 = 5;
+pub(crate) const MEM_FD: i32 = 6;
+pub(crate) const CONSOLE_FD: i32 = 7;
+pub(crate) const KERNEL_FD: i32 = 8;
+pub(crate) const INITRD_FD: i32 = 9;
+pub(crate) const IMAGE_DISK_FD: i32 = 10;
 const SERIAL_PCI_ADDR: &str = "0x3";
 const IMAGE_DISK_PCI_ADDR: &str = "0x4";
 const RW_DISK_PCI_ADDR: &str = "0x5";
@@ -68,29 +77,22 @@ fn valid_mac(mac: &str) -> bool {
             .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
-/// The spec's paths, checked and ready for QEMU's option syntax.
-struct ArgPaths {
-    mem: String,
-    console: String,
-    agent: String,
-    qmp: String,
-    pidfile: String,
-    kernel: String,
-    initrd: String,
+/// `/proc/self/fd/<fd>`: how QEMU reopens a file the daemon passed.
+fn fd_path(fd: i32) -> String {
+    format!("/proc/self/fd/{fd}")
 }
 
-impl ArgPaths {
-    fn of(spec: &VmSpec) -> Result<Self, VmmError> {
-        Ok(Self {
-            mem: opt_path("mem_path", &spec.mem_path)?,
-            console: opt_path("console_log", &spec.console_log)?,
-            agent: socket_path("agent_socket", &spec.agent_socket)?,
-            qmp: socket_path("qmp_socket", &spec.qmp_socket)?,
-            pidfile: opt_path("pidfile", &spec.pidfile)?,
-            kernel: opt_path("kernel", &spec.kernel)?,
-            initrd: opt_path("initrd", &spec.initrd)?,
-        })
-    }
+/// The spec's paths are absolute and UTF-8, sockets fit `sun_path` (the
+/// daemon opens and binds them: QEMU gets fds).
+fn check_paths(spec: &VmSpec) -> Result<(), VmmError> {
+    opt_path("mem_path", &spec.mem_path)?;
+    opt_path("console_log", &spec.console_log)?;
+    socket_path("agent_socket", &spec.agent_socket)?;
+    socket_path("qmp_socket", &spec.qmp_socket)?;
+    opt_path("pidfile", &spec.pidfile)?;
+    opt_path("kernel", &spec.kernel)?;
+    opt_path("initrd", &spec.initrd)?;
+    Ok(())
 }
 
 fn validate_spec(spec: &VmSpec) -> Result<(), VmmError> {
@@ -129,17 +131,24 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmmError> {
 /// The full QEMU argument list for `spec` (without the binary).
 pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
     validate_spec(spec)?;
-    let p = ArgPaths::of(spec)?;
+    check_paths(spec)?;
     let mut a: Vec<String> = Vec::with_capacity(64);
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-    machine_args(spec, &p, &mut push);
-    device_args(spec, &p, &mut push);
+    machine_args(spec, &mut push);
+    device_args(spec, &mut push);
     for d in &spec.disks {
-        disk_args(d.role, &opt_path("disk", &d.path)?, &mut push);
+        let path = match d.role {
+            DiskRole::Image => fd_path(IMAGE_DISK_FD),
+            // By path: QEMU names its top in query-block and opens the
+            // backing chain by the paths in the qcow2 headers.
+            DiskRole::Rw => opt_path("disk", &d.path)?,
+        };
+        disk_args(d.role, &path, &mut push);
     }
+    // A listening socket the daemon bound (QEMU needs no directory).
     push(&[
         "-chardev",
-        &format!("socket,id=qmp,path={},server=on,wait=off", p.qmp),
+        &format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"),
     ]);
     push(&["-mon", "chardev=qmp,mode=control"]);
     if spec.incoming {
@@ -147,12 +156,12 @@ pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
     }
     push(&["-sandbox", SANDBOX]);
     // No -daemonize: it is incompatible with the sandbox (crate::launch).
-    push(&["-pidfile", &p.pidfile]);
+    // No -pidfile: the daemon writes it (QEMU may not write its directory).
     Ok(a.into_iter().map(OsString::from).collect())
 }
 
 /// Name, machine, CPU, memory backend and kernel.
-fn machine_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
+fn machine_args(spec: &VmSpec, push: &mut impl FnMut(&[&str])) {
     let name = qemu_name(&spec.id);
     push(&["-name", &format!("{name},process={name}")]);
     push(&["-M", "q35,memory-backend=mem"]);
@@ -171,7 +180,7 @@ fn machine_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
         &format!(
             "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
             spec.memory_mb,
-            p.mem,
+            fd_path(MEM_FD),
             if spec.mem_share { "on" } else { "off" }
         ),
     ]);
@@ -185,9 +194,9 @@ fn machine_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
     // -kernel/-initrd/-append values are taken verbatim (no option parsing).
     push(&[
         "-kernel",
-        &p.kernel,
+        &fd_path(KERNEL_FD),
         "-initrd",
-        &p.initrd,
+        &fd_path(INITRD_FD),
         "-append",
         &spec.cmdline,
     ]);
@@ -195,11 +204,11 @@ fn machine_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
 
 /// vmgenid, the serial console, the agent's virtio-serial port and the NIC,
 /// at fixed PCI addresses (device state must load into the same layout).
-fn device_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
+fn device_args(spec: &VmSpec, push: &mut impl FnMut(&[&str])) {
     push(&["-device", "vmgenid,id=vmgenid0,guid=auto"]);
     push(&[
         "-chardev",
-        &format!("file,id=con,path={},append=on", p.console),
+        &format!("file,id=con,path={},append=on", fd_path(CONSOLE_FD)),
     ]);
     push(&["-serial", "chardev:con"]);
     push(&[
@@ -208,19 +217,16 @@ fn device_args(spec: &VmSpec, p: &ArgPaths, push: &mut impl FnMut(&[&str])) {
     ]);
     push(&[
         "-chardev",
-        &format!("socket,id=agent,path={},server=on,wait=off", p.agent),
+        &format!("socket,id=agent,fd={AGENT_FD},server=on,wait=off"),
     ]);
     push(&[
         "-device",
         &format!("virtserialport,id=agent0,bus=vser0.0,nr=1,chardev=agent,name={AGENT_PORT_NAME}"),
     ]);
     if let Some(net) = &spec.net {
-        let netdev = match &net.backend {
-            NetBackend::Tap(tap) => format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
-            // The launcher puts the taken-over TAP's fd there.
-            NetBackend::TakeOver { .. } => format!("tap,id=net0,fd={TAKEOVER_FD}"),
-        };
-        push(&["-netdev", &netdev]);
+        // The daemon opens the TAP (or takes it over from the running
+        // QEMU): QEMU needs neither /dev/net/tun nor CAP_NET_ADMIN.
+        push(&["-netdev", &format!("tap,id=net0,fd={TAP_FD}")]);
         // romfile= (empty): no PXE ROM; we boot with -kernel and it would
         // only add state to every snapshot.
         push(&[
@@ -274,6 +280,7 @@ mod tests {
             pidfile: "/run/x/pid".into(),
             accel: Accel::Tcg,
             incoming: false,
+            user: None,
         }
     }
 
@@ -293,8 +300,18 @@ mod tests {
         let j = joined(&spec());
         assert!(j.contains("-name forkvm-vm-1,process=forkvm-vm-1"), "{j}");
         assert!(
-            j.contains("mem-path=/dev/shm/a,,b/mem,share=on"),
-            "comma escaped: {j}"
+            j.contains("mem-path=/proc/self/fd/6,share=on"),
+            "memory by fd: {j}"
+        );
+        assert!(
+            j.contains("-kernel /proc/self/fd/8 -initrd /proc/self/fd/9"),
+            "{j}"
+        );
+        assert!(j.contains("socket,id=qmp,fd=4,server=on,wait=off"), "{j}");
+        assert!(j.contains("socket,id=agent,fd=5,server=on,wait=off"), "{j}");
+        assert!(
+            j.contains("file,id=con,path=/proc/self/fd/7,append=on"),
+            "{j}"
         );
         assert!(
             j.contains("-accel tcg,thread=multi,tb-size=64 -cpu max"),
@@ -304,11 +321,12 @@ mod tests {
         assert!(j.contains("name=forkvm.agent"), "{j}");
         assert!(
             j.contains(
-                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny -pidfile /run/x/pid"
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
             ),
             "{j}"
         );
         assert!(!j.contains("-daemonize"), "{j}");
+        assert!(!j.contains("-pidfile"), "{j}");
         assert!(!j.contains("-incoming"), "{j}");
         assert!(!j.contains("virtio-net"), "{j}");
         assert!(!j.contains("virtio-blk"), "{j}");
@@ -339,7 +357,7 @@ mod tests {
             "{j}"
         );
         assert!(
-            j.contains("file=/i/rootfs.erofs,format=raw,read-only=on"),
+            j.contains("file=/proc/self/fd/10,format=raw,read-only=on"),
             "{j}"
         );
         assert!(j.contains("serial=forkvm-image,bus=pcie.0,addr=0x4"), "{j}");
@@ -379,10 +397,7 @@ mod tests {
             joined(&t)
         );
         assert!(j.contains("share=off"), "{j}");
-        assert!(
-            j.contains("tap,id=net0,ifname=fvtap0,script=no,downscript=no"),
-            "{j}"
-        );
+        assert!(j.contains("-netdev tap,id=net0,fd=3 "), "{j}");
         assert!(
             j.contains("mac=02:00:00:aa:bb:cc,bus=pcie.0,addr=0x2"),
             "{j}"

@@ -5,6 +5,7 @@
 //! so its block backend has a fixed name: QMP commands address it by that
 //! name whichever file is on top after earlier freezes.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -33,11 +34,44 @@ fn path_str(p: &Path) -> Result<&str, VmmError> {
         .ok_or_else(|| VmmError::InvalidSpec(format!("disk path is not UTF-8: {}", p.display())))
 }
 
-/// `blockdev-snapshot-sync` on the writable disk: QEMU creates `new_top`
-/// (qcow2, backing file = the current top by absolute path) and switches to
-/// it; the old top is reopened read-only.
-pub(crate) async fn snapshot_rw(q: &mut QmpClient, new_top: &Path) -> Result<(), VmmError> {
-    let file = path_str(new_top)?;
+/// A new top made for a freeze, over the current one.
+pub(crate) struct NewTop {
+    path: PathBuf,
+    old: PathBuf,
+    /// The old top's owner and group: the VM's user, or root.
+    owner: (u32, u32),
+}
+
+/// Makes `new_top`, an empty qcow2 overlay over the writable disk's
+/// current top (by absolute path, its virtual size), owned like it: the
+/// daemon makes it, as QEMU may not write the layer directory.
+pub(crate) async fn prepare_top(
+    qemu_img: &Path,
+    q: &mut QmpClient,
+    new_top: &Path,
+) -> Result<NewTop, VmmError> {
+    let old = rw_top(q)
+        .await?
+        .ok_or_else(|| VmmError::InvalidSpec("the vm has no writable disk".into()))?;
+    let size = crate::rlimits::qcow2_virtual_size(&old)?;
+    let m = std::fs::metadata(&old).map_err(|e| VmmError::io("stat", &old, e))?;
+    create_overlay(qemu_img, new_top, &old, "qcow2", size).await?;
+    let owner = (m.uid(), m.gid());
+    std::os::unix::fs::chown(new_top, Some(owner.0), Some(owner.1))
+        .map_err(|e| VmmError::io("chown", new_top, e))?;
+    Ok(NewTop {
+        path: new_top.to_path_buf(),
+        old,
+        owner,
+    })
+}
+
+/// `blockdev-snapshot-sync` on the writable disk onto the prepared top
+/// (`mode: existing`: its header already names the current top); the old
+/// top is reopened read-only, and, when a VM user wrote it, becomes root's
+/// and readable by the VM group (`crate::user::lock_layer`).
+pub(crate) async fn snapshot_rw(q: &mut QmpClient, top: &NewTop) -> Result<(), VmmError> {
+    let file = path_str(&top.path)?;
     let t = Instant::now();
     q.execute(
         "blockdev-snapshot-sync",
@@ -45,11 +79,14 @@ pub(crate) async fn snapshot_rw(q: &mut QmpClient, new_top: &Path) -> Result<(),
             "device": DISK_RW_DRIVE,
             "snapshot-file": file,
             "format": "qcow2",
-            "mode": "absolute-paths",
+            "mode": "existing",
         })),
     )
     .await?;
-    tracing::debug!(new_top = %new_top.display(), took_ms = t.elapsed().as_secs_f64() * 1e3,
+    if top.owner.0 != 0 {
+        crate::user::lock_layer(&top.old, top.owner.1)?;
+    }
+    tracing::debug!(new_top = %top.path.display(), took_ms = t.elapsed().as_secs_f64() * 1e3,
         "writable disk frozen");
     Ok(())
 }

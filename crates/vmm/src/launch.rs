@@ -1,6 +1,8 @@
 //! Launching QEMU confined: a seccomp sandbox, a session of its own, its
-//! cgroup ([`crate::cgroup`]) and resource limits ([`crate::rlimits`]),
-//! the last two applied between fork and exec.
+//! cgroup ([`crate::cgroup`]), resource limits ([`crate::rlimits`]) and an
+//! unprivileged user ([`crate::user`]), the last three applied between
+//! fork and exec, in that order. What it opens it gets as fds
+//! ([`crate::fds`]); the daemon writes its pidfile.
 //!
 //! QEMU is *not* started with `-daemonize`: its seccomp filter is installed
 //! before it would daemonize, and daemonizing needs `fork` (denied by
@@ -15,19 +17,21 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::args::TAKEOVER_FD;
 use crate::error::VmmError;
-use crate::process::{is_qemu_for, take_tap_fd};
-use crate::qemu::{QEMU_PATH, QemuHypervisor, qemu_log_path, query_status, start_output_tail};
+use crate::fds::{Passed, PassedRaw};
+use crate::process::is_qemu_for;
+use crate::qemu::{
+    QEMU_PATH, QemuHypervisor, qemu_log_path, query_status, remove_if_exists, start_output_tail,
+};
 use crate::qmp::QmpClient;
 use crate::rlimits::Rlimits;
-use crate::{NetBackend, RunState, VmSpec};
+use crate::user::Credentials;
+use crate::{Accel, RunState, VmSpec};
 use forkvm_cgroup::{JoinFds, Joiner, VmCgroup};
 
 /// Bound on QEMU's start: spawn until QMP answers.
@@ -73,33 +77,45 @@ impl QemuHypervisor {
             .stderr(err_file)
             // A VM outlives the daemon and the future that started it.
             .kill_on_drop(false);
-        let tap = taken_over_tap(spec)?;
+        let creds = spec
+            .user
+            .as_ref()
+            .map(|u| Credentials::of(u, spec.accel == Accel::Kvm))
+            .transpose()?;
+        let passed = Passed::open(spec)?;
         // Open until the child has exec'd; it writes into them.
         let joiner = cgroup.map(VmCgroup::joiner).transpose()?;
         let child_setup = ChildSetup {
             join: joiner.as_ref().map(Joiner::fds),
-            tap: tap.as_ref().map(AsRawFd::as_raw_fd),
+            passed: passed.raw(),
             rlimits: Rlimits::for_spec(spec)?,
+            creds,
         };
         // SAFETY: the closure runs in the forked child before exec, where
         // only async-signal-safe calls are allowed; ChildSetup::apply makes
-        // only such calls (write, setsid, dup2, fcntl, setrlimit, signal) on
-        // values captured by copy.
+        // only such calls (write, setsid, dup2, setrlimit, signal,
+        // setgroups, setgid, setuid, prctl) on values captured by copy.
         unsafe {
             cmd.pre_exec(move || child_setup.apply());
         }
-        let mut child = cmd.spawn().map_err(|e| VmmError::Spawn {
+        let spawned = cmd.spawn();
+        // The child has exec'd (or failed): it has its own copies of the
+        // fds, and is in its cgroup. The sockets stay bound: QEMU listens.
+        drop(passed);
+        drop(joiner);
+        let mut child = spawned.map_err(|e| VmmError::Spawn {
             bin: self.qemu_bin.clone(),
             source: e,
         })?;
-        // The child has exec'd: it has its own copy of the TAP fd, and is
-        // in its cgroup.
-        drop(tap);
-        drop(joiner);
         let pid = child.id().ok_or_else(|| VmmError::QemuExited {
             status: "exited at once".into(),
             stderr_tail: start_output_tail(spec),
         })?;
+        if let Err(e) = write_pidfile(&spec.pidfile, pid) {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
         let ready = tokio::select! {
             st = child.wait() => Err(exited(spec, st)),
             r = tokio::time::timeout(START_TIMEOUT, qmp_ready(&spec.qmp_socket)) => {
@@ -155,6 +171,25 @@ async fn qmp_ready(socket: &Path) -> Result<RunState, VmmError> {
     query_status(&mut q).await
 }
 
+/// Writes `pid` to `path` atomically (QEMU has no `-pidfile`: it may not
+/// write the directory).
+fn write_pidfile(path: &Path, pid: u32) -> Result<(), VmmError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, format!("{pid}\n"))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| VmmError::io("write", path, e))
+}
+
+/// What a QEMU that did not start leaves: its sockets and pidfile.
+pub(crate) fn remove_start_leftovers(spec: &VmSpec) {
+    for p in [&spec.qmp_socket, &spec.agent_socket, &spec.pidfile] {
+        if let Err(e) = remove_if_exists(p) {
+            tracing::warn!(id = %spec.id, error = %e, "removing a failed start's file");
+        }
+    }
+}
+
 /// What the child does between fork and exec. Plain data (fds as numbers)
 /// so nothing is allocated or dropped in the child.
 #[derive(Clone, Copy)]
@@ -162,9 +197,12 @@ struct ChildSetup {
     /// The VM cgroup's `cgroup.procs` files: joined first, so QEMU never
     /// runs outside it.
     join: Option<JoinFds>,
-    /// A taken-over TAP's fd, to become [`TAKEOVER_FD`].
-    tap: Option<i32>,
+    /// The fds QEMU gets, to be put at their numbers.
+    passed: PassedRaw,
     rlimits: Rlimits,
+    /// The user to become, last (after the limits, so they can't be
+    /// raised again).
+    creds: Option<Credentials>,
 }
 
 impl ChildSetup {
@@ -177,32 +215,11 @@ impl ChildSetup {
         if unsafe { libc::setsid() } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        if let Some(raw) = self.tap {
-            // dup2 clears close-on-exec on the copy; when the fd already has
-            // the number, clear it directly.
-            // SAFETY: integer arguments; they touch only this child's fd table.
-            let r = unsafe {
-                if raw == TAKEOVER_FD {
-                    libc::fcntl(raw, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(raw, TAKEOVER_FD)
-                }
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+        self.passed.install()?;
+        self.rlimits.apply()?;
+        match &self.creds {
+            Some(c) => c.apply(),
+            None => Ok(()),
         }
-        self.rlimits.apply()
     }
-}
-
-/// For a [`NetBackend::TakeOver`]: a duplicate of the running QEMU's TAP
-/// fd, which the child puts at [`TAKEOVER_FD`].
-fn taken_over_tap(spec: &VmSpec) -> Result<Option<OwnedFd>, VmmError> {
-    let Some(NetBackend::TakeOver { tap, from_pid }) = spec.net.as_ref().map(|n| &n.backend) else {
-        return Ok(None);
-    };
-    take_tap_fd(*from_pid, tap)
-        .map(Some)
-        .map_err(|e| VmmError::io("take over TAP from", format!("/proc/{from_pid}"), e))
 }

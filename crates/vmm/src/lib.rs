@@ -22,6 +22,7 @@ mod args;
 mod cgroup;
 mod disk;
 mod error;
+mod fds;
 pub mod guest_ram;
 mod launch;
 mod migrate;
@@ -29,6 +30,7 @@ mod process;
 mod qemu;
 mod qmp;
 mod rlimits;
+mod user;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -49,6 +51,7 @@ pub use process::{is_qemu_for, qemu_name, take_tap_fd};
 pub use qemu::{AGENT_PORT_NAME, QEMU_PATH, QemuHypervisor, qemu_log_path};
 pub use qmp::{DEFAULT_COMMAND_TIMEOUT, QmpClient};
 pub use rlimits::QEMU_NOFILE;
+pub use user::VmUser;
 
 /// CPU virtualisation backend for a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -158,6 +161,9 @@ pub struct VmSpec {
     pub accel: Accel,
     /// Start with `-S -incoming defer`, waiting for [`Hypervisor::load_state`].
     pub incoming: bool,
+    /// The unprivileged user QEMU runs as (`None`: as the caller, root).
+    #[serde(default)]
+    pub user: Option<VmUser>,
 }
 
 /// A running VM as the hypervisor knows it. Plain data: it can be stored and

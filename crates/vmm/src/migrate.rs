@@ -2,14 +2,15 @@
 //! VMM and the polling both ends of any migration (also a save or load of
 //! device state) need.
 
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::args::invalid;
 use crate::error::VmmError;
-use crate::qemu::{QemuHypervisor, file_tail, query_status, remove_if_exists};
+use crate::qemu::{QemuHypervisor, file_tail, query_status};
 use crate::qmp::QmpClient;
 use crate::{MigrationReport, RunState, VmHandle};
 
@@ -47,27 +48,33 @@ impl QemuHypervisor {
                 to.id
             )));
         }
-        let sock = to
-            .qmp_socket
-            .parent()
-            .map(|d| d.join(format!("{}.migrate.sock", to.id)))
-            .ok_or_else(|| invalid("qmp socket path has no directory"))?;
-        remove_if_exists(&sock)?;
-        let uri = format!("unix:{}", sock.display());
+        // A socketpair, one end passed to each QEMU: no socket in a
+        // directory either QEMU would need to write.
+        let (rx, tx) =
+            UnixStream::pair().map_err(|e| VmmError::io("socketpair", "migration", e))?;
         qt.execute("migrate-set-capabilities", Some(caps_full_ram(false)))
             .await?;
-        qt.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        qt.execute_with_fd("getfd", Some(json!({ "fdname": "forkvm-in" })), rx.as_fd())
+            .await?;
+        drop(rx);
+        qt.execute("migrate-incoming", Some(json!({ "uri": "fd:forkvm-in" })))
             .await?;
         let mut qf = self.qmp(from).await?;
         let pause = freeze_disk.is_some();
+        let top = match freeze_disk {
+            Some(p) => Some(crate::disk::prepare_top(&self.qemu_img, &mut qf, p).await?),
+            None => None,
+        };
         qf.execute("migrate-set-capabilities", Some(caps_full_ram(pause)))
             .await?;
         qf.execute("migrate-set-parameters", Some(local_migration_params()))
             .await?;
-        qf.execute("migrate", Some(json!({ "uri": uri }))).await?;
-        let done = finish_migration(&mut qf, &from.id, freeze_disk).await;
-        let _ = std::fs::remove_file(&sock);
-        let m = done?;
+        qf.execute_with_fd("getfd", Some(json!({ "fdname": "forkvm-out" })), tx.as_fd())
+            .await?;
+        drop(tx);
+        qf.execute("migrate", Some(json!({ "uri": "fd:forkvm-out" })))
+            .await?;
+        let m = finish_migration(&mut qf, &from.id, top.as_ref()).await?;
         wait_loaded(&mut qt, to).await?;
         let report = MigrationReport {
             total_ms: m.get("total-time").and_then(Value::as_f64).unwrap_or(0.0),
@@ -88,7 +95,7 @@ impl QemuHypervisor {
 async fn finish_migration(
     q: &mut QmpClient,
     id: &str,
-    freeze_disk: Option<&Path>,
+    freeze_disk: Option<&crate::disk::NewTop>,
 ) -> Result<Value, VmmError> {
     let Some(new_top) = freeze_disk else {
         return wait_migration(q, id).await;

@@ -165,6 +165,7 @@ impl QemuHypervisor {
         let (pid, st) = match self.launch(spec, &args, cg.as_ref()).await {
             Ok(r) => r,
             Err(e) => {
+                crate::launch::remove_start_leftovers(spec);
                 if let Err(re) = crate::cgroup::release(&spec.pidfile).await {
                     tracing::warn!(id = %spec.id, error = %re, "removing the vm cgroup failed");
                 }
@@ -407,7 +408,11 @@ impl Hypervisor for QemuHypervisor {
     }
 
     fn freeze_disk<'a>(&'a self, h: &'a VmHandle, new_top: &'a Path) -> VmmFuture<'a, ()> {
-        Box::pin(async move { crate::disk::snapshot_rw(&mut self.qmp(h).await?, new_top).await })
+        Box::pin(async move {
+            let mut q = self.qmp(h).await?;
+            let top = crate::disk::prepare_top(&self.qemu_img, &mut q, new_top).await?;
+            crate::disk::snapshot_rw(&mut q, &top).await
+        })
     }
 
     fn create_overlay<'a>(

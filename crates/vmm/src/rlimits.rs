@@ -85,7 +85,7 @@ impl Rlimits {
 
 /// The virtual size of a qcow2 image: big-endian u64 at byte 24 of its
 /// header, after the magic `QFI\xfb`.
-fn qcow2_virtual_size(p: &Path) -> Result<u64, VmmError> {
+pub(crate) fn qcow2_virtual_size(p: &Path) -> Result<u64, VmmError> {
     let mut h = [0u8; 32];
     std::fs::File::open(p)
         .and_then(|mut f| f.read_exact(&mut h))

@@ -9,12 +9,22 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forkvm_vmm::{
-    Accel, DiskRole, DiskSpec, Hypervisor, QemuHypervisor, RunState, VmHandle, VmSpec, VmmError,
-    detect_accel_with, probe_boot,
+    Accel, DiskRole, DiskSpec, Hypervisor, QemuHypervisor, RunState, VmHandle, VmSpec, VmUser,
+    VmmError, detect_accel_with, probe_boot,
 };
 
 const MARKER: &str = "FORKVM-TEST-READY";
 const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+/// The group of the test VMs' users.
+const TEST_VM_GID: u32 = 899_000;
+
+/// The unprivileged user this test process's VMs run as.
+fn test_user() -> VmUser {
+    VmUser {
+        uid: TEST_VM_GID + 1 + std::process::id() % 60_000,
+        gid: TEST_VM_GID,
+    }
+}
 
 fn kernel() -> PathBuf {
     let k = std::env::var_os("FORKVM_TEST_KERNEL")
@@ -51,6 +61,13 @@ impl Env {
             .prefix("fvmt")
             .tempdir_in("/dev/shm")
             .expect("tempdir");
+        // Traversable (not listable): QEMU, unprivileged, opens a qcow2
+        // chain by path; everything else it gets as fds.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("chmod");
         let initrd = build_initrd(dir.path());
         Env { dir, initrd }
     }
@@ -74,6 +91,7 @@ impl Env {
             pidfile: d.join(format!("{tag}.pid")),
             accel: Accel::Tcg,
             incoming: false,
+            user: Some(test_user()),
         }
     }
 }
@@ -168,6 +186,36 @@ async fn boot_pause_resume_stop() {
             .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
         "QEMU is not in seccomp filter mode:\n{status}"
     );
+    // ... as the unprivileged VM user, every id of it, no other group
+    // than the VM group, and no way to gain privileges.
+    let u = test_user();
+    let ids = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let uid = u.uid.to_string();
+    let gid = u.gid.to_string();
+    assert_eq!(ids("Uid:"), [uid.as_str(); 4].join(" "), "{status}");
+    assert_eq!(ids("Gid:"), [gid.as_str(); 4].join(" "), "{status}");
+    assert_eq!(ids("Groups:"), gid, "{status}");
+    assert_eq!(ids("NoNewPrivs:"), "1", "{status}");
+    assert_eq!(ids("CapEff:"), "0000000000000000", "{status}");
+    // What it writes is its own, 0600.
+    for p in [&spec.mem_path, &spec.console_log] {
+        let m = std::fs::metadata(p).expect("stat");
+        assert_eq!(
+            (
+                std::os::unix::fs::MetadataExt::uid(&m),
+                std::os::unix::fs::MetadataExt::mode(&m) & 0o777
+            ),
+            (u.uid, 0o600),
+            "{}",
+            p.display()
+        );
+    }
     let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(h.pid as i32))).expect("getsid");
     assert_eq!(sid.as_raw(), h.pid as i32, "QEMU leads its own session");
     // Its resource limits: files up to the memory size plus an allowance,

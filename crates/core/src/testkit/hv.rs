@@ -187,6 +187,7 @@ impl FakeHypervisor {
             pidfile: dir.join("pid"),
             accel: Accel::Tcg,
             incoming: false,
+            user: None,
         };
         let mut st = self.st();
         st.next_pid += 1;
