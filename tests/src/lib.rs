@@ -334,8 +334,10 @@ impl TestEnv {
     }
 }
 
+/// QEMU processes that name a path under `needle` on their command line
+/// or hold a file under it open (QEMU gets most files as descriptors).
 pub fn qemu_pids_matching(needle: &Path) -> Vec<i32> {
-    let needle = needle.to_string_lossy().into_owned();
+    let needle_s = needle.to_string_lossy().into_owned();
     let mut pids = vec![];
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
@@ -344,13 +346,26 @@ pub fn qemu_pids_matching(needle: &Path) -> Vec<i32> {
             };
             if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
                 let cmd = String::from_utf8_lossy(&cmd);
-                if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                if cmd.contains("qemu-system")
+                    && (cmd.contains(&needle_s) || holds_file_under(pid, needle))
+                {
                     pids.push(pid);
                 }
             }
         }
     }
     pids
+}
+
+/// Whether process `pid` has a file under `dir` open.
+fn holds_file_under(pid: i32, dir: &Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .any(|l| l.starts_with(dir))
+        })
+        .unwrap_or(false)
 }
 
 impl TestEnv {

@@ -1,21 +1,35 @@
 //! What other local users and a compromised VMM can see of the daemon:
-//! its directories and files are closed to group and others, and QEMU
-//! carries none of the daemon's environment (the API token).
+//! its directories and files are closed to group and others, QEMU carries
+//! none of the daemon's environment (the API token), and each VM's QEMU
+//! runs as a uid of its own that can't open another VM's files.
 
 use anyhow::{Result, ensure};
+use forkvm_e2e::registry::Registry;
 use forkvm_e2e::{TestEnv, s};
 use serde_json::json;
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The daemon's default VM group (`--vm-uid-base`).
+const VM_GID: u32 = 900_000;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn state_is_private_and_qemu_gets_no_secrets() -> Result<()> {
     let token = format!("tok-{:016x}", rand::random::<u64>());
     let env = TestEnv::start_tcp(4975, &token).await?;
     let i = env.create(json!({"name": "priv"})).await?;
-    for d in [&env.data_dir, &env.mem_dir] {
-        let mode = std::fs::metadata(d)?.mode() & 0o777;
-        ensure!(mode == 0o700, "{} has mode {mode:o}", d.display());
-    }
+    let mode = std::fs::metadata(&env.mem_dir)?.mode() & 0o777;
+    ensure!(mode == 0o700, "the memory directory has mode {mode:o}");
+    // The data directory is on the path to disk layers, which QEMU opens
+    // by path: traversable by the VM group, listable by nobody else.
+    let m = std::fs::metadata(&env.data_dir)?;
+    ensure!(
+        (m.mode() & 0o7777, m.gid()) == (0o710, VM_GID),
+        "the data directory has mode {:o}, group {}",
+        m.mode() & 0o7777,
+        m.gid()
+    );
     // Those two are the barrier; the daemon's own files are 0600 (QEMU
     // inherits its umask, 077).
     let mode = std::fs::metadata(env.data_dir.join("forkvm.db"))?.mode() & 0o777;
@@ -179,6 +193,193 @@ async fn qemu_is_sandboxed_limited_and_in_a_cgroup_of_its_own() -> Result<()> {
     ensure!(st == 204);
     for d in &dirs {
         ensure!(!d.exists(), "{} outlived the VM", d.display());
+    }
+    Ok(())
+}
+
+/// `Uid:` (real) of a process.
+fn uid_of(pid: i32) -> Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no Uid: in {status}"))
+}
+
+/// The QEMU of instance `id`.
+fn qemu_of(env: &TestEnv, id: &str) -> Result<(i32, String)> {
+    for pid in env.qemu_pids() {
+        let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline"))?)
+            .replace('\0', " ");
+        if cmd.contains(&format!("forkvm-{id},")) {
+            return Ok((pid, cmd));
+        }
+    }
+    anyhow::bail!("no QEMU of {id}")
+}
+
+/// The memory file, console and writable disk top of instance `id`.
+fn files_of(env: &TestEnv, id: &str, cmdline: &str) -> Result<Vec<PathBuf>> {
+    let top = cmdline
+        .split(' ')
+        .find_map(|a| a.strip_prefix("if=none,id=disk-rw,file="))
+        .and_then(|a| a.split(",format=").next())
+        .ok_or_else(|| anyhow::anyhow!("no writable disk in {cmdline}"))?;
+    Ok(vec![
+        env.mem_dir.join(format!("{id}.mem")),
+        env.data_dir.join("instances").join(id).join("console.log"),
+        PathBuf::from(top),
+    ])
+}
+
+/// Whether a process of `uid` (in the VM group, like QEMU) opens `file`
+/// read-write: by its path, or (`by_fd`) through `/proc/self/fd/3` of a
+/// descriptor root opened — as QEMU gets its files, which skips the
+/// directories' search permission but not the file's own mode.
+fn opens_as(uid: u32, file: &Path, by_fd: bool) -> Result<bool> {
+    let target = if by_fd {
+        "/proc/self/fd/3".to_string()
+    } else {
+        file.display().to_string()
+    };
+    let out = std::process::Command::new("sh")
+        .args(["-c", r#"exec 3<"$1"; shift; exec "$@""#, "_"])
+        .arg(file)
+        .args([
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={VM_GID}"),
+        ])
+        .args([&format!("--groups={VM_GID}"), "--", "sh", "-c"])
+        .args([r#"exec 4<>"$0""#, &target])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() || err.contains("Permission denied"),
+        "{}: {err}",
+        file.display()
+    );
+    Ok(out.status.success())
+}
+
+async fn pull_ready(env: &TestEnv, name: &str) -> Result<()> {
+    let (st, v) = env
+        .request("POST", "/images", Some(json!({"name": name})))
+        .await?;
+    ensure!(st == 202 || st == 200, "pull -> {st}: {v}");
+    let path = format!("/images/{}", name.replace('/', "%2F"));
+    let img = forkvm_e2e::wait_for("the image", Duration::from_secs(180), async || {
+        let (_, v) = env.request("GET", &path, None).await.ok()?;
+        matches!(v["status"].as_str(), Some("ready" | "failed")).then_some(v)
+    })
+    .await?;
+    ensure!(s(&img, "status") == "ready", "{img}");
+    Ok(())
+}
+
+/// Every file under `dir` owned by `uid`.
+fn owned_by(dir: &Path, uid: u32) -> Vec<PathBuf> {
+    let mut found = vec![];
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for e in rd.flatten() {
+        let Ok(m) = e.path().symlink_metadata() else {
+            continue;
+        };
+        if m.uid() == uid {
+            found.push(e.path());
+        }
+        if m.is_dir() {
+            found.extend(owned_by(&e.path(), uid));
+        }
+    }
+    found
+}
+
+/// Each VM's QEMU runs as a uid of its own (not root, in no group but the
+/// VM group, without capabilities), still under its seccomp filter; that
+/// uid can open its own memory file, console and writable disk but not
+/// another VM's — not even handed a descriptor of them — and nothing of
+/// its own outlives the VM.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_vm_runs_as_a_uid_of_its_own_that_cannot_open_another_vms_files() -> Result<()> {
+    let env = TestEnv::start().await?;
+    let reg = Registry::start(&env)?;
+    let name = reg.push_fixture(&env, "forkvm/uid", "1")?;
+    pull_ready(&env, &name).await?;
+    let a = s(
+        &env.create(json!({"name": "ua", "image": name})).await?,
+        "id",
+    );
+    let b = s(
+        &env.create(json!({"name": "ub", "image": name})).await?,
+        "id",
+    );
+    let (pa, cmd_a) = qemu_of(&env, &a)?;
+    let (pb, cmd_b) = qemu_of(&env, &b)?;
+    let (ua, ub) = (uid_of(pa)?, uid_of(pb)?);
+    ensure!(ua != 0 && ub != 0 && ua != ub, "uids {ua} and {ub}");
+    for pid in [pa, pb] {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        for want in [
+            vec!["Seccomp:", "2"],
+            vec!["Groups:", &VM_GID.to_string()],
+            vec!["CapEff:", "0000000000000000"],
+            vec!["NoNewPrivs:", "1"],
+        ] {
+            ensure!(
+                status
+                    .lines()
+                    .any(|l| l.split_whitespace().eq(want.iter().copied())),
+                "{want:?} in\n{status}"
+            );
+        }
+    }
+    let (fa, fb) = (files_of(&env, &a, &cmd_a)?, files_of(&env, &b, &cmd_b)?);
+    for (own, other) in fa.iter().zip(&fb) {
+        ensure!(
+            opens_as(ua, own, true)?,
+            "A can't open its {}",
+            own.display()
+        );
+        ensure!(
+            !opens_as(ua, other, true)?,
+            "A opened B's {}",
+            other.display()
+        );
+        ensure!(
+            !opens_as(ua, other, false)?,
+            "A opened B's {}",
+            other.display()
+        );
+        ensure!(
+            opens_as(ub, other, true)?,
+            "B can't open its {}",
+            other.display()
+        );
+        ensure!(!opens_as(ub, own, true)?, "B opened A's {}", own.display());
+    }
+    // Its disk top is the only file of its own A reaches by path (the
+    // layer directory is traversable; memory and console are not).
+    ensure!(opens_as(ua, &fa[2], false)?, "A can't reach its disk top");
+    ensure!(
+        !opens_as(ua, &fa[0], false)?,
+        "A reached a memory file by path"
+    );
+    for id in [&a, &b] {
+        let (st, _) = env
+            .request("DELETE", &format!("/instances/{id}"), None)
+            .await?;
+        ensure!(st == 204);
+    }
+    for uid in [ua, ub] {
+        for dir in [&env.data_dir, &env.mem_dir] {
+            let left = owned_by(dir, uid);
+            ensure!(left.is_empty(), "files of uid {uid} left: {left:?}");
+        }
     }
     Ok(())
 }

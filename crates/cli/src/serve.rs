@@ -91,6 +91,15 @@ pub struct ServeArgs {
     /// can't make them.
     #[arg(long, env = "FORKVM_NO_CGROUPS")]
     pub no_cgroups: bool,
+    /// Run each instance's QEMU as an unprivileged uid of its own (needs
+    /// a root daemon); `false`: as the daemon's user.
+    #[arg(long, env = "FORKVM_VM_USER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub vm_user: bool,
+    /// First id of the VM uid range: the group every VM user is in; the
+    /// uids follow it (65536 of them).
+    #[arg(long, env = "FORKVM_VM_UID_BASE",
+          default_value_t = forkvm_core::vm_users::DEFAULT_VM_UID_BASE)]
+    pub vm_uid_base: u32,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -115,6 +124,20 @@ pub fn token_for(
 async fn wait_for(mut rx: watch::Receiver<bool>) {
     // Err means the sender is gone, which also means: shut down.
     let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The VM uid range, unless `--vm-user false`.
+fn vm_users(args: &ServeArgs) -> anyhow::Result<Option<forkvm_core::vm_users::VmUsers>> {
+    if !args.vm_user {
+        return Ok(None);
+    }
+    forkvm_core::vm_users::VmUsers::new(
+        args.vm_uid_base,
+        forkvm_core::vm_users::DEFAULT_VM_UID_COUNT,
+    )
+    .map(Some)
+    .map_err(anyhow::Error::msg)
+    .context("--vm-uid-base")
 }
 
 /// The name servers guests get: `--dns`, or the host's resolv.conf.
@@ -157,6 +180,7 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         image_pulls_parallel: usize::from(args.image_pulls),
         console_max_bytes: args.console_max_bytes,
         cgroups: !args.no_cgroups,
+        vm_users: vm_users(&args)?,
         dns: guest_dns(args.dns.as_deref())?,
         egress: args.egress,
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())

@@ -259,6 +259,14 @@ async fn copy_on_write(
         warn!(instance = %inst.id, error = %e, "stopping the capture helper failed");
     }
     let _ = std::fs::remove_dir_all(helper_dir(sp));
+    let _ = std::fs::remove_file(crate::layers::scratch_path(svc, &helper.id));
+    // The base is immutable from now on: no VM user's any more (a VM
+    // that maps it gets it root's, shared with the VM group).
+    if svc.cfg.vm_users.is_some()
+        && let Err(e) = std::os::unix::fs::chown(base_file, Some(0), Some(0))
+    {
+        warn!(instance = %inst.id, error = %e, "taking the new base back from the VM user");
+    }
     let downtime = saved?;
     // Loading wrote every zero page into the new file: give them back.
     bases::trim(base_file.to_path_buf()).await;
@@ -282,7 +290,7 @@ async fn start_helper(
     let cmdline = inst.cmdline.clone().unwrap_or_default();
     let dir = helper_dir(sp);
     std::fs::create_dir_all(&dir).map_err(CoreError::io(format!("create {}", dir.display())))?;
-    let mut spec = svc.vm_spec(inst, &image, &cmdline, true);
+    let mut spec = svc.vm_spec(inst, &image, &cmdline, true)?;
     spec.id = format!("{}-capture", inst.id);
     spec.mem_path = base_file.to_path_buf();
     spec.mem_share = true;
@@ -297,7 +305,10 @@ async fn start_helper(
         // for writing (it never runs, so the content does not matter).
         let size = crate::layers::size_of(svc, inst.disk_top.as_deref().unwrap_or_default())?;
         let template = crate::layers::ensure_template(svc, size).await?;
-        rw.path = dir.join("scratch.qcow2");
+        // In the layer directory: QEMU opens a qcow2 chain by path, and
+        // only that directory is traversable by VM users.
+        rw.path = crate::layers::scratch_path(svc, &spec.id);
+        let _ = std::fs::remove_file(&rw.path);
         svc.hv
             .create_overlay(&rw.path, &template, "raw", size << 20)
             .await

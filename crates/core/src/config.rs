@@ -78,6 +78,9 @@ pub struct Config {
     /// memory, CPU and pids limits (`forkvm_vmm` `limits_for`). Start-up
     /// fails if the daemon's cgroups can't hold them.
     pub cgroups: bool,
+    /// Each instance's QEMU runs as a uid of its own from this range
+    /// (`crate::vm_users`); `None`: as the daemon's user.
+    pub vm_users: Option<crate::vm_users::VmUsers>,
     pub test_hooks: TestHooks,
 }
 
@@ -109,6 +112,7 @@ impl Config {
             image_pulls_parallel: 2,
             console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
             cgroups: true,
+            vm_users: None,
             dns: Vec::new(),
             egress: true,
             test_hooks: TestHooks::default(),

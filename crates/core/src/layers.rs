@@ -36,6 +36,12 @@ pub(crate) fn path(svc: &Services, id: &str) -> PathBuf {
     dir(svc).join(format!("{id}.qcow2"))
 }
 
+/// The scratch top of a capture helper (`crate::capture`), VM `vm_id`;
+/// removed after it, or at start-up as a layer file without a record.
+pub(crate) fn scratch_path(svc: &Services, vm_id: &str) -> PathBuf {
+    dir(svc).join(format!("scratch-{vm_id}.qcow2"))
+}
+
 /// The empty ext4 filesystem every chain of `size_mib` starts from.
 pub(crate) fn template_path(svc: &Services, size_mib: u64) -> PathBuf {
     dir(svc)

@@ -59,6 +59,7 @@ pub mod store;
 mod teardown;
 #[cfg(test)]
 mod testkit;
+pub mod vm_users;
 mod vmm_switch;
 mod wait;
 

@@ -230,7 +230,7 @@ async fn boot(svc: &Services, inst: &mut Instance, previous: Option<NetworkInfo>
     };
     let cmdline = boot_cmdline(svc, &boot)?;
     inst.cmdline = Some(cmdline.clone());
-    let spec = svc.vm_spec(inst, &image, &cmdline, false);
+    let spec = svc.vm_spec(inst, &image, &cmdline, false)?;
     let t0 = std::time::Instant::now();
     let handle = svc
         .hv

@@ -96,6 +96,7 @@ impl Manager {
         for d in [&cfg.data_dir, &cfg.mem_dir] {
             crate::private_dir::ensure(d)?;
         }
+        crate::vm_users::prepare_dirs(&cfg)?;
         let instances = cfg.data_dir.join("instances");
         std::fs::create_dir_all(&instances)
             .map_err(CoreError::io(format!("create {}", instances.display())))?;

@@ -67,9 +67,9 @@ async fn kill_capture_helper(dir: &std::path::Path) {
         .ok()
         .and_then(|p| p.trim().parse::<i32>().ok());
     if let Some(pid) = pid {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        // Only a process started for this very directory (pid reuse guard).
-        if String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy()) {
+        // Only a QEMU started for this very directory (pid reuse guard):
+        // it holds its console there.
+        if holds_file_under(pid, dir) {
             warn!(pid, dir = %dir.display(), "killing a capture helper left by a crash");
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -82,6 +82,21 @@ async fn kill_capture_helper(dir: &std::path::Path) {
         warn!(dir = %dir.display(), error = %e, "removing a capture helper's cgroup failed");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Whether process `pid` is a QEMU holding a file under `dir` open.
+fn holds_file_under(pid: i32, dir: &std::path::Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&cmdline).contains("qemu") {
+        return false;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .any(|l| l.starts_with(dir))
+        })
+        .unwrap_or(false)
 }
 
 fn dir_names(dir: &std::path::Path) -> Vec<String> {

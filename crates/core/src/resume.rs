@@ -31,7 +31,7 @@ pub(crate) async fn start_paused(
     rec.record(Stage::AllocateTap, t);
 
     let image = svc.load_image(&inst.image)?;
-    let spec = svc.vm_spec(inst, &image, cmdline, true);
+    let spec = svc.vm_spec(inst, &image, cmdline, true)?;
     let t = Instant::now();
     // The TAP's filter (a fork: handoff traffic only) is in place before
     // the vCPUs run; applying it (an nftables transaction, ~15 ms of

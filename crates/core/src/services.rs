@@ -205,10 +205,10 @@ impl Services {
         image: &crate::images::BootImage,
         cmdline: &str,
         incoming: bool,
-    ) -> VmSpec {
+    ) -> Result<VmSpec> {
         let paths = self.paths(inst);
         let (mem_path, mem_share) = self.mem_file(inst);
-        VmSpec {
+        Ok(VmSpec {
             id: inst.id.clone(),
             vcpus: inst.vcpus,
             memory_mb: inst.memory_mb,
@@ -227,8 +227,8 @@ impl Services {
             pidfile: paths.pidfile,
             accel: self.accel,
             incoming,
-            user: None,
-        }
+            user: crate::vm_users::user_of(self, &inst.id)?,
+        })
     }
 }
 

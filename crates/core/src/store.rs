@@ -21,6 +21,8 @@ pub enum AllocKind {
     Tap,
     /// A published host port, `tcp/8080`.
     Port,
+    /// The uid its QEMU runs as (`crate::vm_users`).
+    VmUid,
 }
 
 impl AllocKind {
@@ -30,6 +32,7 @@ impl AllocKind {
             Self::Mac => "mac",
             Self::Tap => "tap",
             Self::Port => "port",
+            Self::VmUid => "vm_uid",
         }
     }
 }

@@ -24,7 +24,7 @@ pub(crate) async fn start_next(
 ) -> Result<VmHandle> {
     let image = svc.load_image(&next.image)?;
     let cmdline = next.cmdline.clone().unwrap_or_default();
-    let mut spec = svc.vm_spec(next, &image, &cmdline, true);
+    let mut spec = svc.vm_spec(next, &image, &cmdline, true)?;
     if let Some(net) = spec.net.as_mut()
         && let NetBackend::Tap(tap) = &net.backend
     {
