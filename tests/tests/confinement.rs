@@ -303,7 +303,7 @@ fn owned_by(dir: &Path, uid: u32) -> Vec<PathBuf> {
 /// VM group, without capabilities), still under its seccomp filter; that
 /// uid can open its own memory file, console and writable disk but not
 /// another VM's — not even handed a descriptor of them — and nothing of
-/// its own outlives the VM.
+/// its own outlives the VM. Its QEMU's mount namespace shows neither.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_vm_runs_as_a_uid_of_its_own_that_cannot_open_another_vms_files() -> Result<()> {
     let env = TestEnv::start().await?;
@@ -369,6 +369,22 @@ async fn each_vm_runs_as_a_uid_of_its_own_that_cannot_open_another_vms_files() -
         !opens_as(ua, &fa[0], false)?,
         "A reached a memory file by path"
     );
+    // Its mount namespace holds the system files and its layer directory:
+    // not the store, not /etc, not B's memory or console, whatever the uid.
+    let root = PathBuf::from(format!("/proc/{pa}/root"));
+    let seen = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p)).exists();
+    ensure!(seen(&fa[2]), "A's disk top is not in its jail");
+    ensure!(seen(Path::new("/usr/bin")), "no /usr in the jail");
+    for hidden in [
+        env.data_dir.join("forkvm.db"),
+        PathBuf::from("/etc/passwd"),
+        PathBuf::from("/root"),
+        fb[0].clone(),
+        fb[1].clone(),
+        fa[0].clone(),
+    ] {
+        ensure!(!seen(&hidden), "{} is in A's jail", hidden.display());
+    }
     for id in [&a, &b] {
         let (st, _) = env
             .request("DELETE", &format!("/instances/{id}"), None)

@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// a root daemon); `false`: as the daemon's user.
     #[arg(long, env = "FORKVM_VM_USER", default_value_t = true, action = clap::ArgAction::Set)]
     pub vm_user: bool,
+    /// Run each QEMU in a mount namespace of its own that holds only the
+    /// system files it loads and its disk layers; `false`: the host's tree.
+    #[arg(long, env = "FORKVM_VM_JAIL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub vm_jail: bool,
     /// First id of the VM uid range: the group every VM user is in; the
     /// uids follow it (65536 of them).
     #[arg(long, env = "FORKVM_VM_UID_BASE",
@@ -181,6 +185,7 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
         console_max_bytes: args.console_max_bytes,
         cgroups: !args.no_cgroups,
         vm_users: vm_users(&args)?,
+        vm_jail: args.vm_jail,
         dns: guest_dns(args.dns.as_deref())?,
         egress: args.egress,
         test_hooks: TestHooks::from_vars(|k| std::env::var(k).ok())

@@ -81,10 +81,20 @@ pub struct Config {
     /// Each instance's QEMU runs as a uid of its own from this range
     /// (`crate::vm_users`); `None`: as the daemon's user.
     pub vm_users: Option<crate::vm_users::VmUsers>,
+    /// Each QEMU in a mount namespace of its own holding only the system
+    /// files it loads and its layer directory (`forkvm_vmm` jail), mounted
+    /// on [`Config::jail_dir`].
+    pub vm_jail: bool,
     pub test_hooks: TestHooks,
 }
 
 impl Config {
+    /// The empty directory every jailed QEMU's root is mounted on (in its
+    /// own mount namespace only).
+    pub fn jail_dir(&self) -> PathBuf {
+        self.data_dir.join("jail")
+    }
+
     /// A configuration with every tunable at its default.
     pub fn new(
         data_dir: impl Into<PathBuf>,
@@ -113,6 +123,7 @@ impl Config {
             console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
             cgroups: true,
             vm_users: None,
+            vm_jail: false,
             dns: Vec::new(),
             egress: true,
             test_hooks: TestHooks::default(),

@@ -97,6 +97,9 @@ impl Manager {
             crate::private_dir::ensure(d)?;
         }
         crate::vm_users::prepare_dirs(&cfg)?;
+        if cfg.vm_jail {
+            crate::private_dir::ensure(&cfg.jail_dir())?;
+        }
         let instances = cfg.data_dir.join("instances");
         std::fs::create_dir_all(&instances)
             .map_err(CoreError::io(format!("create {}", instances.display())))?;

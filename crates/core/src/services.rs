@@ -228,6 +228,7 @@ impl Services {
             accel: self.accel,
             incoming,
             user: crate::vm_users::user_of(self, &inst.id)?,
+            jail: self.cfg.vm_jail.then(|| self.cfg.jail_dir()),
         })
     }
 }

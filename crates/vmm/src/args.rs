@@ -258,11 +258,17 @@ fn disk_args(role: DiskRole, path: &str, push: &mut impl FnMut(&[&str])) {
     ]);
 }
 
+/// A valid spec for unit tests of other modules.
+#[cfg(test)]
+pub(crate) fn test_spec() -> VmSpec {
+    tests::spec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec() -> VmSpec {
+    pub(crate) fn spec() -> VmSpec {
         VmSpec {
             id: "vm-1".into(),
             vcpus: 1,
@@ -281,6 +287,7 @@ mod tests {
             accel: Accel::Tcg,
             incoming: false,
             user: None,
+            jail: None,
         }
     }
 

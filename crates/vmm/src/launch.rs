@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use crate::error::VmmError;
 use crate::fds::{Passed, PassedRaw};
+use crate::jail::Jail;
 use crate::process::is_qemu_for;
 use crate::qemu::{
     QEMU_PATH, QemuHypervisor, qemu_log_path, query_status, remove_if_exists, start_output_tail,
@@ -85,6 +86,11 @@ impl QemuHypervisor {
         let passed = Passed::open(spec)?;
         // Open until the child has exec'd; it writes into them.
         let joiner = cgroup.map(VmCgroup::joiner).transpose()?;
+        let jail = spec
+            .jail
+            .as_deref()
+            .map(|root| Jail::plan(spec, root, &self.qemu_bin))
+            .transpose()?;
         let child_setup = ChildSetup {
             join: joiner.as_ref().map(Joiner::fds),
             passed: passed.raw(),
@@ -94,9 +100,11 @@ impl QemuHypervisor {
         // SAFETY: the closure runs in the forked child before exec, where
         // only async-signal-safe calls are allowed; ChildSetup::apply makes
         // only such calls (write, setsid, dup2, setrlimit, signal,
-        // setgroups, setgid, setuid, prctl) on values captured by copy.
+        // setgroups, setgid, setuid, prctl; the jail's unshare, mount,
+        // mkdir, open, symlink, pivot_root, chdir, umount2, rmdir) on values
+        // captured by copy or prepared before the fork.
         unsafe {
-            cmd.pre_exec(move || child_setup.apply());
+            cmd.pre_exec(move || child_setup.apply(jail.as_ref()));
         }
         let spawned = cmd.spawn();
         // The child has exec'd (or failed): it has its own copies of the
@@ -207,7 +215,8 @@ struct ChildSetup {
 
 impl ChildSetup {
     /// Only async-signal-safe calls: this runs after fork in the child.
-    fn apply(&self) -> std::io::Result<()> {
+    /// The jail (its own mount namespace) comes before the user drops root.
+    fn apply(&self, jail: Option<&Jail>) -> std::io::Result<()> {
         if let Some(j) = &self.join {
             j.join_self()?;
         }
@@ -216,6 +225,9 @@ impl ChildSetup {
             return Err(std::io::Error::last_os_error());
         }
         self.passed.install()?;
+        if let Some(j) = jail {
+            j.enter()?;
+        }
         self.rlimits.apply()?;
         match &self.creds {
             Some(c) => c.apply(),

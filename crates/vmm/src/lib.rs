@@ -24,6 +24,7 @@ mod disk;
 mod error;
 mod fds;
 pub mod guest_ram;
+mod jail;
 mod launch;
 mod migrate;
 mod process;
@@ -164,6 +165,11 @@ pub struct VmSpec {
     /// The unprivileged user QEMU runs as (`None`: as the caller, root).
     #[serde(default)]
     pub user: Option<VmUser>,
+    /// An empty directory of the daemon's: QEMU runs in a mount namespace
+    /// of its own whose root is a tmpfs mounted there, holding only what it
+    /// needs (`crate::jail`). `None`: the host's file tree.
+    #[serde(default)]
+    pub jail: Option<PathBuf>,
 }
 
 /// A running VM as the hypervisor knows it. Plain data: it can be stored and

@@ -92,6 +92,7 @@ impl Env {
             accel: Accel::Tcg,
             incoming: false,
             user: Some(test_user()),
+            jail: None,
         }
     }
 }
@@ -742,4 +743,82 @@ async fn each_vm_runs_in_a_cgroup_of_its_own_with_limits() {
         let leftover = d.with_file_name("forkvm-cgbad-b");
         assert!(!leftover.exists(), "{} left over", leftover.display());
     }
+}
+
+/// A jailed QEMU boots, freezes its disk, and sees only the system files,
+/// a few devices and its layer directory: not `/etc`, `/root`, nor the
+/// files beside its layers (another VM's), whatever their modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jailed_vm_sees_only_what_it_needs() {
+    let env = Env::new();
+    let d = env.dir.path();
+    let hv = QemuHypervisor::new("qemu-system-x86_64");
+    let (jail, layers) = (d.join("jail"), d.join("layers"));
+    std::fs::create_dir(&jail).expect("jail dir");
+    std::fs::create_dir(&layers).expect("layers");
+    std::fs::set_permissions(&layers, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+        .expect("chmod");
+    let raw = layers.join("template.raw");
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("template");
+    std::fs::set_permissions(&raw, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let l0 = layers.join("l0.qcow2");
+    hv.create_overlay(&l0, &raw, "raw", 64 << 20)
+        .await
+        .expect("overlay");
+    let mut spec = with_rw_disk(env.spec("jailed", "jailed.mem", "jailed"), &l0);
+    spec.jail = Some(jail.clone());
+    // The daemon's umask: the jail's directories must not inherit it.
+    // SAFETY: umask only changes this test process's mask.
+    unsafe { libc::umask(0o077) };
+    let h = hv.start(&spec).await.expect("start in its jail");
+    wait_console(&spec, "marker", |c| c.contains(MARKER)).await;
+    hv.pause(&h).await.expect("pause");
+    hv.freeze_disk(&h, &layers.join("l1.qcow2"))
+        .await
+        .expect("freeze inside the jail");
+    hv.resume(&h).await.expect("resume");
+
+    let root = PathBuf::from(format!("/proc/{}/root", h.pid));
+    let seen = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p)).exists();
+    let mut top: Vec<String> = std::fs::read_dir(&root)
+        .expect("its root")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    eprintln!("jailed QEMU's /: {top:?}");
+    for name in &top {
+        assert!(
+            [
+                "bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sbin", "sys",
+                "usr"
+            ]
+            .contains(&name.as_str()),
+            "unexpected /{name} in the jail: {top:?}"
+        );
+    }
+    assert!(seen(Path::new("/usr/bin")) && seen(&l0) && seen(&layers.join("l1.qcow2")));
+    assert!(seen(Path::new("/etc/ld.so.cache")) && seen(Path::new("/dev/null")));
+    for hidden in [
+        Path::new("/etc/passwd"),
+        Path::new("/root"),
+        Path::new("/tmp"),
+        Path::new("/dev/shm/"),
+        &env.initrd,
+        &spec.console_log,
+        &d.join("jailed.mem"),
+    ] {
+        let inside = root.join(hidden.strip_prefix("/").unwrap_or(hidden));
+        assert!(
+            !inside.exists() || inside == root.join("dev/shm/"),
+            "{} is visible to the jailed QEMU",
+            hidden.display()
+        );
+    }
+    assert!(!seen(&env.initrd), "a file beside the layers");
+    hv.stop(&h, Duration::from_secs(2)).await.expect("stop");
+    // The jail's mounts lived in QEMU's namespace only.
+    assert_eq!(std::fs::read_dir(&jail).expect("jail dir").count(), 0);
 }

@@ -188,6 +188,7 @@ impl FakeHypervisor {
             accel: Accel::Tcg,
             incoming: false,
             user: None,
+            jail: None,
         };
         let mut st = self.st();
         st.next_pid += 1;
