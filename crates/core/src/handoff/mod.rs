@@ -47,9 +47,9 @@ pub enum MailboxFallback {
     AckBind { addr: Ipv4Addr, error: String },
     #[error("ack listener: {0}")]
     AckListener(String),
-    #[error("mailbox scan: {0}")]
-    Scan(String),
-    #[error("mailbox marker not found in guest memory")]
+    #[error("mailbox page address {0:#x} is outside guest RAM")]
+    OutsideRam(u64),
+    #[error("mailbox marker not found at its reported address")]
     MarkerNotFound,
     #[error("guest memory: {0}")]
     GuestMemory(String),
@@ -74,7 +74,7 @@ impl MailboxFallback {
             Self::BadMarker(_) => "bad_marker",
             Self::AckBind { .. } => "ack_bind",
             Self::AckListener(_) => "ack_listener",
-            Self::Scan(_) => "scan",
+            Self::OutsideRam(_) => "outside_ram",
             Self::MarkerNotFound => "marker_not_found",
             Self::GuestMemory(_) => "guest_memory",
             Self::Patch(_) => "patch",
@@ -148,7 +148,6 @@ pub(crate) async fn prepare(
                 hostname: &inst.name,
                 dns: &svc.cfg.dns,
                 memory_mb: inst.memory_mb,
-                mem_file: &vm.mem_path,
                 ack_timeout: svc.cfg.mailbox_ack_timeout,
                 ack_bind: svc.cfg.test_hooks.ack_bind_addr,
                 forgery: svc.cfg.test_hooks.next_forgery(),
@@ -257,6 +256,11 @@ impl HostPaths<'_> {
         CallPolicy::within(self.svc.cfg.handoff_timeout, Duration::from_secs(5))
     }
 
+    fn exec_policy(&self) -> CallPolicy {
+        let t = self.svc.cfg.handoff_timeout;
+        CallPolicy::within(t, t)
+    }
+
     async fn via_rpc(&self) -> std::result::Result<(), HandoffError> {
         let socket = self.svc.paths(self.inst).agent_socket;
         let cfg = self.lease.rpc_config(&self.inst.name, &self.svc.cfg.dns);
@@ -285,7 +289,8 @@ impl HostPaths<'_> {
         let out = self
             .svc
             .agent
-            .exec(&self.inst.id, &socket, req, self.policy())
+            // Sent once, so it gets the whole deadline to answer.
+            .exec(&self.inst.id, &socket, req, self.exec_policy())
             .await?;
         if out.exit_code != 0 {
             return Err(HandoffError::ExecFailed {
