@@ -126,6 +126,10 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// fw_cfg name of the boot config (forkvm-proto's `boot::FW_CFG_NAME`; this
+/// crate stays free of the agent protocol).
+const FW_CFG_NAME: &str = "opt/forkvm/boot";
+
 /// The full QEMU argument list for `spec` (without the binary).
 pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
     validate_spec(spec)?;
@@ -142,6 +146,12 @@ pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
         &format!("socket,id=qmp,path={},server=on,wait=off", p.qmp),
     ]);
     push(&["-mon", "chardev=qmp,mode=control"]);
+    if let Some(cfg) = &spec.boot_config {
+        push(&[
+            "-fw_cfg",
+            &format!("name={FW_CFG_NAME},file={}", opt_path("boot_config", cfg)?),
+        ]);
+    }
     if spec.incoming {
         push(&["-S", "-incoming", "defer"]);
     }
@@ -264,6 +274,7 @@ mod tests {
             kernel: "/k/vmlinux".into(),
             initrd: "/k/initrd".into(),
             cmdline: "console=ttyS0 quiet".into(),
+            boot_config: None,
             mem_path: "/dev/shm/a,b/mem".into(),
             mem_share: true,
             net: None,
@@ -312,6 +323,20 @@ mod tests {
         assert!(!j.contains("-incoming"), "{j}");
         assert!(!j.contains("virtio-net"), "{j}");
         assert!(!j.contains("virtio-blk"), "{j}");
+        assert!(!j.contains("-fw_cfg"), "{j}");
+    }
+
+    #[test]
+    fn the_boot_config_goes_by_fw_cfg_file() {
+        let mut s = spec();
+        s.boot_config = Some("/run/x,y/boot.json".into());
+        let j = joined(&s);
+        assert!(
+            j.contains("-fw_cfg name=opt/forkvm/boot,file=/run/x,,y/boot.json"),
+            "{j}"
+        );
+        s.boot_config = Some("relative".into());
+        assert!(build_qemu_args(&s).is_err());
     }
 
     #[test]

@@ -177,6 +177,7 @@ impl FakeHypervisor {
             kernel: dir.join("k"),
             initrd: dir.join("i"),
             cmdline: String::new(),
+            boot_config: None,
             mem_path: mem,
             mem_share: true,
             net: None,
