@@ -17,6 +17,7 @@ pub(crate) enum HvOp {
     Load,
     Migrate,
     FreezeDisk,
+    Stop,
 }
 
 /// What the fake guest of a VM restored from a snapshot (a fork, a
@@ -325,6 +326,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn stop<'a>(&'a self, h: &'a VmHandle, _grace: Duration) -> VmmFuture<'a, ()> {
         Box::pin(async move {
+            self.check(HvOp::Stop)?;
             self.st().vms.remove(&h.pid);
             for p in [&h.pidfile, &h.qmp_socket, &h.agent_socket] {
                 let _ = std::fs::remove_file(p);
