@@ -18,7 +18,50 @@ const VM_GID: u32 = 900_000;
 async fn state_is_private_and_qemu_gets_no_secrets() -> Result<()> {
     let token = format!("tok-{:016x}", rand::random::<u64>());
     let env = TestEnv::start_tcp(4975, &token).await?;
-    let i = env.create(json!({"name": "priv"})).await?;
+    let secret = format!("s3cret-{:016x}", rand::random::<u64>());
+    let i = env
+        .create(json!({"name": "priv", "env": {"FVM_SECRET": secret}}))
+        .await?;
+    let id = s(&i, "id");
+    // The env reaches the guest (by fw_cfg), and no command line shows it:
+    // not QEMU's or any other on the host, not the guest kernel's or any
+    // guest process's.
+    let out = env
+        .exec_ok(&id, &["sh", "-c", "echo \"$FVM_SECRET\""])
+        .await?;
+    ensure!(out.trim() == secret, "env in the guest: {out:?}");
+    for p in std::fs::read_dir("/proc")?.flatten() {
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        // forkvm.cfg= would carry it base64-encoded.
+        ensure!(
+            !(cmdline.contains(&secret)
+                || cmdline.contains("qemu") && cmdline.contains("forkvm.cfg=")),
+            "{} has the env in its command line",
+            p.path().display()
+        );
+    }
+    let script = "cat /proc/cmdline; for f in /proc/[0-9]*/cmdline; do cat $f; echo; done";
+    let guest = env.exec_ok(&id, &["sh", "-c", script]).await?;
+    ensure!(guest.contains("console=ttyS0"), "{guest}");
+    ensure!(
+        !guest.contains(&secret) && !guest.contains("forkvm.cfg="),
+        "a guest command line has the env: {guest}"
+    );
+    let raw = "/sys/firmware/qemu_fw_cfg/by_name/opt/forkvm/boot/raw";
+    let mode = env.exec_ok(&id, &["stat", "-c", "%a %u", raw]).await?;
+    ensure!(
+        mode.trim() == "400 0",
+        "the guest's copy is root's alone: {mode}"
+    );
+    let dir = env.data_dir.join("instances").join(&id);
+    for f in std::fs::read_dir(&dir)?.flatten() {
+        ensure!(
+            !f.file_name().to_string_lossy().starts_with("boot-config"),
+            "the boot config stayed on disk: {}",
+            f.path().display()
+        );
+    }
     let mode = std::fs::metadata(&env.mem_dir)?.mode() & 0o777;
     ensure!(mode == 0o700, "the memory directory has mode {mode:o}");
     // The data directory is on the path to disk layers, which QEMU opens
@@ -44,7 +87,7 @@ async fn state_is_private_and_qemu_gets_no_secrets() -> Result<()> {
         "QEMU has the daemon's settings: {environ}"
     );
     let (st, _) = env
-        .request("DELETE", &format!("/instances/{}", s(&i, "id")), None)
+        .request("DELETE", &format!("/instances/{id}"), None)
         .await?;
     ensure!(st == 204);
     Ok(())

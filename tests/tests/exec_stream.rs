@@ -93,6 +93,32 @@ async fn binary_data_round_trips_and_streams_stay_apart() -> Result<()> {
     ensure!(out[1] == b"\xff\xfe\x00A", "stdout {:?}", out[1]);
     ensure!(out[2] == b"oops\n", "stderr {:?}", out[2]);
     ensure!(exit["exitCode"] == 3, "{exit}");
+
+    // The buffered JSON exec carries any bytes with `encoding: base64`.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let data = random_bytes(64 << 10);
+    let (st, r) = env
+        .request(
+            "POST",
+            &format!("/instances/{id}/exec"),
+            Some(
+                json!({"command": ["sh", "-c", "cat; printf '\\377\\000' >&2"],
+                        "stdin": b64.encode(&data), "encoding": "base64"}),
+            ),
+        )
+        .await?;
+    ensure!(st == 200 && r["encoding"] == "base64", "{st} {r}");
+    ensure!(b64.decode(s(&r, "stdout"))? == data, "stdout changed");
+    ensure!(b64.decode(s(&r, "stderr"))? == b"\xff\x00", "stderr {r}");
+    let (st, r) = env
+        .request(
+            "POST",
+            &format!("/instances/{id}/exec"),
+            Some(json!({"command": ["cat"], "stdin": "not base64!", "encoding": "base64"})),
+        )
+        .await?;
+    ensure!(st == 400, "{st} {r}");
     Ok(())
 }
 

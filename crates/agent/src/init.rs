@@ -142,10 +142,14 @@ pub fn load_module_list(list_path: &str) -> (usize, usize) {
     (ok, failed)
 }
 
-/// Reads the boot config from /proc/cmdline. A missing token is normal (plain
-/// boot: defaults); a malformed one is logged and also falls back to defaults,
-/// keeping the agent reachable so the host can diagnose.
+/// Reads the boot config: the fw_cfg file forkvm passes (`qemu_fw_cfg` is
+/// a boot module), else the kernel command line. A missing config is normal
+/// (plain boot: defaults); a malformed one is logged and also falls back to
+/// defaults, keeping the agent reachable so the host can diagnose.
 pub fn read_boot_config() -> BootConfig {
+    if let Some(c) = read_fw_cfg(Path::new(forkvm_proto::boot::FW_CFG_GUEST_PATH)) {
+        return c;
+    }
     let cmdline = match std::fs::read_to_string("/proc/cmdline") {
         Ok(c) => c,
         Err(e) => {
@@ -156,12 +160,31 @@ pub fn read_boot_config() -> BootConfig {
     match BootConfig::from_cmdline(&cmdline) {
         Ok(c) => c,
         Err(BootConfigError::Missing) => {
-            info!("no forkvm.cfg on the kernel command line; using defaults");
+            info!("no boot config in fw_cfg or on the kernel command line; using defaults");
             BootConfig::default()
         }
         Err(e) => {
             warn!(error = %e, "bad forkvm.cfg; using defaults");
             BootConfig::default()
+        }
+    }
+}
+
+/// The fw_cfg document at `path`, read with a bound; `None` if absent or bad.
+fn read_fw_cfg(path: &Path) -> Option<BootConfig> {
+    use std::io::Read;
+    let f = File::open(path).ok()?;
+    let mut bytes = Vec::new();
+    let limit = forkvm_proto::boot::MAX_FW_CFG_LEN as u64 + 1;
+    if let Err(e) = f.take(limit).read_to_end(&mut bytes) {
+        warn!(error = %e, "cannot read the fw_cfg boot config");
+        return None;
+    }
+    match BootConfig::from_fw_cfg(&bytes) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(error = %e, "bad fw_cfg boot config");
+            None
         }
     }
 }

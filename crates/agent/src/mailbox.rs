@@ -57,11 +57,35 @@ struct PinnedPage {
     ptr: NonNull<u8>,
 }
 
-// SAFETY: the page is plain memory owned by this struct; all mutation goes
-// through `Mailbox`, which serialises writers with its mutex.
+// SAFETY: the page is plain memory owned by this struct (no thread-local
+// state); moving the owner to another thread moves the only handle to it.
+// It is not `Sync`: `Mailbox` keeps it inside its mutex.
 unsafe impl Send for PinnedPage {}
-// SAFETY: as above; shared readers only do volatile loads of the state word.
-unsafe impl Sync for PinnedPage {}
+
+/// Where the page's state word is, for lock-free volatile loads while the
+/// page itself sits behind the mailbox mutex.
+struct StateWord(NonNull<u8>);
+
+// SAFETY: only ever used for volatile 4-byte loads of a page that lives as
+// long as the `Mailbox` holding both (the page is unmapped only on drop);
+// the host writes that word from outside the process anyway, so a
+// concurrent write by the agent's own writer is no different.
+unsafe impl Send for StateWord {}
+// SAFETY: as above.
+unsafe impl Sync for StateWord {}
+
+impl StateWord {
+    /// Volatile load of the state word: the host writes it outside this
+    /// process, so the compiler must not cache or elide the read.
+    fn load(&self) -> u32 {
+        // SAFETY: the mapping is page-aligned and PAGE_SIZE long, so offset
+        // 28 is in bounds and 4-byte aligned; it outlives `self` (above).
+        let w = unsafe {
+            std::ptr::read_volatile(self.0.as_ptr().add(OFF_STATE).cast::<u32>().cast_const())
+        };
+        u32::from_le(w)
+    }
+}
 
 impl PinnedPage {
     fn new() -> Result<Self, MailboxSetupError> {
@@ -101,28 +125,16 @@ impl PinnedPage {
         self.ptr.as_ptr() as usize
     }
 
-    /// Volatile load of the state word: the host writes it outside this
-    /// process, so the compiler must not cache or elide the read.
-    fn state_word(&self) -> u32 {
-        // SAFETY: the mapping is page-aligned and PAGE_SIZE long, so offset
-        // 28 is in bounds and 4-byte aligned.
-        let w = unsafe {
-            std::ptr::read_volatile(self.ptr.as_ptr().add(OFF_STATE).cast::<u32>().cast_const())
-        };
-        u32::from_le(w)
-    }
-
     /// The page as a slice; callers hold the mailbox mutex.
     fn bytes(&self) -> &[u8] {
         // SAFETY: valid mapping of PAGE_SIZE bytes for the lifetime of self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), PAGE_SIZE) }
     }
 
-    /// Mutable view; only called with the mailbox mutex held, so no other
-    /// reference into the page exists in this process meanwhile.
-    #[allow(clippy::mut_from_ref)]
-    fn bytes_mut(&self) -> &mut [u8] {
-        // SAFETY: see above; the mutex in `Mailbox` makes this exclusive.
+    /// Mutable view; `&mut self` makes it exclusive within this process.
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: valid mapping of PAGE_SIZE bytes for the lifetime of self,
+        // borrowed mutably for as long as the slice lives.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), PAGE_SIZE) }
     }
 }
@@ -147,6 +159,7 @@ pub struct MailboxStatus {
 }
 
 struct Inner {
+    page: PinnedPage,
     /// The marker the page is armed with (kept after use for decode).
     marker: MarkerId,
     /// False once an outcome was marked, until the next arm.
@@ -160,8 +173,10 @@ struct Inner {
 
 /// The agent's mailbox: the pinned page plus its bookkeeping.
 pub struct Mailbox {
-    page: PinnedPage,
     inner: Mutex<Inner>,
+    state: StateWord,
+    /// The page's virtual address (for pagemap lookups).
+    addr: usize,
 }
 
 impl Mailbox {
@@ -175,14 +190,17 @@ impl Mailbox {
                 warn!(error = %e, "cannot set vm.compact_unevictable_allowed=0");
             }
         }
-        let page = PinnedPage::new()?;
+        let mut page = PinnedPage::new()?;
         let marker = random_marker()?;
         forkvm_mailbox::arm(page.bytes_mut(), marker)?;
-        let gpa = gpa_of(page.addr())?;
+        let addr = page.addr();
+        let gpa = gpa_of(addr)?;
         info!(gpa = format_args!("{gpa:#x}"), marker = %hex(&marker.0), "mailbox armed");
         Ok(Mailbox {
-            page,
+            state: StateWord(page.ptr),
+            addr,
             inner: Mutex::new(Inner {
+                page,
                 marker,
                 armed: true,
                 gpa,
@@ -200,7 +218,7 @@ impl Mailbox {
 
     /// The raw state word (cheap: one volatile load, no lock).
     pub fn state_word(&self) -> u32 {
-        self.page.state_word()
+        self.state.load()
     }
 
     /// Snapshot of the bookkeeping for Health.
@@ -218,16 +236,16 @@ impl Mailbox {
     /// Full validation of the page against the current marker.
     pub fn decode(&self) -> Result<(u64, Payload), MailboxError> {
         let i = self.lock();
-        forkvm_mailbox::decode(self.page.bytes(), &i.marker)
+        forkvm_mailbox::decode(i.page.bytes(), &i.marker)
     }
 
     /// The generation field as the host wrote it, read without validation
     /// (for the report of a page that fails to decode).
     pub fn raw_generation(&self) -> u64 {
-        let _i = self.lock();
+        let i = self.lock();
         let off = forkvm_mailbox::OFF_GENERATION;
         let mut b = [0u8; 8];
-        b.copy_from_slice(&self.page.bytes()[off..off + 8]);
+        b.copy_from_slice(&i.page.bytes()[off..off + 8]);
         u64::from_le_bytes(b)
     }
 
@@ -240,8 +258,8 @@ impl Mailbox {
     /// Records a successful apply: report, then APPLIED (the publication point).
     pub fn mark_applied(&self, report: &GuestReport) -> Result<(), MailboxError> {
         let mut i = self.lock();
-        forkvm_mailbox::write_guest_report(self.page.bytes_mut(), report)?;
-        forkvm_mailbox::mark(self.page.bytes_mut(), MailboxState::Applied)?;
+        forkvm_mailbox::write_guest_report(i.page.bytes_mut(), report)?;
+        forkvm_mailbox::mark(i.page.bytes_mut(), MailboxState::Applied)?;
         i.armed = false;
         i.applied += 1;
         i.applied_generation = report.outcome_generation;
@@ -255,8 +273,8 @@ impl Mailbox {
     /// Records a rejection: report (with the reason code), then REJECTED.
     pub fn mark_rejected(&self, report: &GuestReport) -> Result<(), MailboxError> {
         let mut i = self.lock();
-        forkvm_mailbox::write_guest_report(self.page.bytes_mut(), report)?;
-        forkvm_mailbox::mark(self.page.bytes_mut(), MailboxState::Rejected)?;
+        forkvm_mailbox::write_guest_report(i.page.bytes_mut(), report)?;
+        forkvm_mailbox::mark(i.page.bytes_mut(), MailboxState::Rejected)?;
         i.armed = false;
         i.rejected += 1;
         Ok(())
@@ -268,10 +286,10 @@ impl Mailbox {
     pub fn rearm(&self) -> Result<(MarkerId, u64), MailboxSetupError> {
         let marker = random_marker()?;
         let mut i = self.lock();
-        forkvm_mailbox::arm(self.page.bytes_mut(), marker)?;
+        forkvm_mailbox::arm(i.page.bytes_mut(), marker)?;
         i.marker = marker;
         i.armed = true;
-        let gpa = gpa_of(self.page.addr())?;
+        let gpa = gpa_of(self.addr)?;
         if gpa != i.gpa {
             warn!(
                 old = format_args!("{:#x}", i.gpa),
@@ -285,7 +303,7 @@ impl Mailbox {
 
     /// Re-reads the GPA (one pagemap read) and updates it if it moved.
     pub fn check_gpa(&self) -> Result<u64, MailboxSetupError> {
-        let gpa = gpa_of(self.page.addr())?;
+        let gpa = gpa_of(self.addr)?;
         let mut i = self.lock();
         if gpa != i.gpa {
             warn!(
@@ -402,7 +420,7 @@ mod tests {
         assert_eq!(mb.state_word(), MailboxState::REJECTED_WORD);
         let st = mb.status();
         assert_eq!((st.marker, st.rejected), (None, 1));
-        let h = forkvm_mailbox::read_header(mb.page.bytes()).unwrap();
+        let h = forkvm_mailbox::read_header(mb.lock().page.bytes()).unwrap();
         assert_eq!(h.guest, rep);
         // Re-arm: new marker, same frame.
         let (m1, gpa1) = mb.rearm().unwrap();

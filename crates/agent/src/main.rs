@@ -14,6 +14,7 @@
 
 mod exec;
 mod files;
+mod identity;
 mod init;
 mod mailbox;
 mod netconf;
@@ -112,6 +113,9 @@ async fn agent_main(pid1: bool) -> anyhow::Result<()> {
         init::load_modules();
     }
     let cfg = init::read_boot_config();
+    if pid1 {
+        identity::fresh_machine_id_in(std::path::Path::new("/"));
+    }
     if pid1 && !cfg.hostname.is_empty() {
         if netconf::valid_hostname(&cfg.hostname) {
             if let Err(e) = nix::unistd::sethostname(&cfg.hostname) {

@@ -436,7 +436,15 @@ impl Agent for AgentService {
                 "ReconfigureNetwork declined by boot env",
             ));
         }
-        let desired = NetRequest::from(req.into_inner())
+        let mut cfg = req.into_inner();
+        let seed = std::mem::take(&mut cfg.rng_seed);
+        let seed: Option<[u8; 32]> = match seed.len() {
+            0 => None,
+            _ => Some(seed.try_into().map_err(|s: Vec<u8>| {
+                Status::invalid_argument(format!("rng_seed is {} bytes, not 32", s.len()))
+            })?),
+        };
+        let desired = NetRequest::from(cfg)
             .validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let report = self
@@ -448,6 +456,14 @@ impl Agent for AgentService {
                 _ => Status::internal(e.to_string()),
             })?;
         info!(steps = ?report.steps, applied_us = report.elapsed_us, "ReconfigureNetwork applied");
+        // A new identity: this machine's RNG and machine id diverge too.
+        if let Some(mut seed) = seed {
+            if let Err(e) = crate::identity::feed_rng(&seed) {
+                warn!(error = %e, "feeding the RNG seed to the kernel failed");
+            }
+            seed.fill(0);
+        }
+        crate::identity::renew_machine_id();
         Ok(Response::new(ReconfigureResponse {
             applied_us: report.elapsed_us,
         }))

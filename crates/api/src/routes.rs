@@ -99,7 +99,7 @@ where
         crate::observe::metrics,
         crate::observe::events,
     ),
-    components(schemas(ErrorBody, AgentHealth, Instance, InstanceNetwork, PublishedPort, PortProtocol, EgressParam, InstanceState, Handoff, HandoffPath,
+    components(schemas(ErrorBody, AgentHealth, ExecEncoding, Instance, InstanceNetwork, PublishedPort, PortProtocol, EgressParam, InstanceState, Handoff, HandoffPath,
         ForkOutcome, ForkFailure, Snapshot, SnapshotNetwork, WaitForStateResponse, Image, ImageStatus, PullCredentials, PullProgress)),
     modifiers(&BearerAuth, &CommonErrors),
     security(("bearerAuth" = [])),
@@ -510,8 +510,9 @@ async fn exec_instance(
     ApiJson(p): ApiJson<ExecParams>,
 ) -> Result<Json<ExecResponse>, ApiError> {
     p.unsupported.refuse("exec")?;
+    let encoding = p.encoding;
     let req = p.into_core()?;
-    Ok(Json(m.exec(&id, req).await?.into()))
+    Ok(Json(ExecResponse::new(m.exec(&id, req).await?, encoding)))
 }
 
 /// Snapshot an instance (kind `Standby`: memory and device state; a Running

@@ -497,6 +497,7 @@ pub async fn exec(c: &Client, json: bool, a: &ExecArgs) -> anyhow::Result<ExitCo
         env: (!a.env.is_empty()).then(|| a.env.iter().cloned().collect::<BTreeMap<_, _>>()),
         stdin,
         timeout_s: a.timeout,
+        encoding: Default::default(),
     };
     let r = c.exec(&a.id, &params).await?;
     if json {

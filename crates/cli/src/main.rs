@@ -253,7 +253,7 @@ async fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", output::safe(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -30,6 +30,25 @@ pub fn age(created: DateTime<Utc>, now: DateTime<Utc>) -> String {
     }
 }
 
+/// Text that may come from a guest (console lines in errors, names a guest
+/// reported) made safe for a terminal: control characters other than
+/// newline and tab, and the C1 range, shown escaped (`\u{1b}`), so a
+/// guest cannot send escape sequences to the operator's terminal.
+pub fn safe(s: &str) -> std::borrow::Cow<'_, str> {
+    let bad =
+        |c: char| (c.is_control() && c != '\n' && c != '\t') || ('\u{80}'..='\u{9f}').contains(&c);
+    if !s.chars().any(bad) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| match bad(c) {
+            true => c.escape_unicode().to_string(),
+            false => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
+}
+
 fn dash(v: &Option<String>) -> &str {
     v.as_deref().unwrap_or("-")
 }
@@ -48,7 +67,7 @@ fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
         let line: Vec<String> = r
             .iter()
             .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .map(|(c, w)| format!("{:<w$}", safe(c)))
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
@@ -298,7 +317,7 @@ pub fn instance_summary(i: &Instance) -> String {
     lines.push(("created", i.created_at.to_rfc3339()));
     let mut out = String::new();
     for (k, v) in lines {
-        out.push_str(&format!("{k:<12}{v}\n"));
+        out.push_str(&format!("{k:<12}{}\n", safe(&v)));
     }
     out
 }
@@ -306,6 +325,14 @@ pub fn instance_summary(i: &Instance) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_text_cannot_reach_the_terminal_as_control_sequences() {
+        assert_eq!(safe("plain\ttext\nnext"), "plain\ttext\nnext");
+        assert_eq!(safe("\u{1b}[2Jgone\u{7}"), "\\u{1b}[2Jgone\\u{7}");
+        assert_eq!(safe("csi\u{9b}"), "csi\\u{9b}");
+        assert_eq!(safe("ünïcode ok"), "ünïcode ok");
+    }
     use forkvm_api::wire::{InstanceNetwork, InstanceState};
 
     fn inst(name: &str, ip: Option<&str>) -> Instance {

@@ -73,6 +73,9 @@ pub(crate) enum Action {
     FinishBoot,
     /// The VMM is gone: Stopped, address released.
     MarkGone,
+    /// Stopped, yet its QEMU lives (a stop that failed kept its pidfile):
+    /// stopped again.
+    StopStray,
 }
 
 /// The adoption table (module docs).
@@ -80,6 +83,9 @@ pub(crate) fn classify(r: Recorded, vm: VmFound) -> Action {
     use Action::*;
     if r.state == InstanceState::Standby {
         return if r.vmm_traces { FinishStandby } else { Nothing };
+    }
+    if r.state == InstanceState::Stopped && vm != VmFound::Gone {
+        return StopStray;
     }
     if !r.state.has_vmm() {
         return Nothing;
@@ -152,6 +158,12 @@ async fn inspect(svc: &Services, inst: &Instance, pid: Option<u32>) -> VmFound {
 async fn execute(svc: &Services, inst: &mut Instance, action: Action) -> Result<()> {
     match action {
         Action::Nothing | Action::KeepRunning => Ok(()),
+        Action::StopStray => {
+            warn!(instance = %inst.id, pid = ?inst.pid, "stopping the QEMU of a Stopped instance");
+            teardown::stop_vmm(svc, inst).await;
+            inst.pid = None;
+            svc.store.update_instance(inst)
+        }
         Action::FinishStandby => {
             if let Err(e) = standby::finish(svc, inst).await {
                 warn!(instance = %inst.id, error = %e, "finishing the standby failed");
@@ -276,6 +288,8 @@ mod tests {
             (rec(Standby, true, false, true), paused, FinishStandby),
             (rec(Standby, true, true, false), Gone, Nothing),
             (rec(Stopped, false, false, false), Gone, Nothing),
+            (rec(Stopped, false, false, false), up, StopStray),
+            (rec(Stopped, false, false, false), Unresponsive, StopStray),
             (rec(Unknown, false, false, false), up, Nothing),
             (rec(Initializing, true, false, true), up, FinishRestore),
             (rec(Initializing, true, true, true), up, FinishFork),

@@ -60,6 +60,12 @@ pub enum AgentError {
     /// No answer before the deadline (`last`: the last transport error).
     #[error("agent {op}: guest agent did not answer in time ({last})")]
     Timeout { op: &'static str, last: String },
+    /// The connection broke after a once-only request was sent: the guest
+    /// may have run it, so it is not sent again.
+    #[error(
+        "agent {op}: connection lost after the request was sent; it may have run and was not retried ({message})"
+    )]
+    Interrupted { op: &'static str, message: String },
 }
 
 impl AgentError {
@@ -67,7 +73,9 @@ impl AgentError {
         match self {
             Self::Rejected { .. } => ErrorKind::Invalid,
             Self::Timeout { .. } => ErrorKind::Timeout,
-            Self::Unimplemented { .. } | Self::Failed { .. } => ErrorKind::Failed,
+            Self::Unimplemented { .. } | Self::Failed { .. } | Self::Interrupted { .. } => {
+                ErrorKind::Failed
+            }
         }
     }
 
@@ -77,6 +85,7 @@ impl AgentError {
             Self::Rejected { .. } => "invalid_request",
             Self::Failed { .. } => "agent_error",
             Self::Timeout { .. } => "timeout",
+            Self::Interrupted { .. } => "agent_interrupted",
         }
     }
 }
@@ -297,6 +306,53 @@ impl AgentLinks {
     }
 }
 
+impl AgentLinks {
+    /// Run a request that must not run twice (exec). Reaching the agent is
+    /// retried (a `Health` call within `policy`), the request itself is sent
+    /// exactly once: a transport failure after that is
+    /// [`AgentError::Interrupted`], since the guest may already have run it.
+    async fn call_once<T, F, Fut>(
+        &self,
+        id: &str,
+        socket: &Path,
+        op: &'static str,
+        policy: CallPolicy,
+        f: F,
+    ) -> Result<T, AgentError>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let probe = CallPolicy {
+            deadline: policy.deadline,
+            per_try: policy.per_try.min(Duration::from_secs(10)),
+        };
+        self.call(id, socket, op, probe, |mut c| async move {
+            c.health(pb::HealthRequest {}).await
+        })
+        .await?;
+        let client = self.client_once(id, socket, probe.per_try, op).await?;
+        match tokio::time::timeout(policy.per_try, f(client)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) if is_transport(&status) => {
+                self.forget(id);
+                Err(AgentError::Interrupted {
+                    op,
+                    message: format!("{}: {}", status.code(), status.message()),
+                })
+            }
+            Ok(Err(status)) => Err(map_status(op, status)),
+            Err(_) => {
+                self.forget(id);
+                Err(AgentError::Timeout {
+                    op,
+                    last: format!("no answer within {:?}", policy.per_try),
+                })
+            }
+        }
+    }
+}
+
 impl GuestAgent for AgentLinks {
     fn health<'a>(
         &'a self,
@@ -333,10 +389,11 @@ impl GuestAgent for AgentLinks {
         req: pb::ExecRequest,
         policy: CallPolicy,
     ) -> AgentFuture<'a, pb::ExecResponse> {
-        Box::pin(self.call(id, socket, "Exec", policy, move |mut c| {
-            let req = req.clone();
-            async move { c.exec(req).await }
-        }))
+        Box::pin(
+            self.call_once(id, socket, "Exec", policy, move |mut c| async move {
+                c.exec(req).await
+            }),
+        )
     }
 
     fn start_workload<'a>(

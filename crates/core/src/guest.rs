@@ -131,8 +131,8 @@ pub(crate) async fn exec(svc: &Services, id_or_name: &str, req: ExecRequest) -> 
         .await?;
     Ok(ExecResult {
         exit_code: resp.exit_code,
-        stdout: String::from_utf8_lossy(&resp.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&resp.stderr).into_owned(),
+        stdout: resp.stdout,
+        stderr: resp.stderr,
         timed_out: resp.timed_out,
         duration_ms: t0.elapsed().as_millis() as u64,
     })
@@ -145,7 +145,7 @@ pub(crate) fn exec_message(inst: &Instance, req: ExecRequest, timeout_s: u32) ->
     pb::ExecRequest {
         argv: req.command,
         env: req.env.into_iter().collect(),
-        stdin: req.stdin.unwrap_or_default().into_bytes(),
+        stdin: req.stdin.unwrap_or_default(),
         timeout_ms: timeout_s.saturating_mul(1000),
         cwd: String::new(),
         image_root: inst.workload.is_some(),
@@ -214,7 +214,7 @@ mod tests {
         let req = ExecRequest {
             command: vec!["cat".into(), "/etc/os-release".into()],
             env: [("K".to_string(), "v".to_string())].into(),
-            stdin: Some("in".into()),
+            stdin: Some(b"in".to_vec()),
             timeout_s: Some(3),
         };
         let msg = exec_message(&inst, req.clone(), 3);

@@ -186,17 +186,15 @@ pub(crate) async fn start(svc: &Services, id_or_name: &str) -> Result<Instance> 
     }
 }
 
-/// The kernel command line of a fresh boot.
-fn boot_cmdline(svc: &Services, boot: &BootConfig) -> Result<String> {
-    let arg = boot
-        .to_cmdline_arg()
-        .map_err(|e| CoreError::Invalid(format!("boot configuration: {e}")))?;
-    let mut cmdline = format!("console=ttyS0 panic=-1 quiet loglevel=4 {arg}");
+/// The kernel command line of a fresh boot. Nothing of the instance's own
+/// goes here: its boot config travels by fw_cfg ([`BootConfig::to_fw_cfg`]).
+fn boot_cmdline(svc: &Services) -> String {
+    let mut cmdline = "console=ttyS0 panic=-1 quiet loglevel=4".to_string();
     if let Some(filter) = &svc.cfg.guest_agent_log {
         // The kernel hands unknown `key=value` parameters to init's environment.
         cmdline.push_str(&format!(" FORKVM_AGENT_LOG={filter}"));
     }
-    Ok(cmdline)
+    cmdline
 }
 
 /// Lease (if networked) → TAP → QEMU → the agent answers.
@@ -228,15 +226,19 @@ async fn boot(svc: &Services, inst: &mut Instance, previous: Option<NetworkInfo>
         },
         agent_port: forkvm_proto::boot::AGENT_PORT_NAME.to_string(),
     };
-    let cmdline = boot_cmdline(svc, &boot)?;
+    let doc = boot
+        .to_fw_cfg()
+        .map_err(|e| CoreError::Invalid(format!("boot configuration: {e}")))?;
+    paths.write_boot_config(&doc)?;
+    let cmdline = boot_cmdline(svc);
     inst.cmdline = Some(cmdline.clone());
-    let spec = svc.vm_spec(inst, &image, &cmdline, false)?;
+    let mut spec = svc.vm_spec(inst, &image, &cmdline, false)?;
+    spec.boot_config = Some(paths.boot_config.clone());
     let t0 = std::time::Instant::now();
-    let handle = svc
-        .hv
-        .start(&spec)
-        .await
-        .map_err(CoreError::vmm("starting QEMU"))?;
+    let started = svc.hv.start(&spec).await;
+    // QEMU has read it (or will never): the env leaves the disk.
+    paths.remove_boot_config();
+    let handle = started.map_err(CoreError::vmm("starting QEMU"))?;
     inst.to_initializing(handle.pid, svc.accel_name(), svc.now());
     svc.store.update_instance(inst)?;
     let health = wait_agent(svc, inst, BOOT_TIMEOUT).await.map_err(|e| {

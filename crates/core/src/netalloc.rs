@@ -78,6 +78,8 @@ impl Lease {
             gateway: self.gateway.to_string(),
             dns: dns.iter().map(Ipv4Addr::to_string).collect(),
             hostname: hostname.to_string(),
+            // Fresh per call: every fork's RNG diverges from its siblings'.
+            rng_seed: rand::random::<[u8; 32]>().to_vec(),
         }
     }
 

@@ -11,6 +11,9 @@ pub struct InstancePaths {
     pub qmp_socket: PathBuf,
     pub console_log: PathBuf,
     pub pidfile: PathBuf,
+    /// The boot config QEMU passes to the guest by fw_cfg; present only
+    /// while QEMU starts (it holds the instance's env).
+    pub boot_config: PathBuf,
     /// Guest RAM, on the tmpfs memory directory.
     pub mem: PathBuf,
 }
@@ -31,6 +34,7 @@ impl InstancePaths {
             qmp_socket: dir.join(format!("qmp{g}.sock")),
             console_log: dir.join("console.log"),
             pidfile: dir.join(format!("qemu{g}.pid")),
+            boot_config: dir.join(format!("boot-config{g}.json")),
             mem: mem_dir.join(format!("{id}.mem")),
             dir,
         }
@@ -54,6 +58,38 @@ impl InstancePaths {
     pub fn prepare(&self) -> Result<()> {
         std::fs::create_dir_all(&self.dir)
             .map_err(CoreError::io(format!("create {}", self.dir.display())))
+    }
+
+    /// Writes the boot config for QEMU: a fresh 0600 file (a stale one is
+    /// removed first; `O_EXCL` and `O_NOFOLLOW` refuse anything planted).
+    pub fn write_boot_config(&self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = &self.boot_config;
+        let what = || format!("write {}", path.display());
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CoreError::io(what())(e));
+            }
+            _ => {}
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(CoreError::io(what()))
+    }
+
+    /// Removes the boot config once QEMU has read it (or failed to start).
+    pub fn remove_boot_config(&self) {
+        if let Err(e) = std::fs::remove_file(&self.boot_config)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.boot_config.display(), error = %e, "boot config left behind");
+        }
     }
 
     pub fn read_pid(&self) -> Option<u32> {

@@ -215,6 +215,7 @@ impl Services {
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
             cmdline: cmdline.to_string(),
+            boot_config: None,
             mem_path,
             mem_share,
             net: crate::netalloc::Lease::of(&inst.network)

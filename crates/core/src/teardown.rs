@@ -14,23 +14,35 @@ const EXIT_POLL: Duration = Duration::from_millis(200);
 
 /// Stop QEMU and remove the TAP and runtime files; keeps allocations (a
 /// stopped instance keeps its identity).
-pub(crate) async fn stop_vmm(svc: &Services, inst: &Instance) {
+pub(crate) async fn stop_vmm(svc: &Services, inst: &Instance) -> bool {
     svc.agent.forget(&inst.id);
     let paths = svc.paths(inst);
     let pid = inst.pid.or_else(|| paths.read_pid());
     // Also when it is gone already: stop then removes what it left (its
     // sockets, pidfile and cgroup).
+    let mut stuck = None;
     if let Some(pid) = pid
         && let Err(e) = svc.hv.stop(&svc.handle(inst, pid), STOP_GRACE).await
     {
         warn!(instance = %inst.id, error = %e, "stopping QEMU failed");
+        stuck = svc.hv.is_alive(&inst.id, pid).then_some(pid);
     }
     if let Some(tap) = &inst.network.tap
         && let Err(e) = svc.net.delete_tap(tap).await
     {
         warn!(instance = %inst.id, tap = %tap, error = %e, "deleting TAP failed");
     }
-    paths.remove_runtime();
+    match stuck {
+        None => paths.remove_runtime(),
+        // Its pidfile stays, so a later stop, delete or restart finds it.
+        Some(pid) => {
+            warn!(instance = %inst.id, pid, "QEMU survived its stop; pidfile kept");
+            if let Err(e) = std::fs::write(&paths.pidfile, format!("{pid}\n")) {
+                warn!(instance = %inst.id, error = %e, "keeping the pidfile failed");
+            }
+        }
+    }
+    stuck.is_none()
 }
 
 /// [`stop_vmm`], leaving the memory file in place (standby, a restore that
@@ -46,14 +58,18 @@ pub(crate) async fn stop_vmm_keep_memory(svc: &Services, inst: &Instance) {
 /// Everything [`stop_vmm`] does, plus the instance's standby snapshot, its
 /// network claims and its directory. The record is the caller's.
 pub(crate) async fn remove_instance_resources(svc: &Services, inst: &Instance) {
-    stop_vmm(svc, inst).await;
+    let stopped = stop_vmm(svc, inst).await;
     if let Some(sid) = &inst.snapshot_id {
         crate::snapshot::remove(svc, sid);
     }
     if let Err(e) = svc.net.release(&svc.store, &inst.id) {
         warn!(instance = %inst.id, error = %e, "releasing network failed");
     }
-    svc.paths(inst).remove_all();
+    // A QEMU that survived keeps its directory (and pidfile): the orphan
+    // sweep at the next start stops it.
+    if stopped {
+        svc.paths(inst).remove_all();
+    }
 }
 
 /// [`remove_instance_resources`] and the record.

@@ -23,6 +23,9 @@ pub const BOOT_MODULES: &[&str] = &[
     "net_failover",
     "virtio_net",
     "virtio_console",
+    // /sys/firmware/qemu_fw_cfg: the boot config (env included) arrives
+    // there instead of on the kernel command line (crates/proto boot.rs).
+    "qemu_fw_cfg",
 ];
 
 /// What an OCI image's workload needs from its disks (docs/guest-workload.md):

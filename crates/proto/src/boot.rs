@@ -1,6 +1,14 @@
-//! Boot configuration passed from host to guest on the kernel command line.
+//! Boot configuration passed from host to guest.
 //!
-//! Encoding: `forkvm.cfg=<base64url, no padding, of the JSON document>`. base64url
+//! forkvm passes it as a QEMU fw_cfg file, [`FW_CFG_NAME`], holding the JSON
+//! document ([`BootConfig::to_fw_cfg`]): the instance's env can hold secrets,
+//! and the kernel command line is readable by every host user in
+//! `/proc/<qemu>/cmdline` and by every guest user in `/proc/cmdline`, while
+//! the guest's fw_cfg files are root's (0400) and the host's copy is a 0600
+//! file removed once QEMU has read it. The agent reads the fw_cfg file and
+//! falls back to the command line (other hosts, the agent's own VM tests).
+//!
+//! Command-line encoding: `forkvm.cfg=<base64url, no padding, of the JSON document>`. base64url
 //! keeps the value free of spaces and quotes, which the kernel's command-line
 //! parser would otherwise split or strip. The dotted key also means the kernel
 //! treats it as a (unknown) module parameter and does not hand it to init as an
@@ -21,6 +29,16 @@ pub const CMDLINE_KEY: &str = "forkvm.cfg";
 /// Upper bound for the whole `forkvm.cfg=...` token. x86's kernel command line is
 /// limited to 2048 bytes; this leaves room for console and other parameters.
 pub const MAX_CMDLINE_ARG_LEN: usize = 1500;
+
+/// fw_cfg file name carrying the [`BootConfig`] JSON (`opt/` names are the
+/// ones QEMU leaves to users).
+pub const FW_CFG_NAME: &str = "opt/forkvm/boot";
+
+/// Where the guest kernel (`qemu_fw_cfg` module) shows it.
+pub const FW_CFG_GUEST_PATH: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/forkvm/boot/raw";
+
+/// Upper bound of the fw_cfg document (env and entrypoint included).
+pub const MAX_FW_CFG_LEN: usize = 64 * 1024;
 
 /// Errors encoding or decoding a [`BootConfig`].
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +114,29 @@ impl BootConfig {
         Ok(arg)
     }
 
+    /// The fw_cfg document: JSON, at most [`MAX_FW_CFG_LEN`] bytes.
+    pub fn to_fw_cfg(&self) -> Result<Vec<u8>, BootConfigError> {
+        let json = serde_json::to_vec(self)?;
+        if json.len() > MAX_FW_CFG_LEN {
+            return Err(BootConfigError::TooLong {
+                len: json.len(),
+                max: MAX_FW_CFG_LEN,
+            });
+        }
+        Ok(json)
+    }
+
+    /// Decodes a fw_cfg document (bounded like [`Self::to_fw_cfg`]).
+    pub fn from_fw_cfg(bytes: &[u8]) -> Result<BootConfig, BootConfigError> {
+        if bytes.len() > MAX_FW_CFG_LEN {
+            return Err(BootConfigError::TooLong {
+                len: bytes.len(),
+                max: MAX_FW_CFG_LEN,
+            });
+        }
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
     /// Finds the `forkvm.cfg=` token in a whole kernel command line and decodes it.
     /// If the token appears more than once the last one wins, as with kernel parameters.
     pub fn from_cmdline(cmdline: &str) -> Result<BootConfig, BootConfigError> {
@@ -128,6 +169,25 @@ impl BootConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fw_cfg_round_trips_and_is_bounded() {
+        let mut c = sample();
+        c.env.insert("SECRET".into(), "x y=z\n\"'".into());
+        let bytes = c.to_fw_cfg().unwrap();
+        assert_eq!(BootConfig::from_fw_cfg(&bytes).unwrap(), c);
+        c.env.insert("BIG".into(), "a".repeat(MAX_FW_CFG_LEN));
+        assert!(matches!(
+            c.to_fw_cfg(),
+            Err(BootConfigError::TooLong { .. })
+        ));
+        let big = vec![b' '; MAX_FW_CFG_LEN + 1];
+        assert!(matches!(
+            BootConfig::from_fw_cfg(&big),
+            Err(BootConfigError::TooLong { .. })
+        ));
+        assert!(BootConfig::from_fw_cfg(b"{not json").is_err());
+    }
 
     fn sample() -> BootConfig {
         BootConfig {

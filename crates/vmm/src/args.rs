@@ -28,6 +28,7 @@ pub(crate) const CONSOLE_FD: i32 = 7;
 pub(crate) const KERNEL_FD: i32 = 8;
 pub(crate) const INITRD_FD: i32 = 9;
 pub(crate) const IMAGE_DISK_FD: i32 = 10;
+pub(crate) const BOOT_CONFIG_FD: i32 = 11;
 const SERIAL_PCI_ADDR: &str = "0x3";
 const IMAGE_DISK_PCI_ADDR: &str = "0x4";
 const RW_DISK_PCI_ADDR: &str = "0x5";
@@ -128,6 +129,10 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// fw_cfg name of the boot config (forkvm-proto's `boot::FW_CFG_NAME`; this
+/// crate stays free of the agent protocol).
+const FW_CFG_NAME: &str = "opt/forkvm/boot";
+
 /// The full QEMU argument list for `spec` (without the binary).
 pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
     validate_spec(spec)?;
@@ -151,6 +156,14 @@ pub fn build_qemu_args(spec: &VmSpec) -> Result<Vec<OsString>, VmmError> {
         &format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"),
     ]);
     push(&["-mon", "chardev=qmp,mode=control"]);
+    if let Some(cfg) = &spec.boot_config {
+        // Checked here, opened by the daemon and passed as an fd.
+        opt_path("boot_config", cfg)?;
+        push(&[
+            "-fw_cfg",
+            &format!("name={FW_CFG_NAME},file={}", fd_path(BOOT_CONFIG_FD)),
+        ]);
+    }
     if spec.incoming {
         push(&["-S", "-incoming", "defer"]);
     }
@@ -276,6 +289,7 @@ mod tests {
             kernel: "/k/vmlinux".into(),
             initrd: "/k/initrd".into(),
             cmdline: "console=ttyS0 quiet".into(),
+            boot_config: None,
             mem_path: "/dev/shm/a,b/mem".into(),
             mem_share: true,
             net: None,
@@ -337,6 +351,20 @@ mod tests {
         assert!(!j.contains("-incoming"), "{j}");
         assert!(!j.contains("virtio-net"), "{j}");
         assert!(!j.contains("virtio-blk"), "{j}");
+        assert!(!j.contains("-fw_cfg"), "{j}");
+    }
+
+    #[test]
+    fn the_boot_config_goes_by_fw_cfg_file() {
+        let mut s = spec();
+        s.boot_config = Some("/run/x,y/boot.json".into());
+        let j = joined(&s);
+        assert!(
+            j.contains("-fw_cfg name=opt/forkvm/boot,file=/proc/self/fd/11"),
+            "{j}"
+        );
+        s.boot_config = Some("relative".into());
+        assert!(build_qemu_args(&s).is_err());
     }
 
     #[test]

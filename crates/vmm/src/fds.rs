@@ -13,7 +13,8 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 
 use crate::args::{
-    AGENT_FD, CONSOLE_FD, IMAGE_DISK_FD, INITRD_FD, KERNEL_FD, MEM_FD, QMP_FD, TAP_FD,
+    AGENT_FD, BOOT_CONFIG_FD, CONSOLE_FD, IMAGE_DISK_FD, INITRD_FD, KERNEL_FD, MEM_FD, QMP_FD,
+    TAP_FD,
 };
 use crate::error::VmmError;
 use crate::process::take_tap_fd;
@@ -21,7 +22,7 @@ use crate::user::{VmUser, own, prepare_disk_chain, share_base, share_read};
 use crate::{DiskRole, NetBackend, VmSpec};
 
 /// At most this many fds are passed.
-pub(crate) const MAX_PASSED: usize = 8;
+pub(crate) const MAX_PASSED: usize = 9;
 /// Passed fds are first moved at or above this number, so putting them at
 /// their targets (all below) in the child never overwrites another.
 const HIGH_FD: i32 = 64;
@@ -60,6 +61,14 @@ impl Passed {
             own(&con, &spec.console_log, u)?;
         }
         p.push(con.into(), CONSOLE_FD)?;
+        if let Some(cfg) = &spec.boot_config {
+            // The instance's env: its QEMU's alone (never group-readable).
+            let f = File::open(cfg).map_err(|e| VmmError::io("open", cfg, e))?;
+            if let Some(u) = user {
+                own(&f, cfg, u)?;
+            }
+            p.push(f.into(), BOOT_CONFIG_FD)?;
+        }
         p.push(read_only(&spec.kernel, user)?.into(), KERNEL_FD)?;
         p.push(read_only(&spec.initrd, user)?.into(), INITRD_FD)?;
         for d in &spec.disks {

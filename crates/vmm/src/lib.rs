@@ -138,8 +138,14 @@ pub struct VmSpec {
     pub memory_mb: u32,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    /// Kernel command line; `console=ttyS0` is the caller's job.
+    /// Kernel command line; `console=ttyS0` is the caller's job. Readable
+    /// by host users in `/proc/<qemu>/cmdline`: nothing secret goes here.
     pub cmdline: String,
+    /// A file QEMU hands the guest as the fw_cfg file
+    /// `opt/forkvm/boot` (the boot config with the instance's env); QEMU
+    /// reads it at startup, so the caller may remove it once QEMU runs.
+    #[serde(default)]
+    pub boot_config: Option<PathBuf>,
     /// Guest RAM file. With `mem_share` QEMU creates it if missing (sparse)
     /// and the caller owns it afterwards (it survives `stop`). Without
     /// `mem_share` it must already exist.

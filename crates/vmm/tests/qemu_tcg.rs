@@ -81,6 +81,7 @@ impl Env {
             kernel: kernel(),
             initrd: self.initrd.clone(),
             cmdline: "console=ttyS0 quiet panic=-1".into(),
+            boot_config: None,
             mem_path: d.join(mem_file),
             mem_share: true,
             net: None,

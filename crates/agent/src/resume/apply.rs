@@ -2,7 +2,6 @@
 //! → outcome into the page → first ack → re-arm; then, off the critical path,
 //! the remaining acks, the RNG seed, the deferred network steps and the clock.
 
-use std::fs::File;
 use std::io::IoSlice;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -22,10 +21,6 @@ use crate::rpc::AgentState;
 /// the whole schedule is sent: the first frames on a fresh bridge port (or
 /// before ARP resolves) can be lost.
 pub const ACK_SCHEDULE_MS: [u64; 6] = [0, 10, 30, 100, 300, 1000];
-/// `_IOW('R', 0x03, int[2])`: add entropy, credited.
-const RNDADDENTROPY: u64 = 0x4008_5203;
-/// `_IO('R', 0x07)`: reseed the CRNG now.
-const RNDRESEEDCRNG: u64 = 0x5207;
 
 /// The socket acks leave from: made once at start, so every fork inherits it
 /// ready (a socket's creation and bind cost tens of ms on a cold TCG fork).
@@ -280,8 +275,9 @@ impl Applied {
         if let Some(sock) = ack_sock {
             tokio::spawn(resend_acks(sock, msg, self.ipv4, to, self.generation));
         }
-        let rng_result = feed_rng(&self.rng_seed);
+        let rng_result = crate::identity::feed_rng(&self.rng_seed.0);
         self.rng_seed.0.fill(0);
+        crate::identity::renew_machine_id();
         if let Err(e) = state.finish_network(netlink, &mut self.report).await {
             warn!(error = %e, generation = self.generation, "mailbox ARP/resolv.conf/hostname apply failed");
         }
@@ -348,39 +344,6 @@ async fn resend_acks(
     info!(generation, %to, resent = sent, "ack schedule done");
 }
 
-/// Mixes the host's seed into the kernel RNG and forces a reseed, so this
-/// fork's RNG diverges from its siblings before the VMGenID handler runs.
-fn feed_rng(seed: &Seed) -> std::io::Result<()> {
-    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-    #[repr(C)]
-    struct RandPoolInfo {
-        entropy_count: libc::c_int,
-        buf_size: libc::c_int,
-        buf: [u32; 8],
-    }
-    let mut info = RandPoolInfo {
-        entropy_count: 256,
-        buf_size: 32,
-        buf: [0; 8],
-    };
-    for (w, chunk) in info.buf.iter_mut().zip(seed.as_bytes().chunks_exact(4)) {
-        *w = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-    }
-    let f = File::options().write(true).open("/dev/random")?;
-    // SAFETY: RNDADDENTROPY reads a rand_pool_info with buf_size bytes of
-    // buffer, which `info` provides; the fd is valid.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, &raw const info) };
-    info.buf.fill(0);
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: RNDRESEEDCRNG takes no argument.
-    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn set_realtime(unix_ns: u64) -> nix::Result<()> {
     let secs = i64::try_from(unix_ns / 1_000_000_000).map_err(|_| nix::errno::Errno::EINVAL)?;
     let ts = nix::sys::time::TimeSpec::new(secs, (unix_ns % 1_000_000_000) as i64);
@@ -390,15 +353,6 @@ fn set_realtime(unix_ns: u64) -> nix::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ioctl_numbers_match_linux_uapi() {
-        // _IOC(dir, type, nr, size) = dir<<30 | size<<16 | type<<8 | nr
-        let iow = (1u64 << 30) | (8 << 16) | (u64::from(b'R') << 8) | 0x03;
-        assert_eq!(RNDADDENTROPY, iow);
-        assert_eq!(RNDRESEEDCRNG, (u64::from(b'R') << 8) | 0x07);
-        assert_eq!(std::mem::size_of::<[u32; 8]>(), 32);
-    }
 
     #[test]
     fn ack_schedule_is_increasing_and_bounded() {

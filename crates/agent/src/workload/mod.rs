@@ -178,6 +178,7 @@ impl Workload {
                 if let Err(e) = resolv::copy_into(&root) {
                     warn!(error = %e, "writing the image root's resolv.conf failed");
                 }
+                crate::identity::fresh_machine_id_in(&root);
                 Some(root)
             };
             let ids = user::resolve(&user, root.as_deref().unwrap_or(Path::new("/")))?;

@@ -28,6 +28,14 @@ pub fn copy_into(root: &Path) -> io::Result<bool> {
 
 /// `text` as `<root>/etc/resolv.conf`, written then renamed into place.
 pub fn write_into(root: &Path, text: &[u8]) -> io::Result<bool> {
+    write_etc(root, "resolv.conf", text, 0o644)
+}
+
+/// `text` as `<root>/etc/<name>` (a plain file name), written then renamed
+/// into place; `Ok(false)` when the same text is already there. `etc` must
+/// be a real directory (created if missing); a symlink at `<name>` is
+/// replaced, never followed.
+pub fn write_etc(root: &Path, name: &str, text: &[u8], mode: u32) -> io::Result<bool> {
     let etc = root.join("etc");
     match std::fs::symlink_metadata(&etc) {
         Ok(m) if m.is_dir() => {}
@@ -40,13 +48,13 @@ pub fn write_into(root: &Path, text: &[u8]) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(&etc)?,
         Err(e) => return Err(e),
     }
-    let target = etc.join("resolv.conf");
+    let target = etc.join(name);
     let same = std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_file())
         && std::fs::read(&target).is_ok_and(|cur| cur == text);
     if same {
         return Ok(false);
     }
-    let tmp = etc.join(".resolv.conf.forkvm");
+    let tmp = etc.join(format!(".{name}.forkvm"));
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -54,7 +62,7 @@ pub fn write_into(root: &Path, text: &[u8]) -> io::Result<bool> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(mode)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)?;
     f.write_all(text)?;

@@ -23,7 +23,7 @@ mod unknown;
 mod wait;
 
 pub use error::ErrorBody;
-pub use exec::{ExecParams, ExecResponse};
+pub use exec::{ExecEncoding, ExecParams, ExecResponse};
 pub use fork::{
     ForkFailure, ForkOutcome, ForkResponse, ForkTargetState, InstanceForkParams, MAX_FORK_COUNT,
     SnapshotForkParams,

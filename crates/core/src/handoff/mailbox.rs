@@ -8,7 +8,6 @@ use crate::netalloc::{GUEST_INTERFACE, Lease};
 use forkvm_mailbox as mbx;
 use forkvm_vmm::{Hypervisor, VmHandle};
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::warn;
@@ -27,9 +26,6 @@ pub(crate) struct MailboxPlan<'a> {
     /// Name servers for the guest's resolv.conf.
     pub dns: &'a [Ipv4Addr],
     pub memory_mb: u32,
-    /// The file behind the fork's RAM (its base when copy-on-write), scanned
-    /// when the page is not where reported.
-    pub mem_file: &'a Path,
     pub ack_timeout: Duration,
     /// Test hooks: bind the listener elsewhere, write a forged payload.
     pub ack_bind: Option<Ipv4Addr>,
@@ -70,34 +66,31 @@ fn ack_listener(bind_ip: Ipv4Addr) -> Result<(tokio::net::UdpSocket, u16), Mailb
     Ok((socket, port))
 }
 
-/// The armed page: at the reported address, else found by scanning the
-/// fork's memory file (off the async runtime: it reads all touched memory).
+/// The armed page, read at the address the agent reported and nowhere else.
+/// The agent keeps its page pinned, so a page that is not there was moved
+/// or overwritten by the guest: falling back costs that guest one RPC, where
+/// searching its memory would cost the host a read of all of it.
 async fn locate(
     hv: &dyn Hypervisor,
     vm: &VmHandle,
     plan: &MailboxPlan<'_>,
     marker: &mbx::MarkerId,
 ) -> Result<(u64, Vec<u8>), MailboxFallback> {
-    if let Some(off) = hv.ram_offset(plan.memory_mb, plan.info.gpa)
-        && let Ok(page) = hv.read_ram(vm, off, mbx::PAGE_SIZE).await
-        && mbx::verify_marker(&page, marker).is_ok()
-    {
-        return Ok((off, page));
-    }
-    let (file, m) = (plan.mem_file.to_path_buf(), *marker);
-    let found = tokio::task::spawn_blocking(move || {
-        let f = std::fs::File::open(&file).map_err(|e| MailboxFallback::Scan(e.to_string()))?;
-        mbx::scan_file(&f, &m).map_err(|e| MailboxFallback::Scan(e.to_string()))
-    })
-    .await
-    .map_err(|e| MailboxFallback::Scan(e.to_string()))??
-    .ok_or(MailboxFallback::MarkerNotFound)?;
-    warn!(vm = %vm.id, reported = plan.info.gpa, found, "mailbox page moved; found by scan");
+    let gpa = plan.info.gpa;
+    let off = hv
+        .ram_offset(plan.memory_mb, gpa)
+        .ok_or(MailboxFallback::OutsideRam(gpa))?;
     let page = hv
-        .read_ram(vm, found, mbx::PAGE_SIZE)
+        .read_ram(vm, off, mbx::PAGE_SIZE)
         .await
         .map_err(|e| MailboxFallback::GuestMemory(e.to_string()))?;
-    Ok((found, page))
+    match mbx::verify_marker(&page, marker) {
+        Ok(_) => Ok((off, page)),
+        Err(e) => {
+            warn!(vm = %vm.id, gpa, error = %e, "mailbox page not at its reported address");
+            Err(MailboxFallback::MarkerNotFound)
+        }
+    }
 }
 
 impl MailboxHandoff {

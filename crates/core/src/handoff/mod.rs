@@ -47,9 +47,9 @@ pub enum MailboxFallback {
     AckBind { addr: Ipv4Addr, error: String },
     #[error("ack listener: {0}")]
     AckListener(String),
-    #[error("mailbox scan: {0}")]
-    Scan(String),
-    #[error("mailbox marker not found in guest memory")]
+    #[error("mailbox page address {0:#x} is outside guest RAM")]
+    OutsideRam(u64),
+    #[error("mailbox marker not found at its reported address")]
     MarkerNotFound,
     #[error("guest memory: {0}")]
     GuestMemory(String),
@@ -74,7 +74,7 @@ impl MailboxFallback {
             Self::BadMarker(_) => "bad_marker",
             Self::AckBind { .. } => "ack_bind",
             Self::AckListener(_) => "ack_listener",
-            Self::Scan(_) => "scan",
+            Self::OutsideRam(_) => "outside_ram",
             Self::MarkerNotFound => "marker_not_found",
             Self::GuestMemory(_) => "guest_memory",
             Self::Patch(_) => "patch",
@@ -148,7 +148,6 @@ pub(crate) async fn prepare(
                 hostname: &inst.name,
                 dns: &svc.cfg.dns,
                 memory_mb: inst.memory_mb,
-                mem_file: &vm.mem_path,
                 ack_timeout: svc.cfg.mailbox_ack_timeout,
                 ack_bind: svc.cfg.test_hooks.ack_bind_addr,
                 forgery: svc.cfg.test_hooks.next_forgery(),
@@ -182,7 +181,7 @@ pub(crate) async fn complete(
     };
     let observer = svc.store.observer();
     observer.handoff(inst, rec, outcome.as_ref().err().map(ToString::to_string));
-    let path = outcome?;
+    outcome?;
     rec.record(Stage::NetworkReady, resumed_at);
     inst.to_running();
     inst.handoff = Some(rec.clone());
@@ -190,11 +189,9 @@ pub(crate) async fn complete(
     // Only now its lease's rules (egress, published ports): until here
     // its TAP passed nothing but the handoff traffic.
     let rules = svc.net.sync_rules(&svc.store);
-    if path == HandoffPath::Mailbox {
-        return rules.await;
-    }
-    // The mailbox payload carries the host clock; the other paths don't:
-    // the clock is stepped while the rules are applied.
+    // The clock is stepped to the host's now, after resume, on every path
+    // (the mailbox payload's host time was taken before resume, so it lags
+    // by the resume and wake-up), while the rules are applied.
     let ((), applied) = tokio::join!(crate::guest::set_clock(svc, inst), rules);
     applied
 }
@@ -257,6 +254,11 @@ impl HostPaths<'_> {
         CallPolicy::within(self.svc.cfg.handoff_timeout, Duration::from_secs(5))
     }
 
+    fn exec_policy(&self) -> CallPolicy {
+        let t = self.svc.cfg.handoff_timeout;
+        CallPolicy::within(t, t)
+    }
+
     async fn via_rpc(&self) -> std::result::Result<(), HandoffError> {
         let socket = self.svc.paths(self.inst).agent_socket;
         let cfg = self.lease.rpc_config(&self.inst.name, &self.svc.cfg.dns);
@@ -285,7 +287,8 @@ impl HostPaths<'_> {
         let out = self
             .svc
             .agent
-            .exec(&self.inst.id, &socket, req, self.policy())
+            // Sent once, so it gets the whole deadline to answer.
+            .exec(&self.inst.id, &socket, req, self.exec_policy())
             .await?;
         if out.exit_code != 0 {
             return Err(HandoffError::ExecFailed {
@@ -326,7 +329,19 @@ fn shell_script(l: &Lease, hostname: &str, dns: &[Ipv4Addr]) -> String {
         gw = l.gateway,
         h = hostname
     );
-    script + &resolv
+    script + &resolv + &uniqueness_script(&rand::random::<[u8; 32]>())
+}
+
+/// The exec path's share of what makes a fork unique (the agent does the
+/// same natively, crates/agent identity.rs): the host's seed mixed into the
+/// guest's RNG, a fresh machine-id in the agent's root and the image root.
+/// Best effort, after the network is set.
+fn uniqueness_script(seed: &[u8; 32]) -> String {
+    const ROOT: &str = "/run/forkvm/root";
+    let octal: String = seed.iter().map(|b| format!("\\{b:03o}")).collect();
+    format!(
+        "; printf '{octal}' > /dev/urandom || true;          tr -d - < /proc/sys/kernel/random/uuid > /etc/.machine-id.forkvm &&          mv -f /etc/.machine-id.forkvm /etc/machine-id || true;          if [ -d {ROOT}/etc ] && [ ! -L {ROOT}/etc ]; then          cp /etc/machine-id {ROOT}/etc/.machine-id.forkvm &&          mv -f {ROOT}/etc/.machine-id.forkvm {ROOT}/etc/machine-id || true; fi"
+    )
 }
 
 /// Owner of a `wait_for_network: false` handoff: its outcome lands on the
@@ -412,6 +427,10 @@ mod tests {
         );
         assert!(s.contains("/run/forkvm/root/etc/resolv.conf; fi"), "{s}");
         assert!(!shell_script(&l, "web-1", &[]).contains("resolv"));
+        assert!(
+            s.contains("> /dev/urandom") && s.contains("/etc/machine-id"),
+            "{s}"
+        );
         for part in [
             "address 02:fc:00:00:00:07",
             "ip addr add 10.0.0.7/24",
@@ -420,5 +439,17 @@ mod tests {
         ] {
             assert!(s.contains(part), "{part} in {s}");
         }
+    }
+
+    #[test]
+    fn the_seed_goes_to_the_guest_as_octal_escapes() {
+        let mut seed = [0u8; 32];
+        seed[0] = 0o377;
+        seed[1] = b'\'';
+        let s = uniqueness_script(&seed);
+        assert!(s.starts_with("; printf '\\377\\047\\000"), "{s}");
+        // 32 escapes of 4 characters: no byte of the seed appears raw.
+        let arg = s.split('\'').nth(1).unwrap();
+        assert_eq!(arg.len(), 128, "{arg}");
     }
 }

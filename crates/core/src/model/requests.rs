@@ -56,15 +56,17 @@ pub struct CreateRequest {
 pub struct ExecRequest {
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
-    pub stdin: Option<String>,
+    /// Bytes written to the command's stdin.
+    pub stdin: Option<Vec<u8>>,
     pub timeout_s: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExecResult {
     pub exit_code: i32,
-    pub stdout: String,
-    pub stderr: String,
+    /// Raw output bytes (the agent caps each stream; the API encodes them).
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
     pub timed_out: bool,
     pub duration_ms: u64,
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::model::HandoffPath;
-use crate::testkit::World;
+use crate::testkit::{HvOp, World};
 use forkvm_vmm::RunState;
 
 /// Rewrites an instance's record as a crash at some point would leave it.
@@ -167,4 +167,39 @@ async fn orphans_are_removed() {
     assert!(!stray_dir.exists() && !stray_snap.exists());
     assert!(!w.net.ports().contains("fvm-deadbeef"));
     w.assert_only(&["web"]).await;
+}
+
+#[tokio::test]
+async fn a_qemu_that_survives_its_stop_is_found_again_and_stopped_at_restart() {
+    let mut w = World::new().await;
+    let i = w.running("web").await;
+    let pid = i.pid.unwrap();
+    w.hv.fail(HvOp::Stop);
+    let stopped = w.mgr.stop("web").await.unwrap();
+    assert_eq!(stopped.state, InstanceState::Stopped);
+    assert!(w.hv.vm_of(pid).is_some(), "the fake QEMU survived");
+    let paths = w.mgr.services().paths(&stopped);
+    assert_eq!(paths.read_pid(), Some(pid), "its pidfile was kept");
+    w.hv.heal();
+    w.restart().await;
+    assert!(w.hv.vm_of(pid).is_none(), "stopped at restart");
+    let after = w.mgr.get("web").await.unwrap();
+    assert_eq!((after.state, after.pid), (InstanceState::Stopped, None));
+}
+
+#[tokio::test]
+async fn a_deleted_instance_whose_qemu_survived_is_swept_at_restart() {
+    let mut w = World::new().await;
+    let i = w.running("web").await;
+    let pid = i.pid.unwrap();
+    let dir = w.mgr.services().paths(&i).dir;
+    w.hv.fail(HvOp::Stop);
+    w.mgr.delete("web").await.unwrap();
+    assert!(
+        dir.exists() && w.hv.vm_of(pid).is_some(),
+        "kept for the sweep"
+    );
+    w.hv.heal();
+    w.restart().await;
+    assert!(w.hv.vm_of(pid).is_none() && !dir.exists());
 }

@@ -101,33 +101,50 @@ async fn an_agent_without_the_rpc_gets_the_exec_path() {
 async fn a_marker_missing_from_memory_falls_back_to_rpc() {
     let w = World::new().await;
     w.running("src").await;
-    // Reported, but never written into guest memory (a scan finds nothing).
+    // Reported, but never written into guest memory.
     w.agent.report_mailbox(MARKER, GPA);
     let f = fork_one(&w, "src", from_running("f", None)).await.unwrap();
     assert_eq!(f.handoff.as_ref().unwrap().path, Some(HandoffPath::Rpc));
-    assert_eq!(fallback(&f), "mailbox marker not found in guest memory");
+    assert_eq!(
+        fallback(&f),
+        "mailbox marker not found at its reported address"
+    );
 }
 
 #[tokio::test]
-async fn a_moved_page_is_found_by_scanning() {
+async fn a_moved_page_falls_back_without_searching_guest_memory() {
     let w = World::new().await;
     armed_source(&w).await;
-    // The agent reports a stale address; the page is where it was armed.
+    // The agent reports a stale address; the armed page is elsewhere. The
+    // host reads one page, never searches, and writes nothing.
     w.agent.report_mailbox(MARKER, GPA + 0x10000);
     w.hv.on_resume(Arc::new(|vm: &FakeVm| {
         let h = mbx::read_header(&page_of(vm)).unwrap();
         assert_eq!(
             h.state,
-            mbx::MailboxState::Written,
-            "payload at the scanned page"
+            mbx::MailboxState::Empty,
+            "the page was not written"
         );
     }));
     let f = fork_one(&w, "src", from_running("f", None)).await.unwrap();
-    // No guest acks here: the page was written and not picked up.
-    let why = fallback(&f);
+    assert_eq!(f.handoff.as_ref().unwrap().path, Some(HandoffPath::Rpc));
+    assert_eq!(
+        fallback(&f),
+        "mailbox marker not found at its reported address"
+    );
+}
+
+#[tokio::test]
+async fn a_page_address_outside_guest_ram_falls_back() {
+    let w = World::new().await;
+    armed_source(&w).await;
+    w.agent.report_mailbox(MARKER, u64::MAX - 0xfff);
+    let f = fork_one(&w, "src", from_running("f", None)).await.unwrap();
+    assert_eq!(f.handoff.as_ref().unwrap().path, Some(HandoffPath::Rpc));
     assert!(
-        why.starts_with("guest did not pick up the mailbox"),
-        "{why}"
+        fallback(&f).contains("outside guest RAM"),
+        "{}",
+        fallback(&f)
     );
 }
 

@@ -17,6 +17,7 @@ pub(crate) enum HvOp {
     Load,
     Migrate,
     FreezeDisk,
+    Stop,
 }
 
 /// What the fake guest of a VM restored from a snapshot (a fork, a
@@ -177,6 +178,7 @@ impl FakeHypervisor {
             kernel: dir.join("k"),
             initrd: dir.join("i"),
             cmdline: String::new(),
+            boot_config: None,
             mem_path: mem,
             mem_share: true,
             net: None,
@@ -326,6 +328,7 @@ impl Hypervisor for FakeHypervisor {
 
     fn stop<'a>(&'a self, h: &'a VmHandle, _grace: Duration) -> VmmFuture<'a, ()> {
         Box::pin(async move {
+            self.check(HvOp::Stop)?;
             self.st().vms.remove(&h.pid);
             for p in [&h.pidfile, &h.qmp_socket, &h.agent_socket] {
                 let _ = std::fs::remove_file(p);
