@@ -17,6 +17,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -83,9 +84,11 @@ impl QemuHypervisor {
             .map(|u| Credentials::of(u, spec.accel == Accel::Kvm))
             .transpose()?;
         let passed = Passed::open(spec)?;
+        let pidfile = open_pidfile(&spec.pidfile)?;
         // Open until the child has exec'd; it writes into them.
         let joiner = cgroup.map(VmCgroup::joiner).transpose()?;
         let child_setup = ChildSetup {
+            pidfile: pidfile.as_raw_fd(),
             join: joiner.as_ref().map(Joiner::fds),
             passed: passed.raw(),
             rlimits: Rlimits::for_spec(spec)?,
@@ -93,7 +96,7 @@ impl QemuHypervisor {
         };
         // SAFETY: the closure runs in the forked child before exec, where
         // only async-signal-safe calls are allowed; ChildSetup::apply makes
-        // only such calls (write, setsid, dup2, setrlimit, signal,
+        // only such calls (getpid, write, setsid, dup2, setrlimit, signal,
         // setgroups, setgid, setuid, prctl) on values captured by copy.
         unsafe {
             cmd.pre_exec(move || child_setup.apply());
@@ -102,6 +105,7 @@ impl QemuHypervisor {
         // The child has exec'd (or failed): it has its own copies of the
         // fds, and is in its cgroup. The sockets stay bound: QEMU listens.
         drop(passed);
+        drop(pidfile);
         drop(joiner);
         let mut child = spawned.map_err(|e| VmmError::Spawn {
             bin: self.qemu_bin.clone(),
@@ -111,11 +115,6 @@ impl QemuHypervisor {
             status: "exited at once".into(),
             stderr_tail: start_output_tail(spec),
         })?;
-        if let Err(e) = write_pidfile(&spec.pidfile, pid) {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(e);
-        }
         let ready = tokio::select! {
             st = child.wait() => Err(exited(spec, st)),
             r = tokio::time::timeout(START_TIMEOUT, qmp_ready(&spec.qmp_socket)) => {
@@ -171,14 +170,42 @@ async fn qmp_ready(socket: &Path) -> Result<RunState, VmmError> {
     query_status(&mut q).await
 }
 
-/// Writes `pid` to `path` atomically (QEMU has no `-pidfile`: it may not
-/// write the directory).
-fn write_pidfile(path: &Path, pid: u32) -> Result<(), VmmError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, format!("{pid}\n"))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| VmmError::io("write", path, e))
+/// The pidfile, empty, for the child to write its pid into before exec
+/// (QEMU has no `-pidfile`: it may not write the directory). Written by
+/// the child, it names QEMU even if the daemon dies right after the fork.
+fn open_pidfile(path: &Path) -> Result<File, VmmError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| VmmError::io("create", path, e))
+}
+
+/// Writes this process's pid and a newline to `fd`. Only async-signal-safe
+/// calls (getpid, write), no allocation: this runs in the child after fork.
+fn write_own_pid(fd: i32) -> std::io::Result<()> {
+    // SAFETY: getpid has no preconditions.
+    let mut pid = unsafe { libc::getpid() } as u32;
+    let mut buf = [0u8; 12];
+    let mut i = buf.len() - 1;
+    buf[i] = b'\n';
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    let out = &buf[i..];
+    // SAFETY: writes `out.len()` bytes from a stack buffer to an fd the
+    // parent keeps open until the child has exec'd.
+    let n = unsafe { libc::write(fd, out.as_ptr().cast(), out.len()) };
+    if n != out.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What a QEMU that did not start leaves: its sockets and pidfile.
@@ -194,6 +221,8 @@ pub(crate) fn remove_start_leftovers(spec: &VmSpec) {
 /// so nothing is allocated or dropped in the child.
 #[derive(Clone, Copy)]
 struct ChildSetup {
+    /// The pidfile, opened empty: the child writes its pid first.
+    pidfile: i32,
     /// The VM cgroup's `cgroup.procs` files: joined first, so QEMU never
     /// runs outside it.
     join: Option<JoinFds>,
@@ -208,6 +237,7 @@ struct ChildSetup {
 impl ChildSetup {
     /// Only async-signal-safe calls: this runs after fork in the child.
     fn apply(&self) -> std::io::Result<()> {
+        write_own_pid(self.pidfile)?;
         if let Some(j) = &self.join {
             j.join_self()?;
         }
@@ -221,5 +251,22 @@ impl ChildSetup {
             Some(c) => c.apply(),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_child_writes_its_own_pid() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("qemu.pid");
+        let f = open_pidfile(&p).unwrap();
+        write_own_pid(f.as_raw_fd()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            format!("{}\n", std::process::id())
+        );
     }
 }
