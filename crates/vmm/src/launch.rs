@@ -56,28 +56,10 @@ impl QemuHypervisor {
         args: &[OsString],
         cgroup: Option<&VmCgroup>,
     ) -> Result<(u32, RunState), VmmError> {
-        // QEMU's stdout and stderr, for its whole life (it keeps no -D log:
-        // without -daemonize its errors go to stderr).
-        let err_path = qemu_log_path(spec);
-        let err_file = File::create(&err_path).map_err(|e| VmmError::io("create", &err_path, e))?;
-        let out_file = err_file
-            .try_clone()
-            .map_err(|e| VmmError::io("dup", &err_path, e))?;
         tracing::info!(id = %spec.id, accel = ?spec.accel, incoming = spec.incoming,
-            mem_share = spec.mem_share, "starting qemu");
+            mem_share = spec.mem_share, user = ?spec.user, "starting qemu");
         tracing::debug!(id = %spec.id, args = ?args, "qemu command line");
-        let mut cmd = tokio::process::Command::new(&self.qemu_bin);
-        // QEMU gets nothing of the daemon's environment (its API token,
-        // credentials): a device escape must not find them in its memory.
-        cmd.env_clear()
-            .env("PATH", QEMU_PATH)
-            .args(args)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(out_file)
-            .stderr(err_file)
-            // A VM outlives the daemon and the future that started it.
-            .kill_on_drop(false);
+        let mut cmd = self.command(spec, args)?;
         let creds = spec
             .user
             .as_ref()
@@ -150,6 +132,37 @@ impl QemuHypervisor {
         // exits while this daemon runs.
         drop(child);
         Ok((pid, state))
+    }
+}
+
+impl QemuHypervisor {
+    /// QEMU's command: `args`, [`QEMU_PATH`] as its only environment, `/`
+    /// as its directory, its output into [`qemu_log_path`].
+    fn command(
+        &self,
+        spec: &VmSpec,
+        args: &[OsString],
+    ) -> Result<tokio::process::Command, VmmError> {
+        // QEMU's stdout and stderr, for its whole life (it keeps no -D log:
+        // without -daemonize its errors go to stderr).
+        let err_path = qemu_log_path(spec);
+        let err_file = File::create(&err_path).map_err(|e| VmmError::io("create", &err_path, e))?;
+        let out_file = err_file
+            .try_clone()
+            .map_err(|e| VmmError::io("dup", &err_path, e))?;
+        let mut cmd = tokio::process::Command::new(&self.qemu_bin);
+        // QEMU gets nothing of the daemon's environment (its API token,
+        // credentials): a device escape must not find them in its memory.
+        cmd.env_clear()
+            .env("PATH", QEMU_PATH)
+            .args(args)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(out_file)
+            .stderr(err_file)
+            // A VM outlives the daemon and the future that started it.
+            .kill_on_drop(false);
+        Ok(cmd)
     }
 }
 
