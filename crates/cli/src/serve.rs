@@ -92,8 +92,9 @@ pub struct ServeArgs {
     #[arg(long, env = "FORKVM_NO_CGROUPS")]
     pub no_cgroups: bool,
     /// Run each instance's QEMU as an unprivileged uid of its own (needs
-    /// a root daemon); `false`: as the daemon's user.
-    #[arg(long, env = "FORKVM_VM_USER", default_value_t = true, action = clap::ArgAction::Set)]
+    /// a root daemon); `off`: as the daemon's user.
+    #[arg(long, env = "FORKVM_VM_USER", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub vm_user: bool,
     /// Run each QEMU in a mount namespace of its own that holds only the
     /// system files it loads and its disk layers; `false`: the host's tree.

@@ -69,32 +69,28 @@ pub(crate) fn user_of(svc: &Services, id: &str) -> Result<Option<VmUser>> {
     if let Some(uid) = held(svc, id)? {
         return Ok(user(uid));
     }
-    // The primary key decides between racing claims: retry on a loss.
-    for _ in 0..8 {
-        let taken: HashSet<String> = svc
-            .store
-            .allocated(AllocKind::VmUid)?
-            .into_iter()
-            .map(|(v, _)| v)
-            .collect();
-        let Some(uid) = (0..r.count)
-            .map(|s| r.uid(s))
-            .find(|u| !taken.contains(&u.to_string()))
-        else {
-            return Err(CoreError::Exhausted(format!(
-                "all {} VM uids from {} are in use",
-                r.count,
-                r.uid(0)
-            )));
-        };
-        if svc
-            .store
-            .try_allocate(AllocKind::VmUid, &uid.to_string(), id)?
+    // The primary key decides between racing claims: a lost one moves on
+    // to the next free uid.
+    let taken: HashSet<String> = svc
+        .store
+        .allocated(AllocKind::VmUid)?
+        .into_iter()
+        .map(|(v, _)| v)
+        .collect();
+    for uid in (0..r.count).map(|s| r.uid(s)) {
+        if !taken.contains(&uid.to_string())
+            && svc
+                .store
+                .try_allocate(AllocKind::VmUid, &uid.to_string(), id)?
         {
             return Ok(user(uid));
         }
     }
-    Err(CoreError::Conflict("claiming a VM uid kept racing".into()))
+    Err(CoreError::Exhausted(format!(
+        "all {} VM uids from {} are in use",
+        r.count,
+        r.uid(0)
+    )))
 }
 
 /// The uid instance `id` holds, if any.

@@ -139,6 +139,14 @@ impl Planner {
 }
 
 impl Jail {
+    /// The jail `spec` asks for, if any.
+    pub(crate) fn for_spec(spec: &VmSpec, qemu_bin: &Path) -> Result<Option<Self>, VmmError> {
+        spec.jail
+            .as_deref()
+            .map(|root| Self::plan(spec, root, qemu_bin))
+            .transpose()
+    }
+
     /// The jail of `spec`'s QEMU (binary `qemu_bin`), mounted on `root`
     /// (an existing empty directory of the daemon's).
     pub(crate) fn plan(spec: &VmSpec, root: &Path, qemu_bin: &Path) -> Result<Self, VmmError> {

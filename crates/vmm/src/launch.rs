@@ -17,6 +17,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -56,42 +57,22 @@ impl QemuHypervisor {
         args: &[OsString],
         cgroup: Option<&VmCgroup>,
     ) -> Result<(u32, RunState), VmmError> {
-        // QEMU's stdout and stderr, for its whole life (it keeps no -D log:
-        // without -daemonize its errors go to stderr).
-        let err_path = qemu_log_path(spec);
-        let err_file = File::create(&err_path).map_err(|e| VmmError::io("create", &err_path, e))?;
-        let out_file = err_file
-            .try_clone()
-            .map_err(|e| VmmError::io("dup", &err_path, e))?;
         tracing::info!(id = %spec.id, accel = ?spec.accel, incoming = spec.incoming,
-            mem_share = spec.mem_share, "starting qemu");
+            mem_share = spec.mem_share, user = ?spec.user, "starting qemu");
         tracing::debug!(id = %spec.id, args = ?args, "qemu command line");
-        let mut cmd = tokio::process::Command::new(&self.qemu_bin);
-        // QEMU gets nothing of the daemon's environment (its API token,
-        // credentials): a device escape must not find them in its memory.
-        cmd.env_clear()
-            .env("PATH", QEMU_PATH)
-            .args(args)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(out_file)
-            .stderr(err_file)
-            // A VM outlives the daemon and the future that started it.
-            .kill_on_drop(false);
+        let mut cmd = self.command(spec, args)?;
         let creds = spec
             .user
             .as_ref()
             .map(|u| Credentials::of(u, spec.accel == Accel::Kvm))
             .transpose()?;
         let passed = Passed::open(spec)?;
+        let pidfile = open_pidfile(&spec.pidfile)?;
         // Open until the child has exec'd; it writes into them.
         let joiner = cgroup.map(VmCgroup::joiner).transpose()?;
-        let jail = spec
-            .jail
-            .as_deref()
-            .map(|root| Jail::plan(spec, root, &self.qemu_bin))
-            .transpose()?;
+        let jail = Jail::for_spec(spec, &self.qemu_bin)?;
         let child_setup = ChildSetup {
+            pidfile: pidfile.as_raw_fd(),
             join: joiner.as_ref().map(Joiner::fds),
             passed: passed.raw(),
             rlimits: Rlimits::for_spec(spec)?,
@@ -99,10 +80,10 @@ impl QemuHypervisor {
         };
         // SAFETY: the closure runs in the forked child before exec, where
         // only async-signal-safe calls are allowed; ChildSetup::apply makes
-        // only such calls (write, setsid, dup2, setrlimit, signal,
-        // setgroups, setgid, setuid, prctl; the jail's unshare, mount,
-        // mkdir, open, symlink, pivot_root, chdir, umount2, rmdir) on values
-        // captured by copy or prepared before the fork.
+        // only such calls (getpid, write, setsid, dup2, setrlimit, signal,
+        // setgroups, setgid, setuid, prctl; the jail's umask, unshare,
+        // mount, mkdir, open, symlink, pivot_root, chdir, umount2, rmdir)
+        // on values captured by copy or prepared before the fork.
         unsafe {
             cmd.pre_exec(move || child_setup.apply(jail.as_ref()));
         }
@@ -110,6 +91,7 @@ impl QemuHypervisor {
         // The child has exec'd (or failed): it has its own copies of the
         // fds, and is in its cgroup. The sockets stay bound: QEMU listens.
         drop(passed);
+        drop(pidfile);
         drop(joiner);
         let mut child = spawned.map_err(|e| VmmError::Spawn {
             bin: self.qemu_bin.clone(),
@@ -119,11 +101,6 @@ impl QemuHypervisor {
             status: "exited at once".into(),
             stderr_tail: start_output_tail(spec),
         })?;
-        if let Err(e) = write_pidfile(&spec.pidfile, pid) {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            return Err(e);
-        }
         let ready = tokio::select! {
             st = child.wait() => Err(exited(spec, st)),
             r = tokio::time::timeout(START_TIMEOUT, qmp_ready(&spec.qmp_socket)) => {
@@ -162,6 +139,37 @@ impl QemuHypervisor {
     }
 }
 
+impl QemuHypervisor {
+    /// QEMU's command: `args`, [`QEMU_PATH`] as its only environment, `/`
+    /// as its directory, its output into [`qemu_log_path`].
+    fn command(
+        &self,
+        spec: &VmSpec,
+        args: &[OsString],
+    ) -> Result<tokio::process::Command, VmmError> {
+        // QEMU's stdout and stderr, for its whole life (it keeps no -D log:
+        // without -daemonize its errors go to stderr).
+        let err_path = qemu_log_path(spec);
+        let err_file = File::create(&err_path).map_err(|e| VmmError::io("create", &err_path, e))?;
+        let out_file = err_file
+            .try_clone()
+            .map_err(|e| VmmError::io("dup", &err_path, e))?;
+        let mut cmd = tokio::process::Command::new(&self.qemu_bin);
+        // QEMU gets nothing of the daemon's environment (its API token,
+        // credentials): a device escape must not find them in its memory.
+        cmd.env_clear()
+            .env("PATH", QEMU_PATH)
+            .args(args)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(out_file)
+            .stderr(err_file)
+            // A VM outlives the daemon and the future that started it.
+            .kill_on_drop(false);
+        Ok(cmd)
+    }
+}
+
 /// The start error of a QEMU that exited with `st`.
 fn exited(spec: &VmSpec, st: std::io::Result<std::process::ExitStatus>) -> VmmError {
     match st {
@@ -179,14 +187,42 @@ async fn qmp_ready(socket: &Path) -> Result<RunState, VmmError> {
     query_status(&mut q).await
 }
 
-/// Writes `pid` to `path` atomically (QEMU has no `-pidfile`: it may not
-/// write the directory).
-fn write_pidfile(path: &Path, pid: u32) -> Result<(), VmmError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, format!("{pid}\n"))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| VmmError::io("write", path, e))
+/// The pidfile, empty, for the child to write its pid into before exec
+/// (QEMU has no `-pidfile`: it may not write the directory). Written by
+/// the child, it names QEMU even if the daemon dies right after the fork.
+fn open_pidfile(path: &Path) -> Result<File, VmmError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| VmmError::io("create", path, e))
+}
+
+/// Writes this process's pid and a newline to `fd`. Only async-signal-safe
+/// calls (getpid, write), no allocation: this runs in the child after fork.
+fn write_own_pid(fd: i32) -> std::io::Result<()> {
+    // SAFETY: getpid has no preconditions.
+    let mut pid = unsafe { libc::getpid() } as u32;
+    let mut buf = [0u8; 12];
+    let mut i = buf.len() - 1;
+    buf[i] = b'\n';
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    let out = &buf[i..];
+    // SAFETY: writes `out.len()` bytes from a stack buffer to an fd the
+    // parent keeps open until the child has exec'd.
+    let n = unsafe { libc::write(fd, out.as_ptr().cast(), out.len()) };
+    if n != out.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What a QEMU that did not start leaves: its sockets and pidfile.
@@ -202,6 +238,8 @@ pub(crate) fn remove_start_leftovers(spec: &VmSpec) {
 /// so nothing is allocated or dropped in the child.
 #[derive(Clone, Copy)]
 struct ChildSetup {
+    /// The pidfile, opened empty: the child writes its pid first.
+    pidfile: i32,
     /// The VM cgroup's `cgroup.procs` files: joined first, so QEMU never
     /// runs outside it.
     join: Option<JoinFds>,
@@ -217,6 +255,7 @@ impl ChildSetup {
     /// Only async-signal-safe calls: this runs after fork in the child.
     /// The jail (its own mount namespace) comes before the user drops root.
     fn apply(&self, jail: Option<&Jail>) -> std::io::Result<()> {
+        write_own_pid(self.pidfile)?;
         if let Some(j) = &self.join {
             j.join_self()?;
         }
@@ -233,5 +272,22 @@ impl ChildSetup {
             Some(c) => c.apply(),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_child_writes_its_own_pid() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("qemu.pid");
+        let f = open_pidfile(&p).unwrap();
+        write_own_pid(f.as_raw_fd()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            format!("{}\n", std::process::id())
+        );
     }
 }

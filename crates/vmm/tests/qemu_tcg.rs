@@ -295,10 +295,20 @@ async fn boot_pause_resume_stop() {
         Err(VmmError::NotRunning { .. })
     ));
 
-    // Same paths again: sockets and pidfile are reusable.
+    // Same paths again: sockets and pidfile are reusable. Without a VM
+    // user (`--vm-user off`) QEMU runs as the caller, on the same fds.
+    let spec = VmSpec { user: None, ..spec };
     let h2 = hv.start(&spec).await.expect("restart with same paths");
     assert_ne!(h2.pid, h.pid);
     assert_eq!(hv.status(&h2).await.expect("status"), RunState::Running);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h2.pid)).expect("status");
+    let uid = nix::unistd::getuid().as_raw().to_string();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().take(2).eq(["Uid:", uid.as_str()])),
+        "{status}"
+    );
     hv.stop(&h2, Duration::from_secs(5)).await.expect("stop 2");
     assert_gone(&hv, &h2);
 }

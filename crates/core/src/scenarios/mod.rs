@@ -12,6 +12,7 @@ mod handover;
 mod images;
 mod observe;
 mod restore;
+mod vm_users;
 mod wait;
 
 use crate::error::{CoreError, Result};
