@@ -97,8 +97,9 @@ pub struct ServeArgs {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub vm_user: bool,
     /// Run each QEMU in a mount namespace of its own that holds only the
-    /// system files it loads and its disk layers; `false`: the host's tree.
-    #[arg(long, env = "FORKVM_VM_JAIL", default_value_t = true, action = clap::ArgAction::Set)]
+    /// system files it loads and its disk layers; `off`: the host's tree.
+    #[arg(long, env = "FORKVM_VM_JAIL", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub vm_jail: bool,
     /// First id of the VM uid range: the group every VM user is in; the
     /// uids follow it (65536 of them).
