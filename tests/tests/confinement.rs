@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn state_is_private_and_qemu_gets_no_secrets() -> Result<()> {
-    let token = format!("tok-{:016x}", rand::random::<u64>());
+    let token = format!("tok-{:032x}", rand::random::<u128>());
     let env = TestEnv::start_tcp(4975, &token).await?;
     let i = env.create(json!({"name": "priv"})).await?;
     for d in [&env.data_dir, &env.mem_dir] {
