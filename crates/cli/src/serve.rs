@@ -106,12 +106,21 @@ pub struct ServeArgs {
 }
 
 /// What the TCP listener serves, checked before anything starts.
-#[derive(Debug)]
 pub struct TcpSettings {
     pub addr: SocketAddr,
     pub token: String,
     /// Certificate chain and key (PEM); `None`: plain HTTP (loopback only).
     pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for TcpSettings {
+    // By hand: the token stays out of every debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpSettings")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The TCP listener's settings from the flags and the token's environment
@@ -293,6 +302,10 @@ mod tests {
         .unwrap();
         assert_eq!(t.token, GOOD);
         assert!(t.tls.is_none());
+        assert!(
+            !format!("{t:?}").contains(GOOD),
+            "the token in a debug print"
+        );
     }
 
     #[test]
