@@ -38,6 +38,7 @@ htpasswd           apache2-utils   tests (crates/oci): basic-auth file for the r
 mmdebstrap         mmdebstrap      OCI test image (scripts/oci-fixture.sh): the Debian rootfs
 umoci              umoci           OCI test image: layers and config of the layout
 prometheus         prometheus      tests: a real Prometheus scrapes /metrics
+c++                g++             fuzz targets (scripts/fuzz.sh): libFuzzer is C++
 '
 need=()
 while read -r cmd pkg _; do

@@ -25,6 +25,8 @@ export FORKVM_TEST_OCI_LAYOUT
 echo "==> cargo fmt --check / clippy" >&2
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "==> fuzz targets, ${FORKVM_FUZZ_SECONDS:=20}s each (libFuzzer on stable)" >&2
+FORKVM_FUZZ_SECONDS=$FORKVM_FUZZ_SECONDS FORKVM_DATA_DIR=$DATA_DIR ./scripts/fuzz.sh
 echo "==> tests" >&2
 if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --no-fail-fast --test-threads 2 --retries 0

@@ -67,6 +67,8 @@ pub struct TestEnv {
     pub subnet: String,
     /// `(address, token)` when the daemon also listens on TCP (inside the namespace).
     pub tcp: Option<(String, String)>,
+    /// `(certificate, key)` PEM files: the TCP listener serves TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Extra environment for the daemon (e.g. FORKVM_HANDOFF_TIMEOUT_MS).
     pub daemon_env: Vec<(String, String)>,
     daemon: Option<Child>,
@@ -75,17 +77,17 @@ pub struct TestEnv {
 impl TestEnv {
     /// A new namespace and directories, and a daemon serving in them.
     pub async fn start() -> Result<Self> {
-        Self::start_with(None, &[]).await
+        Self::start_with(None, None, &[]).await
     }
 
     /// Like [`TestEnv::start`], with extra daemon environment variables.
     pub async fn start_env(env: &[(&str, &str)]) -> Result<Self> {
-        Self::start_with(None, env).await
+        Self::start_with(None, None, env).await
     }
 
     /// Like [`TestEnv::start_env`], on another instance subnet.
     pub async fn start_subnet(subnet: &str, env: &[(&str, &str)]) -> Result<Self> {
-        let mut e = Self::start_with(None, env).await?;
+        let mut e = Self::start_with(None, None, env).await?;
         if e.subnet != subnet {
             e.kill_daemon()?;
             e.subnet = subnet.to_string();
@@ -98,11 +100,24 @@ impl TestEnv {
     /// Like [`TestEnv::start`], with the daemon also serving TCP on
     /// `127.0.0.1:port` of the namespace, authenticated by `token`.
     pub async fn start_tcp(port: u16, token: &str) -> Result<Self> {
-        Self::start_with(Some((format!("127.0.0.1:{port}"), token.to_string())), &[]).await
+        Self::start_with(
+            Some((format!("127.0.0.1:{port}"), token.to_string())),
+            None,
+            &[],
+        )
+        .await
+    }
+
+    /// Like [`TestEnv::start_tcp`], the listener serving TLS with the PEM
+    /// certificate chain and key `tls`.
+    pub async fn start_tls(port: u16, token: &str, tls: (PathBuf, PathBuf)) -> Result<Self> {
+        let tcp = Some((format!("127.0.0.1:{port}"), token.to_string()));
+        Self::start_with(tcp, Some(tls), &[]).await
     }
 
     async fn start_with(
         tcp: Option<(String, String)>,
+        tls: Option<(PathBuf, PathBuf)>,
         daemon_env: &[(&str, &str)],
     ) -> Result<Self> {
         let img = images_dir().join("default");
@@ -126,6 +141,7 @@ impl TestEnv {
             bridge: "fvtbr0".into(),
             subnet: "10.77.0.0/24".into(),
             tcp,
+            tls,
             daemon_env: daemon_env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -153,6 +169,9 @@ impl TestEnv {
         if let Some((addr, token)) = &self.tcp {
             cmd.args(["serve", "--listen", addr])
                 .env("FORKVM_API_TOKEN", token);
+            if let Some((cert, key)) = &self.tls {
+                cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            }
         } else {
             cmd.arg("serve");
         }

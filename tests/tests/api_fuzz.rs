@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 const PORT: u16 = 18090;
-const TOKEN: &str = "fuzz-token";
+const TOKEN: &str = "fuzz-token-0123456789abcdef-0123456789";
 
 fn schemathesis() -> Result<PathBuf> {
     let venv = std::env::var("FORKVM_TEST_VENV")

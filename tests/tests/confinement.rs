@@ -16,7 +16,7 @@ const VM_GID: u32 = 900_000;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn state_is_private_and_qemu_gets_no_secrets() -> Result<()> {
-    let token = format!("tok-{:016x}", rand::random::<u64>());
+    let token = format!("tok-{:032x}", rand::random::<u128>());
     let env = TestEnv::start_tcp(4975, &token).await?;
     let secret = format!("s3cret-{:016x}", rand::random::<u64>());
     let i = env

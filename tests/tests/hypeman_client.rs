@@ -16,7 +16,7 @@ fn python() -> Result<PathBuf> {
 }
 
 async fn run_script(name: &str, ok_line: &str) -> Result<()> {
-    let token = format!("tok-{:016x}", rand::random::<u64>());
+    let token = format!("tok-{:032x}", rand::random::<u128>());
     let env = TestEnv::start_tcp(4973, &token).await?;
     run_in(&env, &token, name, ok_line, &[])
 }
@@ -69,7 +69,7 @@ async fn official_hypeman_client_forks_and_snapshots() -> Result<()> {
 /// namespace, wait for ready, boot and fork an instance of it.
 #[tokio::test(flavor = "multi_thread")]
 async fn official_hypeman_client_pulls_an_image_and_forks_an_instance_of_it() -> Result<()> {
-    let token = format!("tok-{:016x}", rand::random::<u64>());
+    let token = format!("tok-{:032x}", rand::random::<u128>());
     let env = TestEnv::start_tcp(4973, &token).await?;
     let reg = forkvm_e2e::registry::Registry::start(&env)?;
     let image = reg.push_fixture(&env, "forkvm/py", "1")?;

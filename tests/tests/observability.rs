@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const PORT: u16 = 18091;
-const TOKEN: &str = "metrics-test-token-0123456789";
+const TOKEN: &str = "metrics-test-token-0123456789abcdef";
 const PROM: &str = "127.0.0.1:19090";
 
 /// A child process killed (and reaped) when the test ends, however it ends.

@@ -17,11 +17,13 @@ mod observe;
 pub mod routes;
 pub mod server;
 mod stats;
+pub mod tls;
 pub mod wire;
 
 pub use error::ApiError;
 pub use routes::{ApiDoc, openapi, router};
 pub use server::{
-    ServeError, bind_unix, serve_tcp, serve_tcp_listener, serve_unix, serve_unix_listener,
-    tcp_router,
+    MIN_TOKEN_LEN, ServeError, bind_unix, check_plain_addr, check_token, serve_tcp,
+    serve_tcp_listener, serve_unix, serve_unix_listener, tcp_router,
 };
+pub use tls::{TlsError, load_server_config, serve_tls_listener};

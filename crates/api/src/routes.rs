@@ -119,7 +119,16 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearerAuth",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The daemon's API token (FORKVM_API_TOKEN, at least 32 characters), \
+                         required on the TCP listener (TLS, or plain HTTP on loopback only) on \
+                         every route but /health; the unix socket needs none.",
+                    ))
+                    .build(),
+            ),
         );
     }
 }

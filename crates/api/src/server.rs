@@ -1,5 +1,6 @@
 //! Listeners: a unix socket without authentication (access is the socket's
-//! file mode) and TCP with a bearer token. Both shut down gracefully when the
+//! file mode) and TCP with a bearer token, over TLS (`crate::tls`) or, on a
+//! loopback address only, plain HTTP. All shut down gracefully when the
 //! future they are given completes.
 
 use crate::error::ApiError;
@@ -10,6 +11,7 @@ use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use forkvm_core::Manager;
+use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -36,20 +38,43 @@ pub enum ServeError {
     Chmod { path: PathBuf, source: io::Error },
     #[error("an API token is required for the TCP listener")]
     EmptyToken,
+    #[error(
+        "the API token is {len} characters long; the TCP listener needs at least {MIN_TOKEN_LEN} (e.g. `openssl rand -hex 32`)"
+    )]
+    ShortToken { len: usize },
+    #[error(
+        "refusing plain HTTP on {addr}: it is not a loopback address; give --tls-cert and --tls-key (PEM) to serve TLS"
+    )]
+    PlainNotLoopback { addr: SocketAddr },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("serving {what}: {source}")]
     Serve { what: String, source: io::Error },
 }
 
+/// The shortest API token the TCP listener accepts (characters).
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Refuse an empty or short token (before anything listens).
+pub fn check_token(token: &str) -> Result<(), ServeError> {
+    let len = token.chars().count();
+    match len {
+        0 => Err(ServeError::EmptyToken),
+        n if n < MIN_TOKEN_LEN => Err(ServeError::ShortToken { len }),
+        _ => Ok(()),
+    }
+}
+
+/// The token's SHA-256: requests are compared digest to digest, so the
+/// comparison is constant-time whatever length a client sends.
 #[derive(Clone)]
-struct Token(Arc<[u8]>);
+struct Token([u8; 32]);
 
 /// The router behind bearer-token authentication; `/health` stays open so
 /// load balancers can probe it.
 pub fn tcp_router(manager: Arc<Manager>, token: &str) -> Result<Router, ServeError> {
-    if token.is_empty() {
-        return Err(ServeError::EmptyToken);
-    }
-    let token = Token(Arc::from(token.as_bytes()));
+    check_token(token)?;
+    let token = Token(Sha256::digest(token.as_bytes()).into());
     Ok(router(manager).layer(middleware::from_fn_with_state(token, require_bearer)))
 }
 
@@ -63,9 +88,10 @@ async fn require_bearer(State(token): State<Token>, req: Request, next: Next) ->
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    // Constant-time over equal lengths; a length mismatch returns early,
-    // which only reveals the token's length.
-    let ok = presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(&token.0)));
+    let ok = presented.is_some_and(|p| {
+        let digest: [u8; 32] = Sha256::digest(p.as_bytes()).into();
+        bool::from(digest.ct_eq(&token.0))
+    });
     if ok {
         next.run(req).await
     } else {
@@ -152,7 +178,18 @@ pub async fn serve_unix(
     serve_unix_listener(listener, path, manager, shutdown).await
 }
 
-/// Serve the API on a bound TCP listener, requiring `Authorization: Bearer <token>`.
+/// Plain HTTP only where nobody but this host can listen in.
+pub fn check_plain_addr(addr: SocketAddr) -> Result<(), ServeError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(ServeError::PlainNotLoopback { addr })
+    }
+}
+
+/// Serve the API as plain HTTP on a bound loopback TCP listener, requiring
+/// `Authorization: Bearer <token>`; a listener on any other address is
+/// refused (serve TLS there: [`crate::tls::serve_tls_listener`]).
 pub async fn serve_tcp_listener(
     listener: TcpListener,
     token: &str,
@@ -160,11 +197,13 @@ pub async fn serve_tcp_listener(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let app = tcp_router(manager, token)?;
-    let what = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "tcp".into());
-    tracing::info!(addr = %what, "API listening on TCP (bearer auth)");
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        what: "tcp".into(),
+        source,
+    })?;
+    check_plain_addr(addr)?;
+    let what = addr.to_string();
+    tracing::info!(addr = %what, "API listening on TCP (plain HTTP on loopback, bearer auth)");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -178,9 +217,8 @@ pub async fn serve_tcp(
     manager: Arc<Manager>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    if token.is_empty() {
-        return Err(ServeError::EmptyToken);
-    }
+    check_token(token)?;
+    check_plain_addr(addr)?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind {

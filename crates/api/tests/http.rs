@@ -456,7 +456,7 @@ async fn routing_errors_are_json() {
 #[tokio::test]
 async fn tcp_router_requires_token() {
     let dir = tempfile::tempdir().unwrap();
-    let app = tcp_router(manager(&dir).await, "s3cret-token").unwrap();
+    let app = tcp_router(manager(&dir).await, "s3cret-token-0123456789abcdef-xyz").unwrap();
 
     let r = call(&app, req(Method::GET, "/instances")).await;
     r.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
@@ -464,10 +464,11 @@ async fn tcp_router_requires_token() {
 
     for auth in [
         "Bearer wrong",
-        "Bearer s3cret-toke",
-        "Bearer s3cret-token-",
-        "s3cret-token",
-        "Basic s3cret-token",
+        "Bearer s3cret-token-0123456789abcdef-xy",
+        "Bearer s3cret-token-0123456789abcdef-xyz-",
+        "Bearer S3cret-token-0123456789abcdef-xyz",
+        "s3cret-token-0123456789abcdef-xyz",
+        "Basic s3cret-token-0123456789abcdef-xyz",
     ] {
         let mut rq = req(Method::GET, "/instances");
         rq.headers_mut()
@@ -484,7 +485,7 @@ async fn tcp_router_requires_token() {
     let mut rq = req(Method::GET, "/instances");
     rq.headers_mut().insert(
         header::AUTHORIZATION,
-        "Bearer s3cret-token".parse().unwrap(),
+        "Bearer s3cret-token-0123456789abcdef-xyz".parse().unwrap(),
     );
     let r = call(&app, rq).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -494,6 +495,9 @@ async fn tcp_router_requires_token() {
     assert_eq!(r.status, StatusCode::OK);
 
     assert!(tcp_router(manager(&dir).await, "").is_err());
+    // Short tokens are refused when the router is built.
+    let e = tcp_router(manager(&dir).await, "s3cret-token").unwrap_err();
+    assert!(e.to_string().contains("at least 32"), "{e}");
 }
 
 #[tokio::test]

@@ -1,4 +1,5 @@
-//! A small HTTP/1 client for the daemon's unix socket.
+//! A small HTTP/1 client for the daemon's unix socket or, in remote mode,
+//! its TCP listener (`crate::remote`).
 
 use forkvm_api::wire::{
     AgentHealth, ErrorBody, ExecParams, ExecResponse, ForkResponse, Health, Image,
@@ -40,42 +41,7 @@ pub struct Client {
     remote: Option<Remote>,
 }
 
-/// A daemon's TCP listener (`--host` / `FORKVM_HOST`).
-#[derive(Clone, Debug)]
-pub struct Remote {
-    pub authority: String,
-    pub token: String,
-}
-
-impl Remote {
-    /// From `http://host:port` (or `host:port`) and the API token.
-    pub fn parse(url: &str, token: &str) -> Result<Self, ClientError> {
-        if url.starts_with("https://") {
-            return Err(ClientError::Http(
-                "https is not supported by this client: use the daemon's TCP listener on loopback or through a tunnel".into(),
-            ));
-        }
-        let authority = url
-            .strip_prefix("http://")
-            .unwrap_or(url)
-            .trim_end_matches('/')
-            .to_string();
-        if authority.is_empty() || authority.contains('/') {
-            return Err(ClientError::Http(format!(
-                "--host {url:?}: expected http://HOST:PORT"
-            )));
-        }
-        if token.is_empty() {
-            return Err(ClientError::Http(
-                "--host needs the daemon's token in FORKVM_API_TOKEN".into(),
-            ));
-        }
-        Ok(Self {
-            authority,
-            token: token.to_string(),
-        })
-    }
-}
+pub use crate::remote::Remote;
 
 /// A connection to the daemon, over whichever transport.
 pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -98,13 +64,7 @@ impl Client {
     /// A fresh connection to the daemon.
     pub(crate) async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
         match &self.remote {
-            Some(r) => tokio::net::TcpStream::connect(&r.authority)
-                .await
-                .map(|s| Box::new(s) as Box<dyn Io>)
-                .map_err(|source| ClientError::Connect {
-                    socket: PathBuf::from(&r.authority),
-                    source,
-                }),
+            Some(r) => r.connect().await,
             None => UnixStream::connect(&self.socket)
                 .await
                 .map(|s| Box::new(s) as Box<dyn Io>)
@@ -112,6 +72,15 @@ impl Client {
                     socket: self.socket.clone(),
                     source,
                 }),
+        }
+    }
+
+    /// `scheme://authority` for WebSocket URLs: `wss` to an https host.
+    pub(crate) fn ws_base(&self) -> String {
+        match &self.remote {
+            Some(r) if r.is_tls() => format!("wss://{}", r.authority),
+            Some(r) => format!("ws://{}", r.authority),
+            None => "ws://localhost".to_string(),
         }
     }
 

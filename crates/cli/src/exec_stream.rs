@@ -100,7 +100,7 @@ pub(crate) type Ws = tokio_tungstenite::WebSocketStream<Box<dyn crate::client::I
 pub(crate) async fn connect(c: &Client, path: &str) -> Result<Ws> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let stream = c.connect().await?;
-    let mut req = format!("ws://localhost{path}").into_client_request()?;
+    let mut req = format!("{}{path}", c.ws_base()).into_client_request()?;
     for (k, v) in c.headers() {
         req.headers_mut().insert(k, v.parse()?);
     }

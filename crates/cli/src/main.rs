@@ -13,6 +13,7 @@ mod exec_stream;
 mod image_cmd;
 mod output;
 mod progress;
+mod remote;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -39,10 +40,15 @@ struct Cli {
     /// Output: `table` (default for lists), `json` or `yaml`.
     #[arg(long, global = true, value_enum)]
     format: Option<Format>,
-    /// A remote daemon's TCP listener, `http://HOST:PORT` (its token from
-    /// FORKVM_API_TOKEN) instead of the unix socket.
+    /// A remote daemon's TCP listener, `https://HOST:PORT` (its token from
+    /// FORKVM_API_TOKEN) instead of the unix socket; `http://` only to a
+    /// loopback address.
     #[arg(long, global = true, env = "FORKVM_HOST")]
     host: Option<String>,
+    /// CA certificate(s) (PEM) to trust for an https --host instead of the
+    /// system's roots.
+    #[arg(long, global = true, env = "FORKVM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -247,7 +253,15 @@ async fn main() -> ExitCode {
         Cmd::Man { dir } => man_pages(&dir).map(|()| ExitCode::SUCCESS),
         cmd => {
             init_logging("warn", false);
-            client_command(&cli.socket, cli.host.as_deref(), cli.json, cli.format, cmd).await
+            let token = std::env::var("FORKVM_API_TOKEN").unwrap_or_default();
+            let remote = cli
+                .host
+                .as_deref()
+                .map(|h| client::Remote::parse(h, &token, cli.tls_ca.as_deref()));
+            match remote.transpose() {
+                Ok(remote) => client_command(&cli.socket, remote, cli.json, cli.format, cmd).await,
+                Err(e) => Err(e.into()),
+            }
         }
     };
     match res {
@@ -262,18 +276,11 @@ async fn main() -> ExitCode {
 /// The commands that talk to a daemon, over its socket or `--host`.
 async fn client_command(
     socket: &std::path::Path,
-    host: Option<&str>,
+    remote: Option<client::Remote>,
     json: bool,
     format: Option<Format>,
     cmd: Cmd,
 ) -> anyhow::Result<ExitCode> {
-    let remote = match host {
-        Some(h) => Some(client::Remote::parse(
-            h,
-            &std::env::var("FORKVM_API_TOKEN").unwrap_or_default(),
-        )?),
-        None => None,
-    };
     let c = Client::new(socket).remote(remote);
     let json = json || matches!(format, Some(Format::Json | Format::Yaml));
     let _ = output::YAML.set(format == Some(Format::Yaml));

@@ -1,5 +1,6 @@
 //! `forkvm serve`: open the manager and serve the API on the unix socket and,
-//! optionally, on TCP with a bearer token, until SIGTERM/SIGINT.
+//! optionally, on TCP with a bearer token (TLS, or plain HTTP on loopback
+//! only), until SIGTERM/SIGINT.
 
 use anyhow::{Context, bail};
 use forkvm_core::{Config, Manager, TestHooks};
@@ -16,9 +17,17 @@ pub const TOKEN_ENV: &str = "FORKVM_API_TOKEN";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Also serve on TCP (requires FORKVM_API_TOKEN), e.g. 127.0.0.1:4973.
+    /// Also serve on TCP (requires FORKVM_API_TOKEN, at least 32
+    /// characters), e.g. 127.0.0.1:4973. Plain HTTP only on a loopback
+    /// address; anywhere else give --tls-cert and --tls-key.
     #[arg(long, env = "FORKVM_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// TLS certificate chain for --listen (PEM, leaf first).
+    #[arg(long, env = "FORKVM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key for --listen (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "FORKVM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Root of all state.
     #[arg(long, env = "FORKVM_DATA_DIR", default_value = "/var/lib/forkvm")]
     pub data_dir: PathBuf,
@@ -111,20 +120,55 @@ pub struct ServeArgs {
     pub log_json: bool,
 }
 
-/// Read the API token if TCP is requested; refuse to start without one.
-pub fn token_for(
+/// What the TCP listener serves, checked before anything starts.
+pub struct TcpSettings {
+    pub addr: SocketAddr,
+    pub token: String,
+    /// Certificate chain and key (PEM); `None`: plain HTTP (loopback only).
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for TcpSettings {
+    // By hand: the token stays out of every debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpSettings")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The TCP listener's settings from the flags and the token's environment
+/// variable: refuses a missing or short token, TLS files without
+/// `--listen`, and plain HTTP on an address other hosts can reach.
+pub fn tcp_settings(
     listen: Option<SocketAddr>,
-    env: Option<String>,
-) -> anyhow::Result<Option<String>> {
+    env_token: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+) -> anyhow::Result<Option<TcpSettings>> {
+    let tls = match (tls_cert, tls_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
     let Some(addr) = listen else {
+        if tls.is_some() {
+            bail!("--tls-cert/--tls-key are for the TCP listener: give --listen ADDR too");
+        }
         return Ok(None);
     };
-    match env {
-        Some(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
-        _ => bail!(
+    let token = env_token.map(|t| t.trim().to_string()).unwrap_or_default();
+    if token.is_empty() {
+        bail!(
             "--listen {addr} requires an API token: set {TOKEN_ENV} (clients send it as `Authorization: Bearer <token>`)"
-        ),
+        );
     }
+    forkvm_api::check_token(&token).context(TOKEN_ENV)?;
+    if tls.is_none() {
+        forkvm_api::check_plain_addr(addr).with_context(|| format!("--listen {addr}"))?;
+    }
+    Ok(Some(TcpSettings { addr, token, tls }))
 }
 
 async fn wait_for(mut rx: watch::Receiver<bool>) {
@@ -173,7 +217,18 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
     // Everything the daemon and its VMMs create (store, memory files,
     // disks, consoles, the API socket) is for the daemon's user alone.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let token = token_for(args.listen, std::env::var(TOKEN_ENV).ok())?;
+    let tcp_cfg = tcp_settings(
+        args.listen,
+        std::env::var(TOKEN_ENV).ok(),
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+    )?;
+    // The certificate and key are read before the manager opens: a bad
+    // file fails the start-up at once.
+    let tls = match tcp_cfg.as_ref().and_then(|t| t.tls.as_ref()) {
+        Some((cert, key)) => Some(forkvm_api::load_server_config(cert, key)?),
+        None => None,
+    };
     let cfg = Config {
         handoff_timeout: Duration::from_millis(args.handoff_timeout_ms),
         mailbox_ack_timeout: Duration::from_millis(args.mailbox_ack_timeout_ms),
@@ -207,12 +262,13 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
 
     // Bind everything before serving, so a bad address fails the start-up.
     let unix = forkvm_api::bind_unix(socket).await?;
-    let tcp = match args.listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
+    let tcp = match tcp_cfg {
+        Some(t) => Some((
+            TcpListener::bind(t.addr)
                 .await
-                .with_context(|| format!("binding {addr}"))?,
-        ),
+                .with_context(|| format!("binding {}", t.addr))?,
+            t.token,
+        )),
         None => None,
     };
 
@@ -231,11 +287,15 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
     let unix_srv =
         forkvm_api::serve_unix_listener(unix, socket, manager.clone(), wait_for(rx.clone()));
     let tcp_srv = async {
-        match (tcp, token) {
-            (Some(l), Some(t)) => {
-                forkvm_api::serve_tcp_listener(l, &t, manager.clone(), wait_for(rx.clone())).await
+        let stop = wait_for(rx.clone());
+        match (tcp, tls) {
+            (Some((l, t)), Some(tls)) => {
+                forkvm_api::serve_tls_listener(l, tls, &t, manager.clone(), stop).await
             }
-            _ => Ok(()),
+            (Some((l, t)), None) => {
+                forkvm_api::serve_tcp_listener(l, &t, manager.clone(), stop).await
+            }
+            (None, _) => Ok(()),
         }
     };
     tokio::try_join!(unix_srv, tcp_srv)?;
@@ -247,18 +307,94 @@ pub async fn serve(socket: &Path, args: ServeArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    const GOOD: &str = "0123456789abcdef0123456789abcdef";
+
+    fn addr(a: &str) -> Option<SocketAddr> {
+        Some(a.parse().expect("address"))
+    }
+
+    fn err(r: anyhow::Result<Option<TcpSettings>>) -> String {
+        format!("{:#}", r.expect_err("refused"))
+    }
+
     #[test]
     fn token_required_with_listen() {
-        let addr: SocketAddr = "127.0.0.1:4973".parse().unwrap();
-        assert!(token_for(None, None).unwrap().is_none());
-        let e = token_for(Some(addr), None).unwrap_err().to_string();
+        assert!(tcp_settings(None, None, None, None).unwrap().is_none());
+        let e = err(tcp_settings(addr("127.0.0.1:4973"), None, None, None));
         assert!(e.contains(TOKEN_ENV), "{e}");
-        assert!(token_for(Some(addr), Some("  ".into())).is_err());
-        assert_eq!(
-            token_for(Some(addr), Some("s3cret".into()))
-                .unwrap()
-                .as_deref(),
-            Some("s3cret")
+        assert!(tcp_settings(addr("127.0.0.1:4973"), Some("  ".into()), None, None).is_err());
+        let t = tcp_settings(
+            addr("127.0.0.1:4973"),
+            Some(format!(" {GOOD}\n")),
+            None,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.token, GOOD);
+        assert!(t.tls.is_none());
+        assert!(
+            !format!("{t:?}").contains(GOOD),
+            "the token in a debug print"
         );
+    }
+
+    #[test]
+    fn short_token_refused() {
+        let short = &GOOD[..31];
+        let e = err(tcp_settings(
+            addr("127.0.0.1:4973"),
+            Some(short.into()),
+            None,
+            None,
+        ));
+        assert!(
+            e.contains("31 characters") && e.contains("at least 32"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn plain_http_only_on_loopback() {
+        for a in ["0.0.0.0:4973", "10.1.2.3:4973", "[::]:4973"] {
+            let e = err(tcp_settings(addr(a), Some(GOOD.into()), None, None));
+            assert!(
+                e.contains("--tls-cert") && e.contains("--tls-key"),
+                "{a}: {e}"
+            );
+        }
+        for a in ["127.0.0.1:4973", "127.8.9.1:1", "[::1]:4973"] {
+            assert!(
+                tcp_settings(addr(a), Some(GOOD.into()), None, None).is_ok(),
+                "{a}"
+            );
+        }
+        let tls = tcp_settings(
+            addr("0.0.0.0:4973"),
+            Some(GOOD.into()),
+            Some("c.pem".into()),
+            Some("k.pem".into()),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(tls.tls, Some(("c.pem".into(), "k.pem".into())));
+    }
+
+    #[test]
+    fn tls_files_need_each_other_and_listen() {
+        let e = err(tcp_settings(
+            None,
+            None,
+            Some("c.pem".into()),
+            Some("k.pem".into()),
+        ));
+        assert!(e.contains("--listen"), "{e}");
+        let e = err(tcp_settings(
+            addr("127.0.0.1:1"),
+            Some(GOOD.into()),
+            Some("c.pem".into()),
+            None,
+        ));
+        assert!(e.contains("go together"), "{e}");
     }
 }

@@ -1,5 +1,6 @@
 //! Property tests: round trip, single-bit flips, truncation, and a bounded
-//! stable-Rust stand-in for the cargo-fuzz target (random bytes everywhere).
+//! stable-Rust stand-in for the cargo-fuzz targets in `fuzz/` (random bytes
+//! everywhere), which CI runs through scripts/fuzz.sh.
 
 mod common;
 
