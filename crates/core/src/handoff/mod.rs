@@ -303,12 +303,14 @@ impl HostPaths<'_> {
 /// The RPC's change as busybox `ip` commands. Every value is typed (MAC,
 /// addresses, prefix) or a validated instance name, so nothing in it can
 /// break out of the script.
+/// Where the agent mounts an OCI workload's root (the agent's `ROOT_DIR`).
+const ROOT: &str = "/run/forkvm/root";
+
 fn shell_script(l: &Lease, hostname: &str, dns: &[Ipv4Addr]) -> String {
     debug_assert!(crate::validate_name(hostname).is_ok());
     let resolv: String = dns.iter().map(|d| format!("nameserver {d}\\n")).collect();
     // An OCI workload's root (mounted by the agent at ROOT) gets the same
     // file, written then renamed (a symlinked etc there is left alone).
-    const ROOT: &str = "/run/forkvm/root";
     let resolv = match resolv.is_empty() {
         true => String::new(),
         false => format!(
@@ -337,7 +339,6 @@ fn shell_script(l: &Lease, hostname: &str, dns: &[Ipv4Addr]) -> String {
 /// guest's RNG, a fresh machine-id in the agent's root and the image root.
 /// Best effort, after the network is set.
 fn uniqueness_script(seed: &[u8; 32]) -> String {
-    const ROOT: &str = "/run/forkvm/root";
     let octal: String = seed.iter().map(|b| format!("\\{b:03o}")).collect();
     format!(
         "; printf '{octal}' > /dev/urandom || true;          tr -d - < /proc/sys/kernel/random/uuid > /etc/.machine-id.forkvm &&          mv -f /etc/.machine-id.forkvm /etc/machine-id || true;          if [ -d {ROOT}/etc ] && [ ! -L {ROOT}/etc ]; then          cp /etc/machine-id {ROOT}/etc/.machine-id.forkvm &&          mv -f {ROOT}/etc/.machine-id.forkvm {ROOT}/etc/machine-id || true; fi"
