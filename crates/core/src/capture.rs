@@ -19,6 +19,7 @@ use crate::memory::sparse_copy;
 use crate::model::{Base, Instance, MailboxInfo, Memory, Snapshot};
 use crate::paths::SnapshotPaths;
 use crate::services::{Services, new_id};
+use chrono::{DateTime, Utc};
 use forkvm_vmm::{DiskRole, NetBackend, VmHandle};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -43,6 +44,14 @@ pub(crate) struct Captured {
     pub base_recorded: bool,
     /// How long the source's vCPUs were stopped.
     pub pause_ms: f64,
+}
+
+/// A VM's pause for a capture: how long, and when its clock stopped (the
+/// snapshot's `frozen_at`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pause {
+    pub ms: f64,
+    pub frozen_at: DateTime<Utc>,
 }
 
 impl Captured {
@@ -86,12 +95,14 @@ pub(crate) async fn capture(
     };
     let Taken {
         base,
-        pause_ms,
+        pause,
         base_recorded,
         disk_layer,
     } = taken;
+    let pause_ms = pause.ms;
     let mut snap = snapshot_of(svc, inst, sid, name, &sp, &base, mailbox, mode);
     snap.disk_layer = disk_layer;
+    snap.frozen_at = Some(pause.frozen_at);
     if let Ok(fresh) = svc.find(&inst.id) {
         *inst = fresh;
     }
@@ -110,8 +121,7 @@ pub(crate) async fn capture(
 /// What [`memory_into_base`] took.
 struct Taken {
     base: Base,
-    /// How long the VM was paused.
-    pause_ms: f64,
+    pause: Pause,
     /// The base is already in the store.
     base_recorded: bool,
     /// The writable disk frozen at the same instant, if the VM has one.
@@ -134,11 +144,10 @@ async fn memory_into_base(
         && mode == CaptureMode::Copy
         && crate::memory::allocated_bytes(&own) >= svc.cfg.handover_min_mib << 20;
     if handover {
-        let (base, pause_ms) =
-            crate::handover::hand_over(svc, inst, vm, sp, bid, base_file).await?;
+        let (base, pause) = crate::handover::hand_over(svc, inst, vm, sp, bid, base_file).await?;
         return Ok(Taken {
             base,
-            pause_ms,
+            pause,
             base_recorded: true,
             // The old VMM wrote its top until the handover; it is frozen.
             disk_layer: inst.disk_top.clone(),
@@ -155,7 +164,7 @@ async fn memory_into_base(
             r
         }
     };
-    let (pause_ms, disk_layer) = paused.inspect_err(|_| {
+    let (pause, disk_layer) = paused.inspect_err(|_| {
         let _ = std::fs::remove_file(base_file);
     })?;
     // A standby's own file becomes the base after the commit; its size is
@@ -166,7 +175,7 @@ async fn memory_into_base(
     };
     Ok(Taken {
         base: bases::record(svc, bid, sized),
-        pause_ms,
+        pause,
         base_recorded: false,
         disk_layer,
     })
@@ -182,12 +191,13 @@ async fn own_file(
     sp: &SnapshotPaths,
     base_file: &Path,
     mode: CaptureMode,
-) -> Result<(f64, Option<String>)> {
+) -> Result<(Pause, Option<String>)> {
     let t = Instant::now();
     svc.hv
         .pause(vm)
         .await
         .map_err(CoreError::vmm("pausing the VM"))?;
+    let frozen_at = svc.now();
     let saved = async {
         let frozen = crate::layers::freeze(svc, inst, vm).await?;
         svc.hv
@@ -203,7 +213,8 @@ async fn own_file(
     if mode == CaptureMode::Copy || saved.is_err() {
         resume_source(svc, inst, vm).await;
     }
-    saved.map(|frozen| (t.elapsed().as_secs_f64() * 1000.0, frozen))
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    saved.map(|frozen| (Pause { ms, frozen_at }, frozen))
 }
 
 /// Copy-on-write: live-migrate into a helper VM whose RAM is the new base,
@@ -217,7 +228,7 @@ async fn copy_on_write(
     sp: &SnapshotPaths,
     base_file: &Path,
     mode: CaptureMode,
-) -> Result<(f64, Option<String>)> {
+) -> Result<(Pause, Option<String>)> {
     let helper = start_helper(svc, inst, sp, base_file).await?;
     let next_top = match inst.disk_top.as_deref() {
         Some(top) => Some(crate::layers::plan_freeze(svc, top)?),
@@ -234,7 +245,12 @@ async fn copy_on_write(
             .map_err(CoreError::vmm("migrating the VM into its new base"))?;
         info!(instance = %inst.id, downtime_ms = r.downtime_ms, total_ms = r.total_ms,
               "memory moved into a new base");
-        Ok::<f64, CoreError>(r.downtime_ms)
+        // The vCPUs stopped for the last round, which just ended.
+        let downtime = chrono::Duration::microseconds((r.downtime_ms * 1000.0) as i64);
+        Ok::<Pause, CoreError>(Pause {
+            ms: r.downtime_ms,
+            frozen_at: svc.now() - downtime,
+        })
     }
     .await;
     // The VMM says whether the freeze happened (it may, even if the
@@ -359,6 +375,7 @@ fn snapshot_of(
         mailbox,
         base_id: Some(base.id.clone()),
         disk_layer: None,
+        frozen_at: None,
         workload: inst.workload.clone(),
         tags: Default::default(),
     }

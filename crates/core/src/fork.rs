@@ -400,7 +400,7 @@ async fn run(
         resume::resume(svc, &vm, rec).await?;
         return resume::ready_same_identity(svc, inst).await;
     }
-    let prepared = handoff::prepare(svc, inst, &vm, snap.mailbox.as_ref(), plan.prefer, rec).await;
+    let prepared = handoff::prepare(svc, inst, &vm, snap, plan.prefer, rec).await;
     let resumed_at = resume::resume(svc, &vm, rec).await?;
     if plan.wait {
         return handoff::complete(svc, inst, rec, prepared, resumed_at).await;

@@ -197,8 +197,11 @@ pub(crate) async fn set_clock(svc: &Services, inst: &Instance) {
     let now = svc.now().timestamp_nanos_opt().unwrap_or_default();
     let policy = CallPolicy::within(Duration::from_secs(5), Duration::from_secs(2));
     let socket = svc.paths(inst).agent_socket;
-    if let Err(e) = svc.agent.set_clock(&inst.id, &socket, now, policy).await {
-        tracing::warn!(instance = %inst.id, error = %e, "setting the guest clock failed");
+    let t = std::time::Instant::now();
+    match svc.agent.set_clock(&inst.id, &socket, now, policy).await {
+        Ok(()) => tracing::debug!(instance = %inst.id,
+            took_ms = t.elapsed().as_secs_f64() * 1000.0, "guest clock stepped"),
+        Err(e) => tracing::warn!(instance = %inst.id, error = %e, "setting the guest clock failed"),
     }
 }
 

@@ -18,6 +18,7 @@
 //! Any failure before step 5 puts the file back and resumes the old VMM.
 
 use crate::bases;
+use crate::capture::Pause;
 use crate::error::{CoreError, Result};
 use crate::model::{Base, Instance, Memory};
 use crate::paths::SnapshotPaths;
@@ -29,8 +30,7 @@ use tracing::{info, warn};
 
 /// Hands `inst` (Running on `old`, its own memory) over to a new VMM over
 /// base `bid` (file `base_file`); the device state lands in `sp.state`.
-/// Returns the base record, committed with the instance, and how long the
-/// VM was paused.
+/// Returns the base record, committed with the instance, and the VM's pause.
 pub(crate) async fn hand_over(
     svc: &Services,
     inst: &Instance,
@@ -38,7 +38,7 @@ pub(crate) async fn hand_over(
     sp: &SnapshotPaths,
     bid: &str,
     base_file: &Path,
-) -> Result<(Base, f64)> {
+) -> Result<(Base, Pause)> {
     let own_file = svc.paths(inst).mem;
     let mut rec = svc.find(&inst.id)?;
     rec.handover = Some(bid.to_string());
@@ -59,14 +59,14 @@ pub(crate) async fn hand_over(
     let next = next_generation(&rec, bid);
     let t = Instant::now();
     match switch(svc, &next, old, sp).await {
-        Ok((new, pause_ms)) => {
+        Ok((new, pause)) => {
             let base = bases::record(svc, bid, base_file);
             let mut done = next;
             done.pid = Some(new.pid);
             done.handover = None;
             svc.agent.forget(&inst.id);
             svc.store.commit_handover(&done, &base)?;
-            info!(instance = %inst.id, pid = new.pid, base = %bid, pause_ms,
+            info!(instance = %inst.id, pid = new.pid, base = %bid, pause_ms = pause.ms,
                   took_ms = t.elapsed().as_secs_f64() * 1000.0, "handed over to a copy-on-write VMM");
             // A promoted VM's file was allocated whole by its migration.
             tokio::spawn(bases::trim(base_file.to_path_buf()));
@@ -75,7 +75,7 @@ pub(crate) async fn hand_over(
             {
                 p.request(&inst.id);
             }
-            Ok((base, pause_ms))
+            Ok((base, pause))
         }
         Err(e) => {
             warn!(instance = %inst.id, error = %e, "handover failed; the VM runs on as it was");
@@ -116,14 +116,16 @@ async fn switch(
     next: &Instance,
     old: &VmHandle,
     sp: &SnapshotPaths,
-) -> Result<(VmHandle, f64)> {
+) -> Result<(VmHandle, Pause)> {
     let new = crate::vmm_switch::start_next(svc, next, old).await?;
     let paused_at = Instant::now();
+    let mut frozen_at = svc.now();
     let moved = async {
         svc.hv
             .pause(old)
             .await
             .map_err(CoreError::vmm("pausing the VM"))?;
+        frozen_at = svc.now();
         svc.hv
             .save_state(old, &sp.state)
             .await
@@ -142,9 +144,9 @@ async fn switch(
         crate::vmm_switch::discard(svc, &new).await;
         return Err(e);
     }
-    let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
+    let ms = paused_at.elapsed().as_secs_f64() * 1000.0;
     crate::vmm_switch::retire(svc, old);
-    Ok((new, pause_ms))
+    Ok((new, Pause { ms, frozen_at }))
 }
 
 /// After a crash during a handover: finish it if the new VMM runs, else

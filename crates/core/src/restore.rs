@@ -105,17 +105,7 @@ async fn bring_back(
     // A standby fork still carries its source's identity: its restore is
     // its handoff.
     let prepared = match inst.pending_handoff {
-        true => Some(
-            handoff::prepare(
-                svc,
-                inst,
-                &vm,
-                snap.mailbox.as_ref(),
-                HandoffPath::Mailbox,
-                rec,
-            )
-            .await,
-        ),
+        true => Some(handoff::prepare(svc, inst, &vm, snap, HandoffPath::Mailbox, rec).await),
         false => None,
     };
     let resumed_at = resume::resume(svc, &vm, rec).await.map_err(before)?;

@@ -133,6 +133,8 @@ pub enum FieldError {
     HostnameInvalid(&'static str),
     #[error("host wall-clock time is zero")]
     HostTimeZero,
+    #[error("clock_behind_ns exceeds host_time_unix_ns (a clock stopped before 1970)")]
+    ClockBehindBeforeEpoch,
     #[error("RNG seed is all zero")]
     SeedZero,
     #[error("ack UDP port is zero")]

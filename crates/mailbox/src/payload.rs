@@ -118,9 +118,17 @@ pub struct Payload {
     /// At most [`MAX_DNS_SERVERS`], no duplicates; may be empty.
     pub dns: Vec<Ipv4Addr>,
     pub hostname: String,
-    /// Host wall-clock time (unix epoch, ns) when the payload was built; the
-    /// guest steps its clock to it.
+    /// Host wall-clock time (unix epoch, ns) when the payload was built.
+    /// Without [`Payload::clock_behind_ns`] the guest steps its clock to it.
     pub host_time_unix_ns: u64,
+    /// How far the guest's clock is behind `host_time_unix_ns`: the host
+    /// time that passed since the guest's clock stopped (its snapshot was
+    /// captured). The guest steps its clock forward by this much, keeping
+    /// the time it has run since resume, so the step is as exact as the
+    /// source's clock was. At most `host_time_unix_ns`. Absent (older
+    /// hosts): the guest sets `host_time_unix_ns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_behind_ns: Option<u64>,
     pub rng_seed: Seed,
     pub ack: AckTarget,
 }
@@ -257,6 +265,12 @@ impl Payload {
         if self.host_time_unix_ns == 0 {
             return Err(FieldError::HostTimeZero);
         }
+        if self
+            .clock_behind_ns
+            .is_some_and(|b| b > self.host_time_unix_ns)
+        {
+            return Err(FieldError::ClockBehindBeforeEpoch);
+        }
         if self.rng_seed.is_zero() {
             return Err(FieldError::SeedZero);
         }
@@ -308,6 +322,7 @@ mod tests {
             dns: vec![Ipv4Addr::new(10, 0, 0, 1)],
             hostname: "fork-1".into(),
             host_time_unix_ns: 1_700_000_000_000_000_000,
+            clock_behind_ns: Some(250_000_000),
             rng_seed: Seed([7; 32]),
             ack: AckTarget {
                 ip: Ipv4Addr::new(10, 0, 0, 1),
@@ -453,6 +468,10 @@ mod tests {
     #[test]
     fn misc_errors() {
         assert_eq!(err(|p| p.host_time_unix_ns = 0), FieldError::HostTimeZero);
+        assert_eq!(
+            err(|p| p.clock_behind_ns = Some(p.host_time_unix_ns + 1)),
+            FieldError::ClockBehindBeforeEpoch
+        );
         assert_eq!(err(|p| p.rng_seed = Seed([0; 32])), FieldError::SeedZero);
         assert_eq!(err(|p| p.ack.port = 0), FieldError::AckPortZero);
         assert_eq!(err(|p| p.ack.key = AckKey([0; 32])), FieldError::AckKeyZero);

@@ -13,6 +13,7 @@ fn payload() -> Payload {
         dns: vec![],
         hostname: "f".into(),
         host_time_unix_ns: 1,
+        clock_behind_ns: None,
         rng_seed: Seed([7; 32]),
         ack: AckTarget {
             ip: Ipv4Addr::new(10, 0, 0, 1),

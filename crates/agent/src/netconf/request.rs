@@ -244,6 +244,7 @@ mod tests {
             dns: vec![Ipv4Addr::new(10, 0, 0, 1)],
             hostname: "vm-2".into(),
             host_time_unix_ns: 1_700_000_000_000_000_000,
+            clock_behind_ns: None,
             rng_seed: Seed([7; 32]),
             ack: AckTarget {
                 ip: Ipv4Addr::new(10, 0, 0, 1),

@@ -1,6 +1,7 @@
-//! Applying a WRITTEN mailbox page on the fork's hot path: decode → network
-//! → outcome into the page → first ack → re-arm; then, off the critical path,
-//! the remaining acks, the RNG seed, the deferred network steps and the clock.
+//! Applying a WRITTEN mailbox page on the fork's hot path: decode → clock
+//! step → network → outcome into the page → first ack → re-arm; then, off
+//! the critical path, the remaining acks, the RNG seed and the deferred
+//! network steps (and an older host's absolute clock).
 
 use std::io::IoSlice;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -55,9 +56,9 @@ fn send_ack(sock: &UdpSocket, msg: &[u8], from: Ipv4Addr, to: SocketAddrV4) -> n
 /// Validates and applies the WRITTEN page, recording the outcome in it.
 /// Returns the interface and gateway it applied, for the link hint.
 ///
-/// Critical path, in order: decode, network (without the deferrable steps),
-/// outcome into the page, first ack. The RNG seed, the deferred steps
-/// (gratuitous ARP, resolv.conf, hostname), the clock and all logging follow
+/// Critical path, in order: decode, clock step, network (without the
+/// deferrable steps), outcome into the page, first ack. The RNG seed, the
+/// deferred steps (gratuitous ARP, resolv.conf, hostname) and all logging follow
 /// the first ack. The kernel's VMGenID handler has already reseeded its RNG
 /// by the time the agent runs; the host's seed is mixed in on top.
 pub(super) async fn handle(
@@ -80,10 +81,17 @@ pub(super) async fn handle(
         mac,
         ipv4,
         host_time_unix_ns,
+        clock_behind_ns,
         rng_seed,
         ack,
         ..
     } = payload;
+    // First of all: one syscall, and nothing the fork runs from here on
+    // should see the snapshot's time.
+    let clock = match clock_behind_ns {
+        Some(behind) => Clock::Stepped(step_realtime(behind)),
+        None => Clock::SetLater(host_time_unix_ns),
+    };
     // Only what the new address needs; the rest runs after the first ack.
     let report = match state.configure_network_part(netlink, &desired, hint).await {
         Ok(r) => r,
@@ -117,7 +125,7 @@ pub(super) async fn handle(
         generation,
         mac,
         ipv4,
-        host_time_unix_ns,
+        clock,
         rng_seed,
         decoded_us,
         applied_us,
@@ -251,7 +259,7 @@ struct Applied {
     generation: u64,
     mac: MacAddr,
     ipv4: Ipv4Addr,
-    host_time_unix_ns: u64,
+    clock: Clock,
     rng_seed: Seed,
     decoded_us: u64,
     applied_us: u64,
@@ -281,8 +289,14 @@ impl Applied {
         if let Err(e) = state.finish_network(netlink, &mut self.report).await {
             warn!(error = %e, generation = self.generation, "mailbox ARP/resolv.conf/hostname apply failed");
         }
-        if let Err(e) = set_realtime(self.host_time_unix_ns) {
-            warn!(error = %e, "stepping the clock to the host time failed");
+        match self.clock {
+            Clock::Stepped(Ok(())) => {}
+            Clock::Stepped(Err(e)) => warn!(error = %e, "stepping the clock forward failed"),
+            Clock::SetLater(unix_ns) => {
+                if let Err(e) = set_realtime(unix_ns) {
+                    warn!(error = %e, "setting the clock to the host time failed");
+                }
+            }
         }
         if let Err(e) = &self.marked {
             warn!(error = %e, "marking the mailbox APPLIED failed");
@@ -342,6 +356,28 @@ async fn resend_acks(
         }
     }
     info!(generation, %to, resent = sent, "ack schedule done");
+}
+
+/// What the payload asks of the clock.
+enum Clock {
+    /// Stepped forward by `clock_behind_ns` on receipt (the outcome).
+    Stepped(nix::Result<()>),
+    /// An older host's absolute time, set off the critical path.
+    SetLater(u64),
+}
+
+/// CLOCK_REALTIME forward by `behind_ns`. Relative, so the time the fork
+/// has run since resume is kept (an absolute host time taken before resume
+/// would set it back by the resume and wake-up).
+fn step_realtime(behind_ns: u64) -> nix::Result<()> {
+    use nix::time::{ClockId, clock_gettime, clock_settime};
+    let behind = i64::try_from(behind_ns).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let now = clock_gettime(ClockId::CLOCK_REALTIME)?;
+    let ns =
+        i128::from(now.tv_sec()) * 1_000_000_000 + i128::from(now.tv_nsec()) + i128::from(behind);
+    let secs = i64::try_from(ns / 1_000_000_000).map_err(|_| nix::errno::Errno::EINVAL)?;
+    let ts = nix::sys::time::TimeSpec::new(secs, (ns % 1_000_000_000) as i64);
+    clock_settime(ClockId::CLOCK_REALTIME, ts)
 }
 
 fn set_realtime(unix_ns: u64) -> nix::Result<()> {

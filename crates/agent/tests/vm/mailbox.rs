@@ -96,6 +96,8 @@ pub fn payload(mac: &str, ip: [u8; 4], hostname: &str) -> forkvm_mailbox::Payloa
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos() as u64,
+        // The absolute form (older hosts); e2e `uniqueness` covers the step.
+        clock_behind_ns: None,
         rng_seed: forkvm_mailbox::Seed(random32()),
         ack: forkvm_mailbox::AckTarget {
             ip: GW,

@@ -240,6 +240,7 @@ mod tests {
             mailbox: None,
             base_id: None,
             disk_layer: None,
+            frozen_at: None,
             workload: None,
         };
         let v = serde_json::to_value(Snapshot::from(&core_snap)).unwrap();

@@ -101,7 +101,11 @@ impl BenchEnv {
             .arg(&self.data_dir)
             .args(["--bridge", BRIDGE, "--subnet", SUBNET])
             .env("FORKVM_MEM_DIR", &self.mem_dir)
-            .env("RUST_LOG", "info")
+            // FORKVM_BENCH_LOG: the daemon's filter (e.g. `info,forkvm_core=debug`).
+            .env(
+                "RUST_LOG",
+                std::env::var("FORKVM_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)

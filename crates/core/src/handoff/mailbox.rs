@@ -5,6 +5,7 @@
 use super::MailboxFallback;
 use crate::model::{HandoffRecord, MailboxInfo, Stage};
 use crate::netalloc::{GUEST_INTERFACE, Lease};
+use chrono::{DateTime, Utc};
 use forkvm_mailbox as mbx;
 use forkvm_vmm::{Hypervisor, VmHandle};
 use std::net::Ipv4Addr;
@@ -21,6 +22,9 @@ const PAGE_POLL: Duration = Duration::from_millis(10);
 /// Everything the mailbox path needs to know before the fork resumes.
 pub(crate) struct MailboxPlan<'a> {
     pub info: &'a MailboxInfo,
+    /// When the snapshot's guest clock stopped (host time): the guest steps
+    /// its clock forward by the time since.
+    pub frozen_at: Option<DateTime<Utc>>,
     pub lease: &'a Lease,
     pub hostname: &'a str,
     /// Name servers for the guest's resolv.conf.
@@ -30,6 +34,15 @@ pub(crate) struct MailboxPlan<'a> {
     /// Test hooks: bind the listener elsewhere, write a forged payload.
     pub ack_bind: Option<Ipv4Addr>,
     pub forgery: Option<mbx::Forgery>,
+}
+
+/// Host time from `frozen_at` to `now`, in ns: how far a guest resumed from
+/// that snapshot is behind. Never negative (a clock stepped back meanwhile)
+/// and never beyond `now` (what the payload's validation allows).
+fn clock_behind_ns(now: DateTime<Utc>, frozen_at: DateTime<Utc>) -> u64 {
+    let now_ns = now.timestamp_nanos_opt().unwrap_or_default().max(0);
+    let behind = (now - frozen_at).num_nanoseconds().unwrap_or(i64::MAX);
+    behind.clamp(0, now_ns) as u64
 }
 
 /// A payload written into a paused fork, waiting for its ack.
@@ -111,6 +124,7 @@ impl MailboxHandoff {
         let (socket, port) = ack_listener(plan.ack_bind.unwrap_or(lease.gateway))?;
         let (offset, mut page) = locate(hv.as_ref(), vm, &plan, &marker).await?;
         let key = mbx::AckKey(rand::random());
+        let now = Utc::now();
         let generation = rand::random::<u64>().max(1);
         let payload = mbx::Payload {
             interface: GUEST_INTERFACE.into(),
@@ -120,10 +134,8 @@ impl MailboxHandoff {
             gateway: lease.gateway,
             dns: plan.dns.to_vec(),
             hostname: plan.hostname.to_string(),
-            host_time_unix_ns: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or_default(),
+            host_time_unix_ns: now.timestamp_nanos_opt().unwrap_or_default().max(0) as u64,
+            clock_behind_ns: plan.frozen_at.map(|t| clock_behind_ns(now, t)),
             rng_seed: mbx::Seed(rand::random()),
             ack: mbx::AckTarget {
                 ip: lease.gateway,

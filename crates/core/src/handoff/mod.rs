@@ -17,7 +17,7 @@ mod mailbox;
 
 use crate::agent::{AgentError, CallPolicy};
 use crate::error::{CoreError, ErrorKind, Result};
-use crate::model::{HandoffPath, HandoffRecord, Instance, MailboxInfo, Stage};
+use crate::model::{HandoffPath, HandoffRecord, Instance, Snapshot, Stage};
 use crate::netalloc::Lease;
 use crate::services::Services;
 use crate::teardown;
@@ -129,21 +129,23 @@ impl Prepared {
 }
 
 /// While the fork is paused: write its identity into its mailbox page when
-/// the mailbox path is wanted and possible.
+/// the mailbox path is wanted and possible (`snap`: what it was resumed
+/// from, with the mailbox armed then).
 pub(crate) async fn prepare(
     svc: &Services,
     inst: &Instance,
     vm: &VmHandle,
-    armed: Option<&MailboxInfo>,
+    snap: &Snapshot,
     prefer: HandoffPath,
     rec: &mut HandoffRecord,
 ) -> Prepared {
     let lease = Lease::of(&inst.network);
-    let mailbox = match (prefer, armed, &lease) {
+    let mailbox = match (prefer, snap.mailbox.as_ref(), &lease) {
         (HandoffPath::Mailbox, Some(info), Some(lease)) => {
             let t = Instant::now();
             let plan = MailboxPlan {
                 info,
+                frozen_at: Some(snap.frozen_at.unwrap_or(snap.created_at)),
                 lease,
                 hostname: &inst.name,
                 dns: &svc.cfg.dns,
@@ -189,9 +191,13 @@ pub(crate) async fn complete(
     // Only now its lease's rules (egress, published ports): until here
     // its TAP passed nothing but the handoff traffic.
     let rules = svc.net.sync_rules(&svc.store);
-    // The clock is stepped to the host's now, after resume, on every path
-    // (the mailbox payload's host time was taken before resume, so it lags
-    // by the resume and wake-up), while the rules are applied.
+    if rec.path == Some(HandoffPath::Mailbox) {
+        // The guest stepped its clock by the payload's `clock_behind_ns`
+        // before it acked: no round trip on the fork's path.
+        return rules.await;
+    }
+    // The host-initiated paths: stepped to the host's now over RPC, while
+    // the rules are applied.
     let ((), applied) = tokio::join!(crate::guest::set_clock(svc, inst), rules);
     applied
 }

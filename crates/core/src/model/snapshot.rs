@@ -42,6 +42,12 @@ pub struct Snapshot {
     /// The source's workload (OCI images): forks run it already.
     #[serde(default)]
     pub workload: Option<super::Workload>,
+    /// Host time when the guest's clock stopped for this snapshot (the
+    /// capture's pause). A fork's guest steps its clock forward by the time
+    /// since (mailbox path); `None` in records from before it was kept
+    /// (`created_at`, a little later, stands in).
+    #[serde(default)]
+    pub frozen_at: Option<DateTime<Utc>>,
     /// The user's key-value tags.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,

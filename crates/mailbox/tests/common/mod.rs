@@ -20,6 +20,7 @@ pub fn payload() -> Payload {
         dns: vec![Ipv4Addr::new(172, 30, 5, 1), Ipv4Addr::new(9, 9, 9, 9)],
         hostname: "fork-17.sandbox".into(),
         host_time_unix_ns: 1_760_000_000_123_456_789,
+        clock_behind_ns: Some(86_400_000_000_000),
         rng_seed: Seed([0x42; 32]),
         ack: AckTarget {
             ip: Ipv4Addr::new(172, 30, 5, 1),
@@ -126,6 +127,7 @@ pub fn valid_payload() -> impl Strategy<Value = Payload> {
                     dns,
                     hostname: host,
                     host_time_unix_ns: t,
+                    clock_behind_ns: (t % 3 != 0).then_some(t / 2),
                     rng_seed: Seed(seed),
                     ack: AckTarget {
                         ip: ack_ip,
