@@ -192,6 +192,10 @@ async fn own_file(
     base_file: &Path,
     mode: CaptureMode,
 ) -> Result<(Pause, Option<String>)> {
+    if mode == CaptureMode::Copy {
+        // The base's blocks before the pause: the copy in it only writes.
+        preallocate(&svc.paths(inst).mem, base_file).await?;
+    }
     let t = Instant::now();
     svc.hv
         .pause(vm)
@@ -205,7 +209,10 @@ async fn own_file(
             .await
             .map_err(CoreError::vmm("saving device state"))?;
         if mode == CaptureMode::Copy {
+            let t = Instant::now();
             copy_memory(&svc.paths(inst).mem, base_file).await?;
+            tracing::debug!(instance = %inst.id, copy_ms = t.elapsed().as_secs_f64() * 1000.0,
+                            "memory copied into the base");
         }
         Ok(frozen)
     }
@@ -379,6 +386,16 @@ fn snapshot_of(
         workload: inst.workload.clone(),
         tags: Default::default(),
     }
+}
+
+/// `dst` allocated where `src` has data, off the async runtime.
+async fn preallocate(src: &Path, dst: &Path) -> Result<()> {
+    let (s, d) = (src.to_path_buf(), dst.to_path_buf());
+    tokio::task::spawn_blocking(move || crate::memory::preallocate_like(&s, &d))
+        .await
+        .map_err(|e| CoreError::Internal(format!("memory preallocation task: {e}")))?
+        .map_err(CoreError::io("allocating the new base"))?;
+    Ok(())
 }
 
 /// A sparse copy of a memory file, off the async runtime.

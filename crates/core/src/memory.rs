@@ -8,14 +8,20 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-/// Copy `src` to `dst` (created or truncated) keeping holes; returns the
-/// number of data bytes copied. Each allocated extent is copied in the
-/// kernel with `copy_file_range` (no round trip through user space; this
-/// runs while a source VM is paused).
+/// Copy `src` to `dst` keeping holes; returns the number of data bytes
+/// copied. `dst` is absent or holds nothing but zeros (as
+/// [`preallocate_like`] leaves it: not truncated, so its blocks are
+/// reused). Each allocated extent is copied in the kernel with
+/// `copy_file_range` (no round trip through user space; this runs while a
+/// source VM is paused).
 pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<u64> {
     let input = File::open(src)?;
     let len = input.metadata()?.len();
-    let output = File::create(dst)?;
+    let output = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dst)?;
     output.set_len(len)?;
     let mut copied = 0u64;
     let mut pos = 0u64;
@@ -58,6 +64,42 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<u64> {
 
 /// lseek with SEEK_DATA/SEEK_HOLE; `None` when there is no data at or after
 /// `off` (ENXIO).
+/// Make `dst` (created or truncated) as long as `src` with blocks allocated
+/// (zeroed) wherever `src` has data, so a [`sparse_copy`] into it later
+/// writes in place instead of allocating: tmpfs page allocation is most of
+/// a copy's cost on a cold host (240 ms vs 70–90 ms for 110 MiB measured
+/// here), and the capture's copy runs while the source is paused. Returns
+/// the bytes allocated.
+pub fn preallocate_like(src: &Path, dst: &Path) -> io::Result<u64> {
+    let input = File::open(src)?;
+    let len = input.metadata()?.len();
+    let output = File::create(dst)?;
+    output.set_len(len)?;
+    let mut allocated = 0u64;
+    let mut pos = 0u64;
+    while pos < len {
+        let Some(data) = seek(&input, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        let hole = seek(&input, data, libc::SEEK_HOLE)?.unwrap_or(len);
+        // SAFETY: fallocate on an fd we own, offsets within i64 (file sizes).
+        let r = unsafe {
+            libc::fallocate(
+                output.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                data as libc::off_t,
+                (hole - data) as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        allocated += hole - data;
+        pos = hole;
+    }
+    Ok(allocated)
+}
+
 fn seek(f: &File, off: u64, whence: i32) -> io::Result<Option<u64>> {
     // SAFETY: lseek on a valid fd has no memory-safety requirements.
     let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
@@ -146,6 +188,26 @@ pub fn allocated_bytes(path: &Path) -> u64 {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_preallocated_copy_is_the_same_and_allocates_where_the_source_has_data() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let src = dir.path().join("src");
+        let f = File::create(&src).unwrap();
+        f.set_len(32 << 20).unwrap();
+        f.write_all_at(&[3u8; 8192], 1 << 20).unwrap();
+        f.write_all_at(b"tail", (32 << 20) - 4).unwrap();
+        let dst = dir.path().join("dst");
+        let pre = preallocate_like(&src, &dst).unwrap();
+        assert_eq!(pre, allocated_bytes(&src));
+        assert_eq!(allocated_bytes(&dst), allocated_bytes(&src));
+        // The source changes between the preallocation and the copy.
+        f.write_all_at(&[5u8; 4096], 20 << 20).unwrap();
+        drop(f);
+        sparse_copy(&src, &dst).unwrap();
+        assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap());
+        assert_eq!(allocated_bytes(&dst), allocated_bytes(&src));
+    }
 
     #[test]
     fn copies_data_keeps_holes() {
