@@ -242,9 +242,54 @@ async fn a_source_handed_over_keeps_running_on_its_address() -> Result<()> {
         },
     )
     .await?;
+    if env.http_get(&url).is_none() {
+        let dump = |a: &[&str]| {
+            let o = env.in_netns(a).output().unwrap();
+            format!(
+                "$ {a:?}\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        let con = std::fs::read_to_string(
+            env.data_dir
+                .join("instances")
+                .join(&src_id)
+                .join("console.log"),
+        )
+        .unwrap_or_default();
+        let ping = dump(&["ping", "-c", "2", "-W", "1", &forkvm_e2e::ip(&src)]);
+        let again = env.http_get(&url).is_some();
+        let inside = env
+            .exec_ok(
+                &src_id,
+                &[
+                    "sh",
+                    "-c",
+                    "ip addr; ip -s link show eth0; cat /proc/net/dev; dmesg | tail -20",
+                ],
+            )
+            .await;
+        eprintln!("INSIDE {inside:?}");
+        eprintln!(
+            "DIAG\n{}\n{}\n{}\n{}\n{}\n{ping}\nagain={again}\nCONSOLE TAIL\n{}",
+            dump(&["bridge", "fdb", "show"]),
+            dump(&["ip", "neigh"]),
+            dump(&["ip", "-s", "link"]),
+            dump(&["nft", "list", "ruleset"]),
+            dump(&["ss", "-tanp"]),
+            con.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        );
+        eprintln!(
+            "LS {:?}",
+            std::fs::read_dir(env.data_dir.join("instances").join(&src_id))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+    }
     ensure!(
         env.http_get(&url).is_some_and(|b| b.contains("still-me")),
-        "the source's web server no longer answers on its address"
+        "the source's web server no longer answers on its address\n{}",
+        env.daemon_log()
     );
     ensure!(
         env.exec_ok(&src_id, &["cat", "/root/n"]).await?.trim() == "7",

@@ -142,7 +142,17 @@ async fn inspect(svc: &Services, inst: &Instance, pid: Option<u32>) -> VmFound {
     let Some(pid) = pid.filter(|p| svc.hv.is_alive(&inst.id, *p)) else {
         return VmFound::Gone;
     };
-    match svc.hv.status(&svc.handle(inst, pid)).await {
+    let vm = svc.handle(inst, pid);
+    if inst.state == InstanceState::Standby {
+        // Stopped whatever it answers (a held one answers nothing, and its
+        // memory must not change: it becomes a base).
+        return VmFound::Unresponsive;
+    }
+    // A crash during a capture may have left it held: it runs on.
+    if let Err(e) = svc.hv.hold(&vm, false).await {
+        warn!(instance = %inst.id, error = %e, "releasing a VMM at adoption failed");
+    }
+    match svc.hv.status(&vm).await {
         Ok(RunState::Running) => VmFound::Running,
         Ok(
             RunState::Paused

@@ -208,6 +208,13 @@ async fn own_file(
             .save_state(vm, &sp.state)
             .await
             .map_err(CoreError::vmm("saving device state"))?;
+        // The file must now stay as the state describes it: a paused QEMU
+        // still writes guest RAM (e.g. virtio-serial on a host disconnect).
+        // A Standby stays held until its VMM is killed.
+        svc.hv
+            .hold(vm, true)
+            .await
+            .map_err(CoreError::vmm("holding the paused VMM"))?;
         if mode == CaptureMode::Copy {
             let t = Instant::now();
             copy_memory(&svc.paths(inst).mem, base_file).await?;
@@ -278,6 +285,8 @@ async fn copy_on_write(
             .map_err(CoreError::vmm("saving device state")),
         Err(e) => Err(e),
     };
+    // Its RAM is the new base, mapped shared: killed without running again.
+    let _ = svc.hv.hold(&helper, true).await;
     if let Err(e) = svc.hv.stop(&helper, Duration::from_secs(2)).await {
         warn!(instance = %inst.id, error = %e, "stopping the capture helper failed");
     }
@@ -347,7 +356,11 @@ async fn start_helper(
         .map_err(CoreError::vmm("starting the capture helper"))
 }
 
-async fn resume_source(svc: &Services, inst: &Instance, vm: &VmHandle) {
+/// Releases a held VMM (a no-op if it is not) and continues its vCPUs.
+pub(crate) async fn resume_source(svc: &Services, inst: &Instance, vm: &VmHandle) {
+    if let Err(e) = svc.hv.hold(vm, false).await {
+        warn!(instance = %inst.id, error = %e, "releasing the source's VMM failed");
+    }
     if let Err(e) = svc.hv.resume(vm).await {
         warn!(instance = %inst.id, error = %e, "resuming the source after capture failed");
     }

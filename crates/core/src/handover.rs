@@ -130,6 +130,13 @@ async fn switch(
             .save_state(old, &sp.state)
             .await
             .map_err(CoreError::vmm("saving device state"))?;
+        // The old VMM maps the base shared: from here it must write
+        // nothing (a paused QEMU still does, e.g. virtio-serial when the
+        // agent link drops); it is killed, not asked to quit.
+        svc.hv
+            .hold(old, true)
+            .await
+            .map_err(CoreError::vmm("holding the old VMM"))?;
         svc.hv
             .load_state(&new, &sp.state)
             .await
@@ -142,6 +149,9 @@ async fn switch(
     .await;
     if let Err(e) = moved {
         crate::vmm_switch::discard(svc, &new).await;
+        if let Err(e) = svc.hv.hold(old, false).await {
+            warn!(error = %e, "releasing the old VMM failed");
+        }
         return Err(e);
     }
     let ms = paused_at.elapsed().as_secs_f64() * 1000.0;

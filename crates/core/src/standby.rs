@@ -6,7 +6,7 @@ use crate::error::{CoreError, Result};
 use crate::model::{Instance, InstanceState};
 use crate::services::Services;
 use crate::teardown;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Pause a Running instance, write its snapshot and stop its VMM.
 pub(crate) async fn standby(svc: &Services, id_or_name: &str) -> Result<Instance> {
@@ -66,10 +66,9 @@ pub(crate) async fn finish(svc: &Services, inst: &mut Instance) -> Result<()> {
 
 /// A standby capture that could not be recorded: the VM runs on.
 async fn abandon(svc: &Services, inst: &Instance, c: &crate::capture::Captured) {
-    if let Some(pid) = inst.pid
-        && let Err(e) = svc.hv.resume(&svc.handle(inst, pid)).await
-    {
-        warn!(instance = %inst.id, error = %e, "resuming after a failed standby failed");
+    if let Some(pid) = inst.pid {
+        // Held since its state was saved (`capture`): released first.
+        crate::capture::resume_source(svc, inst, &svc.handle(inst, pid)).await;
     }
     c.discard(svc);
 }

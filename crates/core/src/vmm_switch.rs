@@ -81,7 +81,10 @@ pub(crate) async fn recover(svc: &Services, inst: &Instance, next: &Instance) ->
         let _ = svc.hv.stop(&svc.handle(next, pid), OLD_VMM_GRACE).await;
     }
     if let Some(o) = old {
-        let _ = svc.hv.resume(&svc.handle(inst, o)).await;
+        // Held if the crash came after its state was saved.
+        let vm = svc.handle(inst, o);
+        let _ = svc.hv.hold(&vm, false).await;
+        let _ = svc.hv.resume(&vm).await;
     }
     None
 }

@@ -272,6 +272,16 @@ pub trait Hypervisor: Send + Sync {
     /// Continues the vCPUs (also after `load_state` or `save_state`).
     fn resume<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, ()>;
 
+    /// Holds (`true`: SIGSTOP, returns once every thread is stopped) or
+    /// releases (SIGCONT) the VMM *process*. Paused vCPUs are not enough to
+    /// keep a memory file unchanged: QEMU's device emulation still writes
+    /// guest RAM (virtio-serial announces a host disconnect into a queue
+    /// even then), so a file captured as a base must not be written once
+    /// its device state is saved. A held VMM answers nothing; [`stop`](Self::stop)
+    /// kills it at once (it must not run again to quit), `resume` and
+    /// QMP need it released first.
+    fn hold<'a>(&'a self, h: &'a VmHandle, held: bool) -> VmmFuture<'a, ()>;
+
     fn status<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, RunState>;
 
     /// Pauses the VM and writes its device state to `state_file` (guest RAM

@@ -42,6 +42,34 @@ pub fn is_qemu_for(id: &str, pid: u32) -> bool {
     cmdline_matches(&cmdline, id)
 }
 
+/// The state letter of `/proc/<pid>[/task/<tid>]/stat` (`R`, `S`, `T`, …).
+fn stat_state(stat_path: &Path) -> Option<char> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+}
+
+/// Every thread of `pid` is stopped by a signal (`T`): it runs no code.
+/// False if it is gone.
+pub(crate) fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(Path::new("/proc").join(pid.to_string()).join("task")) else {
+        return false;
+    };
+    let mut any = false;
+    for t in tasks.flatten() {
+        any = true;
+        if stat_state(&t.path().join("stat")) != Some('T') {
+            return false;
+        }
+    }
+    any
+}
+
+/// `pid`'s main thread is stopped by a signal (a held VMM).
+pub(crate) fn is_stopped(pid: u32) -> bool {
+    stat_state(&Path::new("/proc").join(pid.to_string()).join("stat")) == Some('T')
+}
+
 /// Checks a NUL-separated command line for `-name forkvm-<id>[,...]`.
 pub(crate) fn cmdline_matches(cmdline: &[u8], id: &str) -> bool {
     let want = qemu_name(id);

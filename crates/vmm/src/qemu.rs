@@ -18,6 +18,8 @@ use crate::{Hypervisor, MigrationReport, RunState, VmHandle, VmSpec, VmmFuture};
 pub const QEMU_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// Bound on reaching QMP of a running QEMU.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for every thread of a held QEMU to stop.
+const HOLD_WAIT: Duration = Duration::from_secs(2);
 /// How long to wait after SIGKILL before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Bytes of QEMU's stderr quoted in start errors.
@@ -239,6 +241,21 @@ impl QemuHypervisor {
                 return self.cleanup(h).await;
             }
         };
+        if crate::process::is_stopped(h.pid) {
+            // Held: it must not run again (see `hold`), so no QMP quit.
+            pidfd
+                .signal(libc::SIGKILL)
+                .map_err(|e| VmmError::io("pidfd_send_signal", format!("/proc/{}", h.pid), e))?;
+            if !pidfd.wait_exit(KILL_WAIT).await {
+                return Err(VmmError::StopFailed {
+                    id: h.id.clone(),
+                    pid: h.pid,
+                });
+            }
+            tracing::info!(id = %h.id, pid = h.pid, how = "sigkill (held)",
+                elapsed_ms = t0.elapsed().as_secs_f64() * 1e3, "qemu stopped");
+            return self.cleanup(h).await;
+        }
         let quit = async {
             let mut q = QmpClient::connect(&h.qmp_socket, grace).await?;
             q.execute("quit", None).await
@@ -273,6 +290,38 @@ impl QemuHypervisor {
         tracing::info!(id = %h.id, pid = h.pid, how, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
             "qemu stopped");
         self.cleanup(h).await
+    }
+
+    async fn hold_impl(&self, h: &VmHandle, held: bool) -> Result<(), VmmError> {
+        let io = |e| VmmError::io("pidfd_send_signal", format!("/proc/{}", h.pid), e);
+        let pidfd = PidFd::open(h.pid).map_err(io)?;
+        // After the pidfd: a recycled pid can't be signalled by mistake.
+        if !is_qemu_for(&h.id, h.pid) {
+            return Err(VmmError::NotRunning {
+                id: h.id.clone(),
+                pid: h.pid,
+            });
+        }
+        pidfd
+            .signal(if held { libc::SIGSTOP } else { libc::SIGCONT })
+            .map_err(io)?;
+        if !held {
+            return Ok(());
+        }
+        // Group stop is asynchronous: wait until no thread runs any more.
+        let t0 = Instant::now();
+        while !crate::process::all_threads_stopped(h.pid) {
+            if t0.elapsed() > HOLD_WAIT {
+                let _ = pidfd.signal(libc::SIGCONT);
+                return Err(VmmError::Timeout {
+                    what: format!("stopping every thread of QEMU {}", h.pid),
+                    timeout: HOLD_WAIT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tracing::debug!(id = %h.id, pid = h.pid, wait_ms = t0.elapsed().as_secs_f64() * 1e3, "qemu held");
+        Ok(())
     }
 
     /// What a gone QEMU leaves: its sockets, pidfile and cgroup.
@@ -369,6 +418,10 @@ impl Hypervisor for QemuHypervisor {
             self.qmp(h).await?.execute("cont", None).await?;
             Ok(())
         })
+    }
+
+    fn hold<'a>(&'a self, h: &'a VmHandle, held: bool) -> VmmFuture<'a, ()> {
+        Box::pin(self.hold_impl(h, held))
     }
 
     fn status<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, RunState> {

@@ -281,6 +281,26 @@ async fn boot_pause_resume_stop() {
     let dyn_hv: std::sync::Arc<dyn Hypervisor> = std::sync::Arc::new(hv.clone());
     assert_eq!(dyn_hv.status(&h).await.expect("status"), RunState::Running);
 
+    // Held: every thread of the process stopped (it runs no code, so it
+    // writes no memory); released, it runs and answers again.
+    hv.hold(&h, true).await.expect("hold");
+    let states: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", h.pid))
+        .expect("tasks")
+        .flatten()
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            stat.rsplit_once(')')
+                .map(|(_, r)| r.trim_start()[..1].to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(
+        states.len() > 1 && states.iter().all(|s| s == "T"),
+        "{states:?}"
+    );
+    hv.hold(&h, false).await.expect("release");
+    assert_eq!(hv.status(&h).await.expect("status"), RunState::Running);
+
     let t0 = Instant::now();
     hv.stop(&h, Duration::from_secs(5)).await.expect("stop");
     eprintln!("TIMING stop={:.1} ms", ms(t0.elapsed()));

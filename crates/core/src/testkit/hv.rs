@@ -34,6 +34,8 @@ pub(crate) struct FakeVm {
     pub private: BTreeMap<u64, Vec<u8>>,
     /// The file its writable disk writes now (QEMU's `query-block`).
     pub disk_top: Option<PathBuf>,
+    /// The process is held (SIGSTOP): QMP gets no answer.
+    pub held: bool,
 }
 
 impl FakeVm {
@@ -201,6 +203,7 @@ impl FakeHypervisor {
             state: RunState::Running,
             private: BTreeMap::new(),
             disk_top: None,
+            held: false,
         };
         st.vms.insert(pid, vm);
         VmHandle::for_spec(&spec, pid)
@@ -223,6 +226,9 @@ impl FakeHypervisor {
             id: "?".into(),
             pid,
         })?;
+        if vm.held {
+            return Err(held_error());
+        }
         vm.state = state;
         Ok(())
     }
@@ -282,6 +288,7 @@ impl FakeHypervisor {
                     .iter()
                     .find(|d| d.role == forkvm_vmm::DiskRole::Rw)
                     .map(|d| d.path.clone()),
+                held: false,
             },
         );
         Ok(VmHandle::for_spec(spec, pid))
@@ -366,7 +373,25 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn status<'a>(&'a self, h: &'a VmHandle) -> VmmFuture<'a, RunState> {
-        Box::pin(async move { Ok(self.vm(h.pid)?.state) })
+        Box::pin(async move {
+            let vm = self.vm(h.pid)?;
+            if vm.held {
+                return Err(held_error());
+            }
+            Ok(vm.state)
+        })
+    }
+
+    fn hold<'a>(&'a self, h: &'a VmHandle, held: bool) -> VmmFuture<'a, ()> {
+        Box::pin(async move {
+            let mut st = self.st();
+            let vm = st.vms.get_mut(&h.pid).ok_or(VmmError::NotRunning {
+                id: h.id.clone(),
+                pid: h.pid,
+            })?;
+            vm.held = held;
+            Ok(())
+        })
     }
 
     fn save_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()> {
@@ -449,5 +474,13 @@ impl Hypervisor for FakeHypervisor {
             self.set(to.pid, RunState::Paused)?;
             Ok(MigrationReport::default())
         })
+    }
+}
+
+/// What QMP to a held (SIGSTOPped) QEMU ends in.
+fn held_error() -> VmmError {
+    VmmError::Timeout {
+        what: "QMP of a held QEMU".into(),
+        timeout: std::time::Duration::from_secs(5),
     }
 }
