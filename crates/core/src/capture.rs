@@ -7,10 +7,10 @@
 //!   sparsely into the base (`Copy`) or, for a standby, becomes the base by a
 //!   rename once the VMM is stopped (O(1));
 //! - **copy-on-write** (`Memory::Cow`): its RAM is the base it maps plus
-//!   pages private to its QEMU, so QEMU must move it: a live migration into a
-//!   helper VM whose RAM is the new base file (the source keeps running; its
-//!   vCPUs stop only for the last round), then the helper's device state is
-//!   saved and the helper discarded.
+//!   pages private to its QEMU, so QEMU must move it: a migration into a
+//!   helper VM whose RAM is the new base file (stop-and-copy: the source is
+//!   paused for the whole move, see `Hypervisor::migrate`), then the
+//!   helper's device state is saved and the helper discarded.
 
 use crate::agent::{CallPolicy, mailbox_of};
 use crate::bases;
@@ -259,7 +259,7 @@ async fn copy_on_write(
             .map_err(CoreError::vmm("migrating the VM into its new base"))?;
         info!(instance = %inst.id, downtime_ms = r.downtime_ms, total_ms = r.total_ms,
               "memory moved into a new base");
-        // The vCPUs stopped for the last round, which just ended.
+        // The vCPUs stopped for the move, which just ended.
         let downtime = chrono::Duration::microseconds((r.downtime_ms * 1000.0) as i64);
         Ok::<Pause, CoreError>(Pause {
             ms: r.downtime_ms,

@@ -1,8 +1,8 @@
 //! Promotion: a running copy-on-write VM gets its own memory file back, so
 //! its next capture is an O(1) handover again instead of moving all of its
-//! RAM. A live migration into the next VMM generation (own file, `share=on`,
-//! the TAP taken over); the VM runs on meanwhile and stops only for QEMU's
-//! last round. After a handover the daemon promotes the source in the
+//! RAM. A migration into the next VMM generation (own file, `share=on`, the
+//! TAP taken over); the VM is paused for the copy (stop-and-copy, see
+//! `Hypervisor::migrate`). After a handover the daemon promotes the source in the
 //! background ([`Promoter`]), so a template forked again and again pays the
 //! move between forks, not in them.
 //!

@@ -292,10 +292,15 @@ pub trait Hypervisor: Send + Sync {
     /// Loads device state into a VM started with `incoming`; leaves it paused.
     fn load_state<'a>(&'a self, h: &'a VmHandle, state_file: &'a Path) -> VmmFuture<'a, ()>;
 
-    /// Live-migrates `from` (running or paused) into `to`, a VM started with
+    /// Migrates `from` (running or paused) into `to`, a VM started with
     /// `incoming` over RAM of its own: all guest RAM and the device state
     /// travel (no `x-ignore-shared`). `from` ends paused (resume it to go
-    /// on); `to` ends paused holding the whole machine.
+    /// on; also after an error); `to` ends paused holding the whole machine.
+    ///
+    /// Stop-and-copy: `from`'s vCPUs stop before its RAM is read, so the
+    /// reported downtime is the whole copy. QEMU 7.2's live pre-copy of a
+    /// running TCG guest lost guest writes here (one destination in ~5 came
+    /// up with corrupted kernel memory; none in 22 runs stopped first).
     ///
     /// With `freeze_disk`, `from`'s writable disk is frozen onto that new
     /// top (as [`freeze_disk`](Self::freeze_disk)) at the switchover, while

@@ -236,7 +236,13 @@ impl QemuHypervisor {
         // refers to our QEMU and can't be redirected by pid reuse.
         let pidfd = match pidfd {
             Some(p) if is_qemu_for(&h.id, h.pid) => p,
-            _ => {
+            other => {
+                // Still there but no longer our QEMU by its command line: it
+                // is exiting (its memory, and so its cmdline, already gone)
+                // or a zombie. Wait for the exit, so "stopped" means it.
+                if let Some(p) = other {
+                    p.wait_exit(KILL_WAIT).await;
+                }
                 tracing::info!(id = %h.id, pid = h.pid, "stop: vm already gone");
                 return self.cleanup(h).await;
             }
