@@ -271,6 +271,54 @@ impl TestEnv {
         c
     }
 
+    /// What to look at when a guest stops answering on `ip`: the host's
+    /// view of the namespace (bridge FDB, neighbours, links, nftables, a
+    /// ping), the guest's own (through the agent, if it answers), its
+    /// console tail and the daemon log.
+    pub async fn network_diagnosis(&self, id: &str, ip: &str) -> String {
+        let run = |args: &[&str]| match self.in_netns(args).output() {
+            Ok(o) => format!(
+                "$ {}\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("$ {}: {e}", args.join(" ")),
+        };
+        let host: Vec<String> = [
+            &["bridge", "fdb", "show"][..],
+            &["ip", "neigh"],
+            &["ip", "-s", "link"],
+            &["nft", "list", "ruleset"],
+            &["ping", "-c", "2", "-W", "1", ip],
+        ]
+        .iter()
+        .map(|a| run(a))
+        .collect();
+        let guest = self
+            .exec_ok(
+                id,
+                &[
+                    "sh",
+                    "-c",
+                    "ip addr; ip -s link show eth0; dmesg | tail -20",
+                ],
+            )
+            .await
+            .unwrap_or_else(|e| format!("(agent: {e})"));
+        let console =
+            std::fs::read_to_string(self.data_dir.join("instances").join(id).join("console.log"))
+                .unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "--- host ---\n{}\n--- guest ---\n{guest}\n--- console tail ---\n{}\n--- daemon log ---\n{}",
+            host.join("\n"),
+            tail.join("\n"),
+            self.daemon_log()
+        )
+    }
+
     pub fn ping(&self, ip: &str) -> bool {
         self.in_netns(&["ping", "-c", "1", "-W", "2", ip])
             .stdout(Stdio::null())

@@ -187,7 +187,11 @@ async fn figures(env: &TestEnv, name: &str) -> Result<()> {
         written >= 1 << 20,
         "the write did not reach the fork's layer"
     );
-    ensure!(written < 4 << 20, "a 1 MiB write took {written} bytes");
+    // qcow2 allocates a whole 64 KiB cluster (copied from the backing
+    // layer) for every block ext4 touches — the data, and with the sync its
+    // journal, bitmaps and inode table — so 1 MiB written costs 1–4 MiB
+    // (4.0 MiB seen once); a copy of the disk would cost all of it.
+    ensure!(written < 8 << 20, "a 1 MiB write took {written} bytes");
     Ok(())
 }
 

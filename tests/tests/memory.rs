@@ -2,7 +2,7 @@
 //! base; what one VM writes no other sees; the base never changes and goes
 //! away with the last VM or snapshot that uses it.
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use forkvm_e2e::{TestEnv, s};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -242,55 +242,12 @@ async fn a_source_handed_over_keeps_running_on_its_address() -> Result<()> {
         },
     )
     .await?;
-    if env.http_get(&url).is_none() {
-        let dump = |a: &[&str]| {
-            let o = env.in_netns(a).output().unwrap();
-            format!(
-                "$ {a:?}\n{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        };
-        let con = std::fs::read_to_string(
-            env.data_dir
-                .join("instances")
-                .join(&src_id)
-                .join("console.log"),
-        )
-        .unwrap_or_default();
-        let ping = dump(&["ping", "-c", "2", "-W", "1", &forkvm_e2e::ip(&src)]);
-        let again = env.http_get(&url).is_some();
-        let inside = env
-            .exec_ok(
-                &src_id,
-                &[
-                    "sh",
-                    "-c",
-                    "ip addr; ip -s link show eth0; cat /proc/net/dev; dmesg | tail -20",
-                ],
-            )
-            .await;
-        eprintln!("INSIDE {inside:?}");
-        eprintln!(
-            "DIAG\n{}\n{}\n{}\n{}\n{}\n{ping}\nagain={again}\nCONSOLE TAIL\n{}",
-            dump(&["bridge", "fdb", "show"]),
-            dump(&["ip", "neigh"]),
-            dump(&["ip", "-s", "link"]),
-            dump(&["nft", "list", "ruleset"]),
-            dump(&["ss", "-tanp"]),
-            con.lines().rev().take(30).collect::<Vec<_>>().join("\n")
-        );
-        eprintln!(
-            "LS {:?}",
-            std::fs::read_dir(env.data_dir.join("instances").join(&src_id))
-                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    if !env.http_get(&url).is_some_and(|b| b.contains("still-me")) {
+        bail!(
+            "the source's web server no longer answers on its address\n{}",
+            env.network_diagnosis(&src_id, &forkvm_e2e::ip(&src)).await
         );
     }
-    ensure!(
-        env.http_get(&url).is_some_and(|b| b.contains("still-me")),
-        "the source's web server no longer answers on its address\n{}",
-        env.daemon_log()
-    );
     ensure!(
         env.exec_ok(&src_id, &["cat", "/root/n"]).await?.trim() == "7",
         "{now}"
