@@ -24,12 +24,8 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<u64> {
         .open(dst)?;
     output.set_len(len)?;
     let mut copied = 0u64;
-    let mut pos = 0u64;
-    while pos < len {
-        let Some(data) = seek(&input, pos, libc::SEEK_DATA)? else {
-            break; // only a hole remains
-        };
-        let hole = seek(&input, data, libc::SEEK_HOLE)?.unwrap_or(len);
+    for extent in data_extents(&input, len) {
+        let (data, hole) = extent?;
         let (mut off_in, mut off_out) = (data as libc::loff_t, data as libc::loff_t);
         let mut left = (hole - data) as usize;
         while left > 0 {
@@ -57,13 +53,10 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<u64> {
             left -= n as usize;
             copied += n as u64;
         }
-        pos = hole;
     }
     Ok(copied)
 }
 
-/// lseek with SEEK_DATA/SEEK_HOLE; `None` when there is no data at or after
-/// `off` (ENXIO).
 /// Make `dst` (created or truncated) as long as `src` with blocks allocated
 /// (zeroed) wherever `src` has data, so a [`sparse_copy`] into it later
 /// writes in place instead of allocating: tmpfs page allocation is most of
@@ -76,12 +69,8 @@ pub fn preallocate_like(src: &Path, dst: &Path) -> io::Result<u64> {
     let output = File::create(dst)?;
     output.set_len(len)?;
     let mut allocated = 0u64;
-    let mut pos = 0u64;
-    while pos < len {
-        let Some(data) = seek(&input, pos, libc::SEEK_DATA)? else {
-            break;
-        };
-        let hole = seek(&input, data, libc::SEEK_HOLE)?.unwrap_or(len);
+    for extent in data_extents(&input, len) {
+        let (data, hole) = extent?;
         // SAFETY: fallocate on an fd we own, offsets within i64 (file sizes).
         let r = unsafe {
             libc::fallocate(
@@ -95,11 +84,41 @@ pub fn preallocate_like(src: &Path, dst: &Path) -> io::Result<u64> {
             return Err(io::Error::last_os_error());
         }
         allocated += hole - data;
-        pos = hole;
     }
     Ok(allocated)
 }
 
+/// The allocated extents `[data, hole)` of the first `len` bytes of `f`, in
+/// order (`SEEK_DATA`/`SEEK_HOLE`); the walk every function here shares.
+fn data_extents(f: &File, len: u64) -> impl Iterator<Item = io::Result<(u64, u64)>> + '_ {
+    let mut pos = 0u64;
+    std::iter::from_fn(move || {
+        if pos >= len {
+            return None;
+        }
+        let next = (|| {
+            let Some(data) = seek(f, pos, libc::SEEK_DATA)? else {
+                return Ok(None); // only a hole remains
+            };
+            let hole = seek(f, data, libc::SEEK_HOLE)?.unwrap_or(len);
+            Ok(Some((data, hole)))
+        })();
+        match next {
+            Ok(Some((data, hole))) => {
+                pos = hole;
+                Some(Ok((data, hole)))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                pos = len; // stop after an error
+                Some(Err(e))
+            }
+        }
+    })
+}
+
+/// lseek with SEEK_DATA/SEEK_HOLE; `None` when there is no data at or after
+/// `off` (ENXIO).
 fn seek(f: &File, off: u64, whence: i32) -> io::Result<Option<u64>> {
     // SAFETY: lseek on a valid fd has no memory-safety requirements.
     let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
@@ -127,12 +146,9 @@ pub fn punch_zero_pages(path: &Path) -> io::Result<u64> {
         .open(path)?;
     let len = f.metadata()?.len();
     let mut buf = vec![0u8; CHUNK];
-    let (mut freed, mut pos) = (0u64, 0u64);
-    while pos < len {
-        let Some(data) = seek(&f, pos, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = seek(&f, data, libc::SEEK_HOLE)?.unwrap_or(len);
+    let mut freed = 0u64;
+    for extent in data_extents(&f, len) {
+        let (data, end) = extent?;
         let mut at = data;
         while at < end {
             let n = ((end - at) as usize).min(CHUNK);
@@ -155,7 +171,6 @@ pub fn punch_zero_pages(path: &Path) -> io::Result<u64> {
             }
             at += n as u64;
         }
-        pos = end;
     }
     Ok(freed)
 }
