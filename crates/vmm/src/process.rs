@@ -25,16 +25,8 @@ pub fn is_qemu_for(id: &str, pid: u32) -> bool {
     let proc_dir = Path::new("/proc").join(pid.to_string());
     // A zombie still has a /proc entry but its cmdline is empty; check state too
     // because a subreaper that doesn't reap would leave one.
-    match std::fs::read_to_string(proc_dir.join("stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next());
-            if matches!(state, Some('Z') | Some('X') | None) {
-                return false;
-            }
-        }
-        Err(_) => return false,
+    if matches!(stat_state(&proc_dir.join("stat")), Some('Z' | 'X') | None) {
+        return false;
     }
     let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
         return false;

@@ -247,52 +247,13 @@ impl QemuHypervisor {
                 return self.cleanup(h).await;
             }
         };
-        if crate::process::is_stopped(h.pid) {
+        let how = if crate::process::is_stopped(h.pid) {
             // Held: it must not run again (see `hold`), so no QMP quit.
-            pidfd
-                .signal(libc::SIGKILL)
-                .map_err(|e| VmmError::io("pidfd_send_signal", format!("/proc/{}", h.pid), e))?;
-            if !pidfd.wait_exit(KILL_WAIT).await {
-                return Err(VmmError::StopFailed {
-                    id: h.id.clone(),
-                    pid: h.pid,
-                });
-            }
-            tracing::info!(id = %h.id, pid = h.pid, how = "sigkill (held)",
-                elapsed_ms = t0.elapsed().as_secs_f64() * 1e3, "qemu stopped");
-            return self.cleanup(h).await;
-        }
-        let quit = async {
-            let mut q = QmpClient::connect(&h.qmp_socket, grace).await?;
-            q.execute("quit", None).await
+            kill(h, &pidfd).await?;
+            "sigkill (held)"
+        } else {
+            quit_or_signal(h, &pidfd, grace).await?
         };
-        match tokio::time::timeout(grace, quit).await {
-            Ok(Ok(_)) => {}
-            // QEMU may close the socket before its reply is read: still fine.
-            Ok(Err(e)) => tracing::debug!(id = %h.id, error = %e, "qmp quit"),
-            Err(_) => tracing::warn!(id = %h.id, "qmp quit timed out"),
-        }
-        let mut how = "quit";
-        if !pidfd.wait_exit(grace).await {
-            how = "sigterm";
-            tracing::warn!(id = %h.id, pid = h.pid, "qemu ignored quit; sending SIGTERM");
-            pidfd
-                .signal(libc::SIGTERM)
-                .map_err(|e| VmmError::io("pidfd_send_signal", format!("/proc/{}", h.pid), e))?;
-            if !pidfd.wait_exit(grace).await {
-                how = "sigkill";
-                tracing::warn!(id = %h.id, pid = h.pid, "qemu ignored SIGTERM; sending SIGKILL");
-                pidfd.signal(libc::SIGKILL).map_err(|e| {
-                    VmmError::io("pidfd_send_signal", format!("/proc/{}", h.pid), e)
-                })?;
-                if !pidfd.wait_exit(KILL_WAIT).await {
-                    return Err(VmmError::StopFailed {
-                        id: h.id.clone(),
-                        pid: h.pid,
-                    });
-                }
-            }
-        }
         tracing::info!(id = %h.id, pid = h.pid, how, elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
             "qemu stopped");
         self.cleanup(h).await
@@ -392,6 +353,52 @@ pub(crate) async fn query_status(q: &mut QmpClient) -> Result<RunState, VmmError
         .and_then(Value::as_str)
         .ok_or_else(|| VmmError::Migration(format!("query-status without status: {r}")))?;
     Ok(RunState::from_qemu(s))
+}
+
+/// QMP `quit`, then SIGTERM, then SIGKILL, each after `grace`; returns how
+/// the process ended.
+async fn quit_or_signal(
+    h: &VmHandle,
+    pidfd: &PidFd,
+    grace: Duration,
+) -> Result<&'static str, VmmError> {
+    let quit = async {
+        let mut q = QmpClient::connect(&h.qmp_socket, grace).await?;
+        q.execute("quit", None).await
+    };
+    match tokio::time::timeout(grace, quit).await {
+        Ok(Ok(_)) => {}
+        // QEMU may close the socket before its reply is read: still fine.
+        Ok(Err(e)) => tracing::debug!(id = %h.id, error = %e, "qmp quit"),
+        Err(_) => tracing::warn!(id = %h.id, "qmp quit timed out"),
+    }
+    if pidfd.wait_exit(grace).await {
+        return Ok("quit");
+    }
+    tracing::warn!(id = %h.id, pid = h.pid, "qemu ignored quit; sending SIGTERM");
+    pidfd
+        .signal(libc::SIGTERM)
+        .map_err(|e| VmmError::io("pidfd_send_signal", format!("/proc/{}", h.pid), e))?;
+    if pidfd.wait_exit(grace).await {
+        return Ok("sigterm");
+    }
+    tracing::warn!(id = %h.id, pid = h.pid, "qemu ignored SIGTERM; sending SIGKILL");
+    kill(h, pidfd).await?;
+    Ok("sigkill")
+}
+
+/// SIGKILL, then wait (at most [`KILL_WAIT`]) for the exit.
+async fn kill(h: &VmHandle, pidfd: &PidFd) -> Result<(), VmmError> {
+    pidfd
+        .signal(libc::SIGKILL)
+        .map_err(|e| VmmError::io("pidfd_send_signal", format!("/proc/{}", h.pid), e))?;
+    if !pidfd.wait_exit(KILL_WAIT).await {
+        return Err(VmmError::StopFailed {
+            id: h.id.clone(),
+            pid: h.pid,
+        });
+    }
+    Ok(())
 }
 
 impl Hypervisor for QemuHypervisor {

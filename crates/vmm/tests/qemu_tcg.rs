@@ -134,16 +134,18 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The state letter of a `/proc/…/stat` file (`R`, `S`, `T`, `Z`, …).
+fn proc_state(stat: impl AsRef<std::path::Path>) -> Option<char> {
+    let s = std::fs::read_to_string(stat).ok()?;
+    s.rsplit_once(')')
+        .and_then(|(_, r)| r.trim_start().chars().next())
+}
+
 fn assert_gone(hv: &QemuHypervisor, h: &VmHandle) {
     assert!(!hv.is_alive(&h.id, h.pid));
     // Gone, or a zombie not yet reaped (by tokio while the starter runs,
     // else by init); either way nothing runs any more.
-    let state = std::fs::read_to_string(format!("/proc/{}/stat", h.pid))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, r)| r.trim_start().chars().next())
-        });
+    let state = proc_state(format!("/proc/{}/stat", h.pid));
     assert!(
         matches!(state, None | Some('Z')),
         "process {} left over (state {state:?})",
@@ -284,18 +286,13 @@ async fn boot_pause_resume_stop() {
     // Held: every thread of the process stopped (it runs no code, so it
     // writes no memory); released, it runs and answers again.
     hv.hold(&h, true).await.expect("hold");
-    let states: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", h.pid))
+    let states: Vec<Option<char>> = std::fs::read_dir(format!("/proc/{}/task", h.pid))
         .expect("tasks")
         .flatten()
-        .map(|t| {
-            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-            stat.rsplit_once(')')
-                .map(|(_, r)| r.trim_start()[..1].to_string())
-                .unwrap_or_default()
-        })
+        .map(|t| proc_state(t.path().join("stat")))
         .collect();
     assert!(
-        states.len() > 1 && states.iter().all(|s| s == "T"),
+        states.len() > 1 && states.iter().all(|s| *s == Some('T')),
         "{states:?}"
     );
     hv.hold(&h, false).await.expect("release");
