@@ -370,14 +370,17 @@ enum Clock {
 /// has run since resume is kept (an absolute host time taken before resume
 /// would set it back by the resume and wake-up).
 fn step_realtime(behind_ns: u64) -> nix::Result<()> {
-    use nix::time::{ClockId, clock_gettime, clock_settime};
-    let behind = i64::try_from(behind_ns).map_err(|_| nix::errno::Errno::EINVAL)?;
-    let now = clock_gettime(ClockId::CLOCK_REALTIME)?;
-    let ns =
-        i128::from(now.tv_sec()) * 1_000_000_000 + i128::from(now.tv_nsec()) + i128::from(behind);
-    let secs = i64::try_from(ns / 1_000_000_000).map_err(|_| nix::errno::Errno::EINVAL)?;
-    let ts = nix::sys::time::TimeSpec::new(secs, (ns % 1_000_000_000) as i64);
-    clock_settime(ClockId::CLOCK_REALTIME, ts)
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)?;
+    let now_ns = u64::try_from(now.tv_sec())
+        .ok()
+        .and_then(|s| s.checked_mul(1_000_000_000))
+        .and_then(|ns| ns.checked_add(now.tv_nsec() as u64))
+        .ok_or(nix::errno::Errno::EINVAL)?;
+    set_realtime(
+        now_ns
+            .checked_add(behind_ns)
+            .ok_or(nix::errno::Errno::EINVAL)?,
+    )
 }
 
 fn set_realtime(unix_ns: u64) -> nix::Result<()> {

@@ -22,9 +22,10 @@ const PAGE_POLL: Duration = Duration::from_millis(10);
 /// Everything the mailbox path needs to know before the fork resumes.
 pub(crate) struct MailboxPlan<'a> {
     pub info: &'a MailboxInfo,
-    /// When the snapshot's guest clock stopped (host time): the guest steps
-    /// its clock forward by the time since.
-    pub frozen_at: Option<DateTime<Utc>>,
+    /// Host time now (the payload's) and when the snapshot's guest clock
+    /// stopped: the guest steps its clock forward by the difference.
+    pub now: DateTime<Utc>,
+    pub frozen_at: DateTime<Utc>,
     pub lease: &'a Lease,
     pub hostname: &'a str,
     /// Name servers for the guest's resolv.conf.
@@ -124,7 +125,6 @@ impl MailboxHandoff {
         let (socket, port) = ack_listener(plan.ack_bind.unwrap_or(lease.gateway))?;
         let (offset, mut page) = locate(hv.as_ref(), vm, &plan, &marker).await?;
         let key = mbx::AckKey(rand::random());
-        let now = Utc::now();
         let generation = rand::random::<u64>().max(1);
         let payload = mbx::Payload {
             interface: GUEST_INTERFACE.into(),
@@ -134,8 +134,8 @@ impl MailboxHandoff {
             gateway: lease.gateway,
             dns: plan.dns.to_vec(),
             hostname: plan.hostname.to_string(),
-            host_time_unix_ns: now.timestamp_nanos_opt().unwrap_or_default().max(0) as u64,
-            clock_behind_ns: plan.frozen_at.map(|t| clock_behind_ns(now, t)),
+            host_time_unix_ns: plan.now.timestamp_nanos_opt().unwrap_or_default().max(0) as u64,
+            clock_behind_ns: Some(clock_behind_ns(plan.now, plan.frozen_at)),
             rng_seed: mbx::Seed(rand::random()),
             ack: mbx::AckTarget {
                 ip: lease.gateway,

@@ -145,7 +145,9 @@ pub(crate) async fn prepare(
             let t = Instant::now();
             let plan = MailboxPlan {
                 info,
-                frozen_at: Some(snap.frozen_at.unwrap_or(snap.created_at)),
+                now: svc.now(),
+                // Older records: `created_at`, taken just after the pause.
+                frozen_at: snap.frozen_at.unwrap_or(snap.created_at),
                 lease,
                 hostname: &inst.name,
                 dns: &svc.cfg.dns,
@@ -306,12 +308,12 @@ impl HostPaths<'_> {
     }
 }
 
-/// The RPC's change as busybox `ip` commands. Every value is typed (MAC,
-/// addresses, prefix) or a validated instance name, so nothing in it can
-/// break out of the script.
 /// Where the agent mounts an OCI workload's root (the agent's `ROOT_DIR`).
 const ROOT: &str = "/run/forkvm/root";
 
+/// The RPC's change as busybox `ip` commands. Every value is typed (MAC,
+/// addresses, prefix) or a validated instance name, so nothing in it can
+/// break out of the script.
 fn shell_script(l: &Lease, hostname: &str, dns: &[Ipv4Addr]) -> String {
     debug_assert!(crate::validate_name(hostname).is_ok());
     let resolv: String = dns.iter().map(|d| format!("nameserver {d}\\n")).collect();
