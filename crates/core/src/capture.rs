@@ -23,6 +23,7 @@ use chrono::{DateTime, Utc};
 use forkvm_vmm::{DiskRole, NetBackend, VmHandle};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// What happens to the VM after its state is captured.
@@ -65,6 +66,60 @@ impl Captured {
     }
 }
 
+/// A capture's names, chosen before it starts: forks of a running source
+/// may start their VMMs over the base file while it is captured.
+pub(crate) struct Planned {
+    pub sid: String,
+    pub paths: SnapshotPaths,
+    pub base_id: String,
+    pub base_file: PathBuf,
+    /// Set once `base_file` exists at its full size, before the pause, when
+    /// the VM's own file is copied or handed over (a VMM may map it then);
+    /// dropped unset by other captures.
+    pub placed: watch::Sender<bool>,
+}
+
+impl Planned {
+    pub fn new(svc: &Services) -> Result<Self> {
+        let sid = new_id();
+        let paths = svc.snapshot_paths(&sid);
+        paths.prepare()?;
+        let (base_id, base_file) = bases::allocate(svc)?;
+        Ok(Self {
+            sid,
+            paths,
+            base_id,
+            base_file,
+            placed: watch::channel(false).0,
+        })
+    }
+
+    /// The settings the capture of `inst` will record (no mailbox, size or
+    /// freeze instant yet): what forks started during it copy.
+    pub fn settings_of(&self, svc: &Services, inst: &Instance) -> Snapshot {
+        let base = bases::record(svc, &self.base_id, &self.base_file);
+        snapshot_of(
+            svc,
+            inst,
+            self.sid.clone(),
+            None,
+            &self.paths,
+            &base,
+            None,
+            CaptureMode::Copy,
+        )
+    }
+}
+
+/// Whether a capture of `inst` per `mode` hands its memory over (the own
+/// file becomes the base, a new VMM maps it copy-on-write) instead of
+/// copying it: an own file of at least `handover_min_mib`.
+fn hands_over(svc: &Services, inst: &Instance, mode: CaptureMode) -> bool {
+    inst.memory == Memory::Own
+        && mode == CaptureMode::Copy
+        && crate::memory::allocated_bytes(&svc.paths(inst).mem) >= svc.cfg.handover_min_mib << 20
+}
+
 /// Capture a Running VM per `mode`. Any failure leaves the VM running and
 /// nothing of the snapshot behind. `inst` is re-read afterwards: a capture
 /// moves its disk to a new top (and a handover to a new VMM).
@@ -74,25 +129,42 @@ pub(crate) async fn capture(
     name: Option<String>,
     mode: CaptureMode,
 ) -> Result<Captured> {
-    let pid = inst
-        .pid
-        .ok_or_else(|| CoreError::Conflict(format!("instance {} has no VMM", inst.name)))?;
+    capture_planned(svc, inst, name, mode, Planned::new(svc)?).await
+}
+
+/// [`capture`] under names chosen beforehand.
+pub(crate) async fn capture_planned(
+    svc: &Services,
+    inst: &mut Instance,
+    name: Option<String>,
+    mode: CaptureMode,
+    planned: Planned,
+) -> Result<Captured> {
+    let Some(pid) = inst.pid else {
+        planned.paths.remove();
+        return Err(CoreError::Conflict(format!(
+            "instance {} has no VMM",
+            inst.name
+        )));
+    };
     let vm = svc.handle(inst, pid);
-    let sid = new_id();
-    let sp = svc.snapshot_paths(&sid);
-    sp.prepare()?;
-    let (bid, base_file) = bases::allocate(svc)?;
     // The agent re-arms with a new marker after every handoff: ask for the
     // current one before pausing (no mailbox if it doesn't answer).
     let mailbox = current_mailbox(svc, inst).await;
     let t = Instant::now();
-    let taken = match memory_into_base(svc, inst, &vm, &sp, (&bid, &base_file), mode).await {
+    let taken = match memory_into_base(svc, inst, &vm, &planned, mode).await {
         Ok(m) => m,
         Err(e) => {
-            sp.remove();
+            planned.paths.remove();
             return Err(e);
         }
     };
+    let Planned {
+        sid,
+        paths: sp,
+        base_id: bid,
+        ..
+    } = planned;
     let Taken {
         base,
         pause,
@@ -135,16 +207,13 @@ async fn memory_into_base(
     svc: &Services,
     inst: &Instance,
     vm: &VmHandle,
-    sp: &SnapshotPaths,
-    (bid, base_file): (&str, &Path),
+    planned: &Planned,
     mode: CaptureMode,
 ) -> Result<Taken> {
+    let (sp, bid, base_file) = (&planned.paths, &planned.base_id, &planned.base_file);
     let own = svc.paths(inst).mem;
-    let handover = inst.memory == Memory::Own
-        && mode == CaptureMode::Copy
-        && crate::memory::allocated_bytes(&own) >= svc.cfg.handover_min_mib << 20;
-    if handover {
-        let (base, pause) = crate::handover::hand_over(svc, inst, vm, sp, bid, base_file).await?;
+    if hands_over(svc, inst, mode) {
+        let (base, pause) = crate::handover::hand_over(svc, inst, vm, planned).await?;
         return Ok(Taken {
             base,
             pause,
@@ -154,7 +223,7 @@ async fn memory_into_base(
         });
     }
     let paused = match &inst.memory {
-        Memory::Own => own_file(svc, inst, vm, sp, base_file, mode).await,
+        Memory::Own => own_file(svc, inst, vm, planned, mode).await,
         Memory::Cow { base } => {
             let r = copy_on_write(svc, inst, vm, sp, base_file, mode).await;
             if r.is_ok() {
@@ -171,7 +240,7 @@ async fn memory_into_base(
     // known now.
     let sized = match (mode, &inst.memory) {
         (CaptureMode::Standby, Memory::Own) => own.as_path(),
-        _ => base_file,
+        _ => base_file.as_path(),
     };
     Ok(Taken {
         base: bases::record(svc, bid, sized),
@@ -181,20 +250,24 @@ async fn memory_into_base(
     })
 }
 
-/// Own file: pause → disk frozen → device state → (Copy) sparse copy into
-/// the base and resume; returns how long the VM was paused (Copy) and the
-/// frozen disk layer. Standby leaves the VM paused.
+/// Own file: (Copy: the base placed and allocated) pause → disk frozen →
+/// device state → (Copy) sparse copy into the base and resume; returns how
+/// long the VM was paused (Copy) and the frozen disk layer. Standby leaves
+/// the VM paused.
 async fn own_file(
     svc: &Services,
     inst: &Instance,
     vm: &VmHandle,
-    sp: &SnapshotPaths,
-    base_file: &Path,
+    planned: &Planned,
     mode: CaptureMode,
 ) -> Result<(Pause, Option<String>)> {
+    let (sp, base_file) = (&planned.paths, planned.base_file.as_path());
     if mode == CaptureMode::Copy {
+        let own = svc.paths(inst).mem;
+        crate::memory::sized_like(&own, base_file).map_err(CoreError::io("sizing the new base"))?;
+        planned.placed.send_replace(true);
         // The base's blocks before the pause: the copy in it only writes.
-        preallocate(&svc.paths(inst).mem, base_file).await?;
+        preallocate(&own, base_file).await?;
     }
     let t = Instant::now();
     svc.hv

@@ -18,27 +18,26 @@
 //! Any failure before step 5 puts the file back and resumes the old VMM.
 
 use crate::bases;
-use crate::capture::Pause;
+use crate::capture::{Pause, Planned};
 use crate::error::{CoreError, Result};
 use crate::model::{Base, Instance, Memory};
 use crate::paths::SnapshotPaths;
 use crate::services::Services;
 use forkvm_vmm::VmHandle;
-use std::path::Path;
 use std::time::Instant;
 use tracing::{info, warn};
 
 /// Hands `inst` (Running on `old`, its own memory) over to a new VMM over
-/// base `bid` (file `base_file`); the device state lands in `sp.state`.
-/// Returns the base record, committed with the instance, and the VM's pause.
+/// the planned base; the device state lands in its `paths.state`; the base
+/// is announced `placed` once renamed. Returns the base record, committed
+/// with the instance, and the VM's pause.
 pub(crate) async fn hand_over(
     svc: &Services,
     inst: &Instance,
     old: &VmHandle,
-    sp: &SnapshotPaths,
-    bid: &str,
-    base_file: &Path,
+    planned: &Planned,
 ) -> Result<(Base, Pause)> {
+    let (sp, bid, base_file) = (&planned.paths, planned.base_id.as_str(), &planned.base_file);
     let own_file = svc.paths(inst).mem;
     let mut rec = svc.find(&inst.id)?;
     rec.handover = Some(bid.to_string());
@@ -56,6 +55,7 @@ pub(crate) async fn hand_over(
     svc.store.update_instance(&rec)?;
     std::fs::rename(&own_file, base_file)
         .map_err(CoreError::io("renaming the memory file into a base"))?;
+    planned.placed.send_replace(true);
     let next = next_generation(&rec, bid);
     let t = Instant::now();
     match switch(svc, &next, old, sp).await {

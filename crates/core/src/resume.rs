@@ -19,6 +19,20 @@ pub(crate) async fn start_paused(
     cmdline: &str,
     state: &Path,
 ) -> Result<VmHandle> {
+    let vm = start_waiting(svc, inst, rec, cmdline).await?;
+    load(svc, &vm, rec, state).await?;
+    Ok(vm)
+}
+
+/// TAP and a VMM for `inst` waiting for device state over its memory file
+/// (which must exist at its full size). On error the VMM may exist: the
+/// caller tears down.
+pub(crate) async fn start_waiting(
+    svc: &Services,
+    inst: &mut Instance,
+    rec: &mut HandoffRecord,
+    cmdline: &str,
+) -> Result<VmHandle> {
     let t = Instant::now();
     if inst.network.enabled {
         let lease = svc
@@ -51,15 +65,26 @@ pub(crate) async fn start_paused(
     inst.cmdline = Some(cmdline.to_string());
     svc.store.update_instance(inst)?;
     rules?;
+    Ok(vm)
+}
 
+/// `state` loaded into a waiting VMM; the VM is paused on return.
+pub(crate) async fn load(
+    svc: &Services,
+    vm: &VmHandle,
+    rec: &mut HandoffRecord,
+    state: &Path,
+) -> Result<()> {
     let t = Instant::now();
     svc.hv
-        .load_state(&vm, state)
+        .load_state(vm, state)
         .await
         .map_err(CoreError::vmm("loading the snapshot"))?;
     rec.record(Stage::StateLoad, t);
-    hooks.vmm_kill_point("resume:state_loaded", vm.pid);
-    Ok(vm)
+    svc.cfg
+        .test_hooks
+        .vmm_kill_point("resume:state_loaded", vm.pid);
+    Ok(())
 }
 
 /// Continue the vCPUs; returns the instant the guest runs again.

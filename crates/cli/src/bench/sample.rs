@@ -15,8 +15,10 @@ pub struct ForkSample {
     pub fallback_reason: Option<String>,
     /// Client-measured API round trip (only for single-fork requests).
     pub api_ms: Option<f64>,
-    /// stages.snapshot + stages.total: from the daemon starting the request
-    /// to the fork answering on its new address.
+    /// stages.queued + stages.total: from the daemon starting the request
+    /// to the fork answering on its new address (the capture, unless the
+    /// fork started during it, and the wait for a slot included; daemons
+    /// before `queued` existed: snapshot + total).
     pub request_to_ready_ms: Option<f64>,
     /// stages.network_ready: from `cont` to ack / RPC success.
     pub resume_to_ready_ms: Option<f64>,
@@ -34,10 +36,10 @@ pub(super) fn sample(
 ) -> ForkSample {
     let h = inst.handoff.clone().unwrap_or_default();
     let st = &h.stages_ms;
-    let request_to_ready = match (
-        st.get(Stage::Snapshot.as_str()),
-        st.get(Stage::Total.as_str()),
-    ) {
+    let before = st
+        .get(Stage::Queued.as_str())
+        .or_else(|| st.get(Stage::Snapshot.as_str()));
+    let request_to_ready = match (before, st.get(Stage::Total.as_str())) {
         (Some(s), Some(t)) => Some(s + t),
         _ => None,
     };

@@ -37,6 +37,9 @@ pub enum Stage {
     Snapshot,
     /// Of that, the time the source's vCPUs were stopped.
     SourcePause,
+    /// From the request's start to this fork's start: the capture (unless
+    /// the fork started during it) and the wait for a parallelism slot.
+    Queued,
     /// Record, IPv4 and MAC claimed.
     Allocate,
     /// The fork's guest memory made ready from the base.
@@ -48,6 +51,9 @@ pub enum Stage {
     AllocateTap,
     /// QEMU launched, waiting for device state.
     VmmStart,
+    /// A fork started during the capture of its running source: its VMM
+    /// waiting for the capture to end.
+    BaseWait,
     /// Device state loaded; the VM is paused.
     StateLoad,
     /// Identity written into the paused fork's mailbox page.
@@ -58,20 +64,22 @@ pub enum Stage {
     GuestSignalToApplied,
     /// Resume to the fork answering on its new address.
     NetworkReady,
-    /// The whole request for this fork.
+    /// This fork's own pipeline, from its start (see `Queued`) to ready.
     Total,
 }
 
 impl Stage {
     /// Every stage in pipeline order.
-    pub const ALL: [Stage; 13] = [
+    pub const ALL: [Stage; 15] = [
         Self::Snapshot,
         Self::SourcePause,
+        Self::Queued,
         Self::Allocate,
         Self::MemoryPrepare,
         Self::DiskPrepare,
         Self::AllocateTap,
         Self::VmmStart,
+        Self::BaseWait,
         Self::StateLoad,
         Self::MailboxPrepare,
         Self::Resume,
@@ -84,11 +92,13 @@ impl Stage {
         match self {
             Self::Snapshot => "snapshot",
             Self::SourcePause => "source_pause",
+            Self::Queued => "queued",
             Self::Allocate => "allocate",
             Self::MemoryPrepare => "memory_prepare",
             Self::DiskPrepare => "disk_prepare",
             Self::AllocateTap => "allocate_tap",
             Self::VmmStart => "vmm_start",
+            Self::BaseWait => "base_wait",
             Self::StateLoad => "state_load",
             Self::MailboxPrepare => "mailbox_prepare",
             Self::Resume => "resume",

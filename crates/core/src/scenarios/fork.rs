@@ -94,6 +94,44 @@ async fn failing_vmm_start_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn forks_of_a_small_running_source_start_during_its_capture() {
+    let w = World::new().await;
+    w.running("src").await;
+    let forks = w.mgr.fork("src", from_running("f", Some(2))).await.unwrap();
+    for f in forks {
+        let h = f.unwrap().handoff.unwrap();
+        let (queued, snapshot) = (
+            h.get(Stage::Queued).unwrap(),
+            h.get(Stage::Snapshot).unwrap(),
+        );
+        assert!(
+            queued < snapshot,
+            "the fork started after the capture: {h:?}"
+        );
+    }
+    // From a standby source there is nothing to capture: no wait either.
+    w.mgr.standby("src").await.unwrap();
+    let f = fork_one(
+        &w,
+        "src",
+        ForkRequest {
+            name: "g".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let h = f.handoff.unwrap();
+    assert_eq!(h.get(Stage::BaseWait), None, "{h:?}");
+}
+
+#[tokio::test]
+async fn a_capture_failing_while_its_forks_start_leaves_nothing() {
+    let e = fails_cleanly(|w| w.hv.fail(HvOp::Save)).await;
+    assert!(e.to_string().starts_with("saving device state"), "{e}");
+}
+
+#[tokio::test]
 async fn failing_state_load_leaves_nothing() {
     let e = fails_cleanly(|w| w.hv.fail(HvOp::Load)).await;
     assert!(e.to_string().starts_with("loading the snapshot"), "{e}");

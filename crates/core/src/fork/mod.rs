@@ -2,15 +2,17 @@
 //!
 //! 1. [`plan`] — names (`name` or `name-1..n`), target state, handoff path;
 //!    capacity checked before anything is created;
-//! 2. [`base_of_instance`] / [`base_of_snapshot`] — the memory and device
+//! 2. [`base_of_instance`] / [`fork_snapshot`] — the memory and device
 //!    state forks start from: a Standby source's own snapshot, a stored
 //!    snapshot, or a transient one captured from a Running source (paused
-//!    only for the capture);
+//!    only for the capture); forks of a small running source start during
+//!    its capture ([`early`]);
 //! 3. per fork, two at a time ([`fork_one`], all or nothing): [`allocate`]
 //!    (record, IPv4, MAC; its memory: a copy-on-write mapping of the base) →
 //!    [`prepare_memory`] (no copy: the instance directory) → [`prepare_disk`]
 //!    (image instances: an empty top over the frozen layer) → for a Running target:
-//!    [`resume::start_paused`] (TAP, VMM, state load) → [`handoff::prepare`]
+//!    [`resume::start_waiting`] (TAP, VMM) → the base ready ([`Gate`]) →
+//!    [`resume::load`] (device state) → [`handoff::prepare`]
 //!    (mailbox write into the paused fork) → [`resume::resume`] →
 //!    [`handoff::complete`] (the fork answers on its own address) → commit;
 //!    Standby and Stopped targets park the fork instead of running it;
@@ -20,13 +22,16 @@
 //! A fork that fails leaves nothing behind: its VMM, TAP, allocations, files
 //! and record are removed and its slot in the result carries the error.
 
+mod early;
+
 use crate::capacity::{self, Demand};
-use crate::capture::{CaptureMode, capture};
+use crate::capture::{CaptureMode, Captured, capture};
 use crate::error::{CoreError, Result};
 use crate::model::*;
 use crate::paths::SnapshotPaths;
 use crate::services::{Services, new_id};
 use crate::{handoff, resume, teardown};
+use early::Gate;
 use std::sync::Arc;
 use std::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
@@ -46,6 +51,23 @@ struct Plan {
     ports: Vec<PublishedPort>,
     /// The request's share of the capacity, until it finished.
     _reserved: capacity::Reservation,
+}
+
+/// What forks copy from their source before its base is ready: the
+/// snapshot's settings (for a capture in progress, those it will record).
+struct Origin {
+    snap: Snapshot,
+    /// The instance or snapshot the forks record as their origin.
+    forked_from: String,
+}
+
+impl Origin {
+    fn of(base: &Base) -> Self {
+        Self {
+            snap: base.snap.clone(),
+            forked_from: base.forked_from.clone(),
+        }
+    }
 }
 
 /// The snapshot forks start from.
@@ -85,17 +107,27 @@ pub(crate) async fn fork_instance(
     };
     let plan = plan(svc, &req, source)?;
     let (_guard, mut src) = svc.lock_instance(&src.id).await?;
-    let t = Instant::now();
+    let started = Instant::now();
+    if early::applies(&src, &req, &plan) {
+        return early::fork_during_capture(svc, &mut src, &plan, started).await;
+    }
     let mut base = base_of_instance(svc, &mut src, req.from_running).await?;
-    base.snapshot_ms = t.elapsed().as_secs_f64() * 1000.0;
+    base.snapshot_ms = started.elapsed().as_secs_f64() * 1000.0;
     svc.cfg.test_hooks.crash_point("fork:snapshot");
-    let results = fork_all(svc, &base, &plan).await;
+    let base = Arc::new(base);
+    let results = fork_all(svc, &Origin::of(&base), &Gate::ready(&base), &plan, started).await;
+    finish(svc, base);
+    Ok(results)
+}
+
+/// After every fork of a request: a transient snapshot's files go (its base
+/// stays while forks map it), and whatever nothing uses any more.
+fn finish(svc: &Services, base: Arc<Base>) {
     if base.transient {
         base.paths.remove();
     }
     drop(base);
     svc.collect_unused();
-    Ok(results)
 }
 
 /// Fork from a stored snapshot.
@@ -117,7 +149,7 @@ pub(crate) async fn fork_snapshot(
         .acquire(snap.standby_of.as_deref().unwrap_or(&snap.id))
         .await;
     let snap = svc.find_snapshot(&snap.id)?;
-    let base = Base {
+    let base = Arc::new(Base {
         paths: svc.snapshot_paths(&snap.id),
         forked_from: snap.id.clone(),
         snap,
@@ -125,8 +157,9 @@ pub(crate) async fn fork_snapshot(
         snapshot_ms: 0.0,
         pause_ms: None,
         _pin: None,
-    };
-    Ok(fork_all(svc, &base, &plan).await)
+    });
+    let started = Instant::now();
+    Ok(fork_all(svc, &Origin::of(&base), &Gate::ready(&base), &plan, started).await)
 }
 
 /// Step 1: names validated and free, the target state, and the capacity for
@@ -210,19 +243,7 @@ async fn base_of_instance(svc: &Services, src: &mut Instance, from_running: bool
     match src.state {
         InstanceState::Running if from_running => {
             let c = capture(svc, src, None, CaptureMode::Copy).await?;
-            // The snapshot is never recorded; the base is, pinned until the
-            // forks that map it are recorded (a crash meanwhile leaves an
-            // unreferenced base, collected at start-up).
-            let pin = svc.pins.pin(&c.base.id);
-            if !c.base_recorded {
-                svc.store
-                    .insert_base(&c.base)
-                    .inspect_err(|_| c.discard(svc))?;
-            }
-            let mut b = base(c.snap, c.paths, true);
-            b._pin = Some(pin);
-            b.pause_ms = Some(c.pause_ms);
-            Ok(b)
+            transient_base(svc, c, src_id.clone())
         }
         InstanceState::Running => Err(CoreError::Conflict(format!(
             "instance {} is Running; set from_running to fork it while it runs, or put it in standby first",
@@ -246,34 +267,69 @@ async fn base_of_instance(svc: &Services, src: &mut Instance, from_running: bool
     }
 }
 
+/// The transient base of a capture for forks: the snapshot is never
+/// recorded; the base is, pinned until the forks that map it are recorded
+/// (a crash meanwhile leaves an unreferenced base, collected at start-up).
+fn transient_base(svc: &Services, c: Captured, forked_from: String) -> Result<Base> {
+    let pin = svc.pins.pin(&c.base.id);
+    if !c.base_recorded {
+        svc.store
+            .insert_base(&c.base)
+            .inspect_err(|_| c.discard(svc))?;
+    }
+    Ok(Base {
+        snap: c.snap,
+        paths: c.paths,
+        transient: true,
+        forked_from,
+        snapshot_ms: 0.0,
+        pause_ms: Some(c.pause_ms),
+        _pin: Some(pin),
+    })
+}
+
 /// Step 3 for every name, a few at a time, results in request order.
-async fn fork_all(svc: &Arc<Services>, base: &Base, plan: &Plan) -> Vec<Result<Instance>> {
+/// `started`: the request's start (each fork records how long it queued).
+async fn fork_all(
+    svc: &Arc<Services>,
+    origin: &Origin,
+    gate: &Gate,
+    plan: &Plan,
+    started: Instant,
+) -> Vec<Result<Instance>> {
     let sem = tokio::sync::Semaphore::new(FORK_PARALLELISM);
     let jobs = plan.names.iter().map(|name| {
         let sem = &sem;
         async move {
             let _permit = sem.acquire().await;
-            let span = info_span!("fork", fork = %name, source = %base.forked_from);
-            fork_one(svc, base, name, plan).instrument(span).await
+            let span = info_span!("fork", fork = %name, source = %origin.forked_from);
+            let mut rec = HandoffRecord::default();
+            rec.record(Stage::Queued, started);
+            gate.note(&mut rec);
+            fork_one(svc, origin, gate, name, plan, rec)
+                .instrument(span)
+                .await
         }
     });
     futures::future::join_all(jobs).await
 }
 
 /// Step 3: one fork, all or nothing.
-async fn fork_one(svc: &Arc<Services>, base: &Base, name: &str, plan: &Plan) -> Result<Instance> {
+async fn fork_one(
+    svc: &Arc<Services>,
+    origin: &Origin,
+    gate: &Gate,
+    name: &str,
+    plan: &Plan,
+    mut rec: HandoffRecord,
+) -> Result<Instance> {
     let t_total = Instant::now();
-    let mut rec = HandoffRecord::default();
-    rec.set(Stage::Snapshot, base.snapshot_ms);
-    if let Some(p) = base.pause_ms {
-        rec.set(Stage::SourcePause, p);
-    }
     let t = Instant::now();
-    let mut inst = allocate(svc, base, name, &plan.ports)?;
+    let mut inst = allocate(svc, origin, name, &plan.ports)?;
     rec.record(Stage::Allocate, t);
     svc.cfg.test_hooks.crash_point("fork:allocated");
     let _guard = svc.locks.acquire(&inst.id).await;
-    if let Err(e) = land(svc, base, &mut inst, plan, &mut rec).await {
+    if let Err(e) = land(svc, origin, gate, &mut inst, plan, &mut rec).await {
         warn!(fork = name, error = %e, "fork failed; cleaning up");
         if let Err(e) = teardown::remove_instance(svc, &inst).await {
             warn!(fork = name, error = %e, "removing the failed fork's record failed");
@@ -302,8 +358,13 @@ async fn fork_one(svc: &Arc<Services>, base: &Base, name: &str, plan: &Plan) -> 
 }
 
 /// The fork's record and its lease (IPv4, MAC, TAP name).
-fn allocate(svc: &Services, base: &Base, name: &str, ports: &[PublishedPort]) -> Result<Instance> {
-    let s = &base.snap;
+fn allocate(
+    svc: &Services,
+    origin: &Origin,
+    name: &str,
+    ports: &[PublishedPort],
+) -> Result<Instance> {
+    let s = &origin.snap;
     let mut inst = Instance {
         env: s.env.clone(),
         entrypoint: s.entrypoint.clone(),
@@ -314,7 +375,7 @@ fn allocate(svc: &Services, base: &Base, name: &str, ports: &[PublishedPort]) ->
             ..NetworkInfo::unassigned(s.network.enabled)
         },
         ports: ports.to_vec(),
-        forked_from: Some(base.forked_from.clone()),
+        forked_from: Some(origin.forked_from.clone()),
         pending_handoff: s.network.enabled,
         cmdline: Some(s.cmdline.clone()),
         memory: Memory::Cow {
@@ -350,7 +411,8 @@ fn allocate(svc: &Services, base: &Base, name: &str, ports: &[PublishedPort]) ->
 /// Memory, then the target state.
 async fn land(
     svc: &Arc<Services>,
-    base: &Base,
+    origin: &Origin,
+    gate: &Gate,
     inst: &mut Instance,
     plan: &Plan,
     rec: &mut HandoffRecord,
@@ -358,15 +420,17 @@ async fn land(
     let t = Instant::now();
     prepare_memory(svc, inst)?;
     rec.record(Stage::MemoryPrepare, t);
-    if let Some(frozen) = base.snap.disk_layer.as_deref() {
+    // Forks start early only from sources without a disk (`early`): a
+    // disk's frozen layer is known here when it exists.
+    if let Some(frozen) = origin.snap.disk_layer.as_deref() {
         let t = Instant::now();
         prepare_disk(svc, inst, frozen).await?;
         rec.record(Stage::DiskPrepare, t);
     }
     match plan.target {
         InstanceState::Stopped => park_stopped(svc, inst),
-        InstanceState::Standby => park_standby(svc, base, inst),
-        _ => run(svc, base, inst, plan, rec).await,
+        InstanceState::Standby => park_standby(svc, &*gate.wait(rec).await?, inst),
+        _ => run(svc, origin, gate, inst, plan, rec).await,
     }
 }
 
@@ -385,16 +449,21 @@ async fn prepare_disk(svc: &Services, inst: &mut Instance, frozen: &str) -> Resu
     svc.store.update_instance(inst)
 }
 
-/// A Running target: start paused → mailbox → resume → handoff.
+/// A Running target: VMM → base ready → state → mailbox → resume →
+/// handoff.
 async fn run(
     svc: &Arc<Services>,
-    base: &Base,
+    origin: &Origin,
+    gate: &Gate,
     inst: &mut Instance,
     plan: &Plan,
     rec: &mut HandoffRecord,
 ) -> Result<()> {
+    gate.placed().await?;
+    let vm = resume::start_waiting(svc, inst, rec, &origin.snap.cmdline).await?;
+    let base = gate.wait(rec).await?;
+    resume::load(svc, &vm, rec, &base.paths.state).await?;
     let snap = &base.snap;
-    let vm = resume::start_paused(svc, inst, rec, &snap.cmdline, &base.paths.state).await?;
     if !inst.pending_handoff {
         // No network to hand over: ready like a restore.
         resume::resume(svc, &vm, rec).await?;
