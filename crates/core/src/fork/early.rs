@@ -64,7 +64,8 @@ pub(super) async fn fork_during_capture(
         base
     };
     let (base, results) = tokio::join!(captured, fork_all(svc, &origin, &gate, plan, started));
-    drop(gate);
+    // The channel holds the base too: released before the collection.
+    drop((gate, ready));
     super::finish(svc, base?);
     Ok(results)
 }
