@@ -50,7 +50,7 @@ pub struct CompareRun {
     pub pause_ms: Option<Summary>,
     /// Per fork: request sent → fork ready, client clock ([`client_ready_ms`]).
     pub request_to_ready_ms: Option<Summary>,
-    /// Per fork: the daemon's `snapshot + total` (no wait for a slot).
+    /// Per fork: the daemon's `queued + total` (request start to ready).
     pub daemon_request_to_ready_ms: Option<Summary>,
     /// Per request: allocated bytes of the base it captured.
     pub base_bytes: Option<Summary>,

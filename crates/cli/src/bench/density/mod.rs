@@ -189,8 +189,8 @@ pub(super) async fn fork_request(
 /// sent to the fork answering on its address. The fork's record is created
 /// when it gets its slot (`created_at`, the start of `stages.total`), so
 /// this is `created_at − sent + total`: it includes the source's capture and
-/// the wait for a slot (the daemon forks two at a time), which the daemon's
-/// own `snapshot + total` leaves out.
+/// the wait for a slot (the daemon forks two at a time), like the daemon's
+/// own `queued + total`, plus the request's way to the daemon.
 pub(super) fn client_ready_ms(inst: &Instance, sent: DateTime<Utc>) -> Option<f64> {
     let total = inst
         .handoff

@@ -84,7 +84,7 @@ pub struct TargetResult {
     /// Per fork: request sent → ready, client clock (includes the wait for
     /// a slot in its batch).
     pub request_to_ready_ms: Option<Summary>,
-    /// Per fork: the daemon's `snapshot + total`.
+    /// Per fork: the daemon's `queued + total`.
     pub daemon_request_to_ready_ms: Option<Summary>,
     /// Per request: round trip on the client's clock.
     pub request_ms: Option<Summary>,
