@@ -68,8 +68,12 @@ pub(crate) async fn hand_over(
             svc.store.commit_handover(&done, &base)?;
             info!(instance = %inst.id, pid = new.pid, base = %bid, pause_ms = pause.ms,
                   took_ms = t.elapsed().as_secs_f64() * 1000.0, "handed over to a copy-on-write VMM");
-            // A promoted VM's file was allocated whole by its migration.
-            tokio::spawn(bases::trim(base_file.to_path_buf()));
+            // A promoted VM's file was allocated whole by its migration:
+            // its zero pages go back. A file the guest filled itself has
+            // few, and reading all of it would compete with the forks.
+            if crate::memory::allocated_whole(base_file) {
+                tokio::spawn(bases::trim(base_file.to_path_buf()));
+            }
             if svc.cfg.promote_after_handover
                 && let Some(p) = svc.promoter.get()
             {

@@ -211,6 +211,12 @@ pub fn allocated_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether every byte of `path` is allocated (a memory file a migration
+/// loaded page by page), 0-length files excepted.
+pub fn allocated_whole(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.len() > 0 && allocated_bytes(path) >= m.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +240,20 @@ mod tests {
         sparse_copy(&src, &dst).unwrap();
         assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap());
         assert_eq!(allocated_bytes(&dst), allocated_bytes(&src));
+    }
+
+    #[test]
+    fn only_a_file_written_everywhere_is_allocated_whole() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let p = dir.path().join("f");
+        let f = File::create(&p).unwrap();
+        assert!(!allocated_whole(&p), "empty");
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 0).unwrap();
+        assert!(!allocated_whole(&p), "sparse");
+        f.write_all_at(&vec![0u8; 1 << 20], 0).unwrap();
+        assert!(allocated_whole(&p), "every page written");
+        assert!(!allocated_whole(&dir.path().join("missing")));
     }
 
     #[test]
