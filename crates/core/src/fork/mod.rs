@@ -5,8 +5,8 @@
 //! 2. [`base_of_instance`] / [`fork_snapshot`] — the memory and device
 //!    state forks start from: a Standby source's own snapshot, a stored
 //!    snapshot, or a transient one captured from a Running source (paused
-//!    only for the capture); forks of a small running source start during
-//!    its capture ([`early`]);
+//!    only for the capture); forks of a running source with its own memory
+//!    and no disk start during its capture ([`early`]);
 //! 3. per fork, two at a time ([`fork_one`], all or nothing): [`allocate`]
 //!    (record, IPv4, MAC; its memory: a copy-on-write mapping of the base) →
 //!    [`prepare_memory`] (no copy: the instance directory) → [`prepare_disk`]
@@ -162,8 +162,6 @@ pub(crate) async fn fork_snapshot(
     Ok(fork_all(svc, &Origin::of(&base), &Gate::ready(&base), &plan, started).await)
 }
 
-/// Step 1: names validated and free, the target state, and the capacity for
-/// all of them.
 /// What the forks' source brings to the plan.
 struct Source {
     memory_mb: u32,
@@ -172,6 +170,8 @@ struct Source {
     new_base_mb: u64,
 }
 
+/// Step 1: names validated and free, the target state, and the capacity for
+/// all of them.
 fn plan(svc: &Services, req: &ForkRequest, src: Source) -> Result<Plan> {
     let names = match req.count {
         None => vec![req.name.clone()],
