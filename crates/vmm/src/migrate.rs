@@ -18,9 +18,10 @@ use crate::{MigrationReport, RunState, VmHandle};
 pub(crate) const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Parameters of a local migration: no bandwidth cap (QEMU's default
-/// throttles to 128 MiB/s) and a short final stop.
+/// throttles to 128 MiB/s). No downtime limit: the source is stopped before
+/// the copy (stop-and-copy), so there is no final round to bound.
 fn local_migration_params() -> Value {
-    json!({ "max-bandwidth": 64u64 << 30, "downtime-limit": 20 })
+    json!({ "max-bandwidth": 64u64 << 30 })
 }
 
 /// Full-RAM migration; `pause-before-switchover` only when a disk is to be

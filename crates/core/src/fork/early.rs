@@ -114,7 +114,9 @@ impl Gate {
         }
     }
 
-    /// The base once ready; the time waited for it is `BaseWait`.
+    /// The base once ready; the time waited for it is `BaseWait`. The
+    /// capture's figures are noted again: a fork that started during the
+    /// capture may find it over without waiting.
     pub async fn wait(&self, rec: &mut HandoffRecord) -> Result<Arc<Base>> {
         let t = Instant::now();
         let waited = self.done.borrow().is_none();
