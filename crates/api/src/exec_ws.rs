@@ -112,6 +112,8 @@ async fn serve(m: AppState, id: String, mut ws: WebSocket) {
         Err(msg) => {
             let body = serde_json::json!({ "error": msg }).to_string();
             let _ = ws.send(Message::Text(body.into())).await;
+            let _ = ws.send(Message::Close(None)).await;
+            close_handshake(&mut ws).await;
             return;
         }
     };
@@ -143,7 +145,26 @@ async fn serve(m: AppState, id: String, mut ws: WebSocket) {
         }
     }
     let _ = ws.send(Message::Close(None)).await;
+    close_handshake(&mut ws).await;
 }
+
+/// Reads what the client still sends until its Close or EOF (at most
+/// [`CLOSE_WAIT`]): a socket dropped with unread input (a stdin-close frame
+/// in flight) is answered by the kernel with a reset, which can discard the
+/// exit message on its way to the client.
+async fn close_handshake(ws: &mut WebSocket) {
+    let drain = async {
+        while let Some(Ok(m)) = ws.recv().await {
+            if matches!(m, Message::Close(_)) {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, drain).await;
+}
+
+/// Longest the server waits for a client's side of the close handshake.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 async fn first_request(ws: &mut WebSocket) -> Result<ExecWsRequest, String> {
     match tokio::time::timeout(FIRST_MESSAGE, ws.recv()).await {
