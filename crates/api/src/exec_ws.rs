@@ -12,8 +12,8 @@
 //!    (payload `0`: EOF on stdin); server → client `1` stdout, `2` stderr.
 //! 3. The last server message is text `{"exitCode":N}` (`-1` killed or timed
 //!    out; `127` when the command could not be run, after the reason as
-//!    output), then the server closes. A client that goes away ends the
-//!    command.
+//!    output), then the server closes (a full close handshake: see
+//!    `close_handshake`). A client that goes away ends the command.
 
 use crate::error::ApiError;
 use crate::routes::{ApiPath, AppState};
